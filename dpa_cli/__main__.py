@@ -1,0 +1,3 @@
+from dpa_cli.cli.app import main
+
+main()

@@ -1,0 +1,52 @@
+"""Wires the `dpa` commands into one Typer app. Each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from dpa_cli import __version__
+from dpa_cli.cli import inspect_cmd
+
+
+class _App(typer.Typer):
+    """A Typer app whose commands render `DpaError`s as one-line messages with their exit code."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn):
+            from dpa_cli.cli.render import report_errors
+
+            return register(report_errors(fn))
+
+        return decorator
+
+
+app = _App(
+    name="dpa",
+    help="Upgrade a LLaVA-style vision-language model in place with Deep Pre-Alignment (DPA).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dpa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Upgrade a LLaVA-style vision-language model in place with Deep Pre-Alignment (DPA)."""
+
+
+app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
+
+
+def main() -> None:
+    app()

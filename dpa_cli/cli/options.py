@@ -1,0 +1,18 @@
+"""Option aliases shared by several commands, so a flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout, for scripts.")
+]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A local checkpoint folder, a Hugging Face repo id in the local cache, or a catalog alias.",
+        show_default=False,
+    ),
+]

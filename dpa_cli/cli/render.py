@@ -1,0 +1,45 @@
+"""Terminal output shared by every command: JSON results, error lines, consoles."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from dpa_cli.errors import DpaError
+
+# Results go to stdout, messages and errors to stderr, so `--json` output stays parseable.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(payload: Any) -> None:
+    """Write one JSON document to stdout (plain, no colour codes)."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def report_errors(command: Callable) -> Callable:
+    """Turn a `DpaError` raised by the library into a one-line message and its exit code.
+
+    A traceback is shown only with DPA_DEBUG=1; a user mistake never prints one.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DpaError as exc:
+            if os.environ.get("DPA_DEBUG") == "1":
+                raise
+            err.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False)
+            if exc.hint:
+                err.print(f"  {exc.hint}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper

@@ -1,0 +1,20 @@
+"""The DPA model files, registered with the transformers Auto classes.
+
+The modules here import only torch and transformers: they are copied next to every upgraded checkpoint
+as remote code (`auto_map`), so plain `transformers` loads the result with `trust_remote_code=True`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration_dpa import DPAConfig
+from .modeling_dpa import DPAFeatureMismatchError, DPAForConditionalGeneration, DPAModel
+
+AutoConfig.register("dpa", DPAConfig, exist_ok=True)
+AutoModel.register(DPAConfig, DPAModel, exist_ok=True)
+AutoModelForImageTextToText.register(DPAConfig, DPAForConditionalGeneration, exist_ok=True)
+
+# save_pretrained then copies these files and writes `auto_map` into config.json.
+DPAConfig.register_for_auto_class()
+DPAForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["DPAConfig", "DPAForConditionalGeneration", "DPAModel", "DPAFeatureMismatchError"]

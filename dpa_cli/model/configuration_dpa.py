@@ -1,0 +1,94 @@
+"""Configuration of a Deep Pre-Alignment (DPA) model: a small VLM (the perceiver) feeding a target LLM.
+
+Shipped as remote code next to upgraded checkpoints, so it imports only torch and transformers.
+"""
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+PROJECTOR_TYPES = ("mlp2x_relu", "mlp2x_gelu", "linear")
+FEATURE_SPANS = ("image", "image+markers")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"DPAConfig.{name}={value!r} is not one of {', '.join(choices)}.")
+
+
+class DPAConfig(PreTrainedConfig):
+    r"""
+    perceiver_config (`dict` or `PreTrainedConfig`):
+        Config of the perceiver: a complete small VLM (e.g. Qwen2.5-VL, LLaVA-NeXT, Idefics3) whose base model,
+        without its LM head, encodes each image.
+    text_config (`dict` or `PreTrainedConfig`):
+        Config of the target language model (e.g. Qwen3-4B) that receives the aligned image features.
+    projector_type (`str`, *optional*, defaults to `"mlp2x_relu"`):
+        The alignment projector phi: `mlp2x_relu` (Linear(d_p, d_p) -> ReLU -> Linear(d_p, d_t), the paper's),
+        `mlp2x_gelu` (LLaVA's: Linear(d_p, d_t) -> GELU -> Linear(d_t, d_t)) or `linear`.
+    projector_bias (`bool`, *optional*, defaults to `True`):
+        Whether the projector's linear layers have a bias.
+    feature_span (`str`, *optional*, defaults to `"image"`):
+        Which perceiver positions become features: `image` (the image tokens) or `image+markers` (also the
+        perceiver's image marker tokens, e.g. `<|vision_start|>`/`<|vision_end|>`: N+2 features per image).
+    early_fusion (`bool`, *optional*, defaults to `False`):
+        Whether the processor also feeds the user's turn text to the perceiver. The model code is the same
+        either way; the flag travels with the checkpoint so the processor knows.
+    image_token_id (`int`, *optional*):
+        The target tokenizer's image placeholder id; each image expands to as many of these as it has features.
+    perceiver_image_token_id (`int`, *optional*):
+        The perceiver tokenizer's image token id. Defaults to the perceiver config's `image_token_id`.
+    perceiver_marker_token_ids (`list[int]`, *optional*):
+        The perceiver's image marker token ids, used with `feature_span="image+markers"`.
+    tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+        Whether `lm_head` shares the target's input embeddings; follows the text config when that ties them.
+    """
+
+    model_type = "dpa"
+    sub_configs_defaults = {
+        "perceiver_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3"),
+    }
+
+    perceiver_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projector_type: Literal["mlp2x_relu", "mlp2x_gelu", "linear"] = "mlp2x_relu"
+    projector_bias: bool = True
+    feature_span: Literal["image", "image+markers"] = "image"
+    early_fusion: bool = False
+    image_token_id: int | None = None
+    perceiver_image_token_id: int | None = None
+    perceiver_marker_token_ids: list[int] | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _check_choice("projector_type", self.projector_type, PROJECTOR_TYPES)
+        _check_choice("feature_span", self.feature_span, FEATURE_SPANS)
+        # The tie lives in the text config of the target (Qwen3-4B ties, Qwen3-32B does not); transformers
+        # reads it from the top-level config, so copy it up or the tie is silently lost.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        if self.perceiver_image_token_id is None:
+            self.perceiver_image_token_id = getattr(self.perceiver_config, "image_token_id", None)
+        if self.perceiver_marker_token_ids is None:
+            self.perceiver_marker_token_ids = []
+        if self.feature_span == "image+markers" and not self.perceiver_marker_token_ids:
+            raise ValueError("feature_span='image+markers' needs perceiver_marker_token_ids; this perceiver has none.")
+
+    @property
+    def perceiver_hidden_size(self) -> int:
+        """Width of the perceiver's last language block: the input width of the projector."""
+        return self.perceiver_config.get_text_config().hidden_size
+
+    @property
+    def feature_token_ids(self) -> list[int]:
+        """Perceiver token ids whose final hidden states are handed to the target."""
+        ids = [self.perceiver_image_token_id]
+        if self.feature_span == "image+markers":
+            ids += list(self.perceiver_marker_token_ids)
+        return ids
+
+
+__all__ = ["DPAConfig"]
