@@ -183,18 +183,18 @@ class DPAModel(DPAPreTrainedModel):
         return self.get_input_embeddings()(safe_ids)
 
     def merge_image_features(
-        self, inputs_embeds: torch.Tensor, slot_mask: torch.BoolTensor, features: list[torch.Tensor]
+        self, inputs_embeds: torch.Tensor, slot_mask: torch.BoolTensor, features: torch.Tensor, num_images: int
     ) -> torch.Tensor:
-        """Write the image features into the image-token slots, in reading order."""
-        flat = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        """Write the image features `[num_features, target_hidden]` into the image-token slots, in reading order."""
         n_slots = int(slot_mask.sum())
-        if n_slots != flat.shape[0]:
+        if n_slots != features.shape[0]:
             raise DPAFeatureMismatchError(
-                f"The perceiver produced {flat.shape[0]} image features for {len(features)} image(s), but the "
+                f"The perceiver produced {features.shape[0]} image features for {num_images} image(s), but the "
                 f"target input holds {n_slots} image-token slots (image_token_id={self.config.image_token_id}). "
                 "Each image must expand to exactly its perceiver feature count: use the DPA processor."
             )
-        return inputs_embeds.masked_scatter(slot_mask.unsqueeze(-1), flat)
+        features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(slot_mask.unsqueeze(-1), features)
 
     def forward(
         self,
@@ -234,9 +234,10 @@ class DPAModel(DPAPreTrainedModel):
             )
         image_features = None
         if image_outputs is not None:
+            per_image = list(image_outputs.pooler_output)
+            image_features = torch.cat(per_image, dim=0)
             slot_mask = self.image_slot_mask(input_ids, inputs_embeds)
-            inputs_embeds = self.merge_image_features(inputs_embeds, slot_mask, image_outputs.pooler_output)
-            image_features = torch.cat(list(image_outputs.pooler_output), dim=0)
+            inputs_embeds = self.merge_image_features(inputs_embeds, slot_mask, image_features, len(per_image))
 
         outputs = self.language_model(
             attention_mask=attention_mask,
