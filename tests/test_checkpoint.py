@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import dpa_cli.checkpoint as checkpoint
+import dpa_cli.checkpoint.reader as checkpoint
 from dpa_cli.checkpoint import (
     LazyTensorReader,
     find_truncated_files,

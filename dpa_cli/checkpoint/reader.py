@@ -1,4 +1,4 @@
-"""Checkpoint I/O: safetensors headers, the folder's tensor index, and lazy tensor reads.
+"""Reading checkpoints: safetensors headers, the folder's tensor index, and lazy tensor reads.
 
 Headers are parsed by hand so `inspect` never touches tensor bytes; data is read one shard at a time.
 """
