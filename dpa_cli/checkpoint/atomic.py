@@ -1,0 +1,100 @@
+"""Nothing half-written: files and folders are built beside their destination and renamed into place.
+
+A killed process leaves at most a hidden `.NAME.dpa-tmp-PID` sibling, which the next run sweeps away;
+the destination itself is either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+_TMP = ".dpa-tmp-"
+_OLD = ".dpa-old-"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename: readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(dest: Path) -> list[Path]:
+    """Remove temporaries of `dest` left by dead processes; restore a backup a crash left mid-swap."""
+    removed = []
+    for sibling in dest.parent.glob(f".{dest.name}{_TMP}*"):
+        pid = sibling.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        shutil.rmtree(sibling) if sibling.is_dir() else sibling.unlink()
+        removed.append(sibling)
+    for backup in dest.parent.glob(f".{dest.name}{_OLD}*"):
+        if not dest.exists():
+            os.replace(backup, dest)  # killed between the two renames of a swap: keep the old state
+        else:
+            shutil.rmtree(backup)
+            removed.append(backup)
+    return removed
+
+
+@contextlib.contextmanager
+def staged_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `dest`; on success it becomes `dest`, on any error it is removed.
+
+    With `replace`, an existing `dest` is swapped out only after the new folder is complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(dest)
+    if dest.exists() and not replace:
+        raise FileExistsError(dest)
+    tmp = dest.with_name(f".{dest.name}{_TMP}{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    if not dest.exists():
+        os.replace(tmp, dest)
+    else:
+        backup = dest.with_name(f".{dest.name}{_OLD}{os.getpid()}")
+        os.replace(dest, backup)
+        os.replace(tmp, dest)
+        shutil.rmtree(backup)
+    fsync_dir(dest.parent)

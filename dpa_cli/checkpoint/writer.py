@@ -1,0 +1,153 @@
+"""Writing checkpoints: tensors streamed into size-capped safetensors shards, Hugging Face names, an index.
+
+Shards are planned from tensor specs before any data moves, so each header is written first and every
+tensor is produced, written and freed one at a time: peak memory is one tensor, not one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from dpa_cli.errors import BadInputError
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """`"5GB"` -> 5_000_000_000 (decimal units as in transformers; `GiB` for binary), ints pass through."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise BadInputError(f"bad size {text!r}", hint="write it like 200MB, 5GB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its final name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Fill shards in order up to `max_shard_bytes`; a tensor bigger than that gets a shard of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return [shard for shard in shards if shard]
+
+
+def shard_names(count: int) -> list[str]:
+    """The names transformers gives: one `model.safetensors`, or `model-00001-of-00003.safetensors`..."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for spec in specs:
+        entries[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    # The format pads the header with spaces so the data section starts 8-byte aligned.
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _check(spec: TensorSpec, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        raise ValueError(
+            f"{spec.name}: produced {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} {list(spec.shape)}"
+        )
+
+
+def write_safetensors(
+    path: Path,
+    specs: list[TensorSpec],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Write one safetensors file, asking `produce` for each tensor in turn; fsynced before returning."""
+    with open(path, "wb") as handle:
+        handle.write(_header(specs, metadata or {"format": "pt"}))
+        for spec in specs:
+            tensor = produce(spec)
+            _check(spec, tensor)
+            # Write the tensor's own memory: no bytes copy of the whole tensor.
+            handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if on_bytes:
+                on_bytes(spec.nbytes)
+            del tensor
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_sharded(
+    folder: Path,
+    specs: list[TensorSpec],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    max_shard_bytes: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write all tensors into shards under `folder`, plus the index when there is more than one shard."""
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"tensor {duplicate!r} is planned twice")
+    shards = plan_shards(specs, max_shard_bytes)
+    files = [Path(folder) / name for name in shard_names(len(shards))]
+    for path, shard in zip(files, shards):
+        write_safetensors(path, shard, produce, on_bytes=on_bytes)
+    if len(files) > 1:
+        weight_map = {spec.name: path.name for path, shard in zip(files, shards) for spec in shard}
+        index = {
+            "metadata": {
+                "total_size": sum(spec.nbytes for spec in specs),
+                "total_parameters": sum(spec.numel for spec in specs),
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (Path(folder) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files
