@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub import constants
 
 from dpa_cli.errors import BadInputError, ModelNotFoundError
 
@@ -47,6 +45,9 @@ def _looks_like_path(spec: str, local: Path) -> bool:
 
 def _repo_id(spec: str) -> str:
     """`spec` if it is a valid `owner/name` repo id, else a ModelNotFoundError saying why."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     hint = "pass a model folder or a Hugging Face repo id such as Qwen/Qwen3-0.6B"
     if "/" not in spec:
         raise ModelNotFoundError(f"{spec!r} is neither a folder nor a repo id (OWNER/NAME)", hint=hint)
@@ -70,6 +71,10 @@ def _not_cached(repo_id: str, revision: str | None) -> ModelNotFoundError:
 
 def _snapshot(repo_id: str, revision: str | None, allow_download: bool) -> Path:
     """The cached snapshot folder, downloading it only when allowed and online."""
+    # Imported here: huggingface_hub's API module costs half a second, and folders never need it.
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
     cache_dir = hub_cache_dir()
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))

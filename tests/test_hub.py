@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -59,7 +60,7 @@ def online(cache: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     calls: list[dict[str, Any]] = []
-    real = hub.snapshot_download
+    real = huggingface_hub.snapshot_download
 
     def recording(repo_id: str, **kwargs: Any) -> str:
         calls.append(kwargs)
@@ -67,7 +68,7 @@ def online(cache: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]
             pytest.fail("a download was attempted")
         return real(repo_id, **kwargs)
 
-    monkeypatch.setattr(hub, "snapshot_download", recording)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
     return calls
 
 
@@ -135,7 +136,7 @@ def test_online_with_permission_downloads_what_is_missing(
         assert (repo_id, kwargs["cache_dir"]) == ("acme/new", cache)
         return str(fetched)
 
-    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     model = resolve_model("acme/new", allow_download=True)
     assert (model.path, model.revision, model.source) == (fetched, MAIN, "hub-cache")
 

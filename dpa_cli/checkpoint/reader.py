@@ -16,12 +16,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from dpa_cli.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch costs seconds to import; `inspect` never needs it
+    import torch
 
 logger = logging.getLogger(__name__)
 

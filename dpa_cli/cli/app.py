@@ -49,4 +49,4 @@ app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
 
 
 def main() -> None:
-    app()
+    app(prog_name="dpa")

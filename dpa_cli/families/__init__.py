@@ -1,0 +1,78 @@
+"""Checkpoint families: an explicit registry from name to adapter, and detection from config.json.
+
+Adding a family is one module declaring a `Family` plus one line in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dpa_cli.errors import UnknownFamilyError
+from dpa_cli.families.base import Component, Family, KeyLayout, KeySplit, Role, count_layers
+from dpa_cli.families.causal_lm import CAUSAL_LM
+from dpa_cli.families.dpa import DPA
+from dpa_cli.families.idefics3 import IDEFICS3, SMOLVLM
+from dpa_cli.families.llava import LLAVA
+from dpa_cli.families.llava_next import LLAVA_NEXT
+from dpa_cli.families.llava_onevision import LLAVA_ONEVISION
+from dpa_cli.families.llava_original import LLAVA_ORIGINAL
+from dpa_cli.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+
+# Detection tries these in order: the first whose rule matches wins.
+FAMILIES: dict[str, Family] = {
+    "dpa": DPA,
+    "llava_original": LLAVA_ORIGINAL,  # before "llava": LLaVA-1.5 repos say model_type "llava" too
+    "llava": LLAVA,
+    "llava_next": LLAVA_NEXT,
+    "llava_onevision": LLAVA_ONEVISION,
+    "qwen2_vl": QWEN2_VL,
+    "qwen2_5_vl": QWEN2_5_VL,
+    "qwen3_vl": QWEN3_VL,
+    "idefics3": IDEFICS3,
+    "smolvlm": SMOLVLM,
+    "causal_lm": CAUSAL_LM,  # last: it accepts any text model transformers knows
+}
+
+
+def _known() -> str:
+    return ", ".join(FAMILIES)
+
+
+def detect_family(config: Mapping[str, Any], where: str = "config.json") -> Family:
+    """The family of a parsed config.json; `where` names the file in the error."""
+    for family in FAMILIES.values():
+        if family.detect(config):
+            return family
+    model_type = config.get("model_type")
+    architectures = ", ".join(config.get("architectures") or ()) or "none"
+    raise UnknownFamilyError(
+        f"{where}: model_type {model_type!r} (architectures: {architectures}) is not a supported family",
+        hint=f"known families: {_known()}",
+    )
+
+
+def get_family(name: str) -> Family:
+    """The family registered under `name`; an unknown name is an error listing the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnknownFamilyError(f"unknown family {name!r}", hint=f"known families: {_known()}") from None
+
+
+def families_with_role(role: Role) -> list[Family]:
+    return [family for family in FAMILIES.values() if role in family.roles]
+
+
+__all__ = [
+    "FAMILIES",
+    "Component",
+    "Family",
+    "KeyLayout",
+    "KeySplit",
+    "Role",
+    "count_layers",
+    "detect_family",
+    "families_with_role",
+    "get_family",
+]
