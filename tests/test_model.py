@@ -13,11 +13,13 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from dpa_cli.model import DPAConfig, DPAFeatureMismatchError, DPAForConditionalGeneration
+from tests.factories import SPECS, example_inputs, tiny_config
 from tests.tiny_dpa import (
     PERCEIVER_IMAGE,
     TARGET_IMAGE,
     feature_counts,
     perceiver_inputs,
+    qwen3_target_config,
     random_images,
     target_batch,
     tiny_dpa,
@@ -258,3 +260,39 @@ def test_model_files_import_only_torch_and_transformers():
             else:
                 continue
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
+
+
+def _as_perceiver_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A perceiver family's processor output -> DPA inputs: sequence-level keys get the `perceiver_` prefix.
+
+    OneVision's `batch_num_images` is dropped: each DPA perceiver sequence holds exactly one image, which
+    is what OneVision assumes without it.
+    """
+    sequence_keys = {"input_ids", "attention_mask", "mm_token_type_ids"}
+    return {(f"perceiver_{k}" if k in sequence_keys else k): v for k, v in inputs.items() if k != "batch_num_images"}
+
+
+@pytest.mark.parametrize("perceiver", ["llava_next", "llava_onevision", "qwen2_vl", "qwen3_vl", "idefics3", "smolvlm"])
+def test_every_perceiver_family_feeds_the_target(tiny_checkpoint, perceiver):
+    """The perceiver is built with the Auto classes from its config: any family transformers knows."""
+    torch.manual_seed(0)
+    perceiver_model = SPECS[perceiver].model_class(tiny_config(perceiver)).eval()
+    p_inputs = example_inputs(perceiver, tiny_checkpoint(perceiver), perceiver_model)
+    config = DPAConfig(
+        perceiver_config=tiny_config(perceiver), text_config=qwen3_target_config(), image_token_id=TARGET_IMAGE
+    )
+    model = DPAForConditionalGeneration(config).eval()
+    n_features = int((p_inputs["input_ids"] == config.perceiver_image_token_id).sum())
+    assert n_features > 0
+    t_inputs = target_batch([[[5, 6], [7, 8]]], [n_features], left_pad=True)
+    inputs = {**t_inputs, **_as_perceiver_inputs(p_inputs)}
+    calls = []
+    model.model.perceiver.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        out = model(**inputs)
+        direct = model.model.perceiver(**p_inputs).last_hidden_state
+        expected = model.model.multi_modal_projector(direct[p_inputs["input_ids"] == config.perceiver_image_token_id])
+    torch.testing.assert_close(out.image_hidden_states, expected)
+    calls.clear()
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, t_inputs["input_ids"].shape[1] + 3) and len(calls) == 1
