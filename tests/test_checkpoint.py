@@ -300,23 +300,23 @@ def test_reader_returns_the_saved_tensors(layout: str, request: pytest.FixtureRe
 def test_reader_holds_one_shard_at_a_time(sharded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[str] = []
     live = {"now": 0, "max": 0}
-    real_open = checkpoint.safe_open
+    real_open = checkpoint.open_shard
 
-    class CountingOpen:
-        def __init__(self, path: str, framework: str):
+    class CountingHandle:
+        def __init__(self, path: Path):
             opened.append(Path(path).name)
-            self.inner = real_open(path, framework=framework)
-
-        def __enter__(self) -> object:
             live["now"] += 1
             live["max"] = max(live["max"], live["now"])
-            return self.inner.__enter__()
+            self.inner = real_open(path)
 
-        def __exit__(self, *exc: object) -> None:
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def close(self) -> None:
             live["now"] -= 1
-            self.inner.__exit__(*exc)
+            self.inner.close()
 
-    monkeypatch.setattr(checkpoint, "safe_open", CountingOpen)
+    monkeypatch.setattr(checkpoint, "open_shard", CountingHandle)
     index = read_checkpoint_index(sharded)
     with LazyTensorReader(index) as reader:
         for name in reader:

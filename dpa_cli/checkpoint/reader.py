@@ -12,13 +12,11 @@ import math
 import os
 import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from safetensors import safe_open
 
 from dpa_cli.errors import CheckpointError
 
@@ -286,14 +284,22 @@ def verify_data_size(shard: ShardInfo) -> None:
         raise _fail(shard.file, f"{actual - shard.expected_size} unexpected bytes after the last tensor")
 
 
+def open_shard(path: Path) -> BinaryIO:
+    """The one place shards are opened for reading (tests count the calls)."""
+    return open(path, "rb")
+
+
 class LazyTensorReader:
-    """Reads tensors by name, keeping at most one shard open; use as a context manager."""
+    """Reads tensors by name, keeping at most one shard open; use as a context manager.
+
+    Tensors are read with plain file reads into fresh buffers, not memory-mapped: a mapped shard's pages
+    would stay resident while it is open, so peak memory would grow with the shard, not the tensor.
+    """
 
     def __init__(self, index: CheckpointIndex):
         self.index = index
-        self._stack = ExitStack()
         self._file: Path | None = None
-        self._handle: Any = None
+        self._handle: BinaryIO | None = None
 
     def __enter__(self) -> LazyTensorReader:
         return self
@@ -309,24 +315,32 @@ class LazyTensorReader:
         return self._file
 
     def close(self) -> None:
-        self._stack.close()
+        if self._handle is not None:
+            self._handle.close()
         self._file, self._handle = None, None
 
-    def _open(self, path: Path) -> Any:
-        if self._file != path:
+    def _open(self, path: Path) -> BinaryIO:
+        if self._file != path or self._handle is None:
             self.close()
-            # Check sizes first: safetensors' own error for a short file does not say "truncated".
+            # Check sizes first, so a short file is reported as truncated rather than as a failed read.
             verify_data_size(self.index.shards[path])
             logger.debug("opening shard %s", path)
-            self._handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            self._handle = open_shard(path)
             self._file = path
         return self._handle
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
+
         info = self.index.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.index.folder}: no tensor named {name!r} in the checkpoint")
-        return self._open(info.file).get_tensor(name)
+        handle = self._open(info.file)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        handle.seek(self.index.shards[info.file].header_bytes + info.data_offsets[0])
+        if handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
+            raise _fail(info.file, f"tensor {name!r} is cut short: the file changed while it was read")
+        return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def __iter__(self) -> Iterator[str]:
         """Names grouped by file, in storage order, so each shard is opened once."""
@@ -335,6 +349,25 @@ class LazyTensorReader:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self:
             yield name, self.get(name)
+
+
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype, for every format both know (torch imported on first use)."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }  # fmt: skip
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; formats torch cannot hold are refused."""
+    dtypes = torch_dtypes()
+    if name not in dtypes:
+        raise CheckpointError(f"tensors of dtype {name} cannot be read into torch by dpa")
+    return dtypes[name]
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

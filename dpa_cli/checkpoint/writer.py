@@ -17,15 +17,10 @@ from pathlib import Path
 
 import torch
 
-from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE
+from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, torch_dtypes
 from dpa_cli.errors import BadInputError
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in torch_dtypes().items()}
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

@@ -137,6 +137,11 @@ class Family:
     vision_class: str | None = None
     # An upgraded checkpoint nests a whole VLM config here (DPA's perceiver); it is described recursively.
     perceiver_config_key: str | None = None
+    # Surgery: the transformers Auto class that builds this checkpoint (on the meta device) so that keys are
+    # renamed the way transformers renames them when loading; families transformers cannot build give
+    # `memory_names` instead: (config, disk keys) -> {disk key: the equivalent transformers in-memory name}.
+    auto_class: str | None = "AutoModelForImageTextToText"
+    memory_names: Callable[[Mapping[str, Any], Iterable[str]], dict[str, str]] | None = None
 
     # --- detection -------------------------------------------------------------------------------
     def detect(self, config: Mapping[str, Any]) -> bool:

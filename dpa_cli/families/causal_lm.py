@@ -38,4 +38,5 @@ CAUSAL_LM = Family(
     text_config_key=None,
     vision_config_key=None,
     image_token_keys=(),
+    auto_class="AutoModelForCausalLM",
 )

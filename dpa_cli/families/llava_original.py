@@ -8,7 +8,8 @@ this family is detected before `llava`, by architecture or by the `mm_vision_tow
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dpa_cli.families.base import Family, Role, layout
@@ -31,6 +32,28 @@ def _text_config(config: Mapping[str, Any]) -> dict[str, Any]:
     from_arch = next((TEXT_MODEL_TYPES[a] for a in architectures if a in TEXT_MODEL_TYPES), None)
     model_type = from_arch or MODEL_TYPES.get(config.get("model_type"), "llama")
     return {**config, "model_type": model_type}
+
+
+# Original key -> the name the equivalent transformers LLaVA(-NeXT) model holds in memory (v5 keeps no
+# `vision_model.` level inside its CLIP / SigLIP towers; the MLP's Sequential indices 0 and 2 are linear_1/2).
+_RENAMES = (
+    (re.compile(r"^model\.(embed_tokens|layers|norm)\."), r"model.language_model.\1."),
+    (re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\."), "model.vision_tower."),
+    (re.compile(r"^model\.mm_projector\.0\."), "model.multi_modal_projector.linear_1."),
+    (re.compile(r"^model\.mm_projector\.2\."), "model.multi_modal_projector.linear_2."),
+    (re.compile(r"^(lm_head\.weight|model\.image_newline)$"), r"\1"),
+)
+
+
+def _memory_names(config: Mapping[str, Any], keys: Iterable[str]) -> dict[str, str]:
+    """Keys this family knows, renamed as transformers' LLaVA classes hold them; others are left out."""
+    names = {}
+    for key in keys:
+        for pattern, replacement in _RENAMES:
+            if pattern.match(key):
+                names[key] = pattern.sub(replacement, key, count=1)
+                break
+    return names
 
 
 LLAVA_ORIGINAL = Family(
@@ -57,4 +80,6 @@ LLAVA_ORIGINAL = Family(
     image_token_keys=(),
     default_image_token_id=IMAGE_TOKEN_INDEX,
     projector_type_key="mm_projector_type",
+    auto_class=None,
+    memory_names=_memory_names,
 )
