@@ -13,6 +13,7 @@ from typing import Literal
 
 from huggingface_hub import constants
 
+from dpa_cli.catalog import expand_alias
 from dpa_cli.errors import BadInputError, ModelNotFoundError
 
 
@@ -97,9 +98,9 @@ def resolve_model(
 ) -> ResolvedModel:
     """Turn MODEL into a local folder: an alias is looked up first, then folder, then repo id.
 
-    `aliases` maps a short name to another spec (the extension point for the catalog).
+    `aliases` maps a short name to another spec; by default the catalog's aliases are used.
     """
-    target = aliases.get(spec, spec) if aliases else spec
+    target = aliases.get(spec, spec) if aliases is not None else expand_alias(spec)
     local = Path(target).expanduser()
     if local.is_dir():
         if revision is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dpa_cli import __version__
-from dpa_cli.cli import inspect_cmd
+from dpa_cli.cli import catalog_cmd, inspect_cmd
 
 
 class _App(typer.Typer):
@@ -46,6 +46,7 @@ def _root(
 
 
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
+app.command("catalog")(catalog_cmd.catalog)
 
 
 def main() -> None:

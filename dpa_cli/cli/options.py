@@ -12,7 +12,7 @@ JsonFlag = Annotated[
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="A local checkpoint folder, or a Hugging Face repo id in the local cache.",
+        help="A local checkpoint folder, a Hugging Face repo id in the local cache, or a catalog alias (dpa catalog).",
         show_default=False,
     ),
 ]

@@ -1,0 +1,68 @@
+"""Checkpoint keys -> the names a transformers model holds in memory, without loading any weights.
+
+Hub checkpoints carry several generations of key names (llava-hf's `language_model.model.*`, Qwen2-VL's
+`visual.*`) that transformers renames while loading. Rather than re-declaring those rules we ask
+transformers: build the model on the meta device (no memory) and apply its own conversion mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpa_cli.errors import CheckpointError
+from dpa_cli.families import Family
+
+
+def meta_model(auto_class: str, config: Any) -> torch.nn.Module:
+    """The model `config` describes, built on the meta device: shapes and names, no memory."""
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config)
+
+
+def meta_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer the checkpoint must provide, tied copies counted once."""
+    state = model.state_dict()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {name: tensor for name, tensor in state.items() if name not in tied}
+
+
+def rename_to_memory(model: torch.nn.Module, keys: Iterable[str], where: Path) -> dict[str, str]:
+    """{checkpoint key: in-memory name} by transformers' load-time renaming rules for `model`.
+
+    Keys that need a weight *conversion* (split / merged tensors, as in some MoE checkpoints) cannot be
+    streamed one tensor at a time and are refused, naming the key.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    state = model.state_dict()
+    names = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} needs a many-to-one weight conversion when loaded",
+                hint="re-save the checkpoint with a recent transformers (save_pretrained), then upgrade that",
+            )
+        names[key] = name
+    return names
+
+
+def memory_names(family: Family, config: Mapping[str, Any], folder: Path, keys: Iterable[str]) -> dict[str, str]:
+    """{checkpoint key: in-memory name} for a checkpoint of `family`; unknown keys map to themselves."""
+    keys = list(keys)
+    if family.memory_names is not None:
+        return family.memory_names(config, keys)
+    from transformers import AutoConfig
+
+    model = meta_model(family.auto_class, AutoConfig.from_pretrained(folder))
+    return rename_to_memory(model, keys, folder)

@@ -1,0 +1,252 @@
+"""The upgrade plan: every output tensor with its source or its initialisation, made before any data moves.
+
+The expected tensors come from the DPA model itself, built on the meta device from the new config, so the
+plan is checked against exactly what `from_pretrained` will ask for: every key, every shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dpa_cli.checkpoint import TensorInfo
+from dpa_cli.checkpoint.reader import torch_dtype
+from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
+from dpa_cli.errors import BadInputError, CheckpointError
+from dpa_cli.upgrade.compose import composed_perceiver_config, dpa_config, text_config
+from dpa_cli.upgrade.naming import meta_model, meta_state
+from dpa_cli.upgrade.sources import Checkpoint, Sources
+from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, existing_placeholder, load_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# In-memory name prefix in a source model -> where it goes in the DPA model. Anything else is dropped.
+VLM_TARGET = {"model.language_model.": "model.language_model.", "lm_head.": "lm_head."}
+TEXT_TARGET = {"model.": "model.language_model.", "lm_head.": "lm_head."}
+PERCEIVER = {"model.": "model.perceiver."}
+VIT = {"model.vision_tower.": "model.perceiver.vision_tower."}
+SMALL_LM = {"model.": "model.perceiver.language_model."}
+# New tensors: phi always; phi_p and LLaVA-NeXT's image_newline when the perceiver is composed.
+PHI = "model.multi_modal_projector."
+COMPOSED_NEW = ("model.perceiver.multi_modal_projector.", "model.perceiver.image_newline")
+
+
+@dataclass(frozen=True)
+class Options:
+    projector: str = "mlp2x_relu"
+    feature_span: str = "image"
+    early_fusion: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    shard_size: int = 5_000_000_000
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: copied from `source` (`key` on disk), or new with `init`."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: str  # a checkpoint role ("target", "perceiver", "vit", "lm") or "new"
+    key: str | None = None
+    init: str | None = None  # "linear" (PyTorch's default nn.Linear init) or "newline" (LLaVA-NeXT's)
+    pad_rows: int = 0  # vocabulary rows appended for an added image token
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+
+@dataclass
+class UpgradePlan:
+    sources: Sources
+    options: Options
+    config: Any  # DPAConfig
+    tensors: list[TensorPlan]
+    dropped: dict[str, dict[str, Any]]
+    placeholders: dict[str, Placeholder]
+    tokenizers: dict[str, Any]  # "target", "perceiver": tokenizer objects (with any added token)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.spec.nbytes for t in self.tensors)
+
+    @property
+    def num_shards(self) -> int:
+        return len(plan_shards([t.spec for t in self.tensors], self.options.shard_size))
+
+    @property
+    def phi_p_untrained(self) -> bool:
+        return self.sources.composed is not None
+
+
+def _rename(name: str, prefixes: dict[str, str]) -> str | None:
+    for old, new in prefixes.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return None
+
+
+def _mapped(checkpoint: Checkpoint, prefixes: dict[str, str], out: dict[str, tuple[Checkpoint, str]]) -> None:
+    """Add {DPA name: (checkpoint, disk key)} for every tensor of `checkpoint` the prefixes keep."""
+    for key, name in checkpoint.names.items():
+        dpa_name = _rename(name, prefixes)
+        if dpa_name is not None:
+            out[dpa_name] = (checkpoint, key)
+
+
+def source_tensors(sources: Sources) -> dict[str, tuple[Checkpoint, str]]:
+    """Where each kept tensor of the DPA model comes from."""
+    out: dict[str, tuple[Checkpoint, str]] = {}
+    text_target = sources.target.family.auto_class == "AutoModelForCausalLM"
+    _mapped(sources.target, TEXT_TARGET if text_target else VLM_TARGET, out)
+    if sources.perceiver is not None:
+        _mapped(sources.perceiver, PERCEIVER, out)
+    else:
+        _mapped(sources.vit, VIT, out)
+        _mapped(sources.lm, SMALL_LM, out)
+    return out
+
+
+def _placeholders(sources: Sources) -> tuple[dict[str, Placeholder], dict[str, Any]]:
+    """The target's and the perceiver's image tokens, and their tokenizers (a token may be added)."""
+    target = sources.target
+    tokenizers = {"target": load_tokenizer(target.path)}
+    configured = target.family.image_token_id(target.config)
+    placeholders = {
+        "target": existing_placeholder(tokenizers["target"], configured, target.path)
+        if configured is not None and configured >= 0  # the original LLaVA code splices -200, not a token
+        else choose_placeholder(tokenizers["target"])
+    }
+    perceiver = sources.perceiver or sources.lm
+    tokenizers["perceiver"] = load_tokenizer(perceiver.path)
+    if sources.perceiver is not None:
+        token_id = perceiver.family.image_token_id(perceiver.config)
+        if token_id is None:
+            raise CheckpointError(f"{perceiver.path}/config.json: names no image token id")
+        placeholders["perceiver"] = existing_placeholder(tokenizers["perceiver"], token_id, perceiver.path)
+    else:
+        placeholders["perceiver"] = choose_placeholder(tokenizers["perceiver"])
+    return placeholders, tokenizers
+
+
+def _vocab(checkpoint: Checkpoint, placeholder: Placeholder) -> int:
+    vocab = checkpoint.family.text_field(checkpoint.family.text_config(checkpoint.config), "vocab_size")
+    return max(int(vocab), placeholder.id + 1)
+
+
+def build_config(sources: Sources, options: Options, placeholders: dict[str, Placeholder]) -> Any:
+    target_text = text_config(sources.target, _vocab(sources.target, placeholders["target"]))
+    if sources.perceiver is not None:
+        perceiver_config = {k: v for k, v in sources.perceiver.config.items() if k != "architectures"}
+        markers = list(sources.perceiver.family.marker_token_ids(sources.perceiver.config))
+    else:
+        vocab = _vocab(sources.lm, placeholders["perceiver"])
+        perceiver_config = composed_perceiver_config(sources.vit, sources.lm, placeholders["perceiver"], vocab)
+        markers = []
+    return dpa_config(
+        perceiver_config, target_text, placeholders["target"], placeholders["perceiver"], markers, options
+    )
+
+
+def output_dtype(sources: Sources, options: Options) -> torch.dtype:
+    """--dtype, or with `auto` the dtype holding most of the target's parameters."""
+    if options.dtype != "auto":
+        return DTYPES[options.dtype]
+    counts: dict[str, int] = {}
+    for info in sources.target.index.tensors.values():
+        counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    dtype = torch_dtype(max(counts, key=counts.get))
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _plan_copy(name: str, meta: torch.Tensor, checkpoint: Checkpoint, key: str, dtype: torch.dtype) -> TensorPlan:
+    info: TensorInfo = checkpoint.index.tensors[key]
+    want, have = tuple(meta.shape), info.shape
+    source_dtype = torch_dtype(info.dtype)
+    out_dtype = dtype if source_dtype.is_floating_point else source_dtype
+    if want == have:
+        return TensorPlan(name, out_dtype, want, checkpoint.role, key)
+    grows_vocab = name.endswith(("embed_tokens.weight", "lm_head.weight")) and want[1:] == have[1:] and want[0] > have[0]
+    if grows_vocab:
+        return TensorPlan(name, out_dtype, want, checkpoint.role, key, pad_rows=want[0] - have[0])
+    raise BadInputError(
+        f"{checkpoint.path}: tensor {key!r} has shape {list(have)}, but the DPA model needs {list(want)} for {name}",
+        hint="the checkpoint's config.json and its weights disagree (or the widths do not match)",
+    )
+
+
+def _new_allowed(name: str, sources: Sources) -> bool:
+    return name.startswith(PHI) or (sources.composed is not None and name.startswith(COMPOSED_NEW))
+
+
+def plan_tensors(sources: Sources, expected: dict[str, torch.Tensor], dtype: torch.dtype) -> list[TensorPlan]:
+    """Every expected tensor, copied or new; anything a source has that the model does not want is an error."""
+    mapped = source_tensors(sources)
+    tied_head = "lm_head.weight" not in expected  # the target ties it to the embeddings
+    for name, (checkpoint, key) in mapped.items():
+        if name not in expected and not (tied_head and name == "lm_head.weight"):
+            raise BadInputError(
+                f"{checkpoint.path}: tensor {key!r} has no place in the DPA model (as {name})",
+                hint="its config.json describes fewer layers or parts than the weights hold",
+            )
+    copies, new = [], []
+    for name, meta in expected.items():
+        if name in mapped:
+            copies.append(_plan_copy(name, meta, *mapped[name], dtype))
+        elif _new_allowed(name, sources):
+            init = "newline" if name.endswith("image_newline") else "linear"
+            new.append(TensorPlan(name, dtype, tuple(meta.shape), "new", init=init))
+        else:
+            raise BadInputError(f"the DPA model needs {name}, but no source checkpoint holds it")
+    # Read sources in storage order: one shard open at a time, each read front to back.
+    order = {role: i for i, role in enumerate(("target", "perceiver", "vit", "lm"))}
+    copies.sort(key=lambda t: (order[t.source], _position(sources, t)))
+    return copies + new
+
+
+def _position(sources: Sources, plan: TensorPlan) -> tuple[str, int]:
+    checkpoint = next(c for c in sources.all() if c.role == plan.source)
+    info = checkpoint.index.tensors[plan.key]
+    return str(info.file), info.data_offsets[0]
+
+
+def _check_perceiver_depth(config: Any) -> None:
+    if not config.perceiver_config.get_text_config().num_hidden_layers:
+        raise BadInputError(
+            "the perceiver has no language blocks: DPA feeds the target the states of a small VLM's LM blocks",
+            hint="pick a perceiver with pretrained language layers (a ViT alone is the paper's weakest ablation)",
+        )
+
+
+def dropped_parts(sources: Sources, plan: list[TensorPlan]) -> dict[str, dict[str, Any]]:
+    """What each source loses, by component: e.g. the target's ViT and projector, the perceiver's LM head."""
+    used = {(t.source, t.key) for t in plan if t.key is not None}
+    dropped: dict[str, dict[str, Any]] = {}
+    for checkpoint in sources.all():
+        split = checkpoint.family.split_keys(checkpoint.index.tensors)
+        for component, keys in split.components.items():
+            lost = [k for k in keys if (checkpoint.role, k) not in used]
+            if lost:
+                params = sum(checkpoint.index.tensors[k].numel for k in lost)
+                dropped[f"{checkpoint.role} {component.value}"] = {"tensors": len(lost), "params": params}
+    return dropped
+
+
+def build_plan(sources: Sources, options: Options) -> UpgradePlan:
+    """Check that the upgrade can work and decide every output tensor; reads configs and headers only."""
+    placeholders, tokenizers = _placeholders(sources)
+    config = build_config(sources, options, placeholders)
+    _check_perceiver_depth(config)
+    expected = meta_state(meta_model("AutoModelForImageTextToText", config))
+    tensors = plan_tensors(sources, expected, output_dtype(sources, options))
+    notes = []
+    if sources.composed is not None:
+        notes.append("phi_p is freshly initialised: stage 1 trains it together with phi")
+    for role, placeholder in placeholders.items():
+        if placeholder.added:
+            notes.append(f"the {role} tokenizer had no image token: {placeholder.token} added as id {placeholder.id}")
+    return UpgradePlan(sources, options, config, tensors, dropped_parts(sources, tensors), placeholders, tokenizers, notes)

@@ -1,0 +1,152 @@
+"""The inputs of an upgrade: TARGET and PERCEIVER specs resolved to checkpoints read lazily.
+
+A perceiver is an existing small VLM or a composition `vit=<source>,lm=<text model>`, where `vit=target`
+takes the target's own vision tower.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.catalog import expand_alias
+from dpa_cli.checkpoint import CheckpointIndex, TensorInfo, read_checkpoint_index
+from dpa_cli.describe import read_config
+from dpa_cli.errors import BadInputError
+from dpa_cli.families import Component, Family, Role, detect_family
+from dpa_cli.hub import ResolvedModel, resolve_model
+from dpa_cli.upgrade.naming import memory_names
+
+COMPOSED_KEYS = ("vit", "lm")
+
+
+@dataclass
+class Checkpoint:
+    """One input checkpoint: config, family, tensor index (headers only) and in-memory key names."""
+
+    role: str  # "target", "perceiver", "vit" or "lm"
+    resolved: ResolvedModel
+    config: dict[str, Any]
+    family: Family
+    index: CheckpointIndex
+    _names: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.resolved.path
+
+    @property
+    def names(self) -> dict[str, str]:
+        """{disk key: the name transformers holds it under in memory}, computed once."""
+        if self._names is None:
+            self._names = memory_names(self.family, self.config, self.path, self.index.tensors)
+        return self._names
+
+    def by_memory_name(self) -> dict[str, TensorInfo]:
+        return {self.names[key]: info for key, info in self.index.tensors.items() if key in self.names}
+
+    def component_keys(self, component: Component) -> list[str]:
+        return self.family.split_keys(self.index.tensors).keys(component)
+
+    def describe_source(self) -> dict[str, Any]:
+        return {
+            "spec": self.resolved.spec,
+            "path": str(self.path),
+            "repo_id": self.resolved.repo_id,
+            "revision": self.resolved.revision,
+            "family": self.family.name,
+        }
+
+
+def open_checkpoint(spec: str, role: str) -> Checkpoint:
+    """Resolve `spec` (alias, folder or cached repo id) and read its config and headers."""
+    resolved = resolve_model(spec)
+    config = read_config(resolved.path)
+    family = detect_family(config, where=str(resolved.path / "config.json"))
+    return Checkpoint(role, resolved, config, family, read_checkpoint_index(resolved.path))
+
+
+@dataclass(frozen=True)
+class ComposedSpec:
+    """`vit=<source>,lm=<text model>`: a perceiver assembled from parts, with a fresh phi_p."""
+
+    vit: str
+    lm: str
+
+    def __str__(self) -> str:
+        return f"vit={self.vit},lm={self.lm}"
+
+
+def parse_perceiver_spec(spec: str) -> str | ComposedSpec:
+    """An alias is expanded first; `key=value,...` is a composition, anything else names a checkpoint."""
+    spec = expand_alias(spec)
+    if "=" not in spec:
+        return spec
+    parts: dict[str, str] = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in COMPOSED_KEYS or not value or key in parts:
+            raise BadInputError(
+                f"bad composed perceiver {spec!r}: {item.strip()!r}",
+                hint="write it as vit=<target|folder|repo id>,lm=<text model>, e.g. vit=target,lm=Qwen/Qwen3-0.6B",
+            )
+        parts[key] = value
+    missing = [key for key in COMPOSED_KEYS if key not in parts]
+    if missing:
+        raise BadInputError(f"composed perceiver {spec!r} lacks {' and '.join(missing)}=", hint="give both vit= and lm=")
+    return ComposedSpec(parts["vit"], parts["lm"])
+
+
+@dataclass
+class Sources:
+    """Every checkpoint an upgrade reads from, by role."""
+
+    target: Checkpoint
+    perceiver: Checkpoint | None = None  # an existing small VLM
+    vit: Checkpoint | None = None  # composed perceivers: where the ViT comes from
+    lm: Checkpoint | None = None  # composed perceivers: the small text model
+    composed: ComposedSpec | None = None
+
+    def all(self) -> list[Checkpoint]:
+        seen, out = set(), []
+        for checkpoint in (self.target, self.perceiver, self.vit, self.lm):
+            if checkpoint is not None and id(checkpoint) not in seen:
+                seen.add(id(checkpoint))
+                out.append(checkpoint)
+        return out
+
+
+def _require_role(checkpoint: Checkpoint, role: Role, what: str) -> None:
+    if role not in checkpoint.family.roles:
+        able = "none" if not checkpoint.family.roles else ", ".join(r.value for r in checkpoint.family.roles)
+        raise BadInputError(
+            f"{checkpoint.path}: a {checkpoint.family.name} checkpoint cannot be the {what} (it can be: {able})",
+            hint="run `dpa inspect` on it to see what it is",
+        )
+
+
+def open_sources(target_spec: str, perceiver_spec: str) -> Sources:
+    """Resolve both specs and check each checkpoint can play its role."""
+    target = open_checkpoint(target_spec, "target")
+    _require_role(target, Role.TARGET, "target")
+    parsed = parse_perceiver_spec(perceiver_spec)
+    if isinstance(parsed, ComposedSpec):
+        vit = target if parsed.vit == "target" else open_checkpoint(parsed.vit, "vit")
+        lm = open_checkpoint(parsed.lm, "lm")
+        if lm.family.name != "causal_lm":
+            raise BadInputError(f"{lm.path}: lm= must be a text causal LM, but it is a {lm.family.name} checkpoint")
+        return Sources(target, vit=vit, lm=lm, composed=parsed)
+    perceiver = open_checkpoint(parsed, "perceiver")
+    if perceiver.path == target.path:
+        raise BadInputError(f"the perceiver is the target itself ({target.path})", hint="pass a small VLM as --perceiver")
+    _require_role(perceiver, Role.PERCEIVER, "perceiver")
+    return Sources(target, perceiver=perceiver)
+
+
+@functools.cache
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
