@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dpa_cli import __version__
-from dpa_cli.cli import catalog_cmd, inspect_cmd
+from dpa_cli.cli import catalog_cmd, inspect_cmd, upgrade_cmd
 
 
 class _App(typer.Typer):
@@ -47,6 +47,7 @@ def _root(
 
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
 app.command("catalog")(catalog_cmd.catalog)
+app.command("upgrade", no_args_is_help=True)(upgrade_cmd.upgrade)
 
 
 def main() -> None:

@@ -41,5 +41,11 @@ def report_errors(command: Callable) -> Callable:
             if exc.hint:
                 err.print(f"  {exc.hint}", markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a full disk, a permission: the system's words, one line, nothing half-written
+            if os.environ.get("DPA_DEBUG") == "1":
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
 
     return wrapper

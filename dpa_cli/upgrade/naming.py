@@ -64,5 +64,16 @@ def memory_names(family: Family, config: Mapping[str, Any], folder: Path, keys: 
         return family.memory_names(config, keys)
     from transformers import AutoConfig
 
-    model = meta_model(family.auto_class, AutoConfig.from_pretrained(folder))
+    try:
+        model = meta_model(family.auto_class, AutoConfig.from_pretrained(folder))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(
+            f"{folder}/config.json: transformers cannot build this model from it ({error_summary(err)})",
+            hint="the config is damaged or from a newer transformers; check it with `dpa inspect`",
+        ) from None
     return rename_to_memory(model, keys, folder)
+
+
+def error_summary(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__

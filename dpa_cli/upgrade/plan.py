@@ -16,9 +16,9 @@ from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.upgrade.compose import composed_perceiver_config, dpa_config, text_config
-from dpa_cli.upgrade.naming import meta_model, meta_state
+from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
-from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, existing_placeholder, load_tokenizer
+from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, ensure_pad_token, existing_placeholder, load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # In-memory name prefix in a source model -> where it goes in the DPA model. Anything else is dropped.
@@ -239,9 +239,15 @@ def dropped_parts(sources: Sources, plan: list[TensorPlan]) -> dict[str, dict[st
 def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     """Check that the upgrade can work and decide every output tensor; reads configs and headers only."""
     placeholders, tokenizers = _placeholders(sources)
-    config = build_config(sources, options, placeholders)
-    _check_perceiver_depth(config)
-    expected = meta_state(meta_model("AutoModelForImageTextToText", config))
+    try:
+        config = build_config(sources, options, placeholders)
+        _check_perceiver_depth(config)
+        expected = meta_state(meta_model("AutoModelForImageTextToText", config))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise BadInputError(
+            f"these checkpoints do not make a valid DPA model: {error_summary(err)}",
+            hint="check both configs with `dpa inspect`",
+        ) from None
     tensors = plan_tensors(sources, expected, output_dtype(sources, options))
     notes = []
     if sources.composed is not None:
@@ -249,4 +255,6 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     for role, placeholder in placeholders.items():
         if placeholder.added:
             notes.append(f"the {role} tokenizer had no image token: {placeholder.token} added as id {placeholder.id}")
+        if (pad := ensure_pad_token(tokenizers[role])) is not None:
+            notes.append(f"the {role} tokenizer had no pad token: {pad} pads batches")
     return UpgradePlan(sources, options, config, tensors, dropped_parts(sources, tensors), placeholders, tokenizers, notes)

@@ -30,7 +30,12 @@ class Placeholder:
 def load_tokenizer(folder: Path) -> Any:
     """The checkpoint's tokenizer, with a clear error when its files are missing or broken."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # The tokenizer loader reads config.json too, and warns about model types it does not know
+    # (the original LLaVA's `llava_llama`); the tokenizer itself loads fine.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:
@@ -38,6 +43,8 @@ def load_tokenizer(folder: Path) -> Any:
             f"{folder}: cannot load its tokenizer ({str(err).splitlines()[0]})",
             hint="the folder needs tokenizer.json or tokenizer_config.json + vocabulary files",
         ) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _single_token_id(tokenizer: Any, token: str) -> int | None:
@@ -68,3 +75,24 @@ def choose_placeholder(tokenizer: Any) -> Placeholder:
     # add_tokens keeps the tokenizer's other special tokens (add_special_tokens may replace that list).
     tokenizer.add_tokens([ADDED_TOKEN], special_tokens=True)
     return Placeholder(ADDED_TOKEN, tokenizer.convert_tokens_to_ids(ADDED_TOKEN), added=True)
+
+
+# Tokens that are safe padding, most specific first; eos is the last resort (it is what Llama recipes use).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "<unk>")
+
+
+def ensure_pad_token(tokenizer: Any) -> str | None:
+    """Give a tokenizer without a pad token one it already has; returns the token chosen, or None."""
+    if tokenizer.pad_token is not None:
+        return None
+    for token in PAD_CANDIDATES:
+        if _single_token_id(tokenizer, token) is not None:
+            tokenizer.pad_token = token
+            return token
+    if tokenizer.eos_token is None:
+        raise CheckpointError(
+            f"{tokenizer.name_or_path}: the tokenizer has neither a pad nor an end-of-sequence token",
+            hint="set pad_token in its tokenizer_config.json",
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.eos_token

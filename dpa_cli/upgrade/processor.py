@@ -1,0 +1,30 @@
+"""The processor of an upgraded checkpoint: the perceiver's image processor and tokenizer, the target's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpa_cli.errors import CheckpointError
+from dpa_cli.upgrade.plan import UpgradePlan
+
+
+def write_processor(plan: UpgradePlan, folder: Path) -> None:
+    """Save a DPAProcessor whose token strings come from the plan's config, so model and processor agree."""
+    from transformers import AutoImageProcessor
+
+    from dpa_cli.model.processing_dpa import DPAProcessor
+
+    images_from = plan.sources.perceiver or plan.sources.vit
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(images_from.path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{images_from.path}: cannot load its image processor ({str(err).splitlines()[0]})",
+            hint="the folder needs the preprocessor_config.json its model was released with",
+        ) from None
+    settings_file = images_from.path / "processor_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    tokenizers = plan.tokenizers
+    processor = DPAProcessor.from_parts(image_processor, tokenizers["perceiver"], tokenizers["target"], plan.config, settings)
+    processor.save_pretrained(folder)

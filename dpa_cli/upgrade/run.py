@@ -1,0 +1,112 @@
+"""`dpa upgrade` as one library call: resolve, plan, refuse what cannot work, write a workspace atomically."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.checkpoint.atomic import staged_folder
+from dpa_cli.errors import BadInputError
+from dpa_cli.upgrade.files import write_model_files
+from dpa_cli.upgrade.fingerprint import fingerprint_in_background
+from dpa_cli.upgrade.plan import Options, UpgradePlan, build_plan
+from dpa_cli.upgrade.processor import write_processor
+from dpa_cli.upgrade.sources import Sources, open_sources
+from dpa_cli.upgrade.summary import plan_summary
+from dpa_cli.upgrade.surgery import write_weights
+from dpa_cli.upgrade.verify import AUTO_VERIFY_BYTES, check_written, load_and_run
+from dpa_cli.workspace import MODEL_DIR, is_workspace, versions, write_manifest
+
+
+def plan_upgrade(target: str, perceiver: str, options: Options) -> UpgradePlan:
+    import dpa_cli.model  # noqa: F401  registers the DPA classes the plan is checked against
+
+    return build_plan(open_sources(target, perceiver), options)
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.rstrip("/").rsplit("/", 1)[-1]).strip("-").lower() or "model"
+
+
+def default_workspace(target: str, perceiver: str) -> Path:
+    """`<target>-dpa-<perceiver>` in the current folder, named after the specs the user typed."""
+    lm = re.search(r"lm=([^,]+)", perceiver)
+    return Path.cwd() / f"{_slug(target)}-dpa-{_slug(lm.group(1) if lm else perceiver)}"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(workspace: Path, sources: Sources, force: bool) -> None:
+    """The refusals of DESIGN.md section 5, before anything is written."""
+    workspace = workspace.resolve()
+    for checkpoint in sources.all():
+        if _inside(workspace, checkpoint.path) or _inside(checkpoint.path, workspace):
+            raise BadInputError(
+                f"the workspace {workspace} and the input {checkpoint.path} overlap",
+                hint="write the workspace somewhere else with -o",
+            )
+    if workspace.exists() and not workspace.is_dir():
+        raise BadInputError(f"{workspace} is a file, not a workspace folder", hint="choose another path with -o")
+    if workspace.exists() and not force:
+        raise BadInputError(f"{workspace} already exists", hint="pass --force to replace it, or choose -o")
+    if workspace.exists() and not is_workspace(workspace) and any(workspace.iterdir()):
+        raise BadInputError(
+            f"--force replaces only a dpa workspace, and {workspace} is not one (no dpa.yaml)",
+            hint="choose another path with -o",
+        )
+
+
+def _manifest(plan: UpgradePlan, fingerprints: dict[str, Any], report: dict[str, Any], seconds: float) -> dict:
+    summary = plan_summary(plan)
+    files = {str(c.path): fingerprints[c.role] for c in plan.sources.all()}
+    perceiver = summary["perceiver"]
+    for source in (summary["target"], *([perceiver] if perceiver["kind"] == "existing" else [perceiver["vit"], perceiver["lm"]])):
+        source["files"] = files[source["path"]]
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "options": asdict(plan.options),
+        "plan": summary,
+        "upgrade": {"seconds": round(seconds, 2), **report},
+        "stages": {},
+    }
+
+
+def run_upgrade(
+    plan: UpgradePlan,
+    workspace: Path,
+    force: bool = False,
+    verify_load: bool | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Write the planned workspace (model/ + dpa.yaml) through a temporary sibling renamed at the end.
+
+    `verify_load`: None loads and runs the model when it is at most 2 GB on disk.
+    """
+    check_output(workspace, plan.sources, force)
+    started = time.perf_counter()
+    folders = {c.role: c.path for c in plan.sources.all()}
+    pool, hashes = fingerprint_in_background(folders)
+    try:
+        with staged_folder(workspace, replace=force) as staging:
+            model_dir = staging / MODEL_DIR
+            model_dir.mkdir()
+            write_weights(plan, model_dir, on_bytes)
+            write_model_files(plan, model_dir)
+            write_processor(plan, model_dir)
+            report = {"written": check_written(plan, model_dir)}
+            if verify_load or (verify_load is None and plan.output_bytes <= AUTO_VERIFY_BYTES):
+                report["loaded"] = load_and_run(model_dir)
+            fingerprints = {role: future.result() for role, future in hashes.items()}
+            manifest = _manifest(plan, fingerprints, report, time.perf_counter() - started)
+            write_manifest(staging, manifest)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return {"workspace": str(workspace.resolve()), "model": str(workspace.resolve() / MODEL_DIR), **manifest}

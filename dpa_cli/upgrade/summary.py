@@ -1,0 +1,96 @@
+"""The plan as people and scripts read it: kept / dropped / new parts, widths, dtypes, sizes (JSON-ready)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from dpa_cli.families import get_family
+from dpa_cli.upgrade.plan import PHI, TensorPlan, UpgradePlan
+
+PERCEIVER_PREFIX = "model.perceiver."
+
+
+def dpa_part(plan: UpgradePlan, name: str) -> str:
+    """Which part of the DPA model an output tensor belongs to, e.g. `perceiver vision`, `phi`, `target lm_head`."""
+    if name.startswith(PHI):
+        return "phi"
+    if name.startswith(PERCEIVER_PREFIX):
+        family = get_family(_perceiver_family(plan))
+        component = family.layout("v5").component_of("model." + name[len(PERCEIVER_PREFIX) :])
+        if component is not None and component.value == "projector":
+            return "phi_p" if plan.sources.composed else "perceiver projector"
+        return f"perceiver {component.value if component else 'other'}"
+    return "target lm_head" if name.startswith("lm_head.") else "target language_model"
+
+
+def _perceiver_family(plan: UpgradePlan) -> str:
+    sources = plan.sources
+    return (sources.perceiver or sources.vit).family.name
+
+
+def _parts(plan: UpgradePlan) -> dict[str, dict[str, Any]]:
+    parts: dict[str, dict[str, Any]] = defaultdict(lambda: {"from": set(), "tensors": 0, "params": 0})
+    for tensor in plan.tensors:
+        part = parts[dpa_part(plan, tensor.name)]
+        part["from"].add(tensor.source)
+        part["tensors"] += 1
+        part["params"] += tensor.spec.numel
+    return {name: {**part, "from": sorted(part["from"])} for name, part in parts.items()}
+
+
+def _new(plan: UpgradePlan, tensors: list[TensorPlan]) -> dict[str, Any]:
+    return {
+        "shapes": {t.name: list(t.shape) for t in tensors},
+        "params": sum(t.spec.numel for t in tensors),
+        "init": sorted({t.init for t in tensors}),
+        "seed": plan.options.seed,
+    }
+
+
+def plan_summary(plan: UpgradePlan) -> dict[str, Any]:
+    """Everything `--dry-run` shows, as one JSON-ready dict."""
+    config, parts = plan.config, _parts(plan)
+    new = [t for t in plan.tensors if t.source == "new"]
+    phi_p = [t for t in new if dpa_part(plan, t.name) == "phi_p" or t.name.endswith("image_newline")]
+    return {
+        "target": plan.sources.target.describe_source(),
+        "perceiver": _perceiver_sources(plan),
+        "dimensions": {
+            "perceiver_width": config.perceiver_hidden_size,
+            "target_width": config.text_config.hidden_size,
+            "phi": f"{config.projector_type}: {config.perceiver_hidden_size} -> {config.text_config.hidden_size}",
+        },
+        "kept": {name: part for name, part in parts.items() if "new" not in part["from"]},
+        "dropped": plan.dropped,
+        "new": {"phi": _new(plan, [t for t in new if t.name.startswith(PHI)]), **({"phi_p": _new(plan, phi_p)} if phi_p else {})},
+        "config": {
+            "projector_type": config.projector_type,
+            "feature_span": config.feature_span,
+            "early_fusion": config.early_fusion,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "image_token": plan.placeholders["target"].as_dict(),
+            "perceiver_image_token": plan.placeholders["perceiver"].as_dict(),
+        },
+        "dtype": str(plan.tensors[0].dtype).removeprefix("torch."),
+        "total_params": sum(t.spec.numel for t in plan.tensors),
+        "trainable_stage1_params": sum(t.spec.numel for t in new),
+        "output_bytes": plan.output_bytes,
+        "num_shards": plan.num_shards,
+        "shard_size": plan.options.shard_size,
+        "notes": plan.notes,
+    }
+
+
+def _perceiver_sources(plan: UpgradePlan) -> dict[str, Any]:
+    sources = plan.sources
+    if sources.perceiver is not None:
+        return {"kind": "existing", **sources.perceiver.describe_source()}
+    return {
+        "kind": "composed",
+        "spec": str(sources.composed),
+        "family": sources.vit.family.name,
+        "vit": sources.vit.describe_source(),
+        "lm": sources.lm.describe_source(),
+        "phi_p_trained": False,
+    }

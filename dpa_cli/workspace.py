@@ -1,0 +1,84 @@
+"""The workspace: the folder `dpa upgrade` creates, found by later commands the way git finds a repo.
+
+`WORKSPACE/dpa.yaml` records the sources, the plan, the options, the versions and the stages done; it is
+only ever replaced whole (temp + fsync + rename).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpa_cli import __version__
+from dpa_cli.checkpoint.atomic import write_text_atomic
+from dpa_cli.errors import BadInputError
+
+MANIFEST = "dpa.yaml"
+MODEL_DIR = "model"
+FORMAT = 1  # bumped when dpa.yaml changes shape
+LIBRARIES = ("torch", "transformers", "safetensors", "peft", "accelerate", "deepspeed", "tokenizers")
+
+
+def is_workspace(folder: Path) -> bool:
+    """Whether `folder` is a workspace dpa wrote (its dpa.yaml says so)."""
+    try:
+        manifest = yaml.safe_load((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("dpa_workspace") == FORMAT
+
+
+def find_workspace(explicit: str | Path | None = None, cwd: Path | None = None) -> Path:
+    """--workspace, else $DPA_WORKSPACE, else cwd or a parent holding dpa.yaml, else the one child that does."""
+    if explicit or os.environ.get("DPA_WORKSPACE"):
+        folder = Path(explicit or os.environ["DPA_WORKSPACE"]).expanduser()
+        if not is_workspace(folder):
+            raise BadInputError(f"{folder} is not a dpa workspace (no {MANIFEST})", hint="run `dpa upgrade` first")
+        return folder.resolve()
+    cwd = (cwd or Path.cwd()).resolve()
+    for folder in (cwd, *cwd.parents):
+        if is_workspace(folder):
+            return folder
+    children = sorted(child for child in cwd.iterdir() if child.is_dir() and is_workspace(child))
+    if len(children) == 1:
+        return children[0]
+    if children:
+        names = ", ".join(child.name for child in children)
+        raise BadInputError(f"several workspaces here ({names})", hint="pick one with --workspace")
+    raise BadInputError(
+        f"no dpa workspace in {cwd} or its parents",
+        hint="run `dpa upgrade TARGET --perceiver PERCEIVER` first, or pass --workspace",
+    )
+
+
+def versions() -> dict[str, str]:
+    """The tool and library versions a run used, for the record."""
+    found = {"dpa": __version__, "python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def read_manifest(workspace: Path) -> dict[str, Any]:
+    path = Path(workspace) / MANIFEST
+    try:
+        manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise BadInputError(f"{path}: cannot read it ({err})", hint="restore it, or upgrade again with --force") from None
+    if not isinstance(manifest, dict) or manifest.get("dpa_workspace") != FORMAT:
+        raise BadInputError(f"{path}: not a dpa workspace manifest", hint="restore it, or upgrade again with --force")
+    return manifest
+
+
+def write_manifest(workspace: Path, manifest: dict[str, Any]) -> None:
+    """Replace dpa.yaml in one rename: a crash leaves the old file or the new one, never half."""
+    manifest = {"dpa_workspace": FORMAT, **{k: v for k, v in manifest.items() if k != "dpa_workspace"}}
+    write_text_atomic(Path(workspace) / MANIFEST, yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
