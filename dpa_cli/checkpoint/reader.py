@@ -60,6 +60,15 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class FileSlice:
+    """A byte range of a file: a tensor's data, to be copied verbatim without loading it."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     """One safetensors file: how big its header says it is and how big it is on disk."""
 
@@ -341,6 +350,14 @@ class LazyTensorReader:
         if handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
             raise _fail(info.file, f"tensor {name!r} is cut short: the file changed while it was read")
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
+
+    def slice(self, name: str) -> FileSlice:
+        """Where tensor `name`'s bytes lie, after checking its shard is whole (for copies that skip torch)."""
+        info = self.index.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.index.folder}: no tensor named {name!r} in the checkpoint")
+        self._open(info.file)
+        return FileSlice(info.file, self.index.shards[info.file].header_bytes + info.data_offsets[0], info.nbytes)
 
     def __iter__(self) -> Iterator[str]:
         """Names grouped by file, in storage order, so each shard is opened once."""

@@ -6,18 +6,21 @@ tensor is produced, written and freed one at a time: peak memory is one tensor, 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Union
 
 import torch
 
-from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, torch_dtypes
+from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, FileSlice, torch_dtypes
 from dpa_cli.errors import BadInputError
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in torch_dtypes().items()}
@@ -52,6 +55,35 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+
+# Where copy_file_range cannot work (across file systems, old kernels), bytes go through user space.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+def _copy_slice(piece: FileSlice, handle: BinaryIO) -> None:
+    """Copy in the kernel (copy_file_range, as `cp` does); fall back to chunked reads where unsupported."""
+    handle.flush()  # the raw descriptor must be at the buffered position
+    with open(piece.path, "rb") as source:
+        offset, left = piece.offset, piece.nbytes
+        try:
+            while left:
+                copied = os.copy_file_range(source.fileno(), handle.fileno(), left, offset)
+                if copied == 0:
+                    raise EOFError(f"{piece.path} ended early")
+                offset, left = offset + copied, left - copied
+        except (AttributeError, OSError) as err:
+            if isinstance(err, OSError) and err.errno not in _NO_COPY_RANGE:
+                raise
+            source.seek(offset)
+            while left:
+                chunk = source.read(min(left, 8 << 20))
+                handle.write(chunk)
+                left -= len(chunk)
+
+
+# Given a planned tensor, returns its values, or a FileSlice to copy when the bytes are already right.
+Producer = Callable[[TensorSpec], Union[torch.Tensor, FileSlice]]
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -90,7 +122,11 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _check(spec: TensorSpec, tensor: torch.Tensor) -> None:
+def _check(spec: TensorSpec, tensor: torch.Tensor | FileSlice) -> None:
+    if isinstance(tensor, FileSlice):
+        if tensor.nbytes != spec.nbytes:
+            raise ValueError(f"{spec.name}: {tensor.nbytes} bytes to copy, planned {spec.nbytes}")
+        return
     if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
         raise ValueError(
             f"{spec.name}: produced {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} {list(spec.shape)}"
@@ -100,29 +136,41 @@ def _check(spec: TensorSpec, tensor: torch.Tensor) -> None:
 def write_safetensors(
     path: Path,
     specs: list[TensorSpec],
-    produce: Callable[[TensorSpec], torch.Tensor],
+    produce: Producer,
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    sync: bool = True,
 ) -> None:
-    """Write one safetensors file, asking `produce` for each tensor in turn; fsynced before returning."""
+    """Write one safetensors file, asking `produce` for each tensor in turn; with `sync`, fsynced before returning."""
     with open(path, "wb") as handle:
         handle.write(_header(specs, metadata or {"format": "pt"}))
         for spec in specs:
             tensor = produce(spec)
             _check(spec, tensor)
-            # Write the tensor's own memory: no bytes copy of the whole tensor.
-            handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if isinstance(tensor, FileSlice):
+                _copy_slice(tensor, handle)
+            else:  # write the tensor's own memory: no bytes copy of the whole tensor
+                handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             if on_bytes:
                 on_bytes(spec.nbytes)
             del tensor
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_sharded(
     folder: Path,
     specs: list[TensorSpec],
-    produce: Callable[[TensorSpec], torch.Tensor],
+    produce: Producer,
     max_shard_bytes: int,
     on_bytes: Callable[[int], None] | None = None,
 ) -> list[Path]:
@@ -133,8 +181,15 @@ def write_sharded(
         raise ValueError(f"tensor {duplicate!r} is planned twice")
     shards = plan_shards(specs, max_shard_bytes)
     files = [Path(folder) / name for name in shard_names(len(shards))]
-    for path, shard in zip(files, shards):
-        write_safetensors(path, shard, produce, on_bytes=on_bytes)
+    # Each finished shard is flushed to disk in the background while the next one is written; all are
+    # durable before this returns (and so before any caller renames the folder into place).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpa-fsync") as syncer:
+        pending = []
+        for path, shard in zip(files, shards):
+            write_safetensors(path, shard, produce, on_bytes=on_bytes, sync=False)
+            pending.append(syncer.submit(fsync_path, path))
+        for done in pending:
+            done.result()
     if len(files) > 1:
         weight_map = {spec.name: path.name for path, shard in zip(files, shards) for spec in shard}
         index = {

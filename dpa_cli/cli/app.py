@@ -6,23 +6,11 @@ import typer
 
 from dpa_cli import __version__
 from dpa_cli.cli import catalog_cmd, inspect_cmd, upgrade_cmd
+from dpa_cli.cli.bench_cmd import bench_app
+from dpa_cli.cli.render import DpaTyper
 
 
-class _App(typer.Typer):
-    """A Typer app whose commands render `DpaError`s as one-line messages with their exit code."""
-
-    def command(self, *args, **kwargs):
-        register = super().command(*args, **kwargs)
-
-        def decorator(fn):
-            from dpa_cli.cli.render import report_errors
-
-            return register(report_errors(fn))
-
-        return decorator
-
-
-app = _App(
+app = DpaTyper(
     name="dpa",
     help="Upgrade a LLaVA-style vision-language model in place with Deep Pre-Alignment (DPA).",
     no_args_is_help=True,
@@ -48,6 +36,7 @@ def _root(
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
 app.command("catalog")(catalog_cmd.catalog)
 app.command("upgrade", no_args_is_help=True)(upgrade_cmd.upgrade)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

@@ -49,3 +49,11 @@ def report_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+class DpaTyper(typer.Typer):
+    """A Typer app whose commands render `DpaError`s as one-line messages with their exit code."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda fn: register(report_errors(fn))

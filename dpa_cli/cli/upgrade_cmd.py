@@ -31,10 +31,13 @@ def upgrade(
 ) -> None:
     """Turn a LLaVA-style checkpoint into a DPA workspace: its ViT is replaced by a small VLM, the perceiver.
 
-    Keeps the target LLM (embeddings, blocks, LM head) and the perceiver's ViT, projector and language blocks;
-    drops the target's ViT and projector and the perceiver's LM head; adds a fresh projector phi. Tensors are
-    streamed shard by shard (memory stays near one tensor), written beside the workspace and renamed into
-    place at the end, then checked key by key and, for models up to 2 GB, loaded and run once.
+    Keeps the target LLM and the perceiver's ViT, projector and language blocks; adds a fresh projector phi.
+
+    Drops the target's ViT and projector and the perceiver's LM head. The plan is printed before any tensor moves.
+
+    Tensors stream one at a time into a temporary sibling, renamed into place when complete and checked.
+
+    Output up to 2 GB is also loaded with transformers and run on an image.
 
     Examples:
       dpa upgrade llava-next-qwen3-4b --perceiver qwen3-0.6b-vl

@@ -17,7 +17,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import is_valid_image
 
-FEATURE_SPANS = ("image", "image+markers")
+from .configuration_dpa import FEATURE_SPANS
 # The keys that carry an image in a chat content block, as ProcessorMixin.apply_chat_template reads them.
 _IMAGE_BLOCK_KEYS = ("image", "url", "path", "base64")
 
@@ -26,13 +26,11 @@ ImageTokens = Callable[[dict, int], str]
 
 
 # --- how each perceiver family lays out one image --------------------------------------------------------
-def _real_processor(class_name: str, takes_image_token: bool) -> Callable[[DPAProcessor], ImageTokens]:
-    """Lay images out with the family's own processor class; these build without torchvision."""
+def _real_processor(class_name: str) -> Callable[[DPAProcessor], ImageTokens]:
+    """Lay images out with the family's own processor class (LLaVA's and LLaVA-NeXT's build without torchvision)."""
 
     def build(processor: DPAProcessor) -> ImageTokens:
-        kwargs = dict(processor.perceiver_processor_kwargs)
-        if takes_image_token:
-            kwargs["image_token"] = processor.perceiver_image_token
+        kwargs = {**processor.perceiver_processor_kwargs, "image_token": processor.perceiver_image_token}
         real = getattr(transformers, class_name)(processor.image_processor, processor.perceiver_tokenizer, **kwargs)
         return real.replace_image_token
 
@@ -46,6 +44,26 @@ def _qwen_vl(processor: DPAProcessor) -> ImageTokens:
 
     def tokens(image_inputs: dict, index: int) -> str:
         return processor.perceiver_image_token * (int(image_inputs["image_grid_thw"][index].prod()) // merge_length)
+
+    return tokens
+
+
+def _idefics3(processor: DPAProcessor) -> ImageTokens:
+    """Idefics3 / SmolVLM: per tile `<fake_token_around_image><row_R_col_C>` and `image_seq_len` image tokens, a
+    newline after each row of tiles, then the global image. Idefics3Processor's layout; that class re-adds special
+    tokens to the tokenizer it is given, and SmolVLMProcessor needs num2words and a torchvision video processor."""
+    image = processor.perceiver_image_token * processor.perceiver_processor_kwargs["image_seq_len"]
+    whole = f"<fake_token_around_image><global-img>{image}<fake_token_around_image>"
+
+    def tokens(image_inputs: dict, index: int) -> str:
+        rows, cols = int(image_inputs["rows"][index][0]), int(image_inputs["cols"][index][0])
+        if rows == 0 and cols == 0:  # small images are not split into tiles
+            return whole
+        grid = "".join(
+            "".join(f"<fake_token_around_image><row_{r}_col_{c}>{image}" for c in range(1, cols + 1)) + "\n"
+            for r in range(1, rows + 1)
+        )
+        return grid + "\n" + whole
 
     return tokens
 
@@ -105,10 +123,9 @@ _QWEN_VL = PerceiverFamily(
     mm_token_type_ids=True,
 )
 _LLAVA_SETTINGS = ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
-# SmolVLMProcessor lays images out exactly as Idefics3Processor does, but needs num2words and a video processor.
 _IDEFICS3 = PerceiverFamily(
     "<image>",
-    _real_processor("Idefics3Processor", takes_image_token=False),
+    _idefics3,
     settings=("image_seq_len",),
     required=("image_seq_len",),
     images_kwargs={"return_row_col_info": True},
@@ -120,10 +137,10 @@ PERCEIVER_FAMILIES: dict[str, PerceiverFamily] = {
     "qwen2_vl": _QWEN_VL,
     "qwen2_5_vl": _QWEN_VL,
     "qwen3_vl": _QWEN_VL,
-    "llava": PerceiverFamily("<image>", _real_processor("LlavaProcessor", takes_image_token=True),
-                             settings=_LLAVA_SETTINGS, required=_LLAVA_SETTINGS[:2]),
-    "llava_next": PerceiverFamily("<image>", _real_processor("LlavaNextProcessor", takes_image_token=True),
-                                  settings=_LLAVA_SETTINGS, required=_LLAVA_SETTINGS[:2]),
+    "llava": PerceiverFamily("<image>", _real_processor("LlavaProcessor"), settings=_LLAVA_SETTINGS,
+                             required=_LLAVA_SETTINGS[:2]),
+    "llava_next": PerceiverFamily("<image>", _real_processor("LlavaNextProcessor"), settings=_LLAVA_SETTINGS,
+                                  required=_LLAVA_SETTINGS[:2]),
     "llava_onevision": PerceiverFamily(
         "<image>", _onevision, settings=("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"),
         required=("num_image_tokens",), unused_outputs=("batch_num_images",)),
@@ -133,6 +150,7 @@ PERCEIVER_FAMILIES: dict[str, PerceiverFamily] = {
 
 
 def perceiver_family(model_type: str) -> PerceiverFamily:
+    """The layout of a perceiver's `model_type`; an unknown one is an error that lists the known ones."""
     if model_type not in PERCEIVER_FAMILIES:
         raise ValueError(
             f"No DPA processor layout for perceiver model_type {model_type!r}; known: {', '.join(PERCEIVER_FAMILIES)}."

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from dpa_cli.checkpoint import LazyTensorReader
-from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
+from dpa_cli.checkpoint.reader import torch_dtype
+from dpa_cli.checkpoint.writer import FileSlice, TensorSpec, write_sharded
 from dpa_cli.upgrade.plan import TensorPlan, UpgradePlan
 
 
@@ -50,6 +51,11 @@ def _pad_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.mean(dim=0, keepdim=True).expand(rows, -1)], dim=0)
 
 
+def _source_dtype(plan: UpgradePlan, tensor: TensorPlan) -> torch.dtype:
+    checkpoint = next(c for c in plan.sources.all() if c.role == tensor.source)
+    return torch_dtype(checkpoint.index.tensors[tensor.key].dtype)
+
+
 class TensorSource:
     """Produces each planned tensor from its source checkpoint (one open shard per source) or its init."""
 
@@ -58,12 +64,16 @@ class TensorSource:
         self.readers = {c.role: stack.enter_context(LazyTensorReader(c.index)) for c in plan.sources.all()}
         self.fan_ins = _fan_ins(plan.tensors)
         self.seed = plan.options.seed
+        self.dtypes = {t.name: _source_dtype(plan, t) for t in plan.tensors if t.key is not None}
 
-    def __call__(self, spec: TensorSpec) -> torch.Tensor:
+    def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice:
         plan = self.by_name[spec.name]
         if plan.source == "new":
             return init_tensor(plan, self.seed, self.fan_ins[plan.name])
-        tensor = self.readers[plan.source].get(plan.key)
+        reader = self.readers[plan.source]
+        if not plan.pad_rows and self.dtypes[plan.name] == plan.dtype:
+            return reader.slice(plan.key)  # unchanged bytes: copied in the kernel, never loaded
+        tensor = reader.get(plan.key)
         if plan.pad_rows:
             tensor = _pad_vocab(tensor.float(), plan.pad_rows)
         return tensor.to(plan.dtype)

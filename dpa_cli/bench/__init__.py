@@ -1,0 +1,1 @@
+"""`dpa bench`: side-by-side measurements, printed as ratios and as --json."""

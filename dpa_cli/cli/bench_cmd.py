@@ -1,0 +1,95 @@
+"""`dpa bench ...`: measurements taken side by side in one run, reported as ratios."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from dpa_cli.cli.inspect_cmd import human_bytes
+from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.render import DpaTyper, out, print_json
+
+bench_app = DpaTyper(help="Side-by-side measurements, printed as ratios (and as --json).", no_args_is_help=True)
+PERFORMANCE_DOC = Path("docs/performance.md")
+
+
+@bench_app.command("upgrade")
+def upgrade(
+    size: Annotated[str, typer.Option(help="Size of the synthetic target checkpoint.")] = "1.6GB",
+    input_shard: Annotated[str, typer.Option(help="Shard size of the synthetic input.")] = "200MB",
+    shard_size: Annotated[str, typer.Option(help="Output shard size of the upgrade.")] = "500MB",
+    repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
+    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs [default: a temporary folder].")] = None,
+    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    json_: JsonFlag = False,
+) -> None:
+    """Upgrade time against `cp -r` of the same files, and peak memory against the output shard size.
+
+    Builds a synthetic LLaVA-NeXT target of --size. Each repeat copies it (`cp -r`, and `cp -r` + `sync`).
+
+    Each repeat also upgrades it in a fresh process twice: keeping its dtype, then casting to fp16.
+
+    Imports and interpreter start are not counted; the upgrade fsyncs its shards, hence the second baseline.
+
+    Examples:
+      dpa bench upgrade
+      dpa bench upgrade --size 400MB --repeats 1 --json
+    """
+    from dpa_cli.bench.upgrade import bench_upgrade
+
+    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+        result = bench_upgrade(Path(tmp), size, input_shard, shard_size, repeats)
+    result["machine"] = machine()
+    if json_:
+        print_json(result)
+    else:
+        out.print(upgrade_table(result))
+    if write_docs:
+        append_doc("dpa bench upgrade", upgrade_markdown(result))
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "system": platform.platform()}  # fmt: skip
+
+
+def upgrade_table(result: dict[str, Any]) -> Table:
+    table = Table("upgrade", "time / cp -r", "time / (cp -r + sync)", "RSS growth / output shard",
+                  title=f"dpa bench upgrade: {human_bytes(result['input_bytes'])} input, "
+                        f"{human_bytes(result['output_shard_size'])} shards, {result['repeats']} repeats (min / median)")  # fmt: skip
+    for mode, ratios in result["ratios"].items():
+        table.add_row(mode, *(f"{ratios[k]['min']:.2f} / {ratios[k]['median']:.2f}" for k in
+                              ("time_over_cp", "time_over_cp_sync", "rss_growth_over_shard")))  # fmt: skip
+    return table
+
+
+def upgrade_markdown(result: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {mode} | {r['time_over_cp']['min']:.2f} / {r['time_over_cp']['median']:.2f} "
+        f"| {r['time_over_cp_sync']['min']:.2f} / {r['time_over_cp_sync']['median']:.2f} "
+        f"| {r['rss_growth_over_shard']['min']:.2f} / {r['rss_growth_over_shard']['median']:.2f} |"
+        for mode, r in result["ratios"].items()
+    )
+    return (
+        f"Input {human_bytes(result['input_bytes'])}, output shards of {human_bytes(result['output_shard_size'])}, "
+        f"{result['repeats']} repeats (min / median).\n\n"
+        "| upgrade | time / cp -r | time / (cp -r + sync) | RSS growth / output shard |\n|---|---|---|---|\n" + rows
+    )
+
+
+def append_doc(command: str, body: str) -> None:
+    info = machine()
+    header = f"\n## `{command}` ({date.today().isoformat()})\n\nMachine: {info['cpu']}, {info['cores']} cores, " \
+             f"{info['system']}, Python {info['python']}, torch {info['torch']}.\n\n"  # fmt: skip
+    with PERFORMANCE_DOC.open("a", encoding="utf-8") as handle:
+        handle.write(header + body + "\n")

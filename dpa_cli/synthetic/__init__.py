@@ -1,0 +1,1 @@
+"""Synthetic checkpoints, tokenizers and data for `dpa bench`, `dpa demo` and the tests."""

@@ -1,0 +1,98 @@
+"""Synthetic checkpoints at any size, written in the real on-disk layout, for `dpa bench` and `dpa demo`.
+
+The model is built on the meta device only to learn its tensor names and shapes; random weights are then
+streamed into shards one tensor at a time, so a multi-gigabyte checkpoint costs no more memory than its
+largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
+from dpa_cli.upgrade.naming import meta_model, meta_state
+from dpa_cli.upgrade.surgery import tensor_seed
+
+
+def text_config(hidden: int, layers: int, vocab: int, tie: bool = True, **extra: Any) -> dict[str, Any]:
+    """A Qwen3 text config: the target family of the paper."""
+    heads = max(1, hidden // 64)
+    return {
+        "model_type": "qwen3",
+        "hidden_size": hidden,
+        "intermediate_size": extra.pop("intermediate_size", 3 * hidden),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "head_dim": hidden // heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": tie,
+        **extra,
+    }
+
+
+def llava_next_config(text: dict[str, Any], vit_hidden: int, vit_layers: int, image_size: int, patch: int,
+                      image_token_id: int) -> dict[str, Any]:  # fmt: skip
+    """A LLaVA-NeXT config (CLIP ViT, AnyRes on a 2x2 grid of `image_size` tiles) around `text`."""
+    return {
+        "model_type": "llava_next",
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": vit_hidden,
+            "intermediate_size": 4 * vit_hidden,
+            "num_hidden_layers": vit_layers,
+            "num_attention_heads": max(1, vit_hidden // 64),
+            "image_size": image_size,
+            "patch_size": patch,
+            "projection_dim": vit_hidden,
+        },
+        "text_config": text,
+        "image_token_index": image_token_id,
+        "image_grid_pinpoints": [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)],
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": text["tie_word_embeddings"],
+    }
+
+
+def write_random_checkpoint(
+    config: dict[str, Any],
+    auto_class: str,
+    folder: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_size: int = 5_000_000_000,
+    std: float = 0.02,
+) -> Path:
+    """config.json + random weights (norms at 1, like a fresh model) in safetensors shards under `folder`."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    built = AutoConfig.for_model(**config)
+    shapes = meta_state(meta_model(auto_class, built))
+    specs = [TensorSpec(name, dtype, tuple(t.shape)) for name, t in shapes.items()]
+
+    def produce(spec: TensorSpec) -> torch.Tensor:
+        if "norm" in spec.name and len(spec.shape) == 1:
+            return torch.ones(spec.shape, dtype=dtype)
+        generator = torch.Generator().manual_seed(tensor_seed(seed, spec.name))
+        return torch.empty(spec.shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(dtype)
+
+    write_sharded(folder, specs, produce, shard_size)
+    saved = built.to_dict()
+    saved["architectures"] = [_class_name(auto_class, built)]
+    saved["dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _class_name(auto_class: str, config: Any) -> str:
+    import transformers
+
+    return getattr(transformers, auto_class)._model_mapping[type(config)].__name__
