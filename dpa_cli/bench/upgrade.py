@@ -114,7 +114,7 @@ def _upgrade_run(target: Path, lm: Path, out: Path, shard: int, dtype: str) -> d
     return run
 
 
-def bench_upgrade(workdir: Path, target_bytes: str | int = "1.6GB", input_shard: str | int = "200MB",
+def bench_upgrade(workdir: Path, target_bytes: str | int = "1.7GB", input_shard: str | int = "200MB",
                   output_shard: str | int = "500MB", repeats: int = 3) -> dict[str, Any]:  # fmt: skip
     """Build the inputs, then per repeat: `cp -r` (with and without sync), the upgrade keeping the target's
     dtype (tensors copied in the kernel), and the upgrade casting to fp16 (every tensor loaded and cast)."""

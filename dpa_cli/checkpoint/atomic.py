@@ -16,9 +16,9 @@ _TMP = ".dpa-tmp-"
 _OLD = ".dpa-old-"
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or (for a folder) the renames inside it, to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -37,7 +37,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -97,4 +97,4 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         os.replace(dest, backup)
         os.replace(tmp, dest)
         shutil.rmtree(backup)
-    fsync_dir(dest.parent)
+    fsync_path(dest.parent)

@@ -20,6 +20,7 @@ from typing import BinaryIO, Union
 
 import torch
 
+from dpa_cli.checkpoint.atomic import fsync_path
 from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, FileSlice, torch_dtypes
 from dpa_cli.errors import BadInputError
 
@@ -157,14 +158,6 @@ def write_safetensors(
         handle.flush()
         if sync:
             os.fsync(handle.fileno())
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_sharded(

@@ -21,7 +21,7 @@ PERFORMANCE_DOC = Path("docs/performance.md")
 
 @bench_app.command("upgrade")
 def upgrade(
-    size: Annotated[str, typer.Option(help="Size of the synthetic target checkpoint.")] = "1.6GB",
+    size: Annotated[str, typer.Option(help="Size of the synthetic target checkpoint.")] = "1.7GB",
     input_shard: Annotated[str, typer.Option(help="Shard size of the synthetic input.")] = "200MB",
     shard_size: Annotated[str, typer.Option(help="Output shard size of the upgrade.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,

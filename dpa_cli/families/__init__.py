@@ -60,10 +60,6 @@ def get_family(name: str) -> Family:
         raise UnknownFamilyError(f"unknown family {name!r}", hint=f"known families: {_known()}") from None
 
 
-def families_with_role(role: Role) -> list[Family]:
-    return [family for family in FAMILIES.values() if role in family.roles]
-
-
 __all__ = [
     "FAMILIES",
     "Component",
@@ -73,6 +69,5 @@ __all__ = [
     "Role",
     "count_layers",
     "detect_family",
-    "families_with_role",
     "get_family",
 ]

@@ -6,17 +6,15 @@ takes the target's own vision tower.
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dpa_cli.catalog import expand_alias
-from dpa_cli.checkpoint import CheckpointIndex, TensorInfo, read_checkpoint_index
+from dpa_cli.checkpoint import CheckpointIndex, read_checkpoint_index
 from dpa_cli.describe import read_config
 from dpa_cli.errors import BadInputError
-from dpa_cli.families import Component, Family, Role, detect_family
+from dpa_cli.families import Family, Role, detect_family
 from dpa_cli.hub import ResolvedModel, resolve_model
 from dpa_cli.upgrade.naming import memory_names
 
@@ -44,12 +42,6 @@ class Checkpoint:
         if self._names is None:
             self._names = memory_names(self.family, self.config, self.path, self.index.tensors)
         return self._names
-
-    def by_memory_name(self) -> dict[str, TensorInfo]:
-        return {self.names[key]: info for key, info in self.index.tensors.items() if key in self.names}
-
-    def component_keys(self, component: Component) -> list[str]:
-        return self.family.split_keys(self.index.tensors).keys(component)
 
     def describe_source(self) -> dict[str, Any]:
         return {
@@ -146,7 +138,3 @@ def open_sources(target_spec: str, perceiver_spec: str) -> Sources:
     _require_role(perceiver, Role.PERCEIVER, "perceiver")
     return Sources(target, perceiver=perceiver)
 
-
-@functools.cache
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
