@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dpa_cli import __version__
-from dpa_cli.cli import catalog_cmd, inspect_cmd, upgrade_cmd
+from dpa_cli.cli import catalog_cmd, inspect_cmd, train_cmd, upgrade_cmd
 from dpa_cli.cli.bench_cmd import bench_app
 from dpa_cli.cli.render import DpaTyper
 
@@ -36,6 +36,7 @@ def _root(
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
 app.command("catalog")(catalog_cmd.catalog)
 app.command("upgrade", no_args_is_help=True)(upgrade_cmd.upgrade)
+app.command("train", no_args_is_help=True)(train_cmd.train)
 app.add_typer(bench_app, name="bench")
 
 

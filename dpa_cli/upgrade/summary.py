@@ -5,28 +5,21 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from dpa_cli.families import get_family
+from dpa_cli.parts import part_of
 from dpa_cli.upgrade.plan import PHI, TensorPlan, UpgradePlan
 
-PERCEIVER_PREFIX = "model.perceiver."
+
+LABELS = {"vit": "perceiver vision", "perceiver_lm": "perceiver language_model", "phi": "phi"}
 
 
 def dpa_part(plan: UpgradePlan, name: str) -> str:
-    """Which part of the DPA model an output tensor belongs to, e.g. `perceiver vision`, `phi`, `target lm_head`."""
-    if name.startswith(PHI):
-        return "phi"
-    if name.startswith(PERCEIVER_PREFIX):
-        family = get_family(_perceiver_family(plan))
-        component = family.layout("v5").component_of("model." + name[len(PERCEIVER_PREFIX) :])
-        if component is not None and component.value == "projector":
-            return "phi_p" if plan.sources.composed else "perceiver projector"
-        return f"perceiver {component.value if component else 'other'}"
-    return "target lm_head" if name.startswith("lm_head.") else "target language_model"
-
-
-def _perceiver_family(plan: UpgradePlan) -> str:
-    sources = plan.sources
-    return (sources.perceiver or sources.vit).family.name
+    """A people's label for the part an output tensor belongs to, e.g. `perceiver vision`, `target lm_head`."""
+    part = part_of(name, (plan.sources.perceiver or plan.sources.vit).family)
+    if part == "phi_p":
+        return "phi_p" if plan.sources.composed else "perceiver projector"
+    if part == "llm":
+        return "target lm_head" if name.startswith("lm_head.") else "target language_model"
+    return LABELS[part]
 
 
 def _parts(plan: UpgradePlan) -> dict[str, dict[str, Any]]:

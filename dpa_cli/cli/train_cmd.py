@@ -1,0 +1,151 @@
+"""`dpa train --stage 1|2`: the two-stage recipe on the workspace, optionally relaunched under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dpa_cli.cli.inspect_cmd import human_count
+from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.render import err, out, print_json
+from dpa_cli.errors import BadInputError
+
+def train(
+    stage: Annotated[int, typer.Option("--stage", help="1: align phi on captions; 2: instruction tuning.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="LLaVA JSON/JSONL file or a Hugging Face datasets folder.", show_default=False)],
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace [default: found like git finds a repo].")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="Folder the data's image paths are relative to.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="stage1, stage2-full, stage2-lora or a YAML file [default: by stage].")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="LoRA on the target LLM (stage2-lora).")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Full fine-tuning of the target LLM (stage2-full).")] = False,
+    freeze_perceiver: Annotated[bool, typer.Option("--freeze-perceiver", help="Keep the whole perceiver frozen.")] = False,
+    lora_targets: Annotated[str | None, typer.Option(help="Regex over module names for LoRA adapters.")] = None,
+    deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3 or a DeepSpeed JSON file.")] = None,
+    nproc: Annotated[int, typer.Option(min=1, help="Processes on this node (relaunches under torchrun).")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the stage from its latest checkpoint.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard the stage's run and start it over.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (wins over epochs).")] = None,
+    from_model: Annotated[str | None, typer.Option("--from", help="Start from: model (the upgrade), stage1, or a folder.")] = None,
+    on_bad_sample: Annotated[str, typer.Option(help="fail (before training starts) or skip (counted, reported).")] = "fail",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")] = None,
+    json_: JsonFlag = False,
+) -> None:
+    """Train stage 1 or 2 of the DPA recipe; the result lands in WORKSPACE/stageN/ for the next command.
+
+    Stage 1 trains phi (and a freshly composed perceiver's phi_p) on captions; everything else stays frozen.
+
+    Stage 2 starts from stage 1's result and trains the perceiver, phi and the LLM (or LoRA on the LLM).
+
+    Before step 1: one sample with its supervised span highlighted and the trainable parameters per part.
+
+    Examples:
+      dpa train --stage 1 --data captions.json --image-root images/
+      dpa train --stage 2 --data instruct.json --image-root images/ --deepspeed zero3 --nproc 8
+      dpa train --stage 2 --data instruct.json --lora --set learning_rate=1e-4 --resume
+    """
+    from dpa_cli.train.run import run_stage
+    from dpa_cli.train.stage import TrainRequest
+    from dpa_cli.workspace import find_workspace
+
+    _check_flags(stage, lora, full, resume, restart, on_bad_sample)
+    request = TrainRequest(
+        stage=stage, data=data, workspace=find_workspace(workspace), image_root=str(image_root) if image_root else None,
+        recipe=recipe, overrides=list(set_ or []), lora=True if lora else (False if full else None),
+        freeze_perceiver=freeze_perceiver, lora_targets=lora_targets, deepspeed=deepspeed, resume=resume,
+        restart=restart, max_steps=max_steps, from_model=from_model, on_bad_sample=on_bad_sample,
+    )  # fmt: skip
+    if nproc > 1:
+        raise typer.Exit(_relaunch(nproc))
+    main = int(os.environ.get("RANK", "0")) == 0
+    summary = run_stage(request, reporter=RichReporter(quiet=json_ or not main))
+    if json_ and main:
+        print_json(summary)
+
+
+def _check_flags(stage: int, lora: bool, full: bool, resume: bool, restart: bool, on_bad_sample: str) -> None:
+    if stage not in (1, 2):
+        raise BadInputError(f"--stage {stage}: the recipe has stages 1 and 2")
+    for a, b, names in ((lora, full, "--lora and --full"), (resume, restart, "--resume and --restart")):
+        if a and b:
+            raise BadInputError(f"{names} contradict each other", hint="pass one of them")
+    if on_bad_sample not in ("fail", "skip"):
+        raise BadInputError(f"--on-bad-sample {on_bad_sample!r} is not fail or skip")
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            kept.append(arg)
+    return kept
+
+
+def _relaunch(nproc: int) -> int:
+    """Run this same command (without --nproc) under torchrun with `nproc` processes on this node."""
+    args = without_nproc(sys.argv[1:])
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dpa_cli", *args]
+    err.print(f"relaunching under torchrun with {nproc} processes")
+    return subprocess.call(command)
+
+
+class RichReporter:
+    """Draws a run for people: the sample, the trainable table, then a progress bar with live metrics."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress: Progress | None = None
+        self.task = None
+
+    def before_training(self, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        recipe = info["recipe"]
+        out.print(f"[bold]stage {recipe['stage']}[/] from {info['source']} (recipe {recipe['name']}, "
+                  f"{info['world_size']} process(es))")  # fmt: skip
+        out.print(info["sample"])
+        table = Table("part", "mode", "params", "trainable", title="trainable parameters", title_justify="left")
+        for part, row in info["trainable"].items():
+            table.add_row(part, row["mode"], human_count(row["params"]), human_count(row["trainable"]))
+        out.print(table)
+        for note in info["notes"]:
+            out.print(f"[yellow]note:[/] {note}")
+        if info["resume_from"]:
+            out.print(f"resuming from {info['resume_from']}")
+        self.progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"), console=err,
+        )  # fmt: skip
+        self.progress.start()
+
+    def on_log(self, step: int, max_steps: int, metrics: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=max_steps, metrics="")
+        shown = [f"loss {metrics['loss']:.4f}" if "loss" in metrics else "",
+                 f"gnorm {metrics['grad_norm']:.3g}" if "grad_norm" in metrics else "",
+                 f"lr {metrics['learning_rate']:.2e}" if "learning_rate" in metrics else "",
+                 f"{metrics['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in metrics else "",
+                 f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""]  # fmt: skip
+        self.progress.update(self.task, completed=step, metrics="  ".join(s for s in shown if s))
+
+    def after_training(self, summary: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.quiet:
+            return
+        out.print(f"[green]done[/]: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
+                  f"{summary['final_loss']}, {summary['tokens_seen']} tokens")  # fmt: skip
+        if summary["skipped_samples"]:
+            out.print(f"[yellow]skipped[/] {summary['skipped_samples']['count']} bad samples: {summary['skipped_samples']['by_kind']}")

@@ -1,0 +1,68 @@
+"""One explicit freeze policy: each part is `frozen`, `full` or `lora`, applied by name, logged as a table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dpa_cli.errors import BadInputError
+from dpa_cli.parts import PARTS, part_of, perceiver_family
+
+
+def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dict[str, Any] | None = None):
+    """Set requires_grad per part, wrapping the LoRA part with PEFT adapters; returns (model, table).
+
+    `lora`: r, alpha, dropout and `targets` (a regex over module names; by default the target LLM's linears).
+    """
+    family = perceiver_family(model.config)
+    if lora is not None:
+        model = _add_adapters(model, lora)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+        else:
+            param.requires_grad_(trainable[part_of(name, family)] == "full")
+    return model, trainable_table(model, trainable)
+
+
+def _add_adapters(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora["targets"]
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise BadInputError(f"--lora-targets {targets!r} matches no linear layer of this model ({err})") from None
+
+
+def trainable_table(model: torch.nn.Module, trainable: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per part: its mode, its parameters, and how many of them train (LoRA adapters counted with the LLM)."""
+    family = perceiver_family(model.config)
+    table = {part: {"mode": trainable[part], "params": 0, "trainable": 0} for part in PARTS}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:  # tied weights count once
+            continue
+        seen.add(id(param))
+        row = table[part_of(name, family)]
+        row["params"] += param.numel()
+        row["trainable"] += param.numel() if param.requires_grad else 0
+    return table
+
+
+def parameter_groups(model: torch.nn.Module, base_lr: float, part_lrs: dict[str, float], weight_decay: float):
+    """Optimizer groups by part and decay: per-part learning rates, no decay on biases, norms and embeddings."""
+    family = perceiver_family(model.config)
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decays = param.ndim >= 2 and "embed" not in name and "norm" not in name
+        groups.setdefault((part_of(name, family), decays), []).append(param)
+    return [
+        {"params": params, "lr": part_lrs.get(part, base_lr), "weight_decay": weight_decay if decays else 0.0,
+         "name": f"{part}{'' if decays else ' (no decay)'}"}
+        for (part, decays), params in sorted(groups.items())
+    ]  # fmt: skip

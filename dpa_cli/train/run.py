@@ -1,0 +1,158 @@
+"""`dpa train --stage N` as one library call: recipe -> model + data -> Trainer -> stage result -> dpa.yaml."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback
+
+from dpa_cli.errors import BadInputError
+from dpa_cli.flops import flops_per_token_estimate, peak_flops
+from dpa_cli.train.freeze import apply_trainable
+from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
+from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
+from dpa_cli.train.save import save_stage_result
+from dpa_cli.train.stage import TrainRequest, prepare_stage_dir, resolve_recipe, source_model, stage_dir
+from dpa_cli.train.trainer import DPATrainer, LossGuard
+from dpa_cli.workspace import read_manifest, write_manifest
+
+
+def deepspeed_config(choice: str | None) -> str | None:
+    """`zero2` / `zero3` name the configs shipped with dpa; anything else is a JSON file."""
+    if choice is None:
+        return None
+    if choice in ("zero2", "zero3"):
+        return str(RECIPES / "deepspeed" / f"{choice}.json")
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"--deepspeed {choice}: no such file", hint="use zero2, zero3 or a DeepSpeed JSON file")
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"--deepspeed {path}: not valid JSON ({err})") from None
+    return str(path)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, notes: list[str]) -> Any:
+    from transformers import TrainingArguments
+
+    args = dict(recipe.training_args)
+    per_device = int(args.get("per_device_train_batch_size", 8))
+    args["per_device_train_batch_size"] = per_device
+    if args.get("bf16") and not torch.cuda.is_available():
+        args["bf16"] = False
+        notes.append("bf16 needs a GPU here: training in fp32")
+    # Recipes may use the classic names; transformers v5 calls them activation checkpointing.
+    if "gradient_checkpointing" in args:
+        args["activation_checkpointing"] = args.pop("gradient_checkpointing")
+    if "gradient_checkpointing_kwargs" in args:
+        args["activation_checkpointing_kwargs"] = args.pop("gradient_checkpointing_kwargs")
+    if args.get("activation_checkpointing"):
+        args.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    if not torch.cuda.is_available():
+        args.setdefault("dataloader_pin_memory", False)
+    if world_size() > 1 and not torch.cuda.is_available():
+        args.setdefault("ddp_backend", "gloo")
+    args.setdefault("optim", "adamw_torch")
+    args.setdefault("report_to", "none")
+    return TrainingArguments(
+        output_dir=str(folder),
+        gradient_accumulation_steps=gradient_accumulation(recipe.global_batch_size, per_device, world_size()),
+        remove_unused_columns=False,
+        deepspeed=deepspeed_config(request.deepspeed),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        logging_first_step=True,
+        **args,
+    )
+
+
+def load_model(source: Path, bf16: bool):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import dpa_cli.model  # noqa: F401  (the DPA classes; the folder's remote code is the same)
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(source, trust_remote_code=True)
+
+
+def build_data(request: TrainRequest, processor: Any, recipe: Recipe):
+    from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder, open_samples
+
+    source = open_samples(request.data, request.image_root)
+    encoder = SampleEncoder(processor, stage=request.stage, max_length=recipe.max_length)
+    dataset = EncodedDataset(source, encoder, on_bad_sample=request.on_bad_sample)
+    return dataset, DPACollator(processor)
+
+
+def _lora(recipe: Recipe) -> dict[str, Any] | None:
+    if not recipe.uses_lora:
+        return None
+    return {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout, "targets": recipe.lora_targets}
+
+
+def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train one stage and write its result into the workspace; returns the summary stored in dpa.yaml."""
+    from dpa_cli.data import dataset_fingerprint, render_supervised
+
+    reporter = reporter or QuietReporter()
+    recipe = resolve_recipe(request)
+    source = source_model(request)
+    resume_from = prepare_stage_dir(request)
+    folder = stage_dir(request.workspace, request.stage)
+    folder.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    args = training_arguments(recipe, request, folder, notes)
+    model, processor = load_model(source, args.bf16)
+    dataset, collator = build_data(request, processor, recipe)
+    model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
+    if args.activation_checkpointing:
+        model.config.use_cache = False
+    metrics = MetricsCallback(folder, reporter, peak_flops(), flops_per_token_estimate(model))
+    trainer = DPATrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        callbacks=[LossGuard(), metrics], part_lrs=recipe.learning_rates,
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the reporter, not stdout
+    if trainer.is_world_process_zero():
+        reporter.before_training({
+            "recipe": recipe.as_dict(), "source": str(source), "trainable": table, "notes": notes,
+            "sample": render_supervised(processor, dataset[0]), "world_size": world_size(),
+            "tokens_per_step": recipe.global_batch_size * recipe.max_length,
+            "resume_from": str(resume_from) if resume_from else None,
+        })  # fmt: skip
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    save_stage_result(trainer, processor, source, folder, lora=recipe.uses_lora)
+    summary = {
+        "recipe": recipe.as_dict(), "source": str(source), "data": {"path": str(request.data),
+        "fingerprint": dataset_fingerprint(request.data)}, "steps": trainer.state.global_step,
+        "final_loss": metrics.final_loss, "train_loss": result.training_loss, "seconds": round(seconds, 2),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen), "skipped_samples": _skipped(dataset),
+        "lora": recipe.uses_lora, "deepspeed": request.deepspeed, "world_size": world_size(), "notes": notes,
+    }  # fmt: skip
+    if trainer.is_world_process_zero():
+        manifest = read_manifest(request.workspace)
+        manifest.setdefault("stages", {})[f"stage{request.stage}"] = summary
+        write_manifest(request.workspace, manifest)
+        reporter.after_training(summary)
+    return summary
+
+
+def _skipped(dataset: Any) -> dict[str, Any]:
+    skipped = getattr(dataset, "skipped", None)
+    if not skipped:
+        return {}
+    return {"count": sum(skipped.values()) if hasattr(skipped, "values") else len(skipped), "by_kind": dict(skipped)}

@@ -1,0 +1,107 @@
+"""The Hugging Face Trainer, adjusted for DPA: per-part learning rates, atomic checkpoints, loud failures.
+
+Checkpoints are written into a hidden staging folder and renamed to `checkpoint-K` only when complete, so a
+killed run never leaves a checkpoint that looks whole but is not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+from dpa_cli.errors import DpaError
+from dpa_cli.train.freeze import parameter_groups
+
+STAGING = ".saving"
+
+
+class TrainingStopped(DpaError):
+    """Training cannot go on meaningfully (zero or NaN loss, nothing supervised); the message says why."""
+
+
+class DPATrainer(Trainer):
+    def __init__(self, *args: Any, part_lrs: dict[str, float] | None = None, **kwargs: Any):
+        self.part_lrs = part_lrs or {}
+        self._saving = False
+        self.tokens_seen_local = 0
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model or self.model
+            groups = parameter_groups(model, self.args.learning_rate, self.part_lrs, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_ids = inputs.pop("sample_ids", None)
+        labels = inputs.get("labels")
+        if labels is not None and not (labels != -100).any():
+            ids = f" (samples {', '.join(map(str, sample_ids))})" if sample_ids else ""
+            raise TrainingStopped(
+                f"step {self.state.global_step + 1}: every label in the batch is masked{ids}, nothing to learn",
+                hint="check the data with `dpa data check`; samples need assistant answers within max_length",
+            )
+        self.tokens_seen_local += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # --- atomic checkpoints -------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._saving else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._saving = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving = False
+        self.accelerator.wait_for_everyone()  # every rank's optimizer shards are in the staging folder
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(run_dir / STAGING / name, final)
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+class LossGuard(TrainerCallback):
+    """Stop with an explanation on a NaN/inf loss or a loss of exactly zero (a masking bug, not a good model)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            raise TrainingStopped(
+                f"step {state.global_step}: the loss is {loss}",
+                hint="lower the learning rate (--set learning_rate=...), or train in fp32 (--set bf16=false)",
+            )
+        if loss == 0.0:
+            raise TrainingStopped(
+                f"step {state.global_step}: the loss is exactly 0",
+                hint="labels are probably wrong (the answer is in the prompt?); inspect with `dpa data check`",
+            )
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a stage (staging leftovers are never complete ones)."""
+    found = [p for p in Path(stage_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
