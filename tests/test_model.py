@@ -296,3 +296,15 @@ def test_every_perceiver_family_feeds_the_target(tiny_checkpoint, perceiver):
     calls.clear()
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, t_inputs["input_ids"].shape[1] + 3) and len(calls) == 1
+
+
+def test_keepalive_runs_the_perceiver_with_zero_weight_and_gives_it_gradients(images):
+    """A text-only batch in distributed training still runs the perceiver (on a stand-in image)."""
+    model = tiny_dpa().train()
+    text = target_batch([[[5, 6, 7, 8]]], [])
+    plain = model(**text, labels=text["input_ids"])
+    kept = model(**text, **perceiver_inputs(images[:1]), perceiver_keepalive=True, labels=text["input_ids"])
+    torch.testing.assert_close(kept.logits, plain.logits)
+    kept.loss.backward()
+    grad = model.model.perceiver.language_model.layers[0].mlp.up_proj.weight.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0
