@@ -18,8 +18,7 @@ from typing import Any
 
 from dpa_cli.checkpoint import read_checkpoint_index
 from dpa_cli.checkpoint.writer import parse_size
-from dpa_cli.synthetic.checkpoints import llava_next_config, text_config, write_random_checkpoint
-from dpa_cli.synthetic.tokenizers import tiny_tokenizer
+from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm, text_config
 
 HIDDEN = 2048
 VOCAB = 32768
@@ -67,29 +66,10 @@ def _layers_for(target_bytes: int) -> int:
 
 def build_inputs(workdir: Path, target_bytes: int, input_shard: int) -> tuple[Path, Path]:
     """A synthetic LLaVA-NeXT target of about `target_bytes` and a small Qwen3 LM, with tokenizers."""
-    target, lm = workdir / "target", workdir / "small-lm"
-    tokenizer = tiny_tokenizer("qwen3_llava")
     text = text_config(HIDDEN, _layers_for(target_bytes), VOCAB, tie=False)
-    config = llava_next_config(text, 256, 2, 56, 14, tokenizer.convert_tokens_to_ids("<image>"))
-    write_random_checkpoint(config, "AutoModelForImageTextToText", target, shard_size=input_shard)
-    tokenizer.save_pretrained(target)
-    _save_image_processor(target, config)
-    write_random_checkpoint(text_config(512, 4, VOCAB), "AutoModelForCausalLM", lm, shard_size=input_shard)
-    tiny_tokenizer("qwen3").save_pretrained(lm)
+    target = build_llava_next_target(workdir / "target", text, shard_size=input_shard)
+    lm = build_text_lm(workdir / "small-lm", text_config(512, 4, VOCAB), shard_size=input_shard)
     return target, lm
-
-
-def _save_image_processor(folder: Path, config: dict[str, Any]) -> None:
-    from transformers import LlavaNextImageProcessorPil
-
-    size = config["vision_config"]["image_size"]
-    LlavaNextImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_grid_pinpoints=config["image_grid_pinpoints"],
-    ).save_pretrained(folder)  # fmt: skip
-    settings = {"processor_class": "LlavaNextProcessor", "patch_size": config["vision_config"]["patch_size"],
-                "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}  # fmt: skip
-    (folder / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _copy_seconds(source: Path, dest: Path, sync: bool) -> float:

@@ -93,3 +93,57 @@ def append_doc(command: str, body: str) -> None:
              f"{info['system']}, Python {info['python']}, torch {info['torch']}.\n\n"  # fmt: skip
     with PERFORMANCE_DOC.open("a", encoding="utf-8") as handle:
         handle.write(header + body + "\n")
+
+
+@bench_app.command("train")
+def train(
+    repeats: Annotated[int, typer.Option(min=1, help="Timed steps per model after two warm-up steps.")] = 5,
+    batch: Annotated[int, typer.Option(min=1, help="Samples per step (one image each).")] = 2,
+    workdir: Annotated[Path | None, typer.Option(help="Where to build the models [default: a temporary folder].")] = None,
+    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    json_: JsonFlag = False,
+) -> None:
+    """A stage-2 training step of a DPA model against the original LLaVA model it was upgraded from.
+
+    Same target LLM, same images and text; the DPA perceiver is the original ViT plus a small Qwen3.
+
+    Reports the step-time ratio next to the FLOP ratio counted from one real step of each model.
+
+    Examples:
+      dpa bench train
+      dpa bench train --repeats 10 --json
+    """
+    from dpa_cli.bench.train import bench_train
+
+    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+        result = bench_train(Path(tmp), repeats, batch)
+    result["machine"] = machine()
+    if json_:
+        print_json(result)
+    else:
+        out.print(train_table(result))
+    if write_docs:
+        append_doc("dpa bench train", train_markdown(result))
+
+
+def _train_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    models = result["models"]
+    rows = [(name, f"{m['flops'] / 1e9:.1f}", f"{m['step_s']['min']:.3f} / {m['step_s']['median']:.3f}", f"{m['params'] / 1e6:.1f}M")
+            for name, m in models.items()]  # fmt: skip
+    ratio, closeness = result["time_ratio"], result["time_over_flop_ratio"]
+    rows.append(("dpa / original", f"{result['flop_ratio']:.3f}", f"{ratio['min']:.3f} / {ratio['median']:.3f}", ""))
+    rows.append(("(time ratio) / (FLOP ratio)", "", f"{closeness['min']:.3f} / {closeness['median']:.3f}", ""))
+    return rows
+
+
+def train_table(result: dict[str, Any]) -> Table:
+    table = Table("model", "GFLOPs per step", "step seconds (min / median)", "params",
+                  title=f"dpa bench train: stage-2 step, batch {result['batch']}, {result['repeats']} timed steps")  # fmt: skip
+    for row in _train_rows(result):
+        table.add_row(*row)
+    return table
+
+
+def train_markdown(result: dict[str, Any]) -> str:
+    rows = "\n".join("| " + " | ".join(row) + " |" for row in _train_rows(result))
+    return "| model | GFLOPs per step | step seconds (min / median) | params |\n|---|---|---|---|\n" + rows

@@ -15,6 +15,7 @@ import torch
 
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.upgrade.naming import meta_model, meta_state
+from dpa_cli.synthetic.tokenizers import tiny_tokenizer
 from dpa_cli.upgrade.surgery import tensor_seed
 
 
@@ -96,3 +97,35 @@ def _class_name(auto_class: str, config: Any) -> str:
     import transformers
 
     return getattr(transformers, auto_class)._model_mapping[type(config)].__name__
+
+
+def save_llava_next_image_processor(folder: Path, config: dict[str, Any]) -> None:
+    """The image processor and processor settings a LLaVA-NeXT checkpoint ships with (PIL backend)."""
+    from transformers import LlavaNextImageProcessorPil
+
+    size = config["vision_config"]["image_size"]
+    LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config["image_grid_pinpoints"],
+    ).save_pretrained(folder)  # fmt: skip
+    settings = {"processor_class": "LlavaNextProcessor", "patch_size": config["vision_config"]["patch_size"],
+                "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}  # fmt: skip
+    (Path(folder) / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def build_llava_next_target(folder: Path, text: dict[str, Any], vit_hidden: int = 256, vit_layers: int = 2,
+                            image_size: int = 56, patch: int = 14, shard_size: int = 5_000_000_000) -> Path:  # fmt: skip
+    """A LLaVA-NeXT checkpoint with random weights, its tokenizer (Qwen3 template, `<image>`) and image processor."""
+    tokenizer = tiny_tokenizer("qwen3_llava")
+    config = llava_next_config(text, vit_hidden, vit_layers, image_size, patch, tokenizer.convert_tokens_to_ids("<image>"))
+    write_random_checkpoint(config, "AutoModelForImageTextToText", folder, shard_size=shard_size)
+    tokenizer.save_pretrained(folder)
+    save_llava_next_image_processor(folder, config)
+    return Path(folder)
+
+
+def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = 5_000_000_000) -> Path:
+    """A Qwen3 causal LM with random weights and its tokenizer (which has `<|image_pad|>`)."""
+    write_random_checkpoint(text, "AutoModelForCausalLM", folder, shard_size=shard_size)
+    tiny_tokenizer("qwen3").save_pretrained(folder)
+    return Path(folder)
