@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -21,22 +22,24 @@ from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace import read_manifest, write_manifest
 
 
-def deepspeed_config(choice: str | None) -> str | None:
-    """`zero2` / `zero3` name the configs shipped with dpa; anything else is a JSON file."""
+def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> dict[str, Any] | None:
+    """`zero2` / `zero3` name the configs shipped with dpa; anything else is a JSON file.
+
+    The batch sizes are filled in here from the process count torchrun gives, rather than left `auto`:
+    on CPU the trainer may size them before the process group exists, which DeepSpeed then rejects.
+    """
     if choice is None:
         return None
-    if choice in ("zero2", "zero3"):
-        return str(RECIPES / "deepspeed" / f"{choice}.json")
-    path = Path(choice).expanduser()
+    path = RECIPES / "deepspeed" / f"{choice}.json" if choice in ("zero2", "zero3") else Path(choice).expanduser()
     if not path.is_file():
         raise BadInputError(f"--deepspeed {choice}: no such file", hint="use zero2, zero3 or a DeepSpeed JSON file")
-    import json
-
     try:
-        json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadInputError(f"--deepspeed {path}: not valid JSON ({err})") from None
-    return str(path)
+    if not isinstance(config, dict):
+        raise BadInputError(f"--deepspeed {path}: a DeepSpeed config is a JSON object")
+    return config
 
 
 def world_size() -> int:
@@ -61,15 +64,19 @@ def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, note
         args.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     if not torch.cuda.is_available():
         args.setdefault("dataloader_pin_memory", False)
-    if world_size() > 1 and not torch.cuda.is_available():
-        args.setdefault("ddp_backend", "gloo")
+    if not torch.cuda.is_available():
+        # Without this the process group is not set up on CPU and the world looks like one process.
+        args.setdefault("use_cpu", True)
+        if world_size() > 1:
+            args.setdefault("ddp_backend", "gloo")
     args.setdefault("optim", "adamw_torch")
     args.setdefault("report_to", "none")
+    accumulation = gradient_accumulation(recipe.global_batch_size, per_device, world_size())
     return TrainingArguments(
         output_dir=str(folder),
-        gradient_accumulation_steps=gradient_accumulation(recipe.global_batch_size, per_device, world_size()),
+        gradient_accumulation_steps=accumulation,
         remove_unused_columns=False,
-        deepspeed=deepspeed_config(request.deepspeed),
+        deepspeed=deepspeed_config(request.deepspeed, per_device, accumulation),
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         logging_first_step=True,
@@ -114,6 +121,12 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     folder.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     args = training_arguments(recipe, request, folder, notes)
+    if args.deepspeed and world_size() > 1:
+        # ZeRO-3 partitions weights while from_pretrained builds the model, so DeepSpeed's view of the
+        # process group must exist before loading (the trainer would only set it up afterwards).
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, processor = load_model(source, args.bf16)
     dataset, collator = build_data(request, processor, recipe)
     model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
