@@ -14,6 +14,7 @@ from transformers import PrinterCallback
 from dpa_cli.errors import BadInputError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.freeze import apply_trainable
+from dpa_cli.train.keepalive import KeepaliveCollator
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.save import save_stage_result
@@ -129,6 +130,8 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, processor = load_model(source, args.bf16)
     dataset, collator = build_data(request, processor, recipe)
+    if world_size() > 1:
+        collator = KeepaliveCollator(collator, processor)
     model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
     if args.activation_checkpointing:
         model.config.use_cache = False
