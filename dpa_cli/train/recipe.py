@@ -78,8 +78,18 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise BadInputError(f"--set {item!r} is not key=value", hint="e.g. --set learning_rate=2e-5")
-        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        parsed[key.strip()] = _scalar(value.strip())
     return parsed
+
+
+def _scalar(text: str) -> Any:
+    """A --set value: numbers first (YAML 1.1 reads `5e-3` as a string), then YAML (true, null, lists)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return yaml.safe_load(text) if text else None
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -148,11 +158,15 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe
     stage = data.get("stage")
     if stage not in (1, 2):
         raise BadInputError(f"{path}: stage must be 1 or 2, not {stage!r}")
-    for key in ("learning_rate", "num_train_epochs"):
-        _number(data, key, float)
-    for key in ("global_batch_size", "per_device_train_batch_size", "max_length", "max_steps", "save_steps"):
-        if key != "max_steps" or data.get(key) not in (None, -1):
-            _number(data, key, int)
+    # Numbers are stored as numbers: YAML 1.1 reads `2e-5` as a string.
+    for key in ("learning_rate", "num_train_epochs", "weight_decay", "adam_beta2", "warmup_steps"):
+        if data.get(key) is not None:
+            data[key] = _number(data, key, float, positive=key in ("learning_rate", "num_train_epochs"))
+    for key in ("global_batch_size", "per_device_train_batch_size", "max_length", "save_steps"):
+        if data.get(key) is not None:
+            data[key] = _number(data, key, int)
+    if data.get("max_steps") not in (None, -1):
+        data["max_steps"] = _number(data, "max_steps", int)
     own = {k: data[k] for k in OWN_FIELDS if k in data and k not in ("stage", "trainable", "learning_rates")}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}
     return Recipe(path.stem, stage, data["trainable"], {k: float(v) for k, v in data["learning_rates"].items()},
