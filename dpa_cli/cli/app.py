@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from dpa_cli import __version__
-from dpa_cli.cli import catalog_cmd, inspect_cmd, train_cmd, upgrade_cmd
+from dpa_cli.cli import catalog_cmd, data_cmd, inspect_cmd, train_cmd, upgrade_cmd
+from dpa_cli.cli import chat_cmd, export_cmd, generate_cmd
 from dpa_cli.cli.bench_cmd import bench_app
 from dpa_cli.cli.render import DpaTyper
 
@@ -37,7 +38,11 @@ app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
 app.command("catalog")(catalog_cmd.catalog)
 app.command("upgrade", no_args_is_help=True)(upgrade_cmd.upgrade)
 app.command("train", no_args_is_help=True)(train_cmd.train)
+app.command("export")(export_cmd.export)
+app.command("generate", no_args_is_help=True)(generate_cmd.generate)
+app.command("chat", no_args_is_help=True)(chat_cmd.chat)
 app.add_typer(bench_app, name="bench")
+app.add_typer(data_cmd.data_app, name="data")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ def upgrade(
     input_shard: Annotated[str, typer.Option(help="Shard size of the synthetic input.")] = "200MB",
     shard_size: Annotated[str, typer.Option(help="Output shard size of the upgrade.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
-    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs [default: a temporary folder].")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
     write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -99,7 +99,7 @@ def append_doc(command: str, body: str) -> None:
 def train(
     repeats: Annotated[int, typer.Option(min=1, help="Timed steps per model after two warm-up steps.")] = 5,
     batch: Annotated[int, typer.Option(min=1, help="Samples per step (one image each).")] = 2,
-    workdir: Annotated[Path | None, typer.Option(help="Where to build the models [default: a temporary folder].")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where to build the models (default: a temporary folder).")] = None,
     write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
     json_: JsonFlag = False,
 ) -> None:

@@ -17,7 +17,7 @@ from dpa_cli.cli.render import err, out, print_json
 def upgrade(
     target: Annotated[str, typer.Argument(help="The LLaVA-style model to upgrade: folder, cached repo id or alias.", show_default=False)],
     perceiver: Annotated[str, typer.Option("--perceiver", "-p", help="A small VLM (folder, repo id, alias) or vit=<target|source>,lm=<text model>.", show_default=False)],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Workspace folder to create [default: ./<target>-dpa-<perceiver>].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Workspace folder to create (default: ./<target>-dpa-<perceiver>).")] = None,
     projector: Annotated[str, typer.Option(help="phi: mlp2x_relu (the paper's), mlp2x_gelu (LLaVA's) or linear.")] = "mlp2x_relu",
     feature_span: Annotated[str, typer.Option(help="Perceiver positions fed to the target: image, or image+markers (N+2).")] = "image",
     early_fusion: Annotated[bool, typer.Option("--early-fusion", help="Also feed the user's turn text to the perceiver.")] = False,
@@ -26,7 +26,7 @@ def upgrade(
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing workspace.")] = False,
-    verify_load: Annotated[bool | None, typer.Option("--verify-load/--no-verify-load", help="Load and run the result [default: when at most 2 GB].", show_default=False)] = None,
+    verify_load: Annotated[bool | None, typer.Option("--verify-load/--no-verify-load", help="Load and run the result (default: when at most 2 GB).", show_default=False)] = None,
     json_: JsonFlag = False,
 ) -> None:
     """Turn a LLaVA-style checkpoint into a DPA workspace: its ViT is replaced by a small VLM, the perceiver.

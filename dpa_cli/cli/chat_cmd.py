@@ -1,0 +1,73 @@
+"""`dpa chat MODEL`: a multi-turn conversation on the terminal; `/image PATH` adds an image to the next message."""
+
+from __future__ import annotations
+
+import sys
+
+from dpa_cli.cli.generate_cmd import (
+    DeviceOpt, MaxNewTokensOpt, RunModelArg, StageOpt, TemperatureOpt, _write, describe,
+)  # fmt: skip
+from dpa_cli.cli.render import err
+from dpa_cli.errors import BadInputError
+
+COMMANDS = "/image PATH adds an image to your next message, /reset starts over, /exit ends"
+
+
+def chat(
+    model: RunModelArg,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    device: DeviceOpt = None,
+    stage: StageOpt = None,
+) -> None:
+    """Chat with the model: each reply streams as it is decoded, and the conversation is kept.
+
+    Type a message and press Enter. /image PATH adds an image to your next message (repeat for several).
+
+    /reset forgets the conversation; /exit (or Ctrl-D) ends it. Lines can also be piped in.
+
+    Examples:
+      dpa chat ws
+      dpa chat ws/export --device cuda
+      printf '/image cat.jpg\\nWhat is this?\\n' | dpa chat ws
+    """
+    from dpa_cli.generate import ChatSession, open_runnable
+
+    session = ChatSession(open_runnable(model, stage, device), max_new_tokens, temperature)
+    err.print(f"[dim]{describe(session.runnable)}[/]\n{COMMANDS}")
+    while (line := _read()) is not None:
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line):
+                break
+            continue
+        session.ask(line, on_text=_write)
+        sys.stdout.write("\n")
+
+
+def _read() -> str | None:
+    """The next line typed (or piped), stripped; None at the end of input."""
+    err.print("[bold]>[/] ", end="")
+    line = sys.stdin.readline()
+    return line.strip() if line else None
+
+
+def _command(session, line: str) -> bool:
+    """Run one /command; False ends the chat. A bad image is reported and the chat goes on."""
+    name, _, argument = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/image" and argument.strip():
+        try:
+            session.add_image(argument.strip())
+        except BadInputError as exc:
+            err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            return True
+        err.print(f"image added to your next message ({len(session.pending)} waiting)")
+    elif name == "/reset":
+        session.reset()
+        err.print("conversation cleared")
+    else:
+        err.print(f"unknown command {line!r}: {COMMANDS}", markup=False)
+    return True

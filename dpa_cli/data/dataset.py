@@ -1,0 +1,155 @@
+"""Encoded datasets for the trainer: a sample is encoded when it is read, and bad samples are never silent.
+
+`on_bad_sample="fail"` first runs the cheap checks over every sample (structure, markers, image files present
+and inside the image root) and refuses to start with all of them listed; a bad sample met later still raises.
+`on_bad_sample="skip"` replaces a bad sample by the next good one (deterministically) and counts it in
+`skipped` (by kind) and `skipped_ids`. A sample over max_length that cannot be cut without splitting an image
+(`too_long`) is always dropped that way and counted, unless the encoder is strict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from dpa_cli.data.encode import SampleEncoder
+from dpa_cli.data.images import ImageError, resolve_path
+from dpa_cli.data.samples import BadSampleError, Sample, structural_problems
+from dpa_cli.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+ON_BAD_SAMPLE = ("fail", "skip")
+
+
+def cheap_problems(sample: Sample) -> list[tuple[str, str]]:
+    """Problems found without decoding an image or tokenizing: structure, markers, image files."""
+    problems = structural_problems(sample)
+    for ref in sample.images:
+        if ref.data is not None or ref.image is not None or ref.path is None:
+            continue
+        try:
+            path = resolve_path(ref)
+        except ImageError as err:
+            problems.append((err.kind, err.message))
+            continue
+        if not os.path.isfile(path):
+            problems.append(("missing_image", f"{ref.path}: no such file"))
+    return problems
+
+
+def _check_mode(on_bad_sample: str) -> None:
+    if on_bad_sample not in ON_BAD_SAMPLE:
+        raise BadInputError(f"on_bad_sample {on_bad_sample!r}: use fail or skip")
+
+
+def _skippable(err: BadSampleError, encoder: SampleEncoder, on_bad_sample: str) -> bool:
+    """Skip (and count) a bad sample: with `skip`, or when it is only too long for a non-strict encoder."""
+    return on_bad_sample == "skip" or (err.kind == "too_long" and not encoder.strict)
+
+
+class _Skips:
+    """Bad samples met so far: index -> (kind, id), each counted once however often it is met."""
+
+    def __init__(self) -> None:
+        self.bad: dict[int, tuple[str, str]] = {}
+
+    def record(self, index: int, err: BadSampleError) -> None:
+        if index not in self.bad:
+            self.bad[index] = (err.kind, str(err.sample_id))
+            logger.warning("skipping %s", err.message)
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(kind for kind, _ in self.bad.values())
+
+    @property
+    def ids(self) -> list[str]:
+        return [sample_id for _, (_, sample_id) in sorted(self.bad.items())]
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Map-style and lazy: item `i` is `encoder(source[i])`, or with `skip` the next good sample after it."""
+
+    def __init__(self, source: Any, encoder: SampleEncoder, on_bad_sample: str = "fail", precheck: bool = True):
+        _check_mode(on_bad_sample)
+        if getattr(source, "streaming", False):
+            raise BadInputError("a streaming source has no random access: use EncodedIterableDataset")
+        self.source, self.encoder, self.on_bad_sample = source, encoder, on_bad_sample
+        self._skips = _Skips()
+        if on_bad_sample == "fail" and precheck:
+            self.precheck()
+
+    def precheck(self) -> None:
+        """Refuse to start when any sample fails the cheap checks, naming the kinds and the first ids."""
+        found: dict[str, list[str]] = {}
+        first: BadSampleError | None = None
+        for sample in self.source:
+            for kind, message in cheap_problems(sample)[:1]:
+                found.setdefault(kind, []).append(sample.id)
+                first = first or BadSampleError(sample.id, kind, message)
+        if first is None:
+            return
+        summary = "; ".join(f"{len(ids)} {kind} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+                            for kind, ids in found.items())  # fmt: skip
+        raise BadSampleError(first.sample_id, first.kind, f"{first.detail}. Bad samples: {summary}",
+                             hint="see `dpa data check`, fix the data, or pass --on-bad-sample skip")  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = len(self)
+        for step in range(size):
+            current = (index + step) % size
+            if current in self._skips.bad:
+                continue
+            try:
+                return self.encoder(self.source[current])
+            except BadSampleError as err:
+                if not _skippable(err, self.encoder, self.on_bad_sample):
+                    raise
+                self._skips.record(current, err)
+        raise BadInputError("every sample of the dataset is bad", hint="run `dpa data check` on it")
+
+    @property
+    def skipped(self) -> Counter:
+        """Skipped samples by problem kind (in this process)."""
+        return self._skips.counts
+
+    @property
+    def skipped_ids(self) -> list[str]:
+        return self._skips.ids
+
+
+class EncodedIterableDataset(torch.utils.data.IterableDataset):
+    """The streaming counterpart: samples in file order, bad ones skipped and counted, or raised."""
+
+    def __init__(self, source: Any, encoder: SampleEncoder, on_bad_sample: str = "fail"):
+        _check_mode(on_bad_sample)
+        self.source, self.encoder, self.on_bad_sample = source, encoder, on_bad_sample
+        self._skips = _Skips()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        for position, sample in enumerate(self.source):
+            if info is not None and position % info.num_workers != info.id:
+                continue
+            try:
+                yield self.encoder(sample)
+            except BadSampleError as err:
+                if not _skippable(err, self.encoder, self.on_bad_sample):
+                    raise
+                self._skips.record(position, err)
+
+    @property
+    def skipped(self) -> Counter:
+        return self._skips.counts
+
+    @property
+    def skipped_ids(self) -> list[str]:
+        return self._skips.ids

@@ -1,0 +1,155 @@
+"""Reading a sample's images safely: paths kept inside the image root, decompression bombs refused before
+decoding, truncated files caught, and unusual modes (CMYK, alpha, grayscale, 16-bit) converted to RGB and
+reported. `probe_image` reads only the header (size and mode) for `dpa data check --fast`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.data.samples import ImageRef
+
+# PIL's own decompression-bomb threshold (about 89.5 megapixels, a 0.25 GiB RGB image). Images above it are
+# refused from their header, before any pixel is decoded; the perceivers resize far below it anyway.
+MAX_IMAGE_PIXELS = 89_478_485
+
+# Mode -> (warning kind, what is said). Modes not listed (RGB, and palette images without transparency)
+# convert to RGB without loss, silently.
+CONVERSIONS = {
+    "CMYK": ("converted_cmyk", "CMYK image converted to RGB"),
+    "RGBA": ("converted_alpha", "image with alpha composited on white"),
+    "LA": ("converted_alpha", "image with alpha composited on white"),
+    "PA": ("converted_alpha", "image with alpha composited on white"),
+    "RGBa": ("converted_alpha", "image with alpha composited on white"),
+    "La": ("converted_alpha", "image with alpha composited on white"),
+    "L": ("converted_grayscale", "grayscale image converted to RGB"),
+    "1": ("converted_grayscale", "1-bit image converted to RGB"),
+    "I;16": ("converted_16bit", "16-bit image scaled to 8 bits"),
+    "I;16B": ("converted_16bit", "16-bit image scaled to 8 bits"),
+    "I;16L": ("converted_16bit", "16-bit image scaled to 8 bits"),
+    "I": ("converted_16bit", "16/32-bit integer image scaled to 8 bits"),
+    "F": ("converted_16bit", "floating-point image clipped to 8 bits"),
+}
+
+
+class ImageError(Exception):
+    """An image that cannot be used: `kind` is a problem kind of `dpa data check`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def resolve_path(ref: ImageRef) -> str:
+    """The file a path-only image reference names; one that leaves its root is an `unsafe_image_path` error."""
+    path = ref.path or ""
+    if ref.root is None:  # a path a datasets Image column stored itself: used as it is
+        return path
+    if os.path.isabs(path) or path.startswith("~"):
+        raise ImageError("unsafe_image_path", f"{path}: absolute path (paths are relative to the image root)")
+    if ".." in Path(path).parts:
+        raise ImageError("unsafe_image_path", f"{path}: leaves the image root via ..")
+    expected = os.path.join(_real_folder(str(ref.root)), os.path.normpath(path))
+    # The folder part resolves once per folder (cached); the file itself is checked on every call.
+    if _real_folder(os.path.dirname(expected)) != os.path.dirname(expected) or os.path.islink(expected):
+        raise ImageError("unsafe_image_path", f"{path}: goes through a symlink (images must be files under the root)")
+    return expected
+
+
+def _open(ref: ImageRef) -> Any:
+    """The image opened lazily (header read, pixels not decoded), size checked against MAX_IMAGE_PIXELS."""
+    from PIL import Image, UnidentifiedImageError
+
+    if ref.image is not None:
+        image = ref.image
+    else:
+        name = ref.describe()
+        if ref.data is not None:
+            handle: Any = io.BytesIO(ref.data)
+        else:
+            path = resolve_path(ref)
+            if not os.path.isfile(path):
+                raise ImageError("missing_image", f"{name}: no such file" + (f" under {ref.root}" if ref.root else ""))
+            if os.path.getsize(path) == 0:
+                raise ImageError("unreadable_image", f"{name}: the file is empty (0 bytes)")
+            handle = path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(handle)
+        except Image.DecompressionBombError:
+            raise ImageError("image_too_large", f"{name}: larger than {MAX_IMAGE_PIXELS:,} pixels "
+                                                "(refused as a decompression bomb)") from None  # fmt: skip
+        except UnidentifiedImageError:
+            raise ImageError("unreadable_image", f"{name}: not an image format PIL can read") from None
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageError("unreadable_image", f"{name}: not a readable image ({err})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError("image_too_large", f"{ref.describe()}: {width}x{height} pixels, more than "
+                                            f"{MAX_IMAGE_PIXELS:,} (refused as a decompression bomb)")  # fmt: skip
+    if width == 0 or height == 0:
+        raise ImageError("unreadable_image", f"{ref.describe()}: the image is {width}x{height} pixels")
+    return image
+
+
+def _conversion(image: Any) -> tuple[str, str] | None:
+    if image.mode == "P" and "transparency" in image.info:
+        return CONVERSIONS["RGBA"]
+    return CONVERSIONS.get(image.mode)
+
+
+def probe_image(ref: ImageRef) -> tuple[tuple[int, int], list[tuple[str, str]]]:
+    """(width, height) and the conversion warnings, from the header only (no pixel decoded)."""
+    image = _open(ref)
+    conversion = _conversion(image)
+    warnings_ = [(conversion[0], f"{ref.describe()}: {conversion[1]}")] if conversion else []
+    return image.size, warnings_
+
+
+def _to_rgb(image: Any) -> Any:
+    """RGB without surprises: alpha over white (not black), 16-bit scaled (not clipped), CMYK via PIL."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if values.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(ref: ImageRef) -> tuple[Any, list[tuple[str, str]]]:
+    """The decoded RGB image and the conversion warnings; an `ImageError` names what is wrong."""
+    image = _open(ref)
+    conversion = _conversion(image)
+    try:
+        image.load()
+    except OSError as err:
+        kind = "truncated_image" if "truncated" in str(err) or "broken data" in str(err) else "unreadable_image"
+        raise ImageError(kind, f"{ref.describe()}: {'truncated' if kind == 'truncated_image' else 'unreadable'} "
+                               f"({err})") from None  # fmt: skip
+    except (ValueError, SyntaxError, EOFError) as err:
+        raise ImageError("unreadable_image", f"{ref.describe()}: unreadable ({err})") from None
+    warnings_ = [(conversion[0], f"{ref.describe()}: {conversion[1]}")] if conversion else []
+    return _to_rgb(image), warnings_

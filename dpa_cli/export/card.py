@@ -1,0 +1,130 @@
+"""The export's README.md: a Hugging Face model card written from dpa.yaml (sources, recipe, data, metrics)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dpa_cli import __version__
+
+PAPER = "Deep Pre-Alignment for VLMs (arXiv 2605.15300, ICML 2026)"
+
+
+def _source(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "-"
+    name = entry.get("repo_id") or entry.get("spec") or entry.get("path") or "-"
+    revision = f" @ {entry['revision'][:12]}" if entry.get("revision") else ""
+    return f"`{name}`{revision} ({entry.get('family', '?')})"
+
+
+def _sources(plan: dict[str, Any]) -> list[str]:
+    perceiver = plan.get("perceiver") or {}
+    rows = ["| role | model |", "|---|---|", f"| target | {_source(plan.get('target'))} |"]
+    if perceiver.get("kind") == "composed":
+        rows += [f"| perceiver ViT | {_source(perceiver.get('vit'))} |",
+                 f"| perceiver language model | {_source(perceiver.get('lm'))} |"]  # fmt: skip
+    else:
+        rows.append(f"| perceiver | {_source(perceiver)} |")
+    dims = plan.get("dimensions") or {}
+    config = plan.get("config") or {}
+    rows += ["", f"Projector phi: {dims.get('phi', '?')}; features: {config.get('feature_span', 'image')}; "
+                 f"early fusion: {'on' if config.get('early_fusion') else 'off'}."]  # fmt: skip
+    return rows
+
+
+def _short(value: Any) -> str:
+    """A data fingerprint as one table cell, whatever shape the data module records it in."""
+    if isinstance(value, dict):
+        value = value.get("sha256") or json.dumps(value, sort_keys=True, default=str)
+    text = str(value) if value is not None else "-"
+    return text if len(text) <= 24 else text[:24] + "…"
+
+
+def _stage_row(name: str, stage: dict[str, Any]) -> str:
+    recipe = stage.get("recipe") or {}
+    trained = ", ".join(f"{part} {mode}" for part, mode in (recipe.get("trainable") or {}).items() if mode != "frozen")
+    data = stage.get("data") or {}
+    loss = stage.get("final_loss")
+    cells = [
+        name, f"{recipe.get('name', '?')} ({trained or 'nothing'})", f"`{data.get('path', '-')}`",
+        _short(data.get("fingerprint")), str(stage.get("steps", "-")),
+        f"{loss:.4g}" if isinstance(loss, (int, float)) else "-", str(stage.get("tokens_seen", "-")),
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def _training(stages: dict[str, Any]) -> list[str]:
+    if not stages:
+        return ["No stage has been trained: this is the upgraded model, with an untrained projector phi."]
+    rows = ["| stage | recipe (trained parts) | data | data fingerprint | steps | final loss | tokens seen |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    return rows + [_stage_row(name, stage) for name, stage in sorted(stages.items()) if isinstance(stage, dict)]
+
+
+def _export(export: dict[str, Any]) -> list[str]:
+    verified = (
+        f"reloaded with plain transformers in a fresh process; max |logit difference| on the probe "
+        f"{export['max_abs_diff']:.3g} (tolerance {export['tolerance']:.3g})"
+        if export.get("verified") else "not verified (--no-verify)"
+    )  # fmt: skip
+    lora = {"merged": "LoRA merged into the weights", "kept": "LoRA adapter kept in `adapter/`"}
+    return [
+        f"- from: {export['stage']} of the workspace",
+        f"- weights: {export['dtype']}, {lora.get(export['lora'], 'no LoRA')}",
+        f"- verification: {verified}",
+    ]
+
+
+_LOAD = '''```python
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+path = "{path}"
+model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.open("photo.jpg")}},
+                                         {{"type": "text", "text": "What is in this picture?"}}]}}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```'''
+_ADAPTER = '''
+The LoRA adapter is kept unmerged; apply it with peft:
+
+```python
+from peft import PeftModel
+model = PeftModel.from_pretrained(model, "{path}/adapter")
+```'''
+
+
+def _front_matter(plan: dict[str, Any]) -> list[str]:
+    perceiver = plan.get("perceiver") or {}
+    parts = [perceiver.get("vit"), perceiver.get("lm")] if perceiver.get("kind") == "composed" else [perceiver]
+    sources = [plan.get("target"), *parts]
+    repos = sorted({s["repo_id"] for s in sources if s and s.get("repo_id")})
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+             "tags: [dpa, deep-pre-alignment, vision-language, custom_code]"]  # fmt: skip
+    if repos:
+        lines += ["base_model:", *(f"- {repo}" for repo in repos)]
+    return [*lines, "---"]
+
+
+def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, title: str) -> str:
+    """README.md for the export at `path`, from the workspace manifest and the export's own summary."""
+    plan = manifest.get("plan") or {}
+    load = _LOAD.format(path=path) + (_ADAPTER.format(path=path) if export.get("lora") == "kept" else "")
+    lines = [
+        *_front_matter(plan), "", f"# {title}", "",
+        f"A vision-language model upgraded with {PAPER}: the target language model reads the final hidden states "
+        "of a small VLM, the perceiver, at the image positions, mapped to its width by the projector phi. "
+        f"Exported by dpa {__version__}.", "",
+        "## Sources", "", *_sources(plan), "",
+        "## Training", "", *_training(manifest.get("stages") or {}), "",
+        "## This export", "", *_export(export), "",
+        "## How to load", "", "The model code ships in this folder (`trust_remote_code=True`); nothing else is needed.",
+        "", load, "",
+    ]  # fmt: skip
+    return "\n".join(lines)

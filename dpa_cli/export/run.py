@@ -1,0 +1,161 @@
+"""`dpa export` as one library call: pick the stage, refuse what cannot work, write, verify, rename into place.
+
+Everything is written into a hidden temporary sibling of the output and verified there; only a verified
+export is renamed into place, so a failed run leaves the workspace and any previous export as they were.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpa_cli.checkpoint.atomic import staged_folder
+from dpa_cli.errors import BadInputError, CheckpointError
+from dpa_cli.export import files
+from dpa_cli.export.card import model_card
+from dpa_cli.export.merge import export_weights
+from dpa_cli.export.stages import StageResult, stage_result
+from dpa_cli.export.verify import check_export, reference_probe
+from dpa_cli.workspace import MODEL_DIR, read_manifest
+
+EXPORT_DIR = "export"
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `dpa export` was asked to do; `merge_lora` / `keep_adapter` False both mean: merge if LoRA."""
+
+    workspace: Path
+    output: Path | None = None
+    stage: int | None = None
+    merge_lora: bool = False
+    keep_adapter: bool = False
+    dtype: str = "auto"
+    verify: bool = True
+    shard_size: int = 5_000_000_000
+    force: bool = False
+
+
+def check_request(request: ExportRequest) -> None:
+    if request.merge_lora and request.keep_adapter:
+        raise BadInputError("--merge-lora and --keep-adapter contradict each other", hint="pass one of them")
+    if request.dtype not in DTYPES:
+        raise BadInputError(f"--dtype {request.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def _overlap(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents or path in folder.parents
+
+
+def _model_folders(result: StageResult) -> list[Path]:
+    """What the export reads, and every other model folder of the workspace: none may be written into."""
+    workspace = result.workspace
+    others = [workspace / MODEL_DIR, *workspace.glob("stage*/model"), *workspace.glob("stage*/adapter")]
+    return [*result.inputs, *others]
+
+
+def check_output(output: Path, result: StageResult, force: bool) -> None:
+    """The refusals of DESIGN.md section 5, before anything is written."""
+    for source in _model_folders(result):
+        if _overlap(output, source.resolve()):
+            raise BadInputError(
+                f"the export {output} and the model folder {source} overlap",
+                hint="write the export somewhere else with -o",
+            )
+    if output.exists() and not output.is_dir():
+        raise BadInputError(f"{output} is a file, not an export folder", hint="choose another path with -o")
+    if output.exists() and not force:
+        raise BadInputError(f"{output} already exists", hint="pass --force to replace it, or choose -o")
+    if output.exists() and not files.is_export(output) and any(output.iterdir()):
+        raise BadInputError(
+            f"--force replaces only an export dpa wrote, and {output} is not one (no {files.EXPORT_RECORD})",
+            hint="choose another path with -o",
+        )
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """The request resolved against the workspace: what is read, what is written, how."""
+
+    request: ExportRequest
+    result: StageResult
+    output: Path
+    dtype: torch.dtype | None
+    lora: str  # "merged", "kept" or "none"
+
+
+def plan_export(request: ExportRequest) -> ExportPlan:
+    """Resolve the stage and the output, and refuse bad combinations; nothing is read beyond dpa.yaml."""
+    check_request(request)
+    workspace = Path(request.workspace).resolve()
+    result = stage_result(workspace, request.stage)
+    if request.keep_adapter and result.adapter_dir is None:
+        raise BadInputError(f"--keep-adapter: {result.name} has no LoRA adapter to keep (it was trained in full)")
+    output = (request.output or workspace / EXPORT_DIR).expanduser().resolve()
+    check_output(output, result, request.force)
+    lora = "none" if result.adapter_dir is None else "kept" if request.keep_adapter else "merged"
+    return ExportPlan(request, result, output, DTYPES[request.dtype], lora)
+
+
+def _write(plan: ExportPlan, folder: Path, on_bytes: Callable[[int], None] | None) -> dict[str, Any]:
+    """Weights (merged unless kept), config, remote code, processor, generation config, adapter."""
+    result = plan.result
+    merge = result.adapter_dir if plan.lora == "merged" else None
+    weights = export_weights(result.model_dir, folder, merge, plan.dtype, plan.request.shard_size, on_bytes)
+    files.copy_side_files(result.model_dir, folder)
+    files.write_config(result.model_dir, folder, plan.dtype)
+    files.ensure_generation_config(folder, [result.workspace / MODEL_DIR])
+    if plan.lora == "kept":
+        if not (result.adapter_dir / files.ADAPTER_WEIGHTS).is_file():
+            what = f"{result.adapter_dir}: no {files.ADAPTER_WEIGHTS}"
+            raise CheckpointError(what, hint="dpa reads safetensors only")
+        files.copy_adapter(result.adapter_dir, folder, plan.output)
+    return weights
+
+
+def run_export(
+    plan: ExportPlan,
+    on_bytes: Callable[[int], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write the planned export through a temporary sibling; verify it there (unless told not to); rename it.
+
+    `on_phase` hears "reference" (the trained model runs the probe), "writing" and "verifying" as they
+    start; `on_bytes` hears of every tensor written.
+    """
+    started = time.perf_counter()
+    manifest = read_manifest(plan.result.workspace)
+    phase = on_phase or (lambda name: None)
+    check: dict[str, Any] = {"max_abs_diff": None, "tolerance": None, "verified": False}
+    with (
+        tempfile.TemporaryDirectory(prefix="dpa-verify-") as work,
+        staged_folder(plan.output, replace=plan.request.force) as staging,
+    ):
+        probe = Path(work) / "probe.safetensors"
+        if plan.request.verify:
+            phase("reference")
+            reference_probe(plan.result, probe)
+        phase("writing")
+        weights = _write(plan, staging, on_bytes)
+        if plan.request.verify:
+            phase("verifying")
+            check = check_export(staging, probe, staging / files.ADAPTER_DIR if plan.lora == "kept" else None)
+        dtype = weights.pop("dtype")
+        summary = {
+            "path": str(plan.output), **check, "stage": plan.result.name, "source": str(plan.result.model_dir),
+            "lora": plan.lora, "dtype": dtype, "weights": weights,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }  # fmt: skip
+        # The default folder name says nothing; the workspace's name says which model this is.
+        title = plan.output.name if plan.output.name != EXPORT_DIR else plan.result.workspace.name
+        (staging / "README.md").write_text(model_card(manifest, summary, plan.output, title), encoding="utf-8")
+        files.write_record(staging, summary)
+    return {**summary, "seconds": round(time.perf_counter() - started, 2)}

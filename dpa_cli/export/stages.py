@@ -1,0 +1,141 @@
+"""Where a trained model lives, and how to load it exactly as training ran it.
+
+In a workspace the latest finished stage is `stage2/model` when it exists, else `stage1/model`, else the
+upgraded `model/`. A LoRA stage is its base folder (the upgraded weights with the trained phi) plus a PEFT
+adapter in `stageN/adapter/`, applied unmerged. An export made with `--keep-adapter` holds its adapter in
+`adapter/` beside the weights.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.errors import BadInputError, CheckpointError
+from dpa_cli.workspace import MODEL_DIR, is_workspace, read_manifest
+
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+STAGES = (2, 1)  # newest first
+_STAGE_DIR = re.compile(r"^stage\d+$")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A loadable model folder and, for LoRA, the adapter applied on top of it."""
+
+    name: str  # "stage2", "stage1", "model" (the untrained upgrade) or "folder" (any other model folder)
+    model_dir: Path
+    adapter_dir: Path | None = None
+    workspace: Path | None = None
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The folders this result is read from (an output must not overlap them)."""
+        return [self.model_dir, *([self.adapter_dir] if self.adapter_dir else [])]
+
+
+def _has_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
+def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
+    """Stage `stage` of `workspace`, or the latest finished one (the upgraded model when none has run)."""
+    workspace = Path(workspace)
+    if stage is not None and stage not in STAGES:
+        raise BadInputError(f"--stage {stage}: the DPA recipe has stages 1 and 2")
+    for number in [stage] if stage is not None else STAGES:
+        model_dir = workspace / f"stage{number}" / MODEL_DIR
+        if (model_dir / "config.json").is_file():
+            return _with_adapter(workspace, f"stage{number}", model_dir)
+    if stage is not None:
+        raise BadInputError(
+            f"stage {stage} has not finished in {workspace} (no stage{stage}/{MODEL_DIR})",
+            hint=f"run `dpa train --stage {stage}` first, or leave out --stage for the latest finished stage",
+        )
+    return StageResult(MODEL_DIR, workspace / MODEL_DIR, None, workspace)
+
+
+def _with_adapter(workspace: Path, name: str, model_dir: Path) -> StageResult:
+    """A stage with its adapter when it has one; dpa.yaml saying LoRA without the folder is an error."""
+    adapter = model_dir.parent / ADAPTER_DIR
+    recorded = (read_manifest(workspace).get("stages") or {}).get(name) or {}
+    if recorded.get("lora") and not _has_adapter(adapter):
+        raise BadInputError(
+            f"{name} was trained with LoRA but {adapter / ADAPTER_CONFIG} is missing",
+            hint=f"restore {adapter}, or train the stage again with --restart",
+        )
+    return StageResult(name, model_dir, adapter if _has_adapter(adapter) else None, workspace)
+
+
+def find_runnable(spec: str, stage: int | None = None) -> StageResult:
+    """MODEL for `generate` / `chat`: a workspace, a stage folder, a stage's model, an export or any model."""
+    path = Path(spec).expanduser()
+    if is_workspace(path):
+        return stage_result(path.resolve(), stage)
+    if stage is not None:
+        raise BadInputError(f"--stage applies to a workspace, and {spec} is not one (no dpa.yaml)")
+    if path.is_dir() and _STAGE_DIR.match(path.resolve().name) and (path / MODEL_DIR).is_dir():
+        path = path / MODEL_DIR  # `ws/stage2` means its result
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path.resolve()
+        in_stage = bool(_STAGE_DIR.match(path.parent.name))
+        name = path.parent.name if in_stage else "folder"
+        for adapter in (path / ADAPTER_DIR, path.parent / ADAPTER_DIR):
+            # An export's own adapter, or the adapter beside a stage's model: the model as trained.
+            if _has_adapter(adapter) and (adapter.parent == path or in_stage):
+                return StageResult(name, path, adapter, None)
+        return StageResult(name, path)
+    if path.is_dir():
+        raise BadInputError(f"{spec} is neither a workspace nor a model folder (no dpa.yaml, no config.json)")
+    from dpa_cli.hub import resolve_model
+
+    return StageResult("folder", resolve_model(spec).path)
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu") -> Any:
+    """The model in eval mode: the checkpoint, with its LoRA adapter applied unmerged, as training ran it.
+
+    `dtype`: a torch dtype, or None for the dtype the checkpoint is stored in.
+    """
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as transformers_logging
+
+    import dpa_cli.model  # noqa: F401  registers the DPA classes (the folder's remote code is the same)
+
+    transformers_logging.disable_progress_bar()  # our own output says what is loading
+    folder = result.model_dir
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=dtype or "auto")
+    except (ValueError, KeyError, RuntimeError) as err:
+        what = f"{folder}: cannot load it ({_first_line(err)})"
+        raise CheckpointError(what, hint="check it with `dpa inspect`") from None
+    if result.adapter_dir is not None:
+        model = _apply_adapter(model, result.adapter_dir)
+    return model.to(device).eval()
+
+
+def _apply_adapter(model: Any, adapter: Path) -> Any:
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a question it has renamed
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return PeftModel.from_pretrained(model, adapter)
+    except (ValueError, KeyError, RuntimeError) as err:
+        hint = "the adapter must come from training this stage's model; restore it or train the stage again"
+        raise CheckpointError(f"{adapter}: peft cannot apply it ({_first_line(err)})", hint=hint) from None
+
+
+def load_processor(result: StageResult) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(result.model_dir, trust_remote_code=True)

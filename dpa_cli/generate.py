@@ -1,0 +1,147 @@
+"""Run a DPA model: one answer to images and a prompt, or a multi-turn chat, through the processor's chat template.
+
+MODEL is a workspace (its latest stage, or `--stage N`, with a LoRA adapter applied unmerged as trained),
+a stage folder, an export or any DPA checkpoint. Decoding is greedy unless a temperature is given, so the
+same model and prompt always give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.errors import BadInputError
+from dpa_cli.export.stages import StageResult, find_runnable, load_as_trained, load_processor
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class Runnable:
+    """A loaded model with its processor, where it came from and where it runs."""
+
+    model: Any
+    processor: Any
+    source: StageResult
+    device: str
+
+
+def pick_device(device: str | None) -> str:
+    """`cuda` when asked for (and present) or, by default, when present; else `cpu`."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in DEVICES:
+        raise BadInputError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda: no CUDA GPU is visible to torch here", hint="use --device cpu")
+    return device
+
+
+def open_runnable(spec: str, stage: int | None = None, device: str | None = None) -> Runnable:
+    """Load MODEL as trained. On a GPU in its stored dtype; on CPU in float32, where 16-bit matmuls are slow."""
+    import torch
+
+    source = find_runnable(spec, stage)
+    device = pick_device(device)
+    model = load_as_trained(source, dtype=None if device == "cuda" else torch.float32, device=device)
+    return Runnable(model, load_processor(source), source, device)
+
+
+def open_image(path: str | Path) -> Any:
+    """An image file as RGB, decoded now so a bad file is named before any generation starts."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"no such image: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise BadInputError(f"{path}: not a readable image ({err})") from None
+
+
+def user_turn(text: str, images: list[Any]) -> dict[str, Any]:
+    """A user message in the chat-template format: its images first, then the text."""
+    content = [{"type": "image", "image": image} for image in images]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+def build_inputs(processor: Any, messages: list[dict[str, Any]]) -> Any:
+    """Model inputs for the conversation, ending with the assistant's turn to speak."""
+    if processor.chat_template:
+        return processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+    if len(messages) > 1:
+        what = "this model has no chat template, so it cannot hold a conversation"
+        raise BadInputError(what, hint="use `dpa generate`")
+    content = messages[0]["content"]
+    images = [block["image"] for block in content if block["type"] == "image"]
+    prompt = content[-1]["text"]
+    early_fusion = getattr(processor, "early_fusion", False) and images
+    fusion = {"perceiver_text": [prompt] * len(images)} if early_fusion else {}
+    text = "".join(f"{processor.image_token}\n" for _ in images) + prompt
+    return processor(images=images or None, text=[text], return_tensors="pt", **fusion)
+
+
+def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    """transformers' TextStreamer, handing each finished piece of text to `on_text` instead of printing it."""
+    from transformers import TextStreamer
+
+    class CallbackStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def reply(
+    runnable: Runnable,
+    messages: list[dict[str, Any]],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    on_text: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The model's next assistant turn: `text` and the generated `token_ids`; streamed to `on_text` if given."""
+    import torch
+
+    model, tokenizer = runnable.model, runnable.processor.tokenizer
+    dtype = next(model.parameters()).dtype
+    inputs = build_inputs(runnable.processor, messages).to(device=runnable.device, dtype=dtype)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    streamer = _streamer(tokenizer, on_text) if on_text else None
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
+    new = output[0, inputs["input_ids"].shape[1] :]
+    return {"text": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new.tolist()}
+
+
+@dataclass
+class ChatSession:
+    """A conversation: user turns (with the images added since the last one) and the model's replies."""
+
+    runnable: Runnable
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[Any] = field(default_factory=list)  # images for the next user turn
+
+    def add_image(self, path: str | Path) -> None:
+        self.pending.append(open_image(path))
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Send one user turn and return the reply; a failed turn leaves the conversation as it was."""
+        turn = [*self.messages, user_turn(text, self.pending)]
+        answer = reply(self.runnable, turn, self.max_new_tokens, self.temperature, on_text)
+        self.messages = [*turn, {"role": "assistant", "content": [{"type": "text", "text": answer["text"]}]}]
+        self.pending = []
+        return answer
+
+    def reset(self) -> None:
+        self.messages, self.pending = [], []
