@@ -43,7 +43,7 @@ DPA_WORKSPACES = {
     "next_qwen": ("llava_next", "qwen2_5_vl", ()),
     "llama3_qwen": ("llava_llama3", "qwen2_5_vl", ()),
     "next_composed": ("llava_next", "vit=target,lm=causal_lm_qwen3", ()),
-    "next_qwen_early": ("llava_next", "qwen2_5_vl", ("--early-fusion", "--no-verify-load")),
+    "next_qwen_early": ("llava_next", "qwen2_5_vl", ("--early-fusion",)),
 }
 
 

@@ -159,6 +159,14 @@ def test_same_seed_same_bytes_other_seed_other_phi(tiny_checkpoint, tmp_path):
     assert digests["a"] != digests["c"]
 
 
+def test_early_fusion_and_markers_span_pass_the_load_check(tiny_checkpoint, tmp_path):
+    code, result, stderr = upgrade(str(tiny_checkpoint("llava")), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")),
+                                   "-o", str(tmp_path / "ws"), "--early-fusion", "--feature-span", "image+markers")  # fmt: skip
+    assert code == 0, stderr
+    assert result["upgrade"]["loaded"]["forward"] == "ok"
+    assert (result["plan"]["config"]["early_fusion"], result["plan"]["config"]["feature_span"]) == (True, "image+markers")
+
+
 def test_dtype_casts_every_floating_tensor(tiny_checkpoint, tmp_path):
     code, result, stderr = upgrade(str(tiny_checkpoint("llava")), "--perceiver", str(tiny_checkpoint("idefics3")),
                                    "-o", str(tmp_path / "ws"), "--dtype", "bf16")  # fmt: skip

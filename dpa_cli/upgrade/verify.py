@@ -55,7 +55,9 @@ def _load_and_run(folder: Path) -> dict[str, Any]:
         raise DpaError(f"{folder}: loading left keys missing {sorted(missing)[:3]} / unexpected {sorted(unexpected)[:3]}")
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     image = Image.new("RGB", (64, 48), (120, 160, 200))
-    inputs = processor(images=[image], text=[f"{processor.image_token} Describe the image."], return_tensors="pt")
+    prompt = "Describe the image."
+    fusion = {"perceiver_text": [prompt]} if processor.early_fusion else {}  # early fusion: the turn's text too
+    inputs = processor(images=[image], text=[f"{processor.image_token} {prompt}"], return_tensors="pt", **fusion)
     with torch.no_grad():
         logits = model.eval()(**inputs).logits
     if not torch.isfinite(logits).all():
