@@ -101,10 +101,13 @@ def test_stage1_trains_only_phi_and_fresh_phi_p_and_the_loss_falls(workspace, da
 
 def test_stage2_full_changes_perceiver_phi_and_llm_and_starts_from_stage1(workspace, data):
     assert train(workspace, data, 1, "--max-steps", "2").exit_code == 0
-    result = train(workspace, data, 2, "--max-steps", "3", "--set", "learning_rate=1e-3", "--set", "learning_rates.vit=1e-3")
+    result = train(workspace, data, 2, "--max-steps", "6", "--set", "learning_rate=1e-3", "--set", "learning_rates.vit=1e-3")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["source"] == str(workspace / "stage1" / "model")
+    losses = [json.loads(line)["loss"] for line in (workspace / "stage2" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]  # fmt: skip
+    assert losses[-1] < losses[0]
     assert changed_parts(workspace / "stage1" / "model", workspace / "stage2" / "model") == {
         "vit", "phi_p", "perceiver_lm", "phi", "llm"}  # fmt: skip
 

@@ -95,3 +95,12 @@ def test_bench_upgrade_prints_ratios(tmp_path):
     for ratios in report["ratios"].values():
         assert ratios["time_over_cp"]["min"] > 0 and ratios["rss_growth_over_shard"]["median"] >= 0
     assert list(tmp_path.iterdir()) == []  # the inputs live in a temporary folder, removed afterwards
+
+
+def test_bench_export_prints_ratios(tmp_path):
+    """A smoke run of the merge benchmark on a small input (it measures, it does not assert speed)."""
+    result = runner.invoke(app, ["bench", "export", "--size", "30MB", "--shard-size", "20MB", "--repeats", "1",
+                                 "--workdir", str(tmp_path), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["lora_modules"] > 0 and report["ratios"]["merge"]["time_over_cp_sync"]["min"] > 0

@@ -8,14 +8,11 @@ in that same child before the work starts.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.bench.measure import copy_seconds, ratios, run_in_child
 from dpa_cli.checkpoint import read_checkpoint_index
 from dpa_cli.checkpoint.writer import parse_size
 from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm, text_config
@@ -23,37 +20,16 @@ from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm
 HIDDEN = 2048
 VOCAB = 32768
 
-# Runs in the child: imports first, then the work, timed on its own, with resident memory sampled every 5 ms.
-_CHILD = """
-import json, os, sys, threading, time
+_UPGRADE = """
 from pathlib import Path
 from dpa_cli.upgrade.plan import Options
 from dpa_cli.upgrade.run import plan_upgrade, run_upgrade
 import dpa_cli.model, transformers, torch  # noqa: F401
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-target, perceiver, out, shard, dtype = sys.argv[1:6]
-before, peak, running = rss(), [0], [True]
-
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.005)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-started = time.perf_counter()
-plan = plan_upgrade(target, perceiver, Options(dtype=dtype, shard_size=int(shard)))
-planned = time.perf_counter()
-run_upgrade(plan, Path(out), verify_load=False)
-done = time.perf_counter()
-running[0] = False
-sampler.join()
-print(json.dumps({"rss_before": before, "rss_peak": max(peak[0], rss()), "plan_s": planned - started,
-                  "work_s": done - started}))
+def work(target, perceiver, out, shard, dtype):
+    plan = plan_upgrade(target, perceiver, Options(dtype=dtype, shard_size=int(shard)))
+    run_upgrade(plan, Path(out), verify_load=False)
 """
 
 
@@ -72,23 +48,8 @@ def build_inputs(workdir: Path, target_bytes: int, input_shard: int) -> tuple[Pa
     return target, lm
 
 
-def _copy_seconds(source: Path, dest: Path, sync: bool) -> float:
-    """`cp -r`, optionally followed by `sync` of the copied files (a copy as durable as the upgrade's)."""
-    started = time.perf_counter()
-    subprocess.run(["cp", "-r", str(source), str(dest)], check=True)
-    if sync:
-        subprocess.run(["sync", *map(str, sorted(dest.iterdir()))], check=True)
-    seconds = time.perf_counter() - started
-    shutil.rmtree(dest)
-    return seconds
-
-
 def _upgrade_run(target: Path, lm: Path, out: Path, shard: int, dtype: str) -> dict[str, Any]:
-    child = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(target), f"vit=target,lm={lm}", str(out), str(shard), dtype],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    run = json.loads(child.stdout.strip().splitlines()[-1])
+    run = run_in_child(_UPGRADE, str(target), f"vit=target,lm={lm}", str(out), str(shard), dtype)
     run["largest_shard"] = max(s.size_on_disk for s in read_checkpoint_index(out / "model").shards.values())
     shutil.rmtree(out)
     return run
@@ -101,32 +62,19 @@ def bench_upgrade(workdir: Path, target_bytes: str | int = "1.7GB", input_shard:
     workdir = Path(workdir)
     target, lm = build_inputs(workdir, parse_size(target_bytes), parse_size(input_shard))
     shard = parse_size(output_shard)
-    _copy_seconds(target, workdir / "warm", sync=True)  # every side then reads the input from the page cache
+    copy_seconds(target, workdir / "warm", sync=True)  # every side then reads the input from the page cache
     runs = []
     for i in range(repeats):
         runs.append({
-            "cp_s": _copy_seconds(target, workdir / "copy", sync=False),
-            "cp_sync_s": _copy_seconds(target, workdir / "copy", sync=True),
+            "cp_s": copy_seconds(target, workdir / "copy", sync=False),
+            "cp_sync_s": copy_seconds(target, workdir / "copy", sync=True),
             "keep_dtype": _upgrade_run(target, lm, workdir / f"ws-{i}", shard, "auto"),
             "cast_fp16": _upgrade_run(target, lm, workdir / f"ws-{i}", shard, "fp16"),
         })  # fmt: skip
     return _report(runs, read_checkpoint_index(target).total_bytes, shard)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    values = sorted(values)
-    return {"min": round(values[0], 3), "median": round(values[len(values) // 2], 3)}
-
-
 def _report(runs: list[dict[str, Any]], input_bytes: int, shard: int) -> dict[str, Any]:
-    ratios: dict[str, Any] = {}
-    for mode in ("keep_dtype", "cast_fp16"):
-        ratios[mode] = {
-            "time_over_cp": _stats([r[mode]["work_s"] / r["cp_s"] for r in runs]),
-            "time_over_cp_sync": _stats([r[mode]["work_s"] / r["cp_sync_s"] for r in runs]),
-            "rss_growth_over_shard": _stats(
-                [(r[mode]["rss_peak"] - r[mode]["rss_before"]) / r[mode]["largest_shard"] for r in runs]
-            ),
-        }
-    return {"input_bytes": input_bytes, "output_shard_size": shard, "repeats": len(runs), "ratios": ratios,
+    return {"input_bytes": input_bytes, "output_shard_size": shard, "repeats": len(runs),
+            "ratios": {mode: ratios(runs, mode) for mode in ("keep_dtype", "cast_fp16")},
             "targets": {"time_over_cp": 1.5, "rss_growth_over_shard": 2.0}, "runs": runs}  # fmt: skip

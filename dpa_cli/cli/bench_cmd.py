@@ -45,13 +45,17 @@ def upgrade(
 
     with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
         result = bench_upgrade(Path(tmp), size, input_shard, shard_size, repeats)
+    _report_ratios("dpa bench upgrade", result, json_, write_docs)
+
+
+def _report_ratios(command: str, result: dict[str, Any], json_: bool, write_docs: bool) -> None:
     result["machine"] = machine()
     if json_:
         print_json(result)
     else:
-        out.print(upgrade_table(result))
+        out.print(ratio_table(command, result))
     if write_docs:
-        append_doc("dpa bench upgrade", upgrade_markdown(result))
+        append_doc(command, ratio_markdown(result))
 
 
 def machine() -> dict[str, Any]:
@@ -63,9 +67,9 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "system": platform.platform()}  # fmt: skip
 
 
-def upgrade_table(result: dict[str, Any]) -> Table:
-    table = Table("upgrade", "time / cp -r", "time / (cp -r + sync)", "RSS growth / output shard",
-                  title=f"dpa bench upgrade: {human_bytes(result['input_bytes'])} input, "
+def ratio_table(command: str, result: dict[str, Any]) -> Table:
+    table = Table("run", "time / cp -r", "time / (cp -r + sync)", "RSS growth / output shard",
+                  title=f"{command}: {human_bytes(result['input_bytes'])} input, "
                         f"{human_bytes(result['output_shard_size'])} shards, {result['repeats']} repeats (min / median)")  # fmt: skip
     for mode, ratios in result["ratios"].items():
         table.add_row(mode, *(f"{ratios[k]['min']:.2f} / {ratios[k]['median']:.2f}" for k in
@@ -73,7 +77,7 @@ def upgrade_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def upgrade_markdown(result: dict[str, Any]) -> str:
+def ratio_markdown(result: dict[str, Any]) -> str:
     rows = "\n".join(
         f"| {mode} | {r['time_over_cp']['min']:.2f} / {r['time_over_cp']['median']:.2f} "
         f"| {r['time_over_cp_sync']['min']:.2f} / {r['time_over_cp_sync']['median']:.2f} "
@@ -83,7 +87,7 @@ def upgrade_markdown(result: dict[str, Any]) -> str:
     return (
         f"Input {human_bytes(result['input_bytes'])}, output shards of {human_bytes(result['output_shard_size'])}, "
         f"{result['repeats']} repeats (min / median).\n\n"
-        "| upgrade | time / cp -r | time / (cp -r + sync) | RSS growth / output shard |\n|---|---|---|---|\n" + rows
+        "| run | time / cp -r | time / (cp -r + sync) | RSS growth / output shard |\n|---|---|---|---|\n" + rows
     )
 
 
@@ -93,6 +97,32 @@ def append_doc(command: str, body: str) -> None:
              f"{info['system']}, Python {info['python']}, torch {info['torch']}.\n\n"  # fmt: skip
     with PERFORMANCE_DOC.open("a", encoding="utf-8") as handle:
         handle.write(header + body + "\n")
+
+
+@bench_app.command("export")
+def export(
+    size: Annotated[str, typer.Option(help="Size of the synthetic target the DPA model is made from.")] = "1.7GB",
+    shard_size: Annotated[str, typer.Option(help="Shard size of the DPA model and of the export.")] = "500MB",
+    repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
+    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
+    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    json_: JsonFlag = False,
+) -> None:
+    """The streamed LoRA merge of `dpa export` against `cp -r` of the same files, and its peak memory.
+
+    Upgrades a synthetic target once, adds a rank-32 LoRA adapter on every linear layer of its LLM.
+
+    Each repeat merges in a fresh process (imports not counted) and copies the model (`cp -r`, with `sync`).
+
+    Examples:
+      dpa bench export
+      dpa bench export --size 400MB --repeats 1 --json
+    """
+    from dpa_cli.bench.export import bench_export
+
+    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+        result = bench_export(Path(tmp), size, shard_size, repeats)
+    _report_ratios("dpa bench export", result, json_, write_docs)
 
 
 @bench_app.command("train")
