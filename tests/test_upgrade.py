@@ -159,6 +159,19 @@ def test_same_seed_same_bytes_other_seed_other_phi(tiny_checkpoint, tmp_path):
     assert digests["a"] != digests["c"]
 
 
+@pytest.mark.parametrize(("perceiver", "blocks"), [("qwen2_5_vl", "1"), ("vit=target,lm=causal_lm_qwen3", "0")])
+def test_perceiver_layers_keeps_the_first_blocks(tiny_checkpoint, tmp_path, perceiver, blocks):
+    code, result, stderr = upgrade(str(tiny_checkpoint("llava_next")), "--perceiver", perceiver_arg(tiny_checkpoint, perceiver),
+                                   "-o", str(tmp_path / "ws"), "--perceiver-layers", blocks)  # fmt: skip
+    assert code == 0, stderr
+    assert result["upgrade"]["loaded"]["forward"] == "ok"
+    config = tf.AutoConfig.from_pretrained(tmp_path / "ws" / "model", trust_remote_code=True)
+    assert config.perceiver_config.get_text_config().num_hidden_layers == int(blocks)
+    kept = [k for k in read_tensors(tmp_path / "ws" / "model") if ".perceiver.language_model.layers." in k]
+    assert {k.split(".layers.")[1].split(".")[0] for k in kept} == {str(i) for i in range(int(blocks))}
+    assert result["plan"]["dropped"]["perceiver language_model" if "=" not in perceiver else "lm language_model"]["tensors"] > 0
+
+
 def test_early_fusion_and_markers_span_pass_the_load_check(tiny_checkpoint, tmp_path):
     code, result, stderr = upgrade(str(tiny_checkpoint("llava")), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")),
                                    "-o", str(tmp_path / "ws"), "--early-fusion", "--feature-span", "image+markers")  # fmt: skip

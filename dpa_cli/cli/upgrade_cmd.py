@@ -23,6 +23,7 @@ def upgrade(
     early_fusion: Annotated[bool, typer.Option("--early-fusion", help="Also feed the user's turn text to the perceiver.")] = False,
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the target's), bf16, fp16 or fp32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the new projector weights (same seed, same bytes).")] = 0,
+    perceiver_layers: Annotated[int | None, typer.Option(min=0, help="Keep only the perceiver's first N language blocks (0: the ViT-only ablation).")] = None,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing workspace.")] = False,
@@ -49,7 +50,7 @@ def upgrade(
     from dpa_cli.upgrade.run import check_output, default_workspace, plan_upgrade, run_upgrade
     from dpa_cli.upgrade.summary import plan_summary
 
-    options = Options(projector, feature_span, early_fusion, dtype, seed, parse_size(shard_size))
+    options = Options(projector, feature_span, early_fusion, dtype, seed, parse_size(shard_size), perceiver_layers)
     _check_choices(options)
     plan = plan_upgrade(target, perceiver, options)
     summary = plan_summary(plan)

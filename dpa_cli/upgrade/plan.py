@@ -6,6 +6,7 @@ plan is checked against exactly what `from_pretrained` will ask for: every key, 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from dpa_cli.checkpoint import TensorInfo
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.errors import BadInputError, CheckpointError
+from dpa_cli.families import Component
 from dpa_cli.upgrade.compose import composed_perceiver_config, dpa_config, text_config
 from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
@@ -40,6 +42,7 @@ class Options:
     dtype: str = "auto"
     seed: int = 0
     shard_size: int = 5_000_000_000
+    perceiver_layers: int | None = None  # keep only the perceiver's first N language blocks (0: ViT-only ablation)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,19 @@ def _vocab(checkpoint: Checkpoint, placeholder: Placeholder) -> int:
     return max(int(vocab), placeholder.id + 1)
 
 
+def _keep_blocks(perceiver_config: dict[str, Any], blocks: int) -> dict[str, Any]:
+    """The perceiver config with only its first `blocks` language blocks (the text fields may be top-level)."""
+    nested = isinstance(perceiver_config.get("text_config"), dict)
+    text = dict(perceiver_config["text_config"] if nested else perceiver_config)
+    have = text.get("num_hidden_layers")
+    if have is None or blocks > have:
+        raise BadInputError(f"--perceiver-layers {blocks}: the perceiver has {have} language blocks")
+    text["num_hidden_layers"] = blocks
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = text["layer_types"][:blocks]
+    return {**perceiver_config, "text_config": text} if nested else {**perceiver_config, **text}
+
+
 def build_config(sources: Sources, options: Options, placeholders: dict[str, Placeholder]) -> Any:
     target_text = text_config(sources.target, _vocab(sources.target, placeholders["target"]))
     if sources.perceiver is not None:
@@ -147,6 +163,8 @@ def build_config(sources: Sources, options: Options, placeholders: dict[str, Pla
         vocab = _vocab(sources.lm, placeholders["perceiver"])
         perceiver_config = composed_perceiver_config(sources.vit, sources.lm, placeholders["perceiver"], vocab)
         markers = []
+    if options.perceiver_layers is not None:
+        perceiver_config = _keep_blocks(perceiver_config, options.perceiver_layers)
     return dpa_config(
         perceiver_config, target_text, placeholders["target"], placeholders["perceiver"], markers, options
     )
@@ -183,10 +201,25 @@ def _new_allowed(name: str, sources: Sources) -> bool:
     return name.startswith(PHI) or (sources.composed is not None and name.startswith(COMPOSED_NEW))
 
 
-def plan_tensors(sources: Sources, expected: dict[str, torch.Tensor], dtype: torch.dtype) -> list[TensorPlan]:
-    """Every expected tensor, copied or new; anything a source has that the model does not want is an error."""
+def _cut_blocks(sources: Sources, blocks: int | None):
+    """Whether an output name is a perceiver language block that `--perceiver-layers` leaves out."""
+    if blocks is None:
+        return lambda name: False
+    family = (sources.perceiver or sources.vit).family
+    roots = [p.removeprefix("model.") for p in family.layout("v5").prefixes(Component.LANGUAGE_MODEL)]
+    pattern = re.compile(rf"^model\.perceiver\.(?:{'|'.join(map(re.escape, roots))})\.layers\.(\d+)\.")
+    return lambda name: bool((match := pattern.match(name)) and int(match.group(1)) >= blocks)
+
+
+def plan_tensors(
+    sources: Sources, expected: dict[str, torch.Tensor], dtype: torch.dtype, blocks: int | None = None
+) -> list[TensorPlan]:
+    """Every expected tensor, copied or new; anything a source has that the model does not want is an error
+    (except perceiver language blocks that --perceiver-layers leaves out)."""
     mapped = source_tensors(sources)
     tied_head = "lm_head.weight" not in expected  # the target ties it to the embeddings
+    cut = _cut_blocks(sources, blocks)
+    mapped = {name: source for name, source in mapped.items() if not cut(name)}
     for name, (checkpoint, key) in mapped.items():
         if name not in expected and not (tied_head and name == "lm_head.weight"):
             raise BadInputError(
@@ -214,11 +247,11 @@ def _position(sources: Sources, plan: TensorPlan) -> tuple[str, int]:
     return str(info.file), info.data_offsets[0]
 
 
-def _check_perceiver_depth(config: Any) -> None:
-    if not config.perceiver_config.get_text_config().num_hidden_layers:
+def _check_perceiver_depth(config: Any, options: Options) -> None:
+    if not config.perceiver_config.get_text_config().num_hidden_layers and options.perceiver_layers != 0:
         raise BadInputError(
             "the perceiver has no language blocks: DPA feeds the target the states of a small VLM's LM blocks",
-            hint="pick a perceiver with pretrained language layers (a ViT alone is the paper's weakest ablation)",
+            hint="pick a perceiver with pretrained language layers; --perceiver-layers 0 runs the ViT-only ablation",
         )
 
 
@@ -241,17 +274,19 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     placeholders, tokenizers = _placeholders(sources)
     try:
         config = build_config(sources, options, placeholders)
-        _check_perceiver_depth(config)
+        _check_perceiver_depth(config, options)
         expected = meta_state(meta_model("AutoModelForImageTextToText", config))
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise BadInputError(
             f"these checkpoints do not make a valid DPA model: {error_summary(err)}",
             hint="check both configs with `dpa inspect`",
         ) from None
-    tensors = plan_tensors(sources, expected, output_dtype(sources, options))
+    tensors = plan_tensors(sources, expected, output_dtype(sources, options), options.perceiver_layers)
     notes = []
     if sources.composed is not None:
         notes.append("phi_p is freshly initialised: stage 1 trains it together with phi")
+    if options.perceiver_layers == 0:
+        notes.append("ablation: the perceiver keeps no language blocks (ViT only), the paper's weakest variant")
     for role, placeholder in placeholders.items():
         if placeholder.added:
             notes.append(f"the {role} tokenizer had no image token: {placeholder.token} added as id {placeholder.id}")
