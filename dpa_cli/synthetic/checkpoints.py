@@ -114,18 +114,20 @@ def save_llava_next_image_processor(folder: Path, config: dict[str, Any]) -> Non
 
 
 def build_llava_next_target(folder: Path, text: dict[str, Any], vit_hidden: int = 256, vit_layers: int = 2,
-                            image_size: int = 56, patch: int = 14, shard_size: int = 5_000_000_000) -> Path:  # fmt: skip
+                            image_size: int = 56, patch: int = 14, shard_size: int = 5_000_000_000,
+                            tokenizer: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
     """A LLaVA-NeXT checkpoint with random weights, its tokenizer (Qwen3 template, `<image>`) and image processor."""
-    tokenizer = tiny_tokenizer("qwen3_llava")
+    tokenizer = tokenizer or tiny_tokenizer("qwen3_llava")
     config = llava_next_config(text, vit_hidden, vit_layers, image_size, patch, tokenizer.convert_tokens_to_ids("<image>"))
-    write_random_checkpoint(config, "AutoModelForImageTextToText", folder, shard_size=shard_size)
+    write_random_checkpoint(config, "AutoModelForImageTextToText", folder, shard_size=shard_size, dtype=dtype)
     tokenizer.save_pretrained(folder)
     save_llava_next_image_processor(folder, config)
     return Path(folder)
 
 
-def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = 5_000_000_000) -> Path:
+def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = 5_000_000_000, tokenizer: Any = None,
+                  dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
     """A Qwen3 causal LM with random weights and its tokenizer (which has `<|image_pad|>`)."""
-    write_random_checkpoint(text, "AutoModelForCausalLM", folder, shard_size=shard_size)
-    tiny_tokenizer("qwen3").save_pretrained(folder)
+    write_random_checkpoint(text, "AutoModelForCausalLM", folder, shard_size=shard_size, dtype=dtype)
+    (tokenizer or tiny_tokenizer("qwen3")).save_pretrained(folder)
     return Path(folder)

@@ -142,22 +142,23 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
 
 
 @functools.lru_cache(maxsize=None)
-def _trained_bpe() -> str:
+def _trained_bpe(corpus: tuple[str, ...] = CORPUS, vocab_size: int = BASE_VOCAB) -> str:
     """The byte-level BPE model, trained once per process and kept as JSON (callers get fresh copies)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BASE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer.train_from_iterator(corpus * 4, trainer)
     return tokenizer.to_str()
 
 
-def tiny_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """A fresh tokenizer of `kind` (see TOKENIZERS): specials after the BPE vocab, chat template set."""
+def tiny_tokenizer(kind: str, corpus: tuple[str, ...] = CORPUS, vocab_size: int = BASE_VOCAB) -> PreTrainedTokenizerFast:
+    """A fresh tokenizer of `kind` (see TOKENIZERS): BPE trained on `corpus`, specials after its vocabulary,
+    chat template set."""
     spec = TOKENIZERS[kind]
-    tokenizer = Tokenizer.from_str(_trained_bpe())
+    tokenizer = Tokenizer.from_str(_trained_bpe(tuple(corpus), vocab_size))
     tokenizer.add_special_tokens(list(spec.specials))
     tokenizer.add_tokens(list(spec.plain))
     if spec.prepend_bos:

@@ -1,0 +1,1 @@
+"""`dpa demo`: the whole pipeline on synthetic pictures of shapes, on a laptop CPU, in minutes."""

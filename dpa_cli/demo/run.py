@@ -1,0 +1,131 @@
+"""`dpa demo`: build the inputs, then drive the real commands in order, as a user would type them.
+
+inspect -> upgrade (DPA, and the ViT-only baseline) -> data check -> train stage 1 -> train stage 2 ->
+export -> generate; then score both exports on held-out questions and write the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.errors import DpaError
+
+LEARNED_MARGIN = 0.25  # the DPA export must beat chance by this much (absolute accuracy) at full scale
+
+
+class DemoFailed(DpaError):
+    """A step of the demo failed, or the model did not learn."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    stage1_steps: int
+    stage2_steps: int
+    train_images: int = 2000
+    heldout_images: int = 40
+    batch: int = 8
+
+    @classmethod
+    def scaled(cls, scale: float) -> Budget:
+        """`--steps-scale`: 1.0 is the documented run; 0.1 is the quick one (under a minute)."""
+        return cls(max(2, round(40 * scale)), max(4, round(600 * scale)), heldout_images=40 if scale >= 0.5 else 10)
+
+
+def _train_flags(budget: Budget) -> list[str]:
+    return ["--set", f"global_batch_size={budget.batch}", "--set", f"per_device_train_batch_size={budget.batch}",
+            "--set", "max_length=256", "--set", "gradient_checkpointing=false", "--set", "save_steps=100000",
+            "--set", "logging_steps=5", "--set", "warmup_steps=0.05"]  # fmt: skip
+
+
+class Driver:
+    """Runs `dpa ...` commands through the real command line, in this process, and keeps the list."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.commands: list[str] = []
+
+    def __call__(self, *args: Any) -> None:
+        from dpa_cli.cli.app import app
+
+        words = [str(a) for a in args]
+        self.commands.append("dpa " + " ".join(words))
+        self.say(f"$ dpa {' '.join(words)}")
+        code = app(args=words, standalone_mode=False, prog_name="dpa")
+        if code not in (None, 0):
+            raise DemoFailed(f"`dpa {words[0]}` exited with code {code}", hint="see its message above")
+
+
+def _train_and_export(dpa: Driver, workspace: Path, data: dict[str, Path], budget: Budget) -> Path:
+    flags = _train_flags(budget)
+    dpa("train", "--stage", 1, "--workspace", workspace, "--data", data["captions"], "--image-root", data["images"],
+        *flags, "--max-steps", budget.stage1_steps, "--set", "learning_rate=2e-3")  # fmt: skip
+    dpa("train", "--stage", 2, "--workspace", workspace, "--data", data["instruct"], "--image-root", data["images"],
+        *flags, "--max-steps", budget.stage2_steps, "--set", "learning_rate=2e-3", "--set", "learning_rates.vit=2e-3")  # fmt: skip
+    dpa("export", "--workspace", workspace)
+    return workspace / "export"
+
+
+def _three_images(held: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One question on each of three different held-out images, a different kind of question each."""
+    images = sorted({item["image"] for item in held})[:3]
+    return [next(item for item in held if item["image"] == image and item["kind"] == kind)
+            for image, kind in zip(images, ("colour", "shape", "count"))]  # fmt: skip
+
+
+def _loss_fell(workspace: Path) -> bool:
+    losses = [json.loads(line).get("loss") for line in (workspace / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    losses = [loss for loss in losses if loss is not None]
+    return len(losses) >= 2 and losses[-1] < losses[0]
+
+
+def run_demo(folder: Path, scale: float = 1.0, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole pipeline in `folder`; raises DemoFailed when a step fails or the model did not learn."""
+    from dpa_cli.demo.build import build_models
+    from dpa_cli.demo.evaluate import chance, score
+    from dpa_cli.demo.report import plot_losses, write_report
+    from dpa_cli.demo.shapes import write_dataset
+
+    started, folder, budget = time.perf_counter(), Path(folder), Budget.scaled(scale)
+    say(f"building the synthetic dataset and the starting models in {folder}")
+    data = write_dataset(folder / "data", budget.train_images, budget.heldout_images)
+    target, lm = build_models(folder / "models")
+    dpa = Driver(say)
+    dpa("inspect", target)
+    perceiver = f"vit=target,lm={lm}"
+    workspaces = {"DPA": folder / "dpa", "ViT-only": folder / "vit-only"}
+    dpa("upgrade", target, "--perceiver", perceiver, "-o", workspaces["DPA"])
+    dpa("upgrade", target, "--perceiver", perceiver, "-o", workspaces["ViT-only"], "--perceiver-layers", 0)
+    dpa("data", "check", data["instruct"], "--workspace", workspaces["DPA"], "--image-root", data["images"], "--limit", 200)
+    exports = {name: _train_and_export(dpa, ws, data, budget) for name, ws in workspaces.items()}
+    held = json.loads(data["heldout"].read_text())
+    examples = _three_images(held)
+    for item in examples:
+        dpa("generate", exports["DPA"], "--image", data["images"] / item["image"], "--prompt", item["question"],
+            "--max-new-tokens", 4)  # fmt: skip
+    scores = {name: score(path, data["heldout"], data["images"]) for name, path in exports.items()}
+    scores["chance"] = chance()
+    plot_losses(workspaces, folder / "loss.png")
+    facts = {"train_images": budget.train_images, "heldout_questions": len(held), "stage1_steps": budget.stage1_steps,
+             "stage2_steps": budget.stage2_steps, "batch": budget.batch, "commands": dpa.commands,
+             "seconds": time.perf_counter() - started}  # fmt: skip
+    answers = {(a["image"], a["question"]): a for a in scores["DPA"]["answers"]}
+    report = write_report(folder, scores, [answers[(e["image"], e["question"])] for e in examples], facts)
+    result = {"scores": {k: {"accuracy": v["accuracy"], "overall": v["overall"]} for k, v in scores.items()},
+              "report": str(report), "plot": str(folder / "loss.png"), **facts}  # fmt: skip
+    _check_learned(result, scale, folder)
+    return result
+
+
+def _check_learned(result: dict[str, Any], scale: float, folder: Path) -> None:
+    if scale < 1.0:  # the quick run is too short to score; it must still have learned something
+        if not _loss_fell(folder / "dpa"):
+            raise DemoFailed("the quick demo's stage-2 loss did not fall")
+        return
+    dpa, chance = result["scores"]["DPA"]["overall"], result["scores"]["chance"]["overall"]
+    if dpa < chance + LEARNED_MARGIN:
+        raise DemoFailed(f"the DPA model did not learn: held-out accuracy {dpa:.0%}, chance {chance:.0%}")

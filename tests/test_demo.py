@@ -1,0 +1,36 @@
+"""`dpa demo --steps-scale 0.1`: the whole pipeline through the real commands, end to end, in about a minute."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dpa_cli.cli.app import app
+
+ORDER = ["inspect", "upgrade", "upgrade", "data", "train", "train", "export", "train", "train", "export",
+         "generate", "generate", "generate"]  # fmt: skip
+
+
+def test_quick_demo_runs_every_command_and_writes_its_report(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--steps-scale", "0.1", "-o", str(tmp_path / "demo"), "--json"])
+    assert result.exit_code == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert [command.split()[1] for command in report["commands"]] == ORDER
+    assert set(report["scores"]) == {"DPA", "ViT-only", "chance"}
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 10_000
+    text = (tmp_path / "demo" / "report.md").read_text()
+    assert "Held-out accuracy" in text and "| DPA |" in text and "dpa upgrade" in text
+    for name in ("dpa", "vit-only"):
+        assert (tmp_path / "demo" / name / "export" / "config.json").is_file()
+    assert json.loads((tmp_path / "demo" / "data" / "instruct.json").read_text())[0]["conversations"][0]["value"].startswith("<image>")
+
+
+def test_demo_refuses_to_overwrite_without_force(tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo")])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    forced = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--force"])
+    assert forced.exit_code == 2 and "not one" in forced.stderr
+    assert (tmp_path / "demo" / "notes.txt").read_text() == "mine"
