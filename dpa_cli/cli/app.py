@@ -8,6 +8,7 @@ from dpa_cli import __version__
 from dpa_cli.cli import catalog_cmd, data_cmd, demo_cmd, inspect_cmd, train_cmd, upgrade_cmd
 from dpa_cli.cli import chat_cmd, export_cmd, generate_cmd
 from dpa_cli.cli.bench_cmd import bench_app
+from dpa_cli.cli.analyze_cmd import analyze_app
 from dpa_cli.cli.render import DpaTyper
 
 
@@ -44,6 +45,7 @@ app.command("chat", no_args_is_help=True)(chat_cmd.chat)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_cmd.data_app, name="data")
+app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:
