@@ -7,6 +7,8 @@ the destination itself is either the old state or the new one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -83,15 +85,41 @@ def staged_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _swap_in(tmp, dest)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_folder(tmp: Path, dest: Path) -> None:
+    """Put the complete folder `tmp` in place of `dest` (existing or not); `dest` is never missing or half.
+
+    An existing `dest` is swapped with `tmp` in one atomic exchange where the system has it; the old tree,
+    now under `tmp`'s temporary name, is removed after (or swept by the next run if we are killed first).
+    Elsewhere two renames with a backup that `sweep_stale` restores.
+    """
+    tmp, dest = Path(tmp), Path(dest)
     if not dest.exists():
         os.replace(tmp, dest)
+    elif _exchange(tmp, dest):
+        fsync_path(dest.parent)
+        shutil.rmtree(tmp)
     else:
         backup = dest.with_name(f".{dest.name}{_OLD}{os.getpid()}")
         os.replace(dest, backup)

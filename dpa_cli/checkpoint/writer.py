@@ -2,11 +2,14 @@
 
 Shards are planned from tensor specs before any data moves, so each header is written first and every
 tensor is produced, written and freed one at a time: peak memory is one tensor, not one shard.
+Each file's sha256 is computed while it is written (in a background thread), for the manifests that
+`dpa verify` checks: no second read pass from disk.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -62,9 +65,50 @@ class TensorSpec:
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
-def _copy_slice(piece: FileSlice, handle: BinaryIO) -> None:
+class _StreamDigest:
+    """sha256 of a file as it is written, hashed in a background thread (hashlib releases the GIL).
+
+    One piece is hashed while the next is produced; each piece stays alive until its turn, so order holds
+    and at most two tensors are in memory.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.hash, self.pool, self.pending = hashlib.sha256(), pool, None
+
+    def _submit(self, fn: Callable, *args) -> None:
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def update(self, data) -> None:
+        self._submit(self.hash.update, data)
+
+    def update_range(self, fd: int, offset: int, length: int) -> None:
+        """Bytes the kernel copied (never in our memory): read back from the page cache they were just written to."""
+        self._submit(_hash_range, self.hash, fd, offset, length)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self.hash.hexdigest()
+
+
+def _hash_range(digest, fd: int, offset: int, length: int) -> None:
+    while length:
+        chunk = os.pread(fd, min(length, 8 << 20), offset)
+        if not chunk:
+            raise EOFError(f"file descriptor {fd} ended early")
+        digest.update(chunk)
+        offset, length = offset + len(chunk), length - len(chunk)
+
+
+def _copy_slice(piece: FileSlice, handle: BinaryIO, digest: _StreamDigest) -> None:
     """Copy in the kernel (copy_file_range, as `cp` does); fall back to chunked reads where unsupported."""
     handle.flush()  # the raw descriptor must be at the buffered position
+    start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
     with open(piece.path, "rb") as source:
         offset, left = piece.offset, piece.nbytes
         try:
@@ -77,10 +121,17 @@ def _copy_slice(piece: FileSlice, handle: BinaryIO) -> None:
             if isinstance(err, OSError) and err.errno not in _NO_COPY_RANGE:
                 raise
             source.seek(offset)
+            if offset > piece.offset:  # part went through the kernel before it gave up
+                digest.update_range(handle.fileno(), start, offset - piece.offset)
             while left:
                 chunk = source.read(min(left, 8 << 20))
+                if not chunk:
+                    raise EOFError(f"{piece.path} ended early") from None
                 handle.write(chunk)
+                digest.update(chunk)
                 left -= len(chunk)
+            return
+    digest.update_range(handle.fileno(), start, piece.nbytes)
 
 
 # Given a planned tensor, returns its values, or a FileSlice to copy when the bytes are already right.
@@ -141,23 +192,34 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     sync: bool = True,
-) -> None:
-    """Write one safetensors file, asking `produce` for each tensor in turn; with `sync`, fsynced before returning."""
-    with open(path, "wb") as handle:
-        handle.write(_header(specs, metadata or {"format": "pt"}))
+) -> str:
+    """Write one safetensors file, asking `produce` for each tensor in turn; with `sync`, fsynced before returning.
+
+    Returns the file's sha256 (hex), computed from the bytes as they were written.
+    """
+    # Opened for reading too: bytes the kernel copied are hashed by reading them back (from the page cache).
+    with open(path, "w+b") as handle, ThreadPoolExecutor(1, thread_name_prefix="dpa-sha256") as pool:
+        digest = _StreamDigest(pool)
+        header = _header(specs, metadata or {"format": "pt"})
+        handle.write(header)
+        digest.update(header)
         for spec in specs:
             tensor = produce(spec)
             _check(spec, tensor)
             if isinstance(tensor, FileSlice):
-                _copy_slice(tensor, handle)
+                _copy_slice(tensor, handle, digest)
             else:  # write the tensor's own memory: no bytes copy of the whole tensor
-                handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+                handle.write(data)
+                digest.update(data)
             if on_bytes:
                 on_bytes(spec.nbytes)
             del tensor
         handle.flush()
+        hexdigest = digest.hexdigest()  # before the file closes: kernel-copied ranges are read back from it
         if sync:
             os.fsync(handle.fileno())
+    return hexdigest
 
 
 def write_sharded(
@@ -166,8 +228,12 @@ def write_sharded(
     produce: Producer,
     max_shard_bytes: int,
     on_bytes: Callable[[int], None] | None = None,
+    digests: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Write all tensors into shards under `folder`, plus the index when there is more than one shard."""
+    """Write all tensors into shards under `folder`, plus the index when there is more than one shard.
+
+    `digests`, when given, receives {file name: sha256} of every file written (computed while writing).
+    """
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)
@@ -178,8 +244,9 @@ def write_sharded(
     # durable before this returns (and so before any caller renames the folder into place).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpa-fsync") as syncer:
         pending = []
+        found: dict[str, str] = {}
         for path, shard in zip(files, shards):
-            write_safetensors(path, shard, produce, on_bytes=on_bytes, sync=False)
+            found[path.name] = write_safetensors(path, shard, produce, on_bytes=on_bytes, sync=False)
             pending.append(syncer.submit(fsync_path, path))
         for done in pending:
             done.result()
@@ -192,5 +259,9 @@ def write_sharded(
             },
             "weight_map": dict(sorted(weight_map.items())),
         }
-        (Path(folder) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        raw = (json.dumps(index, indent=2) + "\n").encode()
+        (Path(folder) / INDEX_FILE).write_bytes(raw)
+        found[INDEX_FILE] = hashlib.sha256(raw).hexdigest()
+    if digests is not None:
+        digests.update(found)
     return files

@@ -6,7 +6,7 @@ import typer
 
 from dpa_cli import __version__
 from dpa_cli.cli import catalog_cmd, data_cmd, demo_cmd, inspect_cmd, train_cmd, upgrade_cmd
-from dpa_cli.cli import chat_cmd, export_cmd, generate_cmd
+from dpa_cli.cli import chat_cmd, export_cmd, generate_cmd, verify_cmd
 from dpa_cli.cli.bench_cmd import bench_app
 from dpa_cli.cli.analyze_cmd import analyze_app
 from dpa_cli.cli.render import DpaTyper
@@ -42,6 +42,7 @@ app.command("train", no_args_is_help=True)(train_cmd.train)
 app.command("export")(export_cmd.export)
 app.command("generate", no_args_is_help=True)(generate_cmd.generate)
 app.command("chat", no_args_is_help=True)(chat_cmd.chat)
+app.command("verify", no_args_is_help=True)(verify_cmd.verify)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_cmd.data_app, name="data")

@@ -99,8 +99,10 @@ def export_weights(
     dtype: torch.dtype | None = None,
     shard_size: int = 5_000_000_000,
     on_bytes: Callable[[int], None] | None = None,
+    digests: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write `base`'s tensors into shards under `out`, with `adapter`'s LoRA merged in, cast to `dtype`.
+    """Write `base`'s tensors into shards under `out`, with `adapter`'s LoRA merged in, cast to `dtype`;
+    `digests` receives each written file's sha256.
 
     Returns what was written: tensors, merged modules, shards, bytes, the floating dtype(s), seconds.
     """
@@ -115,7 +117,7 @@ def export_weights(
             adapter_index, pairs = lora_pairs(adapter)
             targets = merge_targets(index, adapter, pairs)
             lora = stack.enter_context(LazyTensorReader(adapter_index))
-        files = write_sharded(out, specs, _Producer(reader, lora, targets), shard_size, on_bytes=on_bytes)
+        files = write_sharded(out, specs, _Producer(reader, lora, targets), shard_size, on_bytes, digests)
     return {
         "tensors": len(specs),
         "merged_modules": len(targets),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dpa_cli.checkpoint.atomic import staged_folder
+from dpa_cli.checksums import CHECKSUMS, tree_checksums
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.export import files
 from dpa_cli.export.card import model_card
@@ -105,11 +106,13 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     return ExportPlan(request, result, output, DTYPES[request.dtype], lora)
 
 
-def _write(plan: ExportPlan, folder: Path, on_bytes: Callable[[int], None] | None) -> dict[str, Any]:
+def _write(
+    plan: ExportPlan, folder: Path, on_bytes: Callable[[int], None] | None, digests: dict[str, str]
+) -> dict[str, Any]:
     """Weights (merged unless kept), config, remote code, processor, generation config, adapter."""
     result = plan.result
     merge = result.adapter_dir if plan.lora == "merged" else None
-    weights = export_weights(result.model_dir, folder, merge, plan.dtype, plan.request.shard_size, on_bytes)
+    weights = export_weights(result.model_dir, folder, merge, plan.dtype, plan.request.shard_size, on_bytes, digests)
     files.copy_side_files(result.model_dir, folder)
     files.write_config(result.model_dir, folder, plan.dtype)
     files.ensure_generation_config(folder, [result.workspace / MODEL_DIR])
@@ -144,7 +147,8 @@ def run_export(
             phase("reference")
             reference_probe(plan.result, probe)
         phase("writing")
-        weights = _write(plan, staging, on_bytes)
+        digests: dict[str, str] = {}
+        weights = _write(plan, staging, on_bytes, digests)
         if plan.request.verify:
             phase("verifying")
             check = check_export(staging, probe, staging / files.ADAPTER_DIR if plan.lora == "kept" else None)
@@ -157,5 +161,6 @@ def run_export(
         # The default folder name says nothing; the workspace's name says which model this is.
         title = plan.output.name if plan.output.name != EXPORT_DIR else plan.result.workspace.name
         (staging / "README.md").write_text(model_card(manifest, summary, plan.output, title), encoding="utf-8")
-        files.write_record(staging, summary)
+        # The manifest `dpa verify` checks: every file but the record itself; shards hashed while written.
+        files.write_record(staging, {**summary, CHECKSUMS: tree_checksums(staging, known=digests)})
     return {**summary, "seconds": round(time.perf_counter() - started, 2)}

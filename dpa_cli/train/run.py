@@ -11,14 +11,17 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
-from dpa_cli.errors import BadInputError
+from dpa_cli.checksums import CHECKSUMS, stage_checksums
+from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.save import save_stage_result
-from dpa_cli.train.stage import TrainRequest, prepare_stage_dir, resolve_recipe, source_model, stage_dir
+from dpa_cli.train.stage import (
+    TrainRequest, discard_stage_dir, prepare_stage_dir, resolve_recipe, source_model, stage_dir, start_stage_dir,
+)  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace import read_manifest, write_manifest
 
@@ -119,7 +122,6 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     source = source_model(request)
     resume_from = prepare_stage_dir(request)
     folder = stage_dir(request.workspace, request.stage)
-    folder.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     args = training_arguments(recipe, request, folder, notes)
     if args.deepspeed and world_size() > 1:
@@ -148,8 +150,15 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
             "tokens_per_step": recipe.global_batch_size * recipe.max_length,
             "resume_from": str(resume_from) if resume_from else None,
         })  # fmt: skip
+    # Only now, every flag, recipe key and the first sample checked, is the stage folder created (or cleared
+    # by --restart): a refusal before this point leaves the workspace as it was.
+    created = start_stage_dir(request)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except DpaError:  # a bad sample met in the first batches: leave no empty run behind
+        discard_stage_dir(request, created)
+        raise
     seconds = time.perf_counter() - started
     save_stage_result(trainer, processor, source, folder, lora=recipe.uses_lora)
     summary = {
@@ -162,6 +171,7 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     if trainer.is_world_process_zero():
         manifest = read_manifest(request.workspace)
         manifest.setdefault("stages", {})[f"stage{request.stage}"] = summary
+        manifest[CHECKSUMS] = stage_checksums(manifest.get(CHECKSUMS), folder, f"stage{request.stage}")
         write_manifest(request.workspace, manifest)
         reporter.after_training(summary)
     return summary

@@ -7,7 +7,6 @@ Both folders are written under temporary names and renamed into place when compl
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
-from dpa_cli.checkpoint.atomic import fsync_path
+from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.upgrade.files import copy_model_code
@@ -35,10 +34,7 @@ def _tmp(trainer: Any, folder: Path, name: str) -> Path:
 
 
 def _commit(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
+    replace_folder(tmp, final)  # an existing result is swapped out in one step, never deleted first
 
 
 def _copy_side_files(source: Path, dest: Path) -> None:

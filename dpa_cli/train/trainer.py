@@ -15,6 +15,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.errors import DpaError
 from dpa_cli.train.freeze import parameter_groups
 
@@ -68,10 +69,7 @@ class DPATrainer(Trainer):
             self._saving = False
         self.accelerator.wait_for_everyone()  # every rank's optimizer shards are in the staging folder
         if self.args.should_save:
-            final = run_dir / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(run_dir / STAGING / name, final)
+            replace_folder(run_dir / STAGING / name, run_dir / name)
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)
             rotate_checkpoints(
                 output_dir=str(run_dir),

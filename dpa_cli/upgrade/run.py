@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli.checkpoint.atomic import staged_folder
+from dpa_cli.checksums import CHECKSUMS, tree_checksums
 from dpa_cli.errors import BadInputError
 from dpa_cli.upgrade.files import write_model_files
 from dpa_cli.upgrade.fingerprint import fingerprint_in_background
@@ -98,7 +99,8 @@ def run_upgrade(
         with staged_folder(workspace, replace=force) as staging:
             model_dir = staging / MODEL_DIR
             model_dir.mkdir()
-            write_weights(plan, model_dir, on_bytes)
+            digests: dict[str, str] = {}
+            write_weights(plan, model_dir, on_bytes, digests)
             write_model_files(plan, model_dir)
             write_processor(plan, model_dir)
             report = {"written": check_written(plan, model_dir)}
@@ -106,6 +108,8 @@ def run_upgrade(
                 report["loaded"] = load_and_run(model_dir)
             fingerprints = {role: future.result() for role, future in hashes.items()}
             manifest = _manifest(plan, fingerprints, report, time.perf_counter() - started)
+            # What was written, file by file, for `dpa verify`; shards were hashed while they were written.
+            manifest[CHECKSUMS] = tree_checksums(model_dir, f"{MODEL_DIR}/", digests)
             write_manifest(staging, manifest)
     finally:
         pool.shutdown(cancel_futures=True)

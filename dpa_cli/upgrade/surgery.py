@@ -79,9 +79,15 @@ class TensorSource:
         return tensor.to(plan.dtype)
 
 
-def write_weights(plan: UpgradePlan, folder: Path, on_bytes: Callable[[int], None] | None = None) -> list[Path]:
-    """Write every planned tensor into safetensors shards (and an index) under `folder`."""
+def write_weights(
+    plan: UpgradePlan,
+    folder: Path,
+    on_bytes: Callable[[int], None] | None = None,
+    digests: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write every planned tensor into safetensors shards (and an index) under `folder`; `digests` receives
+    each file's sha256, computed while writing."""
     with ExitStack() as stack:
         produce = TensorSource(plan, stack)
         specs = [t.spec for t in plan.tensors]
-        return write_sharded(folder, specs, produce, plan.options.shard_size, on_bytes=on_bytes)
+        return write_sharded(folder, specs, produce, plan.options.shard_size, on_bytes=on_bytes, digests=digests)

@@ -1,0 +1,148 @@
+"""sha256 manifests of what dpa wrote, and `dpa verify`: which files changed, went missing or appeared since.
+
+A workspace keeps its manifest in dpa.yaml (`checksums`: path relative to the workspace -> sha256, for
+`model/` and every stage result); an export keeps it in dpa_export.json. Both are written in the same
+rename that puts the files in place, so a manifest always describes a complete folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.checkpoint import sha256_file
+from dpa_cli.errors import BadInputError
+
+CHECKSUMS = "checksums"
+EXPORT_RECORD = "dpa_export.json"  # the same name as dpa_cli.export.files.EXPORT_RECORD (no import cycle)
+
+
+def tree_checksums(folder: Path, prefix: str = "", known: dict[str, str] | None = None) -> dict[str, str]:
+    """{prefix + path relative to `folder`: sha256} of every file under it; `known` digests (file name
+    relative to `folder` -> sha256, computed while writing) are taken as they are instead of reading again."""
+    folder, known = Path(folder), known or {}
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        sums[prefix + name] = known.get(name) or sha256_file(path)
+    return sums
+
+
+def stage_checksums(recorded: Any, folder: Path, name: str) -> dict[str, str]:
+    """The workspace manifest with stage `name`'s result (`model/`, `adapter/`) hashed in afresh.
+
+    Trainer-written files are read once more here: seconds, next to the hours the stage took.
+    """
+    sums = {k: v for k, v in (recorded or {}).items() if not k.startswith(f"{name}/")}
+    for part in ("model", "adapter"):
+        if (folder / part).is_dir():
+            sums.update(tree_checksums(folder / part, f"{name}/{part}/"))
+    return sums
+
+
+@dataclass
+class VerifyReport:
+    """What `dpa verify` found: every file the manifest names, checked."""
+
+    path: Path
+    kind: str  # "workspace" or "export"
+    checked: int = 0
+    changed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)  # the folders covered, e.g. model, stage1/model, export
+
+    @property
+    def clean(self) -> bool:
+        return not (self.changed or self.missing or self.extra)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "kind": self.kind, "clean": self.clean, "checked": self.checked,
+            "changed": self.changed, "missing": self.missing, "extra": self.extra, "parts": self.parts,
+        }  # fmt: skip
+
+
+def _part(name: str) -> str:
+    """The folder a recorded file belongs to: `model`, `stage1/model`, `stage2/adapter`..."""
+    parts = name.split("/")
+    return "/".join(parts[:2]) if parts[0].startswith("stage") and len(parts) > 2 else parts[0]
+
+
+def _compare(root: Path, expected: dict[str, str], parts: list[str], report: VerifyReport, skip: set[str]) -> None:
+    found = {}
+    for part in parts:
+        base = root / part if part else root
+        if base.is_dir():
+            found.update(tree_checksums(base, f"{part}/" if part else ""))
+    for name in sorted(expected):
+        if name not in found:
+            report.missing.append(name)
+        elif found[name] != expected[name]:
+            report.changed.append(name)
+    report.extra += sorted(name for name in found if name not in expected and name not in skip)
+    report.checked += len(expected)
+
+
+def _recorded(mapping: Any, where: Path) -> dict[str, str]:
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise BadInputError(
+            f"{where} carries no sha256 manifest (written by an older dpa, or edited by hand)",
+            hint="nothing to verify against: upgrade or export again to get one",
+        )
+    return mapping
+
+
+def _export_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("dpa_export") == 1 else None
+
+
+def verify_export(folder: Path, prefix: str = "", report: VerifyReport | None = None) -> VerifyReport:
+    record = _export_record(folder)
+    if record is None:
+        raise BadInputError(f"{folder}: no readable {EXPORT_RECORD}", hint="only exports dpa wrote carry a manifest")
+    expected = _recorded(record.get(CHECKSUMS), folder / EXPORT_RECORD)
+    report = report or VerifyReport(folder, "export")
+    sub = VerifyReport(folder, "export")
+    _compare(folder, expected, [""], sub, skip={EXPORT_RECORD})
+    report.checked += sub.checked
+    for name in ("changed", "missing", "extra"):
+        getattr(report, name).extend(prefix + item for item in getattr(sub, name))
+    report.parts.append(prefix.rstrip("/") or ".")
+    return report
+
+
+def verify_workspace(folder: Path) -> VerifyReport:
+    """model/ and every stage result against dpa.yaml; an export inside the workspace against its own record."""
+    from dpa_cli.workspace import MANIFEST, read_manifest
+
+    expected = _recorded(read_manifest(folder).get(CHECKSUMS), folder / MANIFEST)
+    parts = sorted({_part(name) for name in expected})
+    report = VerifyReport(folder, "workspace", parts=list(parts))
+    _compare(folder, expected, parts, report, skip=set())
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and _export_record(p) is not None):
+        verify_export(child, f"{child.name}/", report)
+    return report
+
+
+def verify_path(path: Path) -> VerifyReport:
+    """Re-hash a workspace or an export dpa wrote against the manifest it carries."""
+    from dpa_cli.workspace import is_workspace
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BadInputError(f"no such folder: {path}")
+    if is_workspace(path):
+        return verify_workspace(path.resolve())
+    if path.is_dir() and _export_record(path) is not None:
+        return verify_export(path.resolve())
+    raise BadInputError(
+        f"{path} is neither a dpa workspace (no dpa.yaml) nor an export dpa wrote (no {EXPORT_RECORD})",
+        hint="pass the folder `dpa upgrade` or `dpa export` wrote",
+    )
