@@ -177,3 +177,118 @@ def train_table(result: dict[str, Any]) -> Table:
 def train_markdown(result: dict[str, Any]) -> str:
     rows = "\n".join("| " + " | ".join(row) + " |" for row in _train_rows(result))
     return "| model | GFLOPs per step | step seconds (min / median) | params |\n|---|---|---|---|\n" + rows
+
+
+@bench_app.command("infer")
+def infer(
+    model: Annotated[str | None, typer.Argument(help="The DPA model: a workspace, a stage folder or an export "
+                                                     "\\[default: a synthetic pair built for the run].", show_default=False)] = None,
+    baseline: Annotated[str | None, typer.Option(help="The original LLaVA model \\[default: the target recorded in the "
+                                                      "workspace's dpa.yaml].", show_default=False)] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda \\[default: cuda when present].", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per prompt (exactly this many).")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed passes over the prompt set per model, after a warm-up.")] = 3,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Hold one model in memory at a time (for pairs "
+                                                                  "that do not fit together).")] = False,
+    synthetic: Annotated[str, typer.Option(help="Without MODEL: size of the synthetic pair, quick or default.")] = "default",
+    workdir: Annotated[Path | None, typer.Option(help="Where to build a synthetic pair (default: a temporary folder).")] = None,
+    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    json_: JsonFlag = False,
+) -> None:
+    """A DPA model against the original LLaVA model it was upgraded from, answering the same prompts.
+
+    Prefill latency per image, decode and end-to-end tokens/s, peak memory and counted FLOPs per image of both.
+
+    Printed as DPA / original ratios over the repeats, with the analytic FLOP ratio at the paper's 4B and 32B.
+
+    Checks that the perceiver runs once per prompt (at prefill), never per decoded token.
+
+    Examples:
+      dpa bench infer ws
+      dpa bench infer ws/export --baseline llava-next-qwen3-4b --device cuda --max-new-tokens 256 --json
+      dpa bench infer --synthetic quick --repeats 1
+    """
+    from dpa_cli.bench.infer import bench_infer
+    from dpa_cli.bench.pairs import PAIRS, build_pair
+    from dpa_cli.cli.bench_tables import INFER_COLUMNS, PAPER_COLUMNS, infer_markdown, infer_rows, infer_title
+    from dpa_cli.cli.bench_tables import paper_rows, paper_title, rich_table
+    from dpa_cli.errors import BadInputError
+
+    if model is None and synthetic not in PAIRS:
+        raise BadInputError(f"--synthetic {synthetic!r} is not one of {', '.join(PAIRS)}")
+    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+        model = model or str(build_pair(Path(tmp), synthetic))
+        result = bench_infer(model, baseline, device, max_new_tokens, repeats, sequential)
+    result["machine"] = machine()
+    if json_:
+        print_json(result)
+    else:
+        out.print(rich_table(INFER_COLUMNS, infer_rows(result), infer_title(result)))
+        out.print(f"perceiver runs per prompt: {result['perceiver_calls_per_prompt']:g}")
+        out.print(rich_table(PAPER_COLUMNS, paper_rows(result["paper"]), paper_title(result["paper"])))
+    if write_docs:
+        append_doc("dpa bench infer", infer_markdown(result))
+
+
+@bench_app.command("flops")
+def flops(
+    prompt_tokens: Annotated[int, typer.Option(min=0, help="Text tokens of the prompt around the image.")] = 64,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated, for the whole-generation ratio.")] = 256,
+    json_: JsonFlag = False,
+) -> None:
+    """Analytic FLOPs per image of the paper's setups (Qwen3-4B and Qwen3-32B targets), from their configs.
+
+    Original: Qwen2.5-VL-3B's ViT + merger + target. DPA: the same ViT + phi_p + Qwen3-0.6B's 28 blocks + phi + target.
+
+    Pure arithmetic: nothing is downloaded or loaded.
+
+    Examples:
+      dpa bench flops
+      dpa bench flops --prompt-tokens 1024 --new-tokens 512 --json
+    """
+    from dpa_cli.bench.analytic import paper_table
+    from dpa_cli.cli.bench_tables import PAPER_COLUMNS, paper_rows, paper_title, rich_table
+
+    paper = paper_table(prompt_tokens, new_tokens)
+    if json_:
+        print_json(paper)
+    else:
+        out.print(rich_table(PAPER_COLUMNS, paper_rows(paper), paper_title(paper)))
+
+
+@bench_app.command("all")
+def all_(
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny-but-not-trivial inputs: a few minutes on a CPU.")] = False,
+    only: Annotated[list[str] | None, typer.Option(help="Run only this bench (repeat for several): upgrade, train, "
+                                                        "export, infer.", show_default=False)] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
+    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the summary to {PERFORMANCE_DOC}.")] = False,
+    json_: JsonFlag = False,
+) -> None:
+    """Every bench (upgrade, train, export, infer) in one run, summarised in one table (and as --json).
+
+    Without --quick each bench runs at its own command's defaults (tens of minutes on a CPU).
+
+    Examples:
+      dpa bench all --quick
+      dpa bench all --quick --only infer --only train --json
+    """
+    from dpa_cli.bench.suite import BENCHES, bench_all
+    from dpa_cli.cli.bench_tables import ALL_COLUMNS, all_rows, markdown_table, rich_table
+    from dpa_cli.cli.render import err
+    from dpa_cli.errors import BadInputError
+
+    unknown = sorted(set(only or ()) - set(BENCHES))
+    if unknown:
+        raise BadInputError(f"--only {unknown[0]}: no such bench", hint=f"choose from {', '.join(BENCHES)}")
+    names = tuple(name for name in BENCHES if name in (only or BENCHES))
+    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+        result = bench_all(Path(tmp), quick, names, say=lambda line: err.print(line))
+    result["machine"] = machine()
+    title = f"dpa bench all{' --quick' if quick else ''}: seconds " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items())
+    if json_:
+        print_json(result)
+    else:
+        out.print(rich_table(ALL_COLUMNS, all_rows(result), title))
+    if write_docs:
+        append_doc(f"dpa bench all{' --quick' if quick else ''}", title + ".\n\n" + markdown_table(ALL_COLUMNS, all_rows(result)))

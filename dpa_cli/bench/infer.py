@@ -1,0 +1,290 @@
+"""`dpa bench infer`: a DPA model against the original LLaVA model it was upgraded from, at inference.
+
+Both answer the same prompts (one image each) greedily for exactly `max_new_tokens`. A logits processor
+stamps the clock at every decoding step: its first call ends the prefill (perceiver or ViT, projector, the
+target's pass over the prompt), the rest is decoding over the KV cache. The two models are measured one
+after the other in one run (never both in memory: a 32B pair would not fit one GPU), each after a warm-up
+pass that also measures its memory. FLOPs per image are counted from one real prefill of each.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpa_cli.bench.memory import PeakMemory
+from dpa_cli.errors import BadInputError, DpaError
+from dpa_cli.generate import Runnable, build_inputs, open_runnable, user_turn
+from dpa_cli.workspace import read_manifest
+
+# The fixed prompt set: one image each, of different shapes so AnyRes-style processors tile them differently.
+PROMPTS = (
+    ("Describe the picture in detail: the shapes, their colours and where they are.", (160, 120)),
+    ("What colour is the largest shape?", (96, 128)),
+    ("How many shapes are there, and which one is on the left?", (200, 100)),
+)
+FIGURES = ("prefill_s_per_image", "decode_tokens_per_s", "e2e_tokens_per_s")
+TARGET_DECODE_RATIO = 0.98  # the paper's 32B throughput ratio, where the target LLM dominates
+
+
+class PerceiverCallError(DpaError):
+    """The perceiver ran more than once per prompt: it would be paying its cost on every decoded token."""
+
+
+def prompt_images() -> list[Any]:
+    """The prompt set's images: coloured shapes on grey, drawn the same way every run."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i, (_, size) in enumerate(PROMPTS):
+        image = Image.new("RGB", size, (128, 128, 128))
+        draw = ImageDraw.Draw(image)
+        w, h = size
+        draw.ellipse((w // 8, h // 8, w // 2, h // 2), fill=(200, 40 * i, 40))
+        draw.rectangle((w // 2, h // 2, w - 4, h - 4), fill=(30, 60, 200))
+        images.append(image)
+    return images
+
+
+def resolve_baseline(spec: str, baseline: str | None) -> str:
+    """--baseline, else the target recorded in the workspace's dpa.yaml, else a clear error."""
+    if baseline:
+        return baseline
+    from dpa_cli.export.stages import find_runnable
+
+    workspace = find_runnable(spec).workspace
+    if workspace is None:
+        raise BadInputError(f"{spec} is not a workspace, so the original model it came from is not recorded",
+                            hint="pass --baseline ORIGINAL (the LLaVA model that was upgraded)")  # fmt: skip
+    target = (read_manifest(workspace).get("plan") or {}).get("target") or {}
+    for candidate in (target.get("path"), target.get("spec")):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return str(candidate)
+    raise BadInputError(f"{workspace}/dpa.yaml names the original model as {target.get('spec')!r}, which is not "
+                        "on this machine any more", hint="pass --baseline ORIGINAL")  # fmt: skip
+
+
+def _text_shape(config: Any) -> tuple[int, int, int]:
+    text = config.get_text_config()
+    return text.hidden_size, text.num_hidden_layers, text.vocab_size
+
+
+def check_pair(model: str, baseline: str) -> None:
+    """MODEL must be a DPA model and ORIGINAL not, with the same target LLM: checked on configs, before loading."""
+    from transformers import AutoConfig
+
+    import dpa_cli.model  # noqa: F401  registers the DPA config class
+    from dpa_cli.export.stages import find_runnable
+
+    dpa, original = (AutoConfig.from_pretrained(find_runnable(spec).model_dir, trust_remote_code=True)
+                     for spec in (model, baseline))  # fmt: skip
+    if dpa.model_type != "dpa":
+        raise BadInputError(f"{model} is not a DPA model (model_type {dpa.model_type!r})",
+                            hint="MODEL is the upgraded model: a workspace or an export")  # fmt: skip
+    if original.model_type == "dpa":
+        raise BadInputError(f"--baseline {baseline} is a DPA model", hint="the baseline is the original LLaVA model")
+    if _text_shape(dpa) != _text_shape(original):
+        raise BadInputError(f"--baseline {baseline} has another language model (hidden, layers, vocab "
+                            f"{_text_shape(original)}) than {model} {_text_shape(dpa)}",
+                            hint="pass the model that was upgraded")  # fmt: skip
+
+
+def encoder_module(model: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module:
+    """The outermost submodule called one of `names` (the perceiver, or the original's vision tower)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names:
+            return module
+    raise BadInputError(f"{type(model).__name__} has no module named {' or '.join(names)}")
+
+
+def count_prefill_flops(model: torch.nn.Module, inputs: Any) -> int:
+    """FLOPs of one prefill (logits for the last position only, as generate computes them).
+
+    Like `dpa_cli.flops.count_flops`, plus the fused CPU attention kernel, which torch's counter does not
+    know: without it, attention would count on a GPU and vanish on a CPU.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model(**inputs, logits_to_keep=1)
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class Run:
+    """One greedy generation: seconds to the first token's logits, to the end, and tokens made."""
+
+    prefill_s: float
+    total_s: float
+    new_tokens: int
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate_timed(runnable: Runnable, inputs: Any, max_new_tokens: int) -> Run:
+    """Greedy generation of exactly `max_new_tokens`, with the clock read at every decoding step."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            _sync(runnable.device)
+            stamps.append(time.perf_counter())
+            return scores
+
+    _sync(runnable.device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = runnable.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                         do_sample=False, logits_processor=LogitsProcessorList([Clock()]))  # fmt: skip
+    _sync(runnable.device)
+    return Run(stamps[0] - started, time.perf_counter() - started, output.shape[1] - inputs["input_ids"].shape[1])
+
+
+def _figures(runs: list[Run]) -> dict[str, float]:
+    """One pass over the prompt set: mean prefill per image, decode and end-to-end tokens per second."""
+    decoded = sum(r.new_tokens - 1 for r in runs)
+    return {
+        "prefill_s_per_image": statistics.fmean(r.prefill_s for r in runs),
+        "decode_tokens_per_s": decoded / sum(r.total_s - r.prefill_s for r in runs) if decoded else float("nan"),
+        "e2e_tokens_per_s": sum(r.new_tokens for r in runs) / sum(r.total_s for r in runs),
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values)}
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+class Side:
+    """One model under measurement: its prompts as inputs, its encoder's call count, its timed passes."""
+
+    def __init__(self, runnable: Runnable, encoder: tuple[str, ...], max_new_tokens: int):
+        self.runnable, self.max_new_tokens, self.passes, self.generations = runnable, max_new_tokens, [], 0
+        dtype = next(runnable.model.parameters()).dtype
+        self.prompts = [build_inputs(runnable.processor, [user_turn(text, [image])]).to(device=runnable.device, dtype=dtype)
+                        for (text, _), image in zip(PROMPTS, prompt_images())]  # fmt: skip
+        self.calls = [0]
+        hook = lambda *_: self.calls.__setitem__(0, self.calls[0] + 1)  # noqa: E731
+        self._hook = encoder_module(runnable.model, encoder).register_forward_hook(hook)
+
+    def generate(self, inputs: Any) -> Run:
+        self.generations += 1
+        return generate_timed(self.runnable, inputs, self.max_new_tokens)
+
+    def warm_up(self) -> None:
+        """One generation, then one per prompt with memory measured: the process's first generate allocates
+        one-time buffers that are not this model's."""
+        self.generate(self.prompts[0])
+        self.growth = []
+        for inputs in self.prompts:
+            with PeakMemory(self.runnable.device) as memory:
+                self.generate(inputs)
+            self.growth.append(memory.growth)
+
+    def timed_pass(self) -> None:
+        self.passes.append(_figures([self.generate(inputs) for inputs in self.prompts]))
+
+    def summary(self) -> dict[str, Any]:
+        """The model's figures; FLOPs counted now, after the timed passes."""
+        self._hook.remove()
+        model, weights = self.runnable.model, weights_bytes(self.runnable.model)
+        growth = max(self.growth) if None not in self.growth else None
+        return {
+            "path": str(self.runnable.source.model_dir),
+            "params": sum(p.numel() for p in model.parameters()),
+            "weights_bytes": weights,
+            "memory_growth_bytes": growth,
+            "peak_memory_bytes": weights + growth if growth is not None else None,
+            "flops_per_image": round(statistics.fmean(count_prefill_flops(model, p) for p in self.prompts)),
+            "prompt_tokens": statistics.fmean(p["input_ids"].shape[1] for p in self.prompts),
+            "encoder_calls_per_prompt": self.calls[0] / self.generations,
+            **{key: _stats([p[key] for p in self.passes]) for key in FIGURES},
+        }
+
+    def release(self) -> None:
+        self.runnable.model.to("meta")  # drop the weights now, not whenever the last reference goes
+        gc.collect()
+        if self.runnable.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+ENCODERS = {"original": ("vision_tower", "visual", "vision_model"), "dpa": ("perceiver",)}
+
+
+def _measure(paths: dict[str, str], device: str | None, max_new_tokens: int, repeats: int,
+             sequential: bool) -> tuple[dict[str, Any], list[dict[str, dict[str, float]]]]:  # fmt: skip
+    """Both sides' summaries and their passes, paired. Interleaved by default (pass i of the original, then
+    of DPA: load drift hits both alike); `sequential` holds one model in memory at a time."""
+    def open_side(name: str) -> Side:
+        return Side(open_runnable(paths[name], device=device), ENCODERS[name], max_new_tokens)
+
+    results, passes = {}, {}
+    if sequential:
+        for name in ENCODERS:
+            side = open_side(name)
+            side.warm_up()
+            for _ in range(repeats):
+                side.timed_pass()
+            results[name], passes[name] = side.summary(), side.passes
+            results["device"] = side.runnable.device
+            side.release()
+    else:
+        sides = {name: open_side(name) for name in ENCODERS}
+        for side in sides.values():
+            side.warm_up()
+        for _ in range(repeats):
+            for side in sides.values():
+                side.timed_pass()
+        results = {name: side.summary() for name, side in sides.items()}
+        passes = {name: side.passes for name, side in sides.items()}
+        results["device"] = sides["dpa"].runnable.device
+    return results, [{"dpa": d, "original": o} for d, o in zip(passes["dpa"], passes["original"])]
+
+
+def _ratios(results: dict[str, Any], pairs: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """DPA / original: per pass, paired, then min and median; single figures as one ratio."""
+    dpa, original = results["dpa"], results["original"]
+    ratios: dict[str, Any] = {key: _stats([p["dpa"][key] / p["original"][key] for p in pairs]) for key in FIGURES}
+    for key in ("flops_per_image", "peak_memory_bytes"):
+        ratios[key] = dpa[key] / original[key] if dpa[key] and original[key] else None
+    return ratios
+
+
+def bench_infer(model: str, baseline: str | None = None, device: str | None = None, max_new_tokens: int = 32,
+                repeats: int = 3, sequential: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Measure the DPA model and the original it came from on the same prompts; ratios are DPA / original."""
+    from dpa_cli.bench.analytic import paper_table
+
+    if max_new_tokens < 2:
+        raise BadInputError("--max-new-tokens must be at least 2: decoding speed needs a token after the first")
+    baseline = resolve_baseline(model, baseline)
+    check_pair(model, baseline)
+    results, pairs = _measure({"original": baseline, "dpa": model}, device, max_new_tokens, repeats, sequential)
+    calls = results["dpa"]["encoder_calls_per_prompt"]
+    if calls != 1:
+        raise PerceiverCallError(f"the perceiver ran {calls:g} times per prompt during generate; it must run once "
+                                 "(at prefill), never per decoded token")  # fmt: skip
+    return {
+        "device": results.pop("device"), "max_new_tokens": max_new_tokens, "repeats": repeats,
+        "sequential": sequential, "prompts": [text for text, _ in PROMPTS], "models": results,
+        "ratios": _ratios(results, pairs), "perceiver_calls_per_prompt": calls,
+        "paper": paper_table(), "targets": {"decode_tokens_per_s": TARGET_DECODE_RATIO},
+    }  # fmt: skip
