@@ -9,6 +9,7 @@ from dpa_cli.cli import catalog_cmd, data_cmd, demo_cmd, inspect_cmd, train_cmd,
 from dpa_cli.cli import chat_cmd, export_cmd, generate_cmd, verify_cmd
 from dpa_cli.cli.bench_cmd import bench_app
 from dpa_cli.cli.analyze_cmd import analyze_app
+from dpa_cli.cli import eval_cmd
 from dpa_cli.cli.render import DpaTyper
 
 
@@ -42,6 +43,7 @@ app.command("train", no_args_is_help=True)(train_cmd.train)
 app.command("export")(export_cmd.export)
 app.command("generate", no_args_is_help=True)(generate_cmd.generate)
 app.command("chat", no_args_is_help=True)(chat_cmd.chat)
+app.command("eval", no_args_is_help=True)(eval_cmd.eval_)
 app.command("verify", no_args_is_help=True)(verify_cmd.verify)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(bench_app, name="bench")

@@ -1,0 +1,182 @@
+"""Evaluation items from local files: VQA / multiple-choice JSONL or JSON, MMLU-style CSV, or a datasets folder.
+
+Field names follow the common benchmark exports: `question`, `answer` (a string, a list of strings, a letter or
+an option index), `image` (a path relative to --image-root), `options` / `choices` (a list, or a dict by letter,
+or `A`..`D` columns, or inline "A. ..." lines in the question), `id`, `category` / `subject`. An item that
+cannot be scored is a `BadInputError` naming the file and the item.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.data.samples import ImageRef
+from dpa_cli.errors import BadInputError
+from dpa_cli.evaluation.metrics import LETTERS, normalize_answer
+
+_INLINE_OPTION = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.+?)\s*$")
+_LETTER = re.compile(r"^\s*\(?([A-Z])\)?[.:]?\s*$")
+
+
+@dataclass
+class Item:
+    id: str
+    question: str  # without inline options (they are in `options`)
+    answers: list[str]  # gold answers; for multiple choice the gold letter
+    image: ImageRef | None = None
+    options: list[str] = field(default_factory=list)
+    category: str | None = None
+    prompt: str | None = None  # the record's own prompt, sent as it is
+
+
+def _first(record: dict, *names: str) -> Any:
+    return next((record[name] for name in names if record.get(name) not in (None, "")), None)
+
+
+def _image_ref(value: Any, root: Path) -> ImageRef | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ImageRef(path=value, root=root)
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return ImageRef(path=value.get("path"), data=value["bytes"])
+    if isinstance(value, dict) and value.get("path"):
+        return ImageRef(path=value["path"])
+    return ImageRef(image=value) if hasattr(value, "mode") else None
+
+
+def _options(record: dict, question: str) -> tuple[list[str], str]:
+    """The options and the question without inline option lines."""
+    value = _first(record, "options", "choices")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if isinstance(value, dict):
+        value = [value[key] for key in sorted(value)]
+    if isinstance(value, list) and value:
+        return [str(option) for option in value], question
+    columns = [record[letter] for letter in LETTERS[:10] if record.get(letter) not in (None, "")]  # MMBench style
+    if len(columns) >= 2:
+        return [str(option) for option in columns], question
+    lines, inline = question.splitlines(), []
+    for line in lines:
+        match = _INLINE_OPTION.match(line)
+        if match and match.group(1) == LETTERS[len(inline)]:
+            inline.append(match.group(2))
+    if len(inline) < 2:
+        return [], question
+    kept = [line for line in lines if not (_INLINE_OPTION.match(line) and _INLINE_OPTION.match(line).group(2) in inline)]
+    return inline, "\n".join(kept).strip()
+
+
+def _gold_letter(answer: Any, options: list[str]) -> str | None:
+    """The gold option letter from a letter ("B", "(B)"), an option's text, or a 0-based option index."""
+    if isinstance(answer, list):
+        answer = answer[0] if answer else None
+    if isinstance(answer, bool) or answer is None:
+        return None
+    if isinstance(answer, int):
+        return LETTERS[answer] if 0 <= answer < len(options) else None
+    match = _LETTER.match(str(answer))
+    if match and match.group(1) in LETTERS[: len(options)]:
+        return match.group(1)
+    wanted = normalize_answer(str(answer))
+    found = [letter for letter, option in zip(LETTERS, options) if normalize_answer(option) == wanted]
+    if len(found) == 1:
+        return found[0]
+    return _gold_letter(int(answer), options) if str(answer).strip().isdigit() else None
+
+
+def to_item(record: Any, index: int, root: Path, where: str) -> Item:
+    if not isinstance(record, dict):
+        raise BadInputError(f"{where}: item {index} is a JSON {type(record).__name__}, not an object")
+    item_id = str(_first(record, "id", "question_id", "index") or f"#{index}")
+    question = _first(record, "question", "query", "text")
+    if not isinstance(question, str):
+        raise BadInputError(f"{where}: item {item_id} has no `question`", hint="each item needs `question` and `answer`")
+    answer = _first(record, "answer", "answers", "label")
+    options, question = _options(record, question)
+    image = _image_ref(_first(record, "image", "image_path", "images"), root)
+    category = _first(record, "category", "subject")
+    item = Item(item_id, question, [], image, options, str(category) if category is not None else None,
+                _first(record, "prompt"))  # fmt: skip
+    if options:
+        gold = _gold_letter(answer, options)
+        if gold is None:
+            raise BadInputError(f"{where}: item {item_id}: answer {answer!r} is neither an option letter "
+                                f"({LETTERS[0]}-{LETTERS[len(options) - 1]}), an option index nor an option's text")  # fmt: skip
+        item.answers = [gold]
+    elif isinstance(answer, list) and answer:
+        item.answers = [str(value) for value in answer]
+    elif answer is not None:
+        item.answers = [str(answer)]
+    else:
+        raise BadInputError(f"{where}: item {item_id} has no `answer`", hint="each item needs `question` and `answer`")
+    return item
+
+
+def _read_records(path: Path) -> list[Any]:
+    if path.is_dir():
+        return _read_dataset(path)
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".csv":
+        return _read_csv(text)
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson") or not text.lstrip().startswith("["):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{path}: not valid JSON / JSONL (line {err.lineno}: {err.msg})") from None
+
+
+def _read_csv(text: str) -> list[dict]:
+    """MMLU's own CSV: question, A, B, C, D, answer, no header (a header row with these names is fine too)."""
+    rows = [row for row in csv.reader(text.splitlines()) if row]
+    if rows and rows[0][0].strip().lower() == "question":
+        names = [name.strip() for name in rows[0]]
+        return [dict(zip(names, row)) for row in rows[1:]]
+    letters = lambda row: LETTERS[: len(row) - 2]  # noqa: E731
+    return [{"question": row[0], **dict(zip(letters(row), row[1:-1])), "answer": row[-1]} for row in rows]
+
+
+def _read_dataset(path: Path) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise BadInputError(f"{path}: a folder needs the `datasets` package to read",
+                            hint="pip install datasets, or export the items as JSONL") from None  # fmt: skip
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise BadInputError(f"{path}: not a folder saved with datasets' save_to_disk ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = next((name for name in ("test", "validation", "train") if name in loaded), next(iter(loaded)))
+        loaded = loaded[split]
+    return list(loaded)
+
+
+def load_items(data: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> list[Item]:
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    root = Path(image_root).expanduser() if image_root is not None else (path if path.is_dir() else path.parent)
+    records = _read_records(path)
+    if not isinstance(records, list):
+        raise BadInputError(f"{path}: the top level is not a list of items")
+    items = [to_item(record, i, root, str(path)) for i, record in enumerate(records[:limit])]
+    if not items:
+        raise BadInputError(f"{path}: no items")
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise BadInputError(f"{path}: item id {duplicate!r} appears more than once", hint="ids must be unique")
+    return items
