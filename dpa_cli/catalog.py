@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from dpa_cli.errors import BadInputError, ModelNotFoundError
+from dpa_cli.errors import BadInputError, ModelNotFoundError, yaml_problem
 
 BUILTIN = Path(__file__).with_name("catalog.yaml")
 KINDS = ("targets", "perceivers")
@@ -26,8 +26,10 @@ class Alias:
 def _read(path: Path) -> list[Alias]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise BadInputError(f"{path}: cannot read the catalog ({err})", hint="fix or unset $DPA_CATALOG") from None
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read the catalog ({err.strerror})", hint="fix or unset $DPA_CATALOG") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise BadInputError(f"{path}: cannot read the catalog ({yaml_problem(err)})", hint="fix or unset $DPA_CATALOG") from None
     if not isinstance(data, dict) or set(data) - set(KINDS):
         raise BadInputError(f"{path}: a catalog holds only the sections {', '.join(KINDS)}")
     aliases = []

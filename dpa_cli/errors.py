@@ -36,3 +36,11 @@ class CheckpointError(BadInputError):
 
 class UnknownFamilyError(BadInputError):
     """config.json names a model no family adapter recognises."""
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML parse error in one line: where and what (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    return where + what

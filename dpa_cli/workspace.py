@@ -6,6 +6,7 @@ only ever replaced whole (temp + fsync + rename).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib import metadata
@@ -16,7 +17,7 @@ import yaml
 
 from dpa_cli import __version__
 from dpa_cli.checkpoint.atomic import write_text_atomic
-from dpa_cli.errors import BadInputError
+from dpa_cli.errors import BadInputError, yaml_problem
 
 MANIFEST = "dpa.yaml"
 MODEL_DIR = "model"
@@ -37,6 +38,8 @@ def find_workspace(explicit: str | Path | None = None, cwd: Path | None = None) 
     """--workspace, else $DPA_WORKSPACE, else cwd or a parent holding dpa.yaml, else the one child that does."""
     if explicit or os.environ.get("DPA_WORKSPACE"):
         folder = Path(explicit or os.environ["DPA_WORKSPACE"]).expanduser()
+        if (folder / MANIFEST).is_file() and not is_workspace(folder):
+            read_manifest(folder)  # says what is wrong with the dpa.yaml that is there
         if not is_workspace(folder):
             raise BadInputError(f"{folder} is not a dpa workspace (no {MANIFEST})", hint="run `dpa upgrade` first")
         return folder.resolve()
@@ -69,13 +72,35 @@ def versions() -> dict[str, str]:
 
 def read_manifest(workspace: Path) -> dict[str, Any]:
     path = Path(workspace) / MANIFEST
+    hint = "restore it or undo the hand edit, or upgrade again into a new folder with -o"
     try:
         manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise BadInputError(f"{path}: cannot read it ({err})", hint="restore it, or upgrade again with --force") from None
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read it ({err.strerror})", hint=hint) from None
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise BadInputError(f"{path}: cannot read it (not valid YAML, {yaml_problem(err)})", hint=hint) from None
     if not isinstance(manifest, dict) or manifest.get("dpa_workspace") != FORMAT:
-        raise BadInputError(f"{path}: not a dpa workspace manifest", hint="restore it, or upgrade again with --force")
+        raise BadInputError(f"{path}: not a dpa workspace manifest (no `dpa_workspace: {FORMAT}` mapping)", hint=hint)
     return manifest
+
+
+def check_model_folder(folder: Path, manifest: dict[str, Any]) -> None:
+    """A workspace's model folder (the upgrade's or a stage's) must hold the DPA model its dpa.yaml describes:
+    a folder swapped for another model is refused before anything loads it."""
+    path = Path(folder) / "config.json"
+    hint = "restore the folder from the run that wrote it, or point --workspace at the workspace it belongs to"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadInputError(f"{path}: cannot read it ({err})", hint=hint) from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "dpa":
+        raise BadInputError(f"{folder} holds a {kind!r} model, not the DPA model of this workspace", hint=hint)
+    width = (manifest.get("plan") or {}).get("dimensions", {}).get("target_width")
+    have = (config.get("text_config") or {}).get("hidden_size")
+    if width is not None and have is not None and width != have:
+        raise BadInputError(f"{folder} holds a DPA model of target width {have}, not the DPA model of this "
+                            f"workspace (dpa.yaml: target width {width})", hint=hint)  # fmt: skip
 
 
 def write_manifest(workspace: Path, manifest: dict[str, Any]) -> None:

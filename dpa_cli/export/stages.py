@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli.errors import BadInputError, CheckpointError
-from dpa_cli.workspace import MODEL_DIR, is_workspace, read_manifest
+from dpa_cli.workspace import MODEL_DIR, check_model_folder, is_workspace, read_manifest
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,13 +56,19 @@ def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
             f"stage {stage} has not finished in {workspace} (no stage{stage}/{MODEL_DIR})",
             hint=f"run `dpa train --stage {stage}` first, or leave out --stage for the latest finished stage",
         )
+    if not (workspace / MODEL_DIR / "config.json").is_file():
+        raise BadInputError(f"{workspace / MODEL_DIR} is not a model folder (no config.json)",
+                            hint="restore it from the upgrade, or upgrade again into a new folder with -o")  # fmt: skip
+    check_model_folder(workspace / MODEL_DIR, read_manifest(workspace))
     return StageResult(MODEL_DIR, workspace / MODEL_DIR, None, workspace)
 
 
 def _with_adapter(workspace: Path, name: str, model_dir: Path) -> StageResult:
     """A stage with its adapter when it has one; dpa.yaml saying LoRA without the folder is an error."""
     adapter = model_dir.parent / ADAPTER_DIR
-    recorded = (read_manifest(workspace).get("stages") or {}).get(name) or {}
+    manifest = read_manifest(workspace)
+    check_model_folder(model_dir, manifest)
+    recorded = (manifest.get("stages") or {}).get(name) or {}
     if recorded.get("lora") and not _has_adapter(adapter):
         raise BadInputError(
             f"{name} was trained with LoRA but {adapter / ADAPTER_CONFIG} is missing",

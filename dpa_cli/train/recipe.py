@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dpa_cli.errors import BadInputError
+from dpa_cli.errors import BadInputError, yaml_problem
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PARTS = ("vit", "phi_p", "perceiver_lm", "phi", "llm")
@@ -143,8 +143,8 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe
     path = recipe_path(name_or_file)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise BadInputError(f"{path}: not valid YAML ({err})") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise BadInputError(f"{path}: not valid YAML ({yaml_problem(err)})", hint="fix the recipe file") from None
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: a recipe is a mapping of keys to values")
     data = _apply(data, _parse_overrides(overrides or []))

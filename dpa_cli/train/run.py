@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
-from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.freeze import apply_trainable
@@ -137,6 +136,10 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
     if args.activation_checkpointing:
         model.config.use_cache = False
+    shown = render_supervised(processor, dataset[0])  # encodes the first sample: a bad one is refused here
+    # Only now, every flag, recipe key and the first sample checked, is the stage folder created (or cleared
+    # by --restart; the trainer creates it too): a refusal before this point leaves the workspace as it was.
+    created = start_stage_dir(request)
     metrics = MetricsCallback(folder, reporter, peak_flops(), flops_per_token_estimate(model))
     trainer = DPATrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -146,13 +149,10 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     if trainer.is_world_process_zero():
         reporter.before_training({
             "recipe": recipe.as_dict(), "source": str(source), "trainable": table, "notes": notes,
-            "sample": render_supervised(processor, dataset[0]), "world_size": world_size(),
+            "sample": shown, "world_size": world_size(),
             "tokens_per_step": recipe.global_batch_size * recipe.max_length,
             "resume_from": str(resume_from) if resume_from else None,
         })  # fmt: skip
-    # Only now, every flag, recipe key and the first sample checked, is the stage folder created (or cleared
-    # by --restart): a refusal before this point leaves the workspace as it was.
-    created = start_stage_dir(request)
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -171,7 +171,6 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     if trainer.is_world_process_zero():
         manifest = read_manifest(request.workspace)
         manifest.setdefault("stages", {})[f"stage{request.stage}"] = summary
-        manifest[CHECKSUMS] = stage_checksums(manifest.get(CHECKSUMS), folder, f"stage{request.stage}")
         write_manifest(request.workspace, manifest)
         reporter.after_training(summary)
     return summary

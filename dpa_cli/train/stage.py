@@ -10,7 +10,7 @@ from typing import Any
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import Recipe, load_recipe
 from dpa_cli.train.trainer import latest_checkpoint
-from dpa_cli.workspace import MODEL_DIR, read_manifest
+from dpa_cli.workspace import MODEL_DIR, check_model_folder, read_manifest
 
 PERCEIVER_PARTS = ("vit", "phi_p", "perceiver_lm")
 
@@ -57,16 +57,18 @@ def source_model(request: TrainRequest) -> Path:
             )
     if not (source / "config.json").is_file():
         raise BadInputError(f"{source} is not a model folder (no config.json)", hint="check the workspace or --from")
+    if request.from_model in (None, "model", "stage1"):  # the workspace's own folders: the model dpa.yaml describes
+        check_model_folder(source, read_manifest(workspace))
     return source
 
 
 def prepare_stage_dir(request: TrainRequest) -> Path | None:
-    """Refuse to overwrite a finished stage; with --restart clear it; returns the checkpoint to resume from."""
+    """Refuse to overwrite a finished stage; returns the checkpoint to resume from. Nothing is changed here:
+    --restart clears the old run only once every check has passed (`start_stage_dir`)."""
     folder = stage_dir(request.workspace, request.stage)
     finished = (folder / MODEL_DIR).is_dir()
     checkpoint = latest_checkpoint(folder) if folder.is_dir() else None
     if request.restart:
-        shutil.rmtree(folder, ignore_errors=True)
         return None
     if request.resume:
         if checkpoint is None:
@@ -83,6 +85,23 @@ def prepare_stage_dir(request: TrainRequest) -> Path | None:
             hint="pass --resume to continue it, or --restart to start over",
         )
     return None
+
+
+def start_stage_dir(request: TrainRequest) -> bool:
+    """Create the stage folder (cleared first with --restart); True when this run created it."""
+    folder = stage_dir(request.workspace, request.stage)
+    if request.restart:
+        shutil.rmtree(folder, ignore_errors=True)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def discard_stage_dir(request: TrainRequest, created: bool) -> None:
+    """After a failed start: remove the stage folder this run created, unless it holds a checkpoint by now."""
+    folder = stage_dir(request.workspace, request.stage)
+    if created and latest_checkpoint(folder) is None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _flag_overrides(request: TrainRequest, manifest: dict[str, Any]) -> list[str]:

@@ -136,9 +136,23 @@ def _placeholders(sources: Sources) -> tuple[dict[str, Placeholder], dict[str, A
     return placeholders, tokenizers
 
 
+def _config_vocab(checkpoint: Checkpoint) -> int:
+    return int(checkpoint.family.text_field(checkpoint.family.text_config(checkpoint.config), "vocab_size"))
+
+
 def _vocab(checkpoint: Checkpoint, placeholder: Placeholder) -> int:
-    vocab = checkpoint.family.text_field(checkpoint.family.text_config(checkpoint.config), "vocab_size")
-    return max(int(vocab), placeholder.id + 1)
+    return max(_config_vocab(checkpoint), placeholder.id + 1)
+
+
+def _check_vocab(sources: Sources, tokenizers: dict[str, Any], placeholders: dict[str, Placeholder]) -> None:
+    """A tokenizer with more tokens than the embedding has rows would index past it at the first rare token."""
+    for role, checkpoint in (("target", sources.target), ("perceiver", sources.perceiver or sources.lm)):
+        vocab, tokens = _vocab(checkpoint, placeholders[role]), len(tokenizers[role])
+        if tokens > vocab:
+            raise CheckpointError(
+                f"{checkpoint.path}: its tokenizer has {tokens} tokens, but config.json vocab_size is {vocab}",
+                hint="the tokenizer and the config come from different models",
+            )
 
 
 def _keep_blocks(perceiver_config: dict[str, Any], blocks: int) -> dict[str, Any]:
@@ -189,8 +203,14 @@ def _plan_copy(name: str, meta: torch.Tensor, checkpoint: Checkpoint, key: str, 
     if want == have:
         return TensorPlan(name, out_dtype, want, checkpoint.role, key)
     grows_vocab = name.endswith(("embed_tokens.weight", "lm_head.weight")) and want[1:] == have[1:] and want[0] > have[0]
-    if grows_vocab:
+    if grows_vocab and have[0] == _config_vocab(checkpoint):  # rows for an image token added to the tokenizer
         return TensorPlan(name, out_dtype, want, checkpoint.role, key, pad_rows=want[0] - have[0])
+    if grows_vocab:
+        raise BadInputError(
+            f"{checkpoint.path}: tensor {key!r} has {have[0]} rows, but config.json says vocab_size "
+            f"{_config_vocab(checkpoint)}",
+            hint="the checkpoint's config.json and its weights disagree: re-download or re-save it",
+        )
     raise BadInputError(
         f"{checkpoint.path}: tensor {key!r} has shape {list(have)}, but the DPA model needs {list(want)} for {name}",
         hint="the checkpoint's config.json and its weights disagree (or the widths do not match)",
@@ -272,6 +292,7 @@ def dropped_parts(sources: Sources, plan: list[TensorPlan]) -> dict[str, dict[st
 def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     """Check that the upgrade can work and decide every output tensor; reads configs and headers only."""
     placeholders, tokenizers = _placeholders(sources)
+    _check_vocab(sources, tokenizers, placeholders)
     try:
         config = build_config(sources, options, placeholders)
         _check_perceiver_depth(config, options)
