@@ -28,7 +28,8 @@ TEXT_ONLY = [
     ("Which shapes can appear?", "circles, squares or triangles."),
     ("How many shapes can a picture hold?", "one, two or three."),
 ]
-SIZE = 56  # pixels; the demo ViT sees 28-pixel tiles of it
+SIZE = 56  # pixels; the demo ViT sees 28-pixel tiles of it, in 14-pixel patches
+CELL, CELLS, SHAPE = 14, 4, 11
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,11 @@ class Scene:
 
 
 def random_scene(rng: random.Random) -> Scene:
+    # One shape per 14-pixel cell of a 4x4 grid: each sits inside one ViT patch, which a small random ViT
+    # learns to tell apart in a few hundred steps (shapes straddling patches take far longer).
     count = rng.randint(1, 3)
-    cells = rng.sample([(x, y) for x in range(3) for y in range(3)], count)  # a 3x3 grid keeps shapes apart
-    positions = tuple((4 + 17 * x + rng.randint(0, 3), 4 + 17 * y + rng.randint(0, 3)) for x, y in cells)
+    cells = rng.sample([(x, y) for x in range(CELLS) for y in range(CELLS)], count)
+    positions = tuple((CELL * x + rng.randint(0, 2), CELL * y + rng.randint(0, 2)) for x, y in cells)
     return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), count, rng.randint(60, 200), positions)
 
 
@@ -59,13 +62,13 @@ def draw(scene: Scene) -> Image.Image:
     pen = ImageDraw.Draw(image)
     fill = COLOURS[scene.colour]
     for x, y in scene.positions:
-        box = (x, y, x + 12, y + 12)
+        box = (x, y, x + SHAPE, y + SHAPE)
         if scene.shape == "circle":
             pen.ellipse(box, fill=fill)
         elif scene.shape == "square":
             pen.rectangle(box, fill=fill)
         else:
-            pen.polygon([(x + 6, y), (x, y + 12), (x + 12, y + 12)], fill=fill)
+            pen.polygon([(x + SHAPE // 2, y), (x, y + SHAPE), (x + SHAPE, y + SHAPE)], fill=fill)
     return image
 
 
