@@ -176,11 +176,11 @@ def weights_bytes(model: torch.nn.Module) -> int:
 class Side:
     """One model under measurement: its prompts as inputs, its encoder's call count, its timed passes."""
 
-    def __init__(self, runnable: Runnable, encoder: tuple[str, ...], max_new_tokens: int):
+    def __init__(self, runnable: Runnable, encoder: tuple[str, ...], max_new_tokens: int, prompts: int):
         self.runnable, self.max_new_tokens, self.passes, self.generations = runnable, max_new_tokens, [], 0
         dtype = next(runnable.model.parameters()).dtype
         self.prompts = [build_inputs(runnable.processor, [user_turn(text, [image])]).to(device=runnable.device, dtype=dtype)
-                        for (text, _), image in zip(PROMPTS, prompt_images())]  # fmt: skip
+                        for (text, _), image in zip(PROMPTS[:prompts], prompt_images())]  # fmt: skip
         self.calls = [0]
         hook = lambda *_: self.calls.__setitem__(0, self.calls[0] + 1)  # noqa: E731
         self._hook = encoder_module(runnable.model, encoder).register_forward_hook(hook)
@@ -229,12 +229,12 @@ class Side:
 ENCODERS = {"original": ("vision_tower", "visual", "vision_model"), "dpa": ("perceiver",)}
 
 
-def _measure(paths: dict[str, str], device: str | None, max_new_tokens: int, repeats: int,
+def _measure(paths: dict[str, str], device: str | None, max_new_tokens: int, repeats: int, prompts: int,
              sequential: bool) -> tuple[dict[str, Any], list[dict[str, dict[str, float]]]]:  # fmt: skip
     """Both sides' summaries and their passes, paired. Interleaved by default (pass i of the original, then
     of DPA: load drift hits both alike); `sequential` holds one model in memory at a time."""
     def open_side(name: str) -> Side:
-        return Side(open_runnable(paths[name], device=device), ENCODERS[name], max_new_tokens)
+        return Side(open_runnable(paths[name], device=device), ENCODERS[name], max_new_tokens, prompts)
 
     results, passes = {}, {}
     if sequential:
@@ -269,22 +269,24 @@ def _ratios(results: dict[str, Any], pairs: list[dict[str, dict[str, float]]]) -
 
 
 def bench_infer(model: str, baseline: str | None = None, device: str | None = None, max_new_tokens: int = 32,
-                repeats: int = 3, sequential: bool = False) -> dict[str, Any]:  # fmt: skip
+                repeats: int = 3, prompts: int = len(PROMPTS), sequential: bool = False) -> dict[str, Any]:  # fmt: skip
     """Measure the DPA model and the original it came from on the same prompts; ratios are DPA / original."""
     from dpa_cli.bench.analytic import paper_table
 
     if max_new_tokens < 2:
         raise BadInputError("--max-new-tokens must be at least 2: decoding speed needs a token after the first")
+    if not 1 <= prompts <= len(PROMPTS):
+        raise BadInputError(f"--prompts {prompts}: the prompt set has 1 to {len(PROMPTS)} prompts")
     baseline = resolve_baseline(model, baseline)
     check_pair(model, baseline)
-    results, pairs = _measure({"original": baseline, "dpa": model}, device, max_new_tokens, repeats, sequential)
+    results, pairs = _measure({"original": baseline, "dpa": model}, device, max_new_tokens, repeats, prompts, sequential)
     calls = results["dpa"]["encoder_calls_per_prompt"]
     if calls != 1:
         raise PerceiverCallError(f"the perceiver ran {calls:g} times per prompt during generate; it must run once "
                                  "(at prefill), never per decoded token")  # fmt: skip
     return {
         "device": results.pop("device"), "max_new_tokens": max_new_tokens, "repeats": repeats,
-        "sequential": sequential, "prompts": [text for text, _ in PROMPTS], "models": results,
+        "sequential": sequential, "prompts": [text for text, _ in PROMPTS[:prompts]], "models": results,
         "ratios": _ratios(results, pairs), "perceiver_calls_per_prompt": calls,
         "paper": paper_table(), "targets": {"decode_tokens_per_s": TARGET_DECODE_RATIO},
     }  # fmt: skip

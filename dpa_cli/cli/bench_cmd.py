@@ -188,6 +188,7 @@ def infer(
     device: Annotated[str | None, typer.Option(help="cpu or cuda \\[default: cuda when present].", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per prompt (exactly this many).")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="Timed passes over the prompt set per model, after a warm-up.")] = 3,
+    prompts: Annotated[int, typer.Option(min=1, max=3, help="How many of the 3 fixed prompts (one image each) to use.")] = 3,
     sequential: Annotated[bool, typer.Option("--sequential", help="Hold one model in memory at a time (for pairs "
                                                                   "that do not fit together).")] = False,
     synthetic: Annotated[str, typer.Option(help="Without MODEL: size of the synthetic pair, quick or default.")] = "default",
@@ -218,7 +219,7 @@ def infer(
         raise BadInputError(f"--synthetic {synthetic!r} is not one of {', '.join(PAIRS)}")
     with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
         model = model or str(build_pair(Path(tmp), synthetic))
-        result = bench_infer(model, baseline, device, max_new_tokens, repeats, sequential)
+        result = bench_infer(model, baseline, device, max_new_tokens, repeats, prompts, sequential)
     result["machine"] = machine()
     if json_:
         print_json(result)
