@@ -30,6 +30,7 @@ def fsync_path(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename: readers see the old file or the new one, never half."""
     path = Path(path)
+    sweep_stale(path)  # a temporary a killed writer left
     tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
