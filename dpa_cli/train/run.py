@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
+from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.freeze import apply_trainable
@@ -171,6 +172,7 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     if trainer.is_world_process_zero():
         manifest = read_manifest(request.workspace)
         manifest.setdefault("stages", {})[f"stage{request.stage}"] = summary
+        manifest[CHECKSUMS] = stage_checksums(manifest.get(CHECKSUMS), folder, f"stage{request.stage}")
         write_manifest(request.workspace, manifest)
         reporter.after_training(summary)
     return summary
