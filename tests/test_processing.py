@@ -236,6 +236,15 @@ def test_marker_and_image_counts_must_match(dpa):
         processor(images=[image, image], text=["<image>", "<image><image>"])
 
 
+def test_empty_video_and_audio_lists_are_absent_but_real_ones_are_refused(dpa):
+    processor, _ = dpa("llava")
+    plain = processor(images=example_image(), text="<image>")
+    harness = processor(images=example_image(), text="<image>", videos=[], audio=None)  # as lmms-eval calls it
+    assert torch.equal(plain["input_ids"], harness["input_ids"])
+    with pytest.raises(ValueError, match="images and text only; got `videos`"):
+        processor(images=example_image(), text="<image>", videos=[example_image()])
+
+
 def test_truncated_image_slots_are_an_error(dpa):
     processor, _ = dpa("llava")
     with pytest.raises(ValueError, match=r"Sample 0: the target sequence holds 2 image slots but its images have 4"):
