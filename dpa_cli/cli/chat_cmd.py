@@ -7,6 +7,7 @@ import sys
 from dpa_cli.cli.generate_cmd import (
     DeviceOpt, MaxNewTokensOpt, RunModelArg, StageOpt, TemperatureOpt, _write, describe,
 )  # fmt: skip
+from dpa_cli.cli.options import TrustRemoteCodeFlag
 from dpa_cli.cli.render import err
 from dpa_cli.errors import BadInputError
 
@@ -19,6 +20,7 @@ def chat(
     temperature: TemperatureOpt = 0.0,
     device: DeviceOpt = None,
     stage: StageOpt = None,
+    trust_remote_code: TrustRemoteCodeFlag = False,
 ) -> None:
     """Chat with the model: each reply streams as it is decoded, and the conversation is kept.
 
@@ -33,7 +35,7 @@ def chat(
     """
     from dpa_cli.generate import ChatSession, open_runnable
 
-    session = ChatSession(open_runnable(model, stage, device), max_new_tokens, temperature)
+    session = ChatSession(open_runnable(model, stage, device, trust_remote_code), max_new_tokens, temperature)
     err.print(f"[dim]{describe(session.runnable)}[/]\n{COMMANDS}")
     while (line := _read()) is not None:
         if not line:

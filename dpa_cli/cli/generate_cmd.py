@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
 from dpa_cli.cli.render import err, print_json
 
 RunModelArg = Annotated[
@@ -41,6 +41,7 @@ def generate(
     temperature: TemperatureOpt = 0.0,
     device: DeviceOpt = None,
     stage: StageOpt = None,
+    trust_remote_code: TrustRemoteCodeFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """Answer one prompt about one or more images, through the model's chat template.
@@ -55,7 +56,7 @@ def generate(
     from dpa_cli.generate import open_image, open_runnable, reply, user_turn
 
     images = [open_image(path) for path in image or []]  # a bad image is named before the model loads
-    runnable = open_runnable(model, stage, device)
+    runnable = open_runnable(model, stage, device, trust_remote_code)
     messages = [user_turn(prompt, images)]
     if json_:
         result = reply(runnable, messages, max_new_tokens, temperature)

@@ -16,3 +16,10 @@ ModelArg = Annotated[
         show_default=False,
     ),
 ]
+TrustRemoteCodeFlag = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run the model folder's own Python code even when it is not dpa's (only for folders you trust).",
+    ),
+]

@@ -18,6 +18,7 @@ from dpa_cli.data.images import ImageError, load_image, probe_image
 from dpa_cli.data.render import supervised_segments
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import BadInputError
+from dpa_cli.trust import trust_remote_code
 
 # kind -> (severity, what it means). Errors make `dpa data check` exit 2; warnings are said, not fatal.
 PROBLEMS: dict[str, tuple[str, str]] = {
@@ -56,7 +57,7 @@ def load_processor(workspace_or_processor: Any) -> Any:
     folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
     if not (folder / "processor_config.json").exists():
         raise BadInputError(f"{folder}: no DPA processor (processor_config.json)", hint="run `dpa upgrade` first")
-    return AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code(folder))
 
 
 class FeatureCounter:

@@ -21,6 +21,7 @@ from dpa_cli.checkpoint.reader import FileSlice, torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.adapter import KEEP, LoraPair, lora_pairs
+from dpa_cli.trust import trust_remote_code
 
 
 def _meta_model(folder: Path) -> torch.nn.Module:
@@ -30,7 +31,7 @@ def _meta_model(folder: Path) -> torch.nn.Module:
     import dpa_cli.model  # noqa: F401  registers the DPA config
     from dpa_cli.upgrade.naming import meta_model
 
-    return meta_model("AutoModelForImageTextToText", AutoConfig.from_pretrained(folder, trust_remote_code=True))
+    return meta_model("AutoModelForImageTextToText", AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code(folder)))
 
 
 def merge_targets(index: CheckpointIndex, adapter: Path, pairs: list[LoraPair]) -> dict[str, LoraPair]:

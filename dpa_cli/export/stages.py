@@ -16,6 +16,7 @@ from typing import Any
 
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.workspace import MODEL_DIR, check_model_folder, is_workspace, read_manifest
+from dpa_cli.trust import trust_remote_code
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -107,10 +108,11 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu") -> Any:
+def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu", allow_code: bool = False) -> Any:
     """The model in eval mode: the checkpoint, with its LoRA adapter applied unmerged, as training ran it.
 
-    `dtype`: a torch dtype, or None for the dtype the checkpoint is stored in.
+    `dtype`: a torch dtype, or None for the dtype the checkpoint is stored in. `allow_code`: run the folder's
+    own model code even when it is not dpa's (--trust-remote-code).
     """
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as transformers_logging
@@ -120,7 +122,9 @@ def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu")
     transformers_logging.disable_progress_bar()  # our own output says what is loading
     folder = result.model_dir
     try:
-        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=dtype or "auto")
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, trust_remote_code=trust_remote_code(folder, allow_code), dtype=dtype or "auto"
+        )
     except (ValueError, KeyError, RuntimeError) as err:
         what = f"{folder}: cannot load it ({_first_line(err)})"
         raise CheckpointError(what, hint="check it with `dpa inspect`") from None
@@ -141,7 +145,7 @@ def _apply_adapter(model: Any, adapter: Path) -> Any:
         raise CheckpointError(f"{adapter}: peft cannot apply it ({_first_line(err)})", hint=hint) from None
 
 
-def load_processor(result: StageResult) -> Any:
+def load_processor(result: StageResult, allow_code: bool = False) -> Any:
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(result.model_dir, trust_remote_code=True)
+    return AutoProcessor.from_pretrained(result.model_dir, trust_remote_code=trust_remote_code(result.model_dir, allow_code))

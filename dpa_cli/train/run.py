@@ -24,6 +24,7 @@ from dpa_cli.train.stage import (
 )  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace import read_manifest, write_manifest
+from dpa_cli.trust import trust_remote_code
 
 
 def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> dict[str, Any] | None:
@@ -94,8 +95,9 @@ def load_model(source: Path, bf16: bool):
     import dpa_cli.model  # noqa: F401  (the DPA classes; the folder's remote code is the same)
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True, dtype=dtype)
-    return model, AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    trust = trust_remote_code(source)  # dpa's own model code only; else dpa's installed classes
+    model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=trust, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(source, trust_remote_code=trust)
 
 
 def build_data(request: TrainRequest, processor: Any, recipe: Recipe):

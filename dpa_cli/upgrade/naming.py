@@ -65,7 +65,7 @@ def memory_names(family: Family, config: Mapping[str, Any], folder: Path, keys: 
     from transformers import AutoConfig
 
     try:
-        model = meta_model(family.auto_class, AutoConfig.from_pretrained(folder))
+        model = meta_model(family.auto_class, AutoConfig.from_pretrained(folder, trust_remote_code=False))
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise CheckpointError(
             f"{folder}/config.json: transformers cannot build this model from it ({error_summary(err)})",

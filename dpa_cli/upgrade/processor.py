@@ -17,7 +17,7 @@ def write_processor(plan: UpgradePlan, folder: Path) -> None:
 
     images_from = plan.sources.perceiver or plan.sources.vit
     try:
-        image_processor = AutoImageProcessor.from_pretrained(images_from.path)
+        image_processor = AutoImageProcessor.from_pretrained(images_from.path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"{images_from.path}: cannot load its image processor ({str(err).splitlines()[0]})",

@@ -37,7 +37,7 @@ def load_tokenizer(folder: Path) -> Any:
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # input checkpoints: never their code
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(
             f"{folder}: cannot load its tokenizer ({str(err).splitlines()[0]})",
