@@ -12,11 +12,11 @@ from dpa_cli.cli.inspect_cmd import human_bytes
 INFER_COLUMNS = ("model", "prefill s / image", "decode tokens/s", "end-to-end tokens/s", "peak memory", "GFLOPs / image")
 PAPER_COLUMNS = ("target", "tokens in the LLM", "original TFLOPs / image", "DPA TFLOPs / image", "prefill FLOP ratio",
                  "ratio, perceiver sees the prompt", "generate FLOP ratio")  # fmt: skip
-ALL_COLUMNS = ("bench", "ratio", "min / median", "target")
+ALL_COLUMNS = ("bench", "ratio", "best / median", "target")
 
 
 def _pair(figure: dict[str, float], digits: int = 3) -> str:
-    return f"{figure['min']:.{digits}f} / {figure['median']:.{digits}f}"
+    return f"{figure['best']:.{digits}f} / {figure['median']:.{digits}f}"
 
 
 def infer_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -57,7 +57,7 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
 
 def infer_title(result: dict[str, Any]) -> str:
     return (f"dpa bench infer on {result['device']}: {len(result['prompts'])} prompts x 1 image, "
-            f"{result['max_new_tokens']} new tokens, {result['repeats']} repeats (min / median)")  # fmt: skip
+            f"{result['max_new_tokens']} new tokens, {result['repeats']} repeats (best / median)")  # fmt: skip
 
 
 def paper_title(paper: dict[str, Any]) -> str:
