@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +15,7 @@ from rich.table import Table
 from dpa_cli.cli.inspect_cmd import human_count
 from dpa_cli.cli.options import JsonFlag
 from dpa_cli.cli.render import err, out, print_json
-from dpa_cli.errors import BadInputError
+from dpa_cli.errors import BadInputError, DpaError
 
 def train(
     stage: Annotated[int, typer.Option("--stage", help="1: align phi on captions; 2: instruction tuning.", show_default=False)],
@@ -50,19 +50,21 @@ def train(
       dpa train --stage 2 --data instruct.json --image-root images/ --deepspeed zero3 --nproc 8
       dpa train --stage 2 --data instruct.json --lora --set learning_rate=1e-4 --resume
     """
-    from dpa_cli.train.run import run_stage
-    from dpa_cli.train.stage import TrainRequest
     from dpa_cli.workspace import find_workspace
 
     _check_flags(stage, lora, full, resume, restart, on_bad_sample)
+    if nproc > 1:  # before the heavy imports below: the launcher itself does not train
+        raise typer.Exit(_relaunch(nproc, find_workspace(workspace), stage))
+
+    from dpa_cli.train.run import run_stage
+    from dpa_cli.train.stage import TrainRequest
+
     request = TrainRequest(
         stage=stage, data=data, workspace=find_workspace(workspace), image_root=str(image_root) if image_root else None,
         recipe=recipe, overrides=list(set_ or []), lora=True if lora else (False if full else None),
         freeze_perceiver=freeze_perceiver, lora_targets=lora_targets, deepspeed=deepspeed, resume=resume,
         restart=restart, max_steps=max_steps, from_model=from_model, on_bad_sample=on_bad_sample,
     )  # fmt: skip
-    if nproc > 1:
-        raise typer.Exit(_relaunch(nproc))
     main = int(os.environ.get("RANK", "0")) == 0
     summary = run_stage(request, reporter=RichReporter(quiet=json_ or not main))
     if json_ and main:
@@ -91,12 +93,58 @@ def without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
-def _relaunch(nproc: int) -> int:
-    """Run this same command (without --nproc) under torchrun with `nproc` processes on this node."""
+def _relaunch(nproc: int, workspace: Path, stage: int) -> int:
+    """Run this same command (without --nproc) under torchrun's launcher with `nproc` processes on this node.
+
+    The launcher runs in this process, so a failed worker is reported in one line naming its rank (a worker
+    refusing bad input has printed its own message; its exit code 2 is passed on).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     args = without_nproc(sys.argv[1:])
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dpa_cli", *args]
     err.print(f"relaunching under torchrun with {nproc} processes")
-    return subprocess.call(command)
+    try:
+        run(parse_args([f"--nproc_per_node={nproc}", "-m", "dpa_cli", *args]))
+    except ChildFailedError as failed:
+        causes = {f.exitcode for f in failed.failures.values()} - {-signal.SIGTERM}  # SIGTERM: the launcher's
+        if causes == {BadInputError.exit_code}:  # refused input: every worker has said why
+            return BadInputError.exit_code
+        raise DpaError(_failure_line(failed.failures), hint=_resume_hint(workspace, stage)) from None
+    except SignalException as stopped:
+        raise DpaError(f"training stopped by {stopped.sigval.name}", hint=_resume_hint(workspace, stage)) from None
+    return 0
+
+
+def _failure_line(failures: dict[int, Any]) -> str:
+    """The failed ranks, the cause first: a rank killed by a signal other than the SIGTERM with which the
+    launcher stops the rest, then one that exited with an error, then the ones the launcher stopped."""
+
+    def order(rank: int) -> tuple[int, int]:
+        code = failures[rank].exitcode
+        return (0 if code < 0 and code != -signal.SIGTERM else 1 if code > 0 else 2), rank
+
+    said = []
+    for rank in sorted(failures, key=order):
+        f = failures[rank]
+        how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+        said.append(f"rank {rank} (pid {f.pid}) {how}")
+    return "training process " + "; then ".join(said)
+
+
+def _resume_hint(workspace: Path, stage: int) -> str:
+    from dpa_cli.train.stage import stage_dir
+    from dpa_cli.train.trainer import latest_checkpoint
+    from dpa_cli.workspace import MODEL_DIR
+
+    folder = stage_dir(workspace, stage)
+    checkpoint = latest_checkpoint(folder) if folder.is_dir() else None
+    if (folder / MODEL_DIR).is_dir():  # stopped before a --restart cleared the finished stage
+        return f"{folder.name}'s finished result is untouched: run the command again"
+    if checkpoint is None:
+        return "no checkpoint was saved yet: run the command again (add --restart if the stage folder is in the way)"
+    return f"run the same command with --resume to continue from {checkpoint.name}"
 
 
 class RichReporter:

@@ -25,9 +25,22 @@ class KeepaliveCollator:
         blank = processor(images=[Image.new("RGB", (32, 32), (127, 127, 127))], text=[processor.image_token],
                           return_tensors="pt")  # fmt: skip
         self.stand_in = {k: v for k, v in blank.items() if k not in _TARGET_KEYS}
+        self.stand_ins = 0  # batches of this process that ran the perceiver on the stand-in (data workers: 0)
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         batch = self.collator(features)
         if "pixel_values" not in batch:
             batch = {**batch, **self.stand_in, "perceiver_keepalive": True}
+            self.stand_ins += 1
         return batch
+
+
+def per_process(count: int) -> list[int]:
+    """`count` of every process, by rank (a collective: every process calls it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [count]
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, count)
+    return [int(c) for c in counts]

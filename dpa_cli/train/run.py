@@ -15,7 +15,7 @@ from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.freeze import apply_trainable
-from dpa_cli.train.keepalive import KeepaliveCollator
+from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.save import save_stage_result
@@ -163,6 +163,8 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
         discard_stage_dir(request, created)
         raise
     seconds = time.perf_counter() - started
+    # Text-only batches per process: each ran the perceiver on a stand-in image so no process skipped a collective.
+    stand_ins = per_process(collator.stand_ins) if isinstance(collator, KeepaliveCollator) else None
     save_stage_result(trainer, processor, source, folder, lora=recipe.uses_lora)
     summary = {
         "recipe": recipe.as_dict(), "source": str(source), "data": {"path": str(request.data),
@@ -171,6 +173,8 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
         "tokens_seen": int(trainer.state.num_input_tokens_seen), "skipped_samples": _skipped(dataset),
         "lora": recipe.uses_lora, "deepspeed": request.deepspeed, "world_size": world_size(), "notes": notes,
     }  # fmt: skip
+    if stand_ins is not None:
+        summary["text_only_batches"] = stand_ins
     if trainer.is_world_process_zero():
         manifest = read_manifest(request.workspace)
         manifest.setdefault("stages", {})[f"stage{request.stage}"] = summary
