@@ -11,11 +11,26 @@ import torch
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
+def flop_counter() -> Any:
+    """torch's FlopCounterMode plus the fused CPU attention kernels (forward and backward), which it does
+    not know: without them attention counts on a GPU and vanishes on a CPU."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward}  # fmt: skip
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def count_flops(step: Callable[[], Any]) -> int:
     """FLOPs of running `step()` (matmuls, attention, convolutions), counted from operand shapes."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         step()
     return int(counter.get_total_flops())
 

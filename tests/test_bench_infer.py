@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from dpa_cli.bench import analytic
-from dpa_cli.bench.infer import FIGURES, count_prefill_flops, flop_counter
+from dpa_cli.bench.infer import FIGURES, count_prefill_flops
+from dpa_cli.flops import flop_counter
 from dpa_cli.cli.app import app
 
 MODEL_KEYS = {"path", "params", "weights_bytes", "memory_growth_bytes", "peak_memory_bytes", "flops_per_image",

@@ -21,6 +21,7 @@ import torch
 
 from dpa_cli.bench.memory import PeakMemory
 from dpa_cli.errors import BadInputError, DpaError
+from dpa_cli.flops import flop_counter
 from dpa_cli.generate import Runnable, build_inputs, open_runnable, user_turn
 from dpa_cli.workspace import read_manifest
 
@@ -102,18 +103,6 @@ def encoder_module(model: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.M
         if name.rsplit(".", 1)[-1] in names:
             return module
     raise BadInputError(f"{type(model).__name__} has no module named {' or '.join(names)}")
-
-
-def flop_counter() -> Any:
-    """torch's FlopCounterMode as `dpa_cli.flops.count_flops` uses it, plus the fused CPU attention kernel,
-    which the counter does not know: without it attention counts on a GPU and vanishes on a CPU."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query, key, value)
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def count_prefill_flops(model: torch.nn.Module, inputs: Any) -> int:
