@@ -26,7 +26,7 @@ def plot_losses(workspaces: dict[str, Path], out: Path) -> Path:
     for axis, stage in zip(axes, ("stage1", "stage2")):
         for label, workspace in workspaces.items():
             axis.plot(*_losses(workspace / stage / "metrics.jsonl"), label=label)
-        axis.set(title=f"{stage}: training loss", xlabel="step", ylabel="loss")
+        axis.set(title=f"{stage}: training loss", xlabel="step", ylabel="loss (log scale)", yscale="log")
         axis.legend()
     figure.tight_layout()
     figure.savefig(out, dpi=110)

@@ -15,7 +15,10 @@ from typing import Any
 
 from dpa_cli.errors import DpaError
 
-LEARNED_MARGIN = 0.25  # the DPA export must beat chance by this much (absolute accuracy) at full scale
+# The DPA export must beat chance by this much (absolute accuracy) at full scale. Runs on this budget and
+# close ones scored 0.30-0.54 above chance (colour and count are learned first, shape last); float
+# arithmetic differs between CPUs and thread counts, hence the headroom.
+LEARNED_MARGIN = 0.20
 
 
 class DemoFailed(DpaError):
@@ -33,7 +36,7 @@ class Budget:
     @classmethod
     def scaled(cls, scale: float) -> Budget:
         """`--steps-scale`: 1.0 is the documented run; 0.1 is the quick one (under a minute)."""
-        return cls(max(2, round(40 * scale)), max(4, round(600 * scale)), heldout_images=40 if scale >= 0.5 else 10)
+        return cls(max(2, round(300 * scale)), max(4, round(1600 * scale)), heldout_images=40 if scale >= 0.5 else 10)
 
 
 def _train_flags(budget: Budget) -> list[str]:
