@@ -45,7 +45,7 @@ def demo(
             raise BadInputError(f"--force replaces only a demo folder, and {output} is not one")
         shutil.rmtree(output)
     say = (lambda text: err.print(text)) if json_ else (lambda text: out.print(Rule(text, align="left", style="cyan")))
-    result = run_demo(output, steps_scale, say)
+    result = run_demo(output, steps_scale, say, json_output=json_)
     if json_:
         print_json(result)
         return

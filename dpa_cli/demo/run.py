@@ -6,7 +6,9 @@ export -> generate; then score both exports on held-out questions and write the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,8 +50,9 @@ def _train_flags(budget: Budget) -> list[str]:
 class Driver:
     """Runs `dpa ...` commands through the real command line, in this process, and keeps the list."""
 
-    def __init__(self, say: Callable[[str], None]):
+    def __init__(self, say: Callable[[str], None], stdout_to_stderr: bool = False):
         self.say = say
+        self.stdout_to_stderr = stdout_to_stderr  # `dpa demo --json`: stdout holds only the demo's JSON
         self.commands: list[str] = []
 
     def __call__(self, *args: Any) -> None:
@@ -58,7 +61,9 @@ class Driver:
         words = [str(a) for a in args]
         self.commands.append("dpa " + " ".join(words))
         self.say(f"$ dpa {' '.join(words)}")
-        code = app(args=words, standalone_mode=False, prog_name="dpa")
+        output = contextlib.redirect_stdout(sys.stderr) if self.stdout_to_stderr else contextlib.nullcontext()
+        with output:
+            code = app(args=words, standalone_mode=False, prog_name="dpa")
         if code not in (None, 0):
             raise DemoFailed(f"`dpa {words[0]}` exited with code {code}", hint="see its message above")
 
@@ -86,8 +91,11 @@ def _loss_fell(workspace: Path) -> bool:
     return len(losses) >= 2 and losses[-1] < losses[0]
 
 
-def run_demo(folder: Path, scale: float = 1.0, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole pipeline in `folder`; raises DemoFailed when a step fails or the model did not learn."""
+def run_demo(folder: Path, scale: float = 1.0, say: Callable[[str], None] = print,
+             json_output: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The whole pipeline in `folder`; raises DemoFailed when a step fails or the model did not learn.
+
+    `json_output`: the commands' own output goes to stderr, leaving stdout to the caller's JSON."""
     from dpa_cli.demo.build import build_models
     from dpa_cli.demo.evaluate import chance, score
     from dpa_cli.demo.report import plot_losses, write_report
@@ -97,7 +105,7 @@ def run_demo(folder: Path, scale: float = 1.0, say: Callable[[str], None] = prin
     say(f"building the synthetic dataset and the starting models in {folder}")
     data = write_dataset(folder / "data", budget.train_images, budget.heldout_images)
     target, lm = build_models(folder / "models")
-    dpa = Driver(say)
+    dpa = Driver(say, stdout_to_stderr=json_output)
     dpa("inspect", target)
     perceiver = f"vit=target,lm={lm}"
     workspaces = {"DPA": folder / "dpa", "ViT-only": folder / "vit-only"}
