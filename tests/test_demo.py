@@ -23,7 +23,13 @@ def test_quick_demo_runs_every_command_and_writes_its_report(tmp_path):
     assert "Held-out accuracy" in text and "| DPA |" in text and "dpa upgrade" in text
     for name in ("dpa", "vit-only"):
         assert (tmp_path / "demo" / name / "export" / "config.json").is_file()
-    assert json.loads((tmp_path / "demo" / "data" / "instruct.json").read_text())[0]["conversations"][0]["value"].startswith("<image>")
+    instruct = json.loads((tmp_path / "demo" / "data" / "instruct.json").read_text())
+    assert instruct[0]["conversations"][0]["value"].startswith("<image>")
+    questions = {turn["value"].removeprefix("<image>\n") for sample in instruct for turn in sample["conversations"][::2]}
+    assert {"What colour are the shapes?", "What kind of shape is in the picture?", "How many shapes are there?"} <= questions
+    assert any("image" not in sample for sample in instruct) and any(len(s["conversations"]) == 4 for s in instruct)
+    chance = report["scores"]["chance"]
+    assert set(chance["accuracy"]) == {"colour", "shape", "count"} and 0.25 < chance["overall"] < 0.5
 
 
 def test_demo_refuses_to_overwrite_without_force(tmp_path):

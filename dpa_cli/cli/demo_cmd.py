@@ -49,8 +49,10 @@ def demo(
     if json_:
         print_json(result)
         return
-    table = Table("model", *result["scores"]["chance"]["accuracy"], "overall", title="held-out accuracy")
+    kinds = list(result["scores"]["chance"]["accuracy"])
+    table = Table("model", *kinds, "overall", title="held-out accuracy")
     for name, scores in result["scores"].items():
-        table.add_row(name, *(f"{v:.0%}" for v in scores["accuracy"].values()), f"{scores['overall']:.0%}")
+        cells = (f"{scores['accuracy'][kind]:.0%}" if kind in scores["accuracy"] else "-" for kind in kinds)
+        table.add_row(name, *cells, f"{scores['overall']:.0%}")
     out.print(table)
     out.print(f"report: {result['report']}  loss curves: {result['plot']}  ({result['seconds']:.0f} s)")
