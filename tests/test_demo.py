@@ -40,3 +40,6 @@ def test_demo_refuses_to_overwrite_without_force(tmp_path):
     forced = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--force"])
     assert forced.exit_code == 2 and "not one" in forced.stderr
     assert (tmp_path / "demo" / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    refused = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "file"), "--force"])
+    assert refused.exit_code == 2 and "is a file" in refused.stderr and "Traceback" not in refused.stderr

@@ -127,3 +127,18 @@ def replace_folder(tmp: Path, dest: Path) -> None:
         os.replace(tmp, dest)
         shutil.rmtree(backup)
     fsync_path(dest.parent)
+
+
+def check_replaceable(dest: Path, force: bool, ours: bool, noun: str, not_ours: str) -> None:
+    """The overwrite rule every output folder keeps: an existing `dest` is replaced only with --force, and
+    only when it is empty or something dpa wrote (`ours`; else the refusal `not_ours`), never a file."""
+    from dpa_cli.errors import BadInputError
+
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise BadInputError(f"{dest} is a file, not {noun} folder", hint="choose another path with -o")
+    if not force:
+        raise BadInputError(f"{dest} already exists", hint="pass --force to replace it, or choose -o")
+    if not ours and any(dest.iterdir()):
+        raise BadInputError(not_ours, hint="choose another path with -o")

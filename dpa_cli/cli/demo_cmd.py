@@ -34,16 +34,16 @@ def demo(
     """
     import shutil
 
+    from dpa_cli.checkpoint.atomic import check_replaceable
     from dpa_cli.demo.run import run_demo
 
     if steps_scale <= 0:
         raise BadInputError(f"--steps-scale {steps_scale} must be positive")
-    if output.exists() and any(output.iterdir()):
-        if not force:
-            raise BadInputError(f"{output} already exists", hint="pass --force to replace it, or choose -o")
-        if not (output / "report.md").exists() and not (output / "data").is_dir():
-            raise BadInputError(f"--force replaces only a demo folder, and {output} is not one")
-        shutil.rmtree(output)
+    if not (output.is_dir() and not any(output.iterdir())):  # an empty folder is fine to fill
+        ours = (output / "report.md").exists() or (output / "data").is_dir()
+        check_replaceable(output, force, ours, "a demo", f"--force replaces only a demo folder, and {output} is not one")
+        if output.exists():
+            shutil.rmtree(output)
     say = (lambda text: err.print(text)) if json_ else (lambda text: out.print(Rule(text, align="left", style="cyan")))
     result = run_demo(output, steps_scale, say, json_output=json_)
     if json_:

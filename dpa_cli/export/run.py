@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dpa_cli.checkpoint.atomic import staged_folder
+from dpa_cli.checkpoint.atomic import check_replaceable, staged_folder
 from dpa_cli.checksums import CHECKSUMS, tree_checksums
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.export import files
@@ -71,15 +71,8 @@ def check_output(output: Path, result: StageResult, force: bool) -> None:
                 f"the export {output} and the model folder {source} overlap",
                 hint="write the export somewhere else with -o",
             )
-    if output.exists() and not output.is_dir():
-        raise BadInputError(f"{output} is a file, not an export folder", hint="choose another path with -o")
-    if output.exists() and not force:
-        raise BadInputError(f"{output} already exists", hint="pass --force to replace it, or choose -o")
-    if output.exists() and not files.is_export(output) and any(output.iterdir()):
-        raise BadInputError(
-            f"--force replaces only an export dpa wrote, and {output} is not one (no {files.EXPORT_RECORD})",
-            hint="choose another path with -o",
-        )
+    not_ours = f"--force replaces only an export dpa wrote, and {output} is not one (no {files.EXPORT_RECORD})"
+    check_replaceable(output, force, files.is_export(output), "an export", not_ours)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dpa_cli.checkpoint.atomic import staged_folder
+from dpa_cli.checkpoint.atomic import check_replaceable, staged_folder
 from dpa_cli.checksums import CHECKSUMS, tree_checksums
 from dpa_cli.errors import BadInputError
 from dpa_cli.upgrade.files import write_model_files
@@ -53,15 +53,8 @@ def check_output(workspace: Path, sources: Sources, force: bool) -> None:
                 f"the workspace {workspace} and the input {checkpoint.path} overlap",
                 hint="write the workspace somewhere else with -o",
             )
-    if workspace.exists() and not workspace.is_dir():
-        raise BadInputError(f"{workspace} is a file, not a workspace folder", hint="choose another path with -o")
-    if workspace.exists() and not force:
-        raise BadInputError(f"{workspace} already exists", hint="pass --force to replace it, or choose -o")
-    if workspace.exists() and not is_workspace(workspace) and any(workspace.iterdir()):
-        raise BadInputError(
-            f"--force replaces only a dpa workspace, and {workspace} is not one (no dpa.yaml)",
-            hint="choose another path with -o",
-        )
+    not_ours = f"--force replaces only a dpa workspace, and {workspace} is not one (no dpa.yaml)"
+    check_replaceable(workspace, force, is_workspace(workspace), "a workspace", not_ours)
 
 
 def _manifest(plan: UpgradePlan, fingerprints: dict[str, Any], report: dict[str, Any], seconds: float) -> dict:
