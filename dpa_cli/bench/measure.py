@@ -13,33 +13,20 @@ from typing import Any
 
 # `work(*argv)` is defined by the caller's snippet; imports happen before the clock and the memory baseline.
 _CHILD = """
-import json, os, sys, threading, time
+import json, sys, time
 {snippet}
+from dpa_cli.bench.memory import PeakMemory
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-before, peak, running = rss(), [0], [True]
-
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.005)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-started = time.perf_counter()
-extra = work(*sys.argv[1:]) or {{}}
-done = time.perf_counter()
-running[0] = False
-sampler.join()
-print(json.dumps({{"rss_before": before, "rss_peak": max(peak[0], rss()), "work_s": done - started, **extra}}))
+with PeakMemory("cpu") as memory:
+    started = time.perf_counter()
+    extra = work(*sys.argv[1:]) or {{}}
+    done = time.perf_counter()
+print(json.dumps({{"rss_growth": memory.growth, "work_s": done - started, **extra}}))
 """
 
 
 def run_in_child(snippet: str, *args: str) -> dict[str, Any]:
-    """Run `snippet`'s `work(*args)` in a fresh interpreter; returns its seconds, RSS before and peak, extras."""
+    """Run `snippet`'s `work(*args)` in a fresh interpreter; returns its seconds, peak RSS growth, extras."""
     child = subprocess.run([sys.executable, "-c", _CHILD.format(snippet=snippet), *args],
                            capture_output=True, text=True, check=True)  # fmt: skip
     return json.loads(child.stdout.strip().splitlines()[-1])
@@ -66,5 +53,5 @@ def ratios(runs: list[dict[str, Any]], mode: str) -> dict[str, dict[str, float]]
     return {
         "time_over_cp": stats([r[mode]["work_s"] / r["cp_s"] for r in runs]),
         "time_over_cp_sync": stats([r[mode]["work_s"] / r["cp_sync_s"] for r in runs]),
-        "rss_growth_over_shard": stats([(r[mode]["rss_peak"] - r[mode]["rss_before"]) / r[mode]["largest_shard"] for r in runs]),
+        "rss_growth_over_shard": stats([r[mode]["rss_growth"] / r[mode]["largest_shard"] for r in runs]),
     }

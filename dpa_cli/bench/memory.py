@@ -1,6 +1,6 @@
 """Peak memory of a block of work in this process: CUDA's allocator peak, or resident-set growth on CPU.
 
-On CPU the resident set is sampled every 5 ms (as `dpa_cli.bench.measure` does in its child processes).
+On CPU the resident set is sampled every 5 ms (`dpa_cli.bench.measure` uses this in its child processes too).
 Freed heap memory is handed back to the OS first (glibc `malloc_trim`), so memory a previous run left in
 the allocator's free lists is not silently reused and the growth is what this block needed.
 """
@@ -13,8 +13,6 @@ import os
 import threading
 import time
 from typing import Any
-
-import torch
 
 _STATM = "/proc/self/statm"
 
@@ -45,6 +43,8 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         if self.device == "cuda":
+            import torch  # only here: the file-moving benches' child processes measure without torch
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
@@ -64,6 +64,8 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         if self.device == "cuda":
+            import torch
+
             torch.cuda.synchronize()
             self.growth = torch.cuda.max_memory_allocated() - self._start
         elif self._thread is not None:

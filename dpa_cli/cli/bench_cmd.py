@@ -17,6 +17,7 @@ from dpa_cli.cli.render import DpaTyper, out, print_json
 
 bench_app = DpaTyper(help="Side-by-side measurements, printed as ratios (and as --json).", no_args_is_help=True)
 PERFORMANCE_DOC = Path("docs/performance.md")
+WriteDocsFlag = Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")]
 
 
 @bench_app.command("upgrade")
@@ -26,7 +27,7 @@ def upgrade(
     shard_size: Annotated[str, typer.Option(help="Output shard size of the upgrade.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
     workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
-    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """Upgrade time against `cp -r` of the same files, and peak memory against the output shard size.
@@ -105,7 +106,7 @@ def export(
     shard_size: Annotated[str, typer.Option(help="Shard size of the DPA model and of the export.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
     workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
-    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """The streamed LoRA merge of `dpa export` against `cp -r` of the same files, and its peak memory.
@@ -130,7 +131,7 @@ def train(
     repeats: Annotated[int, typer.Option(min=1, help="Timed steps per model after two warm-up steps.")] = 5,
     batch: Annotated[int, typer.Option(min=1, help="Samples per step (one image each).")] = 2,
     workdir: Annotated[Path | None, typer.Option(help="Where to build the models (default: a temporary folder).")] = None,
-    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """A stage-2 training step of a DPA model against the original LLaVA model it was upgraded from.
@@ -193,7 +194,7 @@ def infer(
                                                                   "that do not fit together).")] = False,
     synthetic: Annotated[str, typer.Option(help="Without MODEL: size of the synthetic pair, quick or default.")] = "default",
     workdir: Annotated[Path | None, typer.Option(help="Where to build a synthetic pair (default: a temporary folder).")] = None,
-    write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the result to {PERFORMANCE_DOC}.")] = False,
+    write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """A DPA model against the original LLaVA model it was upgraded from, answering the same prompts.

@@ -72,7 +72,22 @@ class _Skips:
         return [sample_id for _, (_, sample_id) in sorted(self.bad.items())]
 
 
-class EncodedDataset(torch.utils.data.Dataset):
+class _SkipReport:
+    """What both datasets tell the trainer about the bad samples they skipped."""
+
+    _skips: _Skips
+
+    @property
+    def skipped(self) -> Counter:
+        """Skipped samples by problem kind (in this process)."""
+        return self._skips.counts
+
+    @property
+    def skipped_ids(self) -> list[str]:
+        return self._skips.ids
+
+
+class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
     """Map-style and lazy: item `i` is `encoder(source[i])`, or with `skip` the next good sample after it."""
 
     def __init__(self, source: Any, encoder: SampleEncoder, on_bad_sample: str = "fail", precheck: bool = True):
@@ -116,17 +131,8 @@ class EncodedDataset(torch.utils.data.Dataset):
                 self._skips.record(current, err)
         raise BadInputError("every sample of the dataset is bad", hint="run `dpa data check` on it")
 
-    @property
-    def skipped(self) -> Counter:
-        """Skipped samples by problem kind (in this process)."""
-        return self._skips.counts
 
-    @property
-    def skipped_ids(self) -> list[str]:
-        return self._skips.ids
-
-
-class EncodedIterableDataset(torch.utils.data.IterableDataset):
+class EncodedIterableDataset(_SkipReport, torch.utils.data.IterableDataset):
     """The streaming counterpart: samples in file order, bad ones skipped and counted, or raised."""
 
     def __init__(self, source: Any, encoder: SampleEncoder, on_bad_sample: str = "fail"):
@@ -145,11 +151,3 @@ class EncodedIterableDataset(torch.utils.data.IterableDataset):
                 if not _skippable(err, self.encoder, self.on_bad_sample):
                     raise
                 self._skips.record(position, err)
-
-    @property
-    def skipped(self) -> Counter:
-        return self._skips.counts
-
-    @property
-    def skipped_ids(self) -> list[str]:
-        return self._skips.ids
