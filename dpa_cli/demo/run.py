@@ -119,7 +119,7 @@ def run_demo(folder: Path, scale: float = 1.0, say: Callable[[str], None] = prin
         dpa("generate", exports["DPA"], "--image", data["images"] / item["image"], "--prompt", item["question"],
             "--max-new-tokens", 4)  # fmt: skip
     scores = {name: score(path, data["heldout"], data["images"]) for name, path in exports.items()}
-    scores["chance"] = chance(data["heldout"])
+    scores["chance"] = chance(held)
     plot_losses(workspaces, folder / "loss.png")
     facts = {"train_images": budget.train_images, "heldout_questions": len(held), "stage1_steps": budget.stage1_steps,
              "stage2_steps": budget.stage2_steps, "batch": budget.batch, "commands": dpa.commands,
