@@ -100,12 +100,23 @@ def load_model(source: Path, bf16: bool):
     return model, AutoProcessor.from_pretrained(source, trust_remote_code=trust)
 
 
-def build_data(request: TrainRequest, processor: Any, recipe: Recipe):
-    from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder, open_samples
+def open_data(request: TrainRequest) -> Any:
+    """The training samples, checked without decoding or tokenizing (structure, every image reference's kind and
+    confinement to the image root) before any model is loaded: a bad sample costs no load and prints nothing."""
+    from dpa_cli.data import open_samples
+    from dpa_cli.data.dataset import precheck
 
-    source = open_samples(request.data, request.image_root)
+    samples = open_samples(request.data, request.image_root)
+    if request.on_bad_sample == "fail":  # `skip` drops such samples instead (none of them is ever read)
+        precheck(samples)
+    return samples
+
+
+def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: Any):
+    from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder
+
     encoder = SampleEncoder(processor, stage=request.stage, max_length=recipe.max_length)
-    dataset = EncodedDataset(source, encoder, on_bad_sample=request.on_bad_sample)
+    dataset = EncodedDataset(samples, encoder, on_bad_sample=request.on_bad_sample, precheck=False)  # open_data did
     return dataset, DPACollator(processor)
 
 
@@ -126,6 +137,7 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     folder = stage_dir(request.workspace, request.stage)
     notes: list[str] = []
     args = training_arguments(recipe, request, folder, notes)
+    samples = open_data(request)
     if args.deepspeed and world_size() > 1:
         # ZeRO-3 partitions weights while from_pretrained builds the model, so DeepSpeed's view of the
         # process group must exist before loading (the trainer would only set it up afterwards).
@@ -133,7 +145,7 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, processor = load_model(source, args.bf16)
-    dataset, collator = build_data(request, processor, recipe)
+    dataset, collator = build_data(request, processor, recipe, samples)
     if world_size() > 1:
         collator = KeepaliveCollator(collator, processor)
     model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
