@@ -48,12 +48,11 @@ class ImageError(Exception):
 
 
 def shorten(text: str) -> str:
-    """A reference as a message shows it: whole when short and printable, else its start, escaped, and its length."""
-    if len(text) <= 120 and text.isprintable():
-        return text
-    if len(text) <= 120:
-        return repr(text)
-    return f"{text[:40]!r}... ({len(text):,} characters)"
+    """A reference as a one-line message shows it: whole when printable and of a path's length, else escaped
+    (control characters visible), and beyond that its start and end with its length."""
+    if len(text) <= 300:
+        return text if text.isprintable() else repr(text)
+    return f"{text[:40]!r}...{text[-20:]!r} ({len(text):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -122,9 +121,9 @@ def _from_dict(item: dict, root: Path | None, depth: int) -> ImageRef:
         return ImageRef(path=name if isinstance(name, str) else None, data=bytes(data))
     # A datasets cell without bytes, or a chat block: its path / URL is judged like any other (not trusted as is).
     for key in ("path", "url", "image_url", "image"):
-        if item.get(key) not in (None, ""):
+        if item.get(key) is not None:
             return image_ref(item[key], root, depth + 1)
-    return _bad("bad_image_ref", f"an object with {keys}, but no `path`, `bytes`, `url` or `image`")
+    return _bad("bad_image_ref", f"an object ({keys}) without a `path`, `bytes`, `url` or `image` value")
 
 
 def _from_text(text: str, root: Path | None) -> ImageRef:
