@@ -115,12 +115,23 @@ def load_model(source: Path, bf16: bool):
     return model, AutoProcessor.from_pretrained(source, trust_remote_code=trust)
 
 
-def build_data(request: TrainRequest, processor: Any, recipe: Recipe):
-    from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder, open_samples
+def open_data(request: TrainRequest) -> Any:
+    """The training samples, checked without decoding or tokenizing (structure, every image reference's kind and
+    confinement to the image root) before any model is loaded: a bad sample costs no load and prints nothing."""
+    from dpa_cli.data import open_samples
+    from dpa_cli.data.dataset import precheck
 
-    source = open_samples(request.data, request.image_root)
+    samples = open_samples(request.data, request.image_root)
+    if request.on_bad_sample == "fail":  # `skip` drops such samples instead (none of them is ever read)
+        precheck(samples)
+    return samples
+
+
+def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: Any):
+    from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder
+
     encoder = SampleEncoder(processor, stage=request.stage, max_length=recipe.max_length)
-    dataset = EncodedDataset(source, encoder, on_bad_sample=request.on_bad_sample)
+    dataset = EncodedDataset(samples, encoder, on_bad_sample=request.on_bad_sample, precheck=False)  # open_data did
     return dataset, DPACollator(processor)
 
 
@@ -160,6 +171,7 @@ def prepare(request: TrainRequest) -> Prepared:
         check_checkpoint(run.resume_from)
     notes: list[str] = []
     args = training_arguments(recipe, request, run.folder, notes)
+    samples = open_data(request)
     if args.deepspeed and world_size() > 1:
         # ZeRO-3 partitions weights while from_pretrained builds the model, so DeepSpeed's view of the
         # process group must exist before loading (the trainer would only set it up afterwards).
@@ -167,7 +179,7 @@ def prepare(request: TrainRequest) -> Prepared:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, processor = load_model(source, args.bf16)
-    dataset, collator = build_data(request, processor, recipe)
+    dataset, collator = build_data(request, processor, recipe, samples)
     # A batch without images still runs the perceiver (on a stand-in, with zero weight): with only perceiver-side
     # parts trainable (stage 1) its loss would otherwise have no gradient, and across processes no rank may skip
     # the perceiver's collectives.
