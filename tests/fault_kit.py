@@ -27,8 +27,16 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(PRELOAD)
 
 
-def _child(args: list[str], log: str) -> None:
-    """The CLI entry point, with stdout and stderr in `log`; the exit code is the command's."""
+def _child(args: list[str], log: str, file_size_limit: int | None = None) -> None:
+    """The CLI entry point, with stdout and stderr in `log`; the exit code is the command's.
+
+    `file_size_limit`: no file can grow past it (RLIMIT_FSIZE); writes beyond fail with EFBIG in Python, C++ and
+    Rust writers alike, the way a full disk fails them with ENOSPC."""
+    if file_size_limit is not None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -53,15 +61,15 @@ class Outcome:
 class Runner:
     """Starts `dpa ARGS` as a child (forked from the fork server, or a fresh `python -m dpa_cli`)."""
 
-    def __init__(self, log: Path, fresh_interpreter: bool = False):
-        self.log, self.fresh = Path(log), fresh_interpreter
+    def __init__(self, log: Path, fresh_interpreter: bool = False, file_size_limit: int | None = None):
+        self.log, self.fresh, self.file_size_limit = Path(log), fresh_interpreter, file_size_limit
 
     def start(self):
         if self.fresh:
             handle = open(self.log, "ab")
             cmd = [sys.executable, "-m", "dpa_cli", *self.args]
             return subprocess.Popen(cmd, stdout=handle, stderr=handle, start_new_session=True)
-        proc = _CONTEXT.Process(target=_child, args=(self.args, str(self.log)))
+        proc = _CONTEXT.Process(target=_child, args=(self.args, str(self.log), self.file_size_limit))
         proc.start()
         return proc
 

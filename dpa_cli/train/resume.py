@@ -98,6 +98,12 @@ def _check_pickles(checkpoint: Path) -> None:
     import torch
     from transformers.trainer_pt_utils import safe_globals
 
+    deepspeed = any(checkpoint.glob("global_step*"))  # DeepSpeed keeps the optimizer state in its own folder
+    needed = [name for name in ("optimizer.pt", "scheduler.pt") if not deepspeed and not (checkpoint / name).is_file()]
+    if not any(checkpoint.glob("rng_state*.pth")):
+        needed.append("rng_state.pth")
+    if needed:  # the trainer would go on without them, and the run would no longer be the one it continues
+        raise _refuse(checkpoint, f"it has no {' or '.join(needed)}, so the run cannot continue exactly")
     for path in sorted(checkpoint.iterdir()):
         if path.name in TRAINER_PICKLES or re.fullmatch(r"rng_state(_\d+)?\.pth", path.name):
             try:
