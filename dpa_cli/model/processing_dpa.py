@@ -259,6 +259,12 @@ class DPAProcessor(ProcessorMixin):
             )
 
     @classmethod
+    def _get_arguments_from_pretrained(cls, *args: Any, **kwargs: Any) -> list[Any]:
+        """The parts, loaded without any sub-folder's own code: dpa wrote them with classes transformers has, so
+        code an `auto_map` in `perceiver_tokenizer/` (or beside it) names never runs, whatever the caller trusts."""
+        return super()._get_arguments_from_pretrained(*args, **{**kwargs, "trust_remote_code": False})
+
+    @classmethod
     def from_parts(
         cls,
         image_processor: Any,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
+from dpa_cli import loading
 from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
@@ -24,7 +25,6 @@ from dpa_cli.train.stage import (
 )  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace import read_manifest, write_manifest
-from dpa_cli.trust import trust_remote_code
 
 
 def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> dict[str, Any] | None:
@@ -90,14 +90,9 @@ def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, note
 
 
 def load_model(source: Path, bf16: bool):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import dpa_cli.model  # noqa: F401  (the DPA classes; the folder's remote code is the same)
-
+    """The stage's starting model and processor: dpa's own code only, else dpa's installed classes."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    trust = trust_remote_code(source)  # dpa's own model code only; else dpa's installed classes
-    model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=trust, dtype=dtype)
-    return model, AutoProcessor.from_pretrained(source, trust_remote_code=trust)
+    return loading.load_model(source, dtype=dtype), loading.load_processor(source)
 
 
 def build_data(request: TrainRequest, processor: Any, recipe: Recipe):
