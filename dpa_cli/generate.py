@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import loading
 from dpa_cli.errors import BadInputError
 from dpa_cli.export.stages import StageResult, find_runnable, load_as_trained, load_processor
 
@@ -53,6 +54,14 @@ def open_runnable(
     dtype = None if device == "cuda" else torch.float32
     model = load_as_trained(source, dtype=dtype, device=device, allow_code=allow_code)
     return Runnable(model, load_processor(source, allow_code=allow_code), source, device)
+
+
+def check_runnable(spec: str, allow_code: bool = False) -> None:
+    """Refuse MODEL now if the trust gate would refuse it: its config and processor load (no weights), so a
+    command that runs several models stops before it works on the first."""
+    source = find_runnable(spec)
+    loading.load_config(source.model_dir, allow_code)
+    loading.load_processor(source.model_dir, allow_code)
 
 
 def open_image(path: str | Path) -> Any:

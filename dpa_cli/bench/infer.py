@@ -23,7 +23,7 @@ from dpa_cli.bench.memory import PeakMemory
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flop_counter
 from dpa_cli.loading import load_config
-from dpa_cli.generate import Runnable, build_inputs, open_runnable, user_turn
+from dpa_cli.generate import Runnable, build_inputs, check_runnable, open_runnable, user_turn
 from dpa_cli.workspace import read_manifest
 
 # The fixed prompt set: one image each, of different shapes so AnyRes-style processors tile them differently.
@@ -268,6 +268,8 @@ def bench_infer(model: str, baseline: str | None = None, device: str | None = No
         raise BadInputError(f"--prompts {prompts}: the prompt set has 1 to {len(PROMPTS)} prompts")
     baseline = resolve_baseline(model, baseline)
     check_pair(model, baseline, allow_code)
+    for spec in (baseline, model):  # a model the trust gate refuses is named before the first one is measured
+        check_runnable(spec, allow_code)
     results = _measure({"original": baseline, "dpa": model}, device, max_new_tokens, repeats, prompts, sequential,
                        allow_code)  # fmt: skip
     calls = results["dpa"]["encoder_calls_per_prompt"]

@@ -136,7 +136,12 @@ def evaluate(model: str, data: str | Path, output: Path, metric: str | None = No
     images = _images(items)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "instruction": instruction}
     models, lines = [], []
-    for role, spec in [("model", model), *([("baseline", baseline)] if baseline else [])]:
+    from dpa_cli.generate import check_runnable
+
+    specs = [("model", model), *([("baseline", baseline)] if baseline else [])]
+    for _, spec in specs:  # a model the trust gate refuses is named before the first one works
+        check_runnable(spec, allow_code)
+    for role, spec in specs:
         runnable = calls.open_model(spec, device, allow_code)
         done = (lambda n, role=role: progress(role, n, len(items))) if progress else None
         rows = predict(runnable, items, images, metric, scoring, settings, done)

@@ -265,6 +265,15 @@ class DPAProcessor(ProcessorMixin):
         return super()._get_arguments_from_pretrained(*args, **{**kwargs, "trust_remote_code": False})
 
     @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type: str, path: Any, subfolder: str = "", **kwargs: Any):
+        """The perceiver's tokenizer from its own sub-folder or an error: transformers would quietly load the
+        target's tokenizer (the folder's root) in its place, and the perceiver would read the wrong token ids."""
+        if sub_processor_type == "tokenizer":
+            return super()._load_tokenizer_from_pretrained(sub_processor_type, path, subfolder=subfolder, **kwargs)
+        own_folder = f"{subfolder}/{sub_processor_type}" if subfolder else sub_processor_type
+        return transformers.AutoTokenizer.from_pretrained(path, subfolder=own_folder, **kwargs)
+
+    @classmethod
     def from_parts(
         cls,
         image_processor: Any,
