@@ -7,6 +7,7 @@ same model and prompt always give the same tokens.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,17 +66,18 @@ def check_runnable(spec: str, allow_code: bool = False) -> None:
 
 
 def open_image(path: str | Path) -> Any:
-    """An image file as RGB, decoded now so a bad file is named before any generation starts."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as RGB, decoded now so a bad file is named before any generation starts.
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise BadInputError(f"no such image: {path}")
+    The path is the user's own (not confined to an image root), but it passes the same gate as data images:
+    no URL or video, a regular file, its size checked from the header before decoding, truncation caught.
+    """
+    from dpa_cli.data.image_refs import ImageRef
+    from dpa_cli.data.images import ImageError, load_image
+
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise BadInputError(f"{path}: not a readable image ({err})") from None
+        return load_image(ImageRef(path=os.path.expanduser(str(path))))[0]
+    except ImageError as err:
+        raise BadInputError(err.message) from None
 
 
 def user_turn(text: str, images: list[Any]) -> dict[str, Any]:
@@ -126,7 +128,12 @@ def reply(
 
     model, tokenizer = runnable.model, runnable.processor.tokenizer
     dtype = next(model.parameters()).dtype
-    inputs = build_inputs(runnable.processor, messages).to(device=runnable.device, dtype=dtype)
+    try:
+        inputs = build_inputs(runnable.processor, messages)
+    except ValueError as err:  # e.g. an image too thin for the perceiver's patch grid
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BadInputError(f"the processor refuses the images or the prompt ({reason})") from None
+    inputs = inputs.to(device=runnable.device, dtype=dtype)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     streamer = _streamer(tokenizer, on_text) if on_text else None
     with torch.no_grad():
@@ -149,9 +156,14 @@ class ChatSession:
         self.pending.append(open_image(path))
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Send one user turn and return the reply; a failed turn leaves the conversation as it was."""
+        """Send one user turn and return the reply; a failed turn leaves the conversation as it was (a refused
+        turn also drops the images waiting for it, so the next message does not fail the same way)."""
         turn = [*self.messages, user_turn(text, self.pending)]
-        answer = reply(self.runnable, turn, self.max_new_tokens, self.temperature, on_text)
+        try:
+            answer = reply(self.runnable, turn, self.max_new_tokens, self.temperature, on_text)
+        except BadInputError:
+            self.pending = []
+            raise
         self.messages = [*turn, {"role": "assistant", "content": [{"type": "text", "text": answer["text"]}]}]
         self.pending = []
         return answer

@@ -25,6 +25,15 @@ FORMAT = 1  # bumped when dpa.yaml changes shape
 LIBRARIES = ("torch", "transformers", "safetensors", "peft", "accelerate", "deepspeed", "tokenizers")
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-K` of a stage's run (the trainer's staging leftovers never are)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def is_workspace(folder: Path) -> bool:
     """Whether `folder` is a workspace dpa wrote (its dpa.yaml says so)."""
     try:
@@ -84,22 +93,23 @@ def read_manifest(workspace: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_model_folder(folder: Path, manifest: dict[str, Any]) -> None:
-    """A workspace's model folder (the upgrade's or a stage's) must hold the DPA model its dpa.yaml describes:
-    a folder swapped for another model is refused before anything loads it."""
+def check_model_folder(folder: Path, manifest: dict[str, Any], hint: str | None = None, what: str = "") -> None:
+    """A workspace's model folder (the upgrade's or a stage's, or a --from folder) must hold the DPA model its
+    dpa.yaml describes: a folder swapped for another model is refused before anything loads it."""
     path = Path(folder) / "config.json"
-    hint = "restore the folder from the run that wrote it, or point --workspace at the workspace it belongs to"
+    hint = hint or "restore the folder from the run that wrote it, or point --workspace at the workspace it belongs to"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"{path}: cannot read it ({err})", hint=hint) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise BadInputError(f"{what}{path}: cannot read it ({err})", hint=hint) from None
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind != "dpa":
-        raise BadInputError(f"{folder} holds a {kind!r} model, not the DPA model of this workspace", hint=hint)
+        raise BadInputError(f"{what}{folder} holds a {kind!r} model, not the DPA model of this workspace", hint=hint)
     width = (manifest.get("plan") or {}).get("dimensions", {}).get("target_width")
-    have = (config.get("text_config") or {}).get("hidden_size")
+    text = config.get("text_config")
+    have = text.get("hidden_size") if isinstance(text, dict) else None
     if width is not None and have is not None and width != have:
-        raise BadInputError(f"{folder} holds a DPA model of target width {have}, not the DPA model of this "
+        raise BadInputError(f"{what}{folder} holds a DPA model of target width {have}, not the DPA model of this "
                             f"workspace (dpa.yaml: target width {width})", hint=hint)  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from dpa_cli.checksums import verify_path
 from dpa_cli.cli.app import app
-from dpa_cli.train.trainer import latest_checkpoint
+from dpa_cli.workspace import latest_checkpoint
 from dpa_cli.workspace import read_manifest
 from tests.fault_kit import Runner, leftovers, tree_hash
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from dpa_cli.cli.generate_cmd import (
     DeviceOpt, MaxNewTokensOpt, RunModelArg, StageOpt, TemperatureOpt, _write, describe,
 )  # fmt: skip
@@ -44,7 +46,12 @@ def chat(
             if not _command(session, line):
                 break
             continue
-        session.ask(line, on_text=_write)
+        waiting = len(session.pending)
+        try:
+            session.ask(line, on_text=_write)
+        except BadInputError as exc:  # the turn is refused, the conversation goes on
+            _say_error(exc, f"{waiting} waiting image(s) dropped" if waiting else None)
+            continue
         sys.stdout.write("\n")
 
 
@@ -64,7 +71,7 @@ def _command(session, line: str) -> bool:
         try:
             session.add_image(argument.strip())
         except BadInputError as exc:
-            err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            _say_error(exc)
             return True
         err.print(f"image added to your next message ({len(session.pending)} waiting)")
     elif name == "/reset":
@@ -73,3 +80,8 @@ def _command(session, line: str) -> bool:
     else:
         err.print(f"unknown command {line!r}: {COMMANDS}", markup=False)
     return True
+
+
+def _say_error(exc: BadInputError, note: str | None = None) -> None:
+    """One `error:` line (the message is the user's text: never read as markup), the chat goes on."""
+    err.print(f"[bold red]error:[/] {escape(exc.message)}" + (f" ({note})" if note else ""), highlight=False)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from dpa_cli.cli.options import JsonFlag
 from dpa_cli.cli.render import DpaTyper, err, out, print_json
@@ -89,8 +90,9 @@ def show(result: dict[str, Any]) -> None:
                       title="problems", title_justify="left")  # fmt: skip
         for problem in result["problems"]:
             colour = "red" if problem["severity"] == "error" else "yellow"
+            # Ids and messages quote the data (paths like `a[/b].png`): plain Text, never read as markup.
             table.add_row(problem["kind"], f"[{colour}]{problem['severity']}[/]", str(problem["count"]),
-                          ", ".join(problem["examples"]), problem["message"])  # fmt: skip
+                          Text(", ".join(problem["examples"])), Text(problem["message"]))  # fmt: skip
         out.print(table)
     out.print(stats_table(result["stats"]))
     rate, per_core = result["samples_per_second"], result["samples_per_cpu_second"]

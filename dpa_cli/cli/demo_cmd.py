@@ -15,6 +15,7 @@ from dpa_cli.errors import BadInputError
 
 
 def demo(
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's data, models and report.")] = Path("dpa-demo"),
     steps_scale: Annotated[float, typer.Option(help="Scale the training steps: 1.0 shows learning, 0.1 is a quick check.")] = 1.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing demo folder.")] = False,
@@ -32,20 +33,23 @@ def demo(
       dpa demo
       dpa demo --steps-scale 0.1 -o /tmp/quick-demo
     """
-    import shutil
-
-    from dpa_cli.checkpoint.atomic import check_replaceable
-    from dpa_cli.demo.run import run_demo
+    from dpa_cli.checkpoint.atomic import check_replaceable, staged_folder
+    from dpa_cli.demo.run import DEMO_RECORD, check_learned, is_demo_folder, run_demo
 
     if steps_scale <= 0:
         raise BadInputError(f"--steps-scale {steps_scale} must be positive")
     if not (output.is_dir() and not any(output.iterdir())):  # an empty folder is fine to fill
-        ours = (output / "report.md").exists() or (output / "data").is_dir()
-        check_replaceable(output, force, ours, "a demo", f"--force replaces only a demo folder, and {output} is not one")
-        if output.exists():
-            shutil.rmtree(output)
+        not_ours = f"--force replaces only a folder `dpa demo` wrote (it holds {DEMO_RECORD}), and {output} is not one"
+        check_replaceable(output, force, is_demo_folder(output), "a demo", not_ours)
     say = (lambda text: err.print(text)) if json_ else (lambda text: out.print(Rule(text, align="left", style="cyan")))
-    result = run_demo(output, steps_scale, say, json_output=json_)
+    say(f"building the demo in {output}")
+    # Built beside the old folder and swapped in whole when done: a failed or killed run leaves the old one.
+    with staged_folder(output, replace=True) as folder:
+        # The demo types the real commands into this same command line (the root of the running one).
+        cli = ctx.find_root().command.main
+        result = run_demo(folder, cli, steps_scale, say, json_output=json_)
+    result = {**result, "report": str(output / result["report"]), "plot": str(output / result["plot"])}
+    check_learned(result)
     if json_:
         print_json(result)
         return

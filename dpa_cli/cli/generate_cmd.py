@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -36,7 +35,8 @@ def describe(runnable) -> str:
 def generate(
     model: RunModelArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message.", show_default=False)],
-    image: Annotated[list[Path] | None, typer.Option("--image", "-i", help="An image file; repeat for several (in order).", show_default=False)] = None,
+    # str, not Path: Path would turn `https://x` into `https:/x`, hiding that a URL was given.
+    image: Annotated[list[str] | None, typer.Option("--image", "-i", help="An image file; repeat for several (in order).", show_default=False)] = None,
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     device: DeviceOpt = None,

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dpa_cli.errors import DpaError
 
@@ -37,7 +38,8 @@ def report_errors(command: Callable) -> Callable:
         except DpaError as exc:
             if os.environ.get("DPA_DEBUG") == "1":
                 raise
-            err.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False)
+            # The message quotes user input (paths, keys): escaped, so `a[/b].png` is text, not a markup error.
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, highlight=False)
             if exc.hint:
                 err.print(f"  {exc.hint}", markup=False)
             raise typer.Exit(exc.exit_code) from None

@@ -103,6 +103,8 @@ def _relaunch(nproc: int, workspace: Path, stage: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from dpa_cli.train.stage import resume_hint
+
     args = without_nproc(sys.argv[1:])
     err.print(f"relaunching under torchrun with {nproc} processes")
     try:
@@ -111,9 +113,9 @@ def _relaunch(nproc: int, workspace: Path, stage: int) -> int:
         causes = {f.exitcode for f in failed.failures.values()} - {-signal.SIGTERM}  # SIGTERM: the launcher's
         if causes == {BadInputError.exit_code}:  # refused input: every worker has said why
             return BadInputError.exit_code
-        raise DpaError(_failure_line(failed.failures), hint=_resume_hint(workspace, stage)) from None
+        raise DpaError(_failure_line(failed.failures), hint=resume_hint(workspace, stage)) from None
     except SignalException as stopped:
-        raise DpaError(f"training stopped by {stopped.sigval.name}", hint=_resume_hint(workspace, stage)) from None
+        raise DpaError(f"training stopped by {stopped.sigval.name}", hint=resume_hint(workspace, stage)) from None
     return 0
 
 
@@ -131,20 +133,6 @@ def _failure_line(failures: dict[int, Any]) -> str:
         how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
         said.append(f"rank {rank} (pid {f.pid}) {how}")
     return "training process " + "; then ".join(said)
-
-
-def _resume_hint(workspace: Path, stage: int) -> str:
-    from dpa_cli.train.stage import stage_dir
-    from dpa_cli.train.trainer import latest_checkpoint
-    from dpa_cli.workspace import MODEL_DIR
-
-    folder = stage_dir(workspace, stage)
-    checkpoint = latest_checkpoint(folder) if folder.is_dir() else None
-    if (folder / MODEL_DIR).is_dir():  # stopped before a --restart cleared the finished stage
-        return f"{folder.name}'s finished result is untouched: run the command again"
-    if checkpoint is None:
-        return "no checkpoint was saved yet: run the command again (add --restart if the stage folder is in the way)"
-    return f"run the same command with --resume to continue from {checkpoint.name}"
 
 
 class RichReporter:

@@ -28,7 +28,10 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "marker_mismatch": ("error", "<image> markers differ from the number of images"),
     "image_in_assistant": ("error", "an <image> marker inside an assistant turn"),
     "missing_image": ("error", "image file not found"),
-    "unsafe_image_path": ("error", "image path leaves the image root (.., absolute path, symlink)"),
+    "unsafe_image_path": ("error", "image path leaves the image root (.., absolute path, ~, file:, symlink)"),
+    "unsupported_image": ("error", "a URL or a video, not an image file (dpa never downloads)"),
+    "bad_image_ref": ("error", "an image entry that names no image: a number, nested list, base64 text, "
+                               "control characters, an overlong path, a broken data: URI"),  # fmt: skip
     "unreadable_image": ("error", "not a readable image (corrupt, empty file, unknown format)"),
     "truncated_image": ("error", "image file is truncated"),
     "image_too_large": ("error", "image over the decompression-bomb limit"),

@@ -10,7 +10,6 @@ and inside the image root) and refuses to start with all of them listed; a bad s
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from dpa_cli.data.encode import SampleEncoder
-from dpa_cli.data.images import ImageError, resolve_path
+from dpa_cli.data.image_refs import ImageError, check_ref
 from dpa_cli.data.samples import BadSampleError, Sample, structural_problems
 from dpa_cli.errors import BadInputError
 
@@ -27,19 +26,31 @@ ON_BAD_SAMPLE = ("fail", "skip")
 
 
 def cheap_problems(sample: Sample) -> list[tuple[str, str]]:
-    """Problems found without decoding an image or tokenizing: structure, markers, image files."""
+    """Problems found without decoding an image or tokenizing: structure, markers, image references (kind,
+    confinement to the image root, the file present), through the same gate every image reader passes."""
     problems = structural_problems(sample)
     for ref in sample.images:
-        if ref.data is not None or ref.image is not None or ref.path is None:
-            continue
         try:
-            path = resolve_path(ref)
+            check_ref(ref)
         except ImageError as err:
             problems.append((err.kind, err.message))
-            continue
-        if not os.path.isfile(path):
-            problems.append(("missing_image", f"{ref.path}: no such file"))
     return problems
+
+
+def precheck(source: Any) -> None:
+    """Refuse a dataset when any sample fails the cheap checks, naming the first and counting each kind."""
+    found: dict[str, list[str]] = {}
+    first: BadSampleError | None = None
+    for sample in source:
+        for kind, message in cheap_problems(sample)[:1]:
+            found.setdefault(kind, []).append(sample.id)
+            first = first or BadSampleError(sample.id, kind, message)
+    if first is None:
+        return
+    summary = "; ".join(f"{len(ids)} {kind} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+                        for kind, ids in found.items())  # fmt: skip
+    raise BadSampleError(first.sample_id, first.kind, f"{first.detail}. Bad samples: {summary}",
+                         hint="see `dpa data check`, fix the data, or pass --on-bad-sample skip")  # fmt: skip
 
 
 def _check_mode(on_bad_sample: str) -> None:
@@ -101,18 +112,7 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
 
     def precheck(self) -> None:
         """Refuse to start when any sample fails the cheap checks, naming the kinds and the first ids."""
-        found: dict[str, list[str]] = {}
-        first: BadSampleError | None = None
-        for sample in self.source:
-            for kind, message in cheap_problems(sample)[:1]:
-                found.setdefault(kind, []).append(sample.id)
-                first = first or BadSampleError(sample.id, kind, message)
-        if first is None:
-            return
-        summary = "; ".join(f"{len(ids)} {kind} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
-                            for kind, ids in found.items())  # fmt: skip
-        raise BadSampleError(first.sample_id, first.kind, f"{first.detail}. Bad samples: {summary}",
-                             hint="see `dpa data check`, fix the data, or pass --on-bad-sample skip")  # fmt: skip
+        precheck(self.source)
 
     def __len__(self) -> int:
         return len(self.source)

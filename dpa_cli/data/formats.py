@@ -287,6 +287,8 @@ def _whole_object(path: Path) -> dict:
 def _load_dataset(path: Path, streaming: bool) -> Any:
     import datasets
 
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" bars would come before a refusal's one line
     try:
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
@@ -297,6 +299,9 @@ def _load_dataset(path: Path, streaming: bool) -> Any:
             loaded = datasets.load_dataset(kind, data_files=str(path), streaming=streaming)
     except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise BadInputError(f"{path}: not a dataset datasets can load ({err})") from None
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if "train" not in loaded and len(loaded) != 1:
             raise BadInputError(f"{path}: several splits ({', '.join(loaded)}) and none is `train`")

@@ -1,18 +1,19 @@
-"""Reading a sample's images safely: paths kept inside the image root, decompression bombs refused before
-decoding, truncated files caught, and unusual modes (CMYK, alpha, grayscale, 16-bit) converted to RGB and
-reported. `probe_image` reads only the header (size and mode) for `dpa data check --fast`.
+"""Reading a sample's images safely: every reference passes `check_ref` first (kind, paths kept inside the
+image root), decompression bombs are refused from the header before decoding, truncated files caught, and
+unusual modes (CMYK, alpha, grayscale, 16-bit) converted to RGB and reported. `probe_image` reads only the
+header (size and mode) for `dpa data check --fast`. Every reader of images (data check, train, eval, analyze,
+generate, chat) comes through here.
 """
 
 from __future__ import annotations
 
-import functools
 import io
-import os
 import warnings
-from pathlib import Path
 from typing import Any
 
-from dpa_cli.data.samples import ImageRef
+from dpa_cli.data.image_refs import ImageError, ImageRef, check_ref
+
+__all__ = ["ImageError", "MAX_IMAGE_PIXELS", "load_image", "probe_image"]
 
 # PIL's own decompression-bomb threshold (about 89.5 megapixels, a 0.25 GiB RGB image). Images above it are
 # refused from their header, before any pixel is decoded; the perceivers resize far below it anyway.
@@ -37,53 +38,16 @@ CONVERSIONS = {
 }
 
 
-class ImageError(Exception):
-    """An image that cannot be used: `kind` is a problem kind of `dpa data check`."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
-@functools.lru_cache(maxsize=4096)
-def _real_folder(folder: str) -> str:
-    return os.path.realpath(folder)
-
-
-def resolve_path(ref: ImageRef) -> str:
-    """The file a path-only image reference names; one that leaves its root is an `unsafe_image_path` error."""
-    path = ref.path or ""
-    if ref.root is None:  # a path a datasets Image column stored itself: used as it is
-        return path
-    if os.path.isabs(path) or path.startswith("~"):
-        raise ImageError("unsafe_image_path", f"{path}: absolute path (paths are relative to the image root)")
-    if ".." in Path(path).parts:
-        raise ImageError("unsafe_image_path", f"{path}: leaves the image root via ..")
-    expected = os.path.join(_real_folder(str(ref.root)), os.path.normpath(path))
-    # The folder part resolves once per folder (cached); the file itself is checked on every call.
-    if _real_folder(os.path.dirname(expected)) != os.path.dirname(expected) or os.path.islink(expected):
-        raise ImageError("unsafe_image_path", f"{path}: goes through a symlink (images must be files under the root)")
-    return expected
-
-
 def _open(ref: ImageRef) -> Any:
     """The image opened lazily (header read, pixels not decoded), size checked against MAX_IMAGE_PIXELS."""
     from PIL import Image, UnidentifiedImageError
 
+    path = check_ref(ref)  # the reference's kind and confinement: nothing is opened before this
     if ref.image is not None:
         image = ref.image
     else:
         name = ref.describe()
-        if ref.data is not None:
-            handle: Any = io.BytesIO(ref.data)
-        else:
-            path = resolve_path(ref)
-            if not os.path.isfile(path):
-                raise ImageError("missing_image", f"{name}: no such file" + (f" under {ref.root}" if ref.root else ""))
-            if os.path.getsize(path) == 0:
-                raise ImageError("unreadable_image", f"{name}: the file is empty (0 bytes)")
-            handle = path
+        handle: Any = io.BytesIO(ref.data) if path is None else path
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -92,9 +56,9 @@ def _open(ref: ImageRef) -> Any:
             raise ImageError("image_too_large", f"{name}: larger than {MAX_IMAGE_PIXELS:,} pixels "
                                                 "(refused as a decompression bomb)") from None  # fmt: skip
         except UnidentifiedImageError:
-            raise ImageError("unreadable_image", f"{name}: not an image format PIL can read") from None
-        except (OSError, ValueError, SyntaxError) as err:
-            raise ImageError("unreadable_image", f"{name}: not a readable image ({err})") from None
+            raise ImageError("unreadable_image", f"{name}: not a readable image (no format PIL knows)") from None
+        except Exception as err:  # noqa: BLE001  PIL's header parsers raise many types on forged input
+            raise ImageError("unreadable_image", f"{name}: not a readable image ({_reason(err)})") from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError("image_too_large", f"{ref.describe()}: {width}x{height} pixels, more than "
@@ -102,6 +66,12 @@ def _open(ref: ImageRef) -> Any:
     if width == 0 or height == 0:
         raise ImageError("unreadable_image", f"{ref.describe()}: the image is {width}x{height} pixels")
     return image
+
+
+def _reason(err: Exception) -> str:
+    """An exception in one line: its first line, or its type when it has no text."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _conversion(image: Any) -> tuple[str, str] | None:
@@ -141,15 +111,19 @@ def _to_rgb(image: Any) -> Any:
 
 def load_image(ref: ImageRef) -> tuple[Any, list[tuple[str, str]]]:
     """The decoded RGB image and the conversion warnings; an `ImageError` names what is wrong."""
+    from PIL import Image
+
     image = _open(ref)
     conversion = _conversion(image)
     try:
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
     except OSError as err:
         kind = "truncated_image" if "truncated" in str(err) or "broken data" in str(err) else "unreadable_image"
         raise ImageError(kind, f"{ref.describe()}: {'truncated' if kind == 'truncated_image' else 'unreadable'} "
-                               f"({err})") from None  # fmt: skip
-    except (ValueError, SyntaxError, EOFError) as err:
-        raise ImageError("unreadable_image", f"{ref.describe()}: unreadable ({err})") from None
+                               f"({_reason(err)})") from None  # fmt: skip
+    except Exception as err:  # noqa: BLE001  as in _open: a decoder fed forged data may raise anything
+        raise ImageError("unreadable_image", f"{ref.describe()}: unreadable ({_reason(err)})") from None
     warnings_ = [(conversion[0], f"{ref.describe()}: {conversion[1]}")] if conversion else []
     return _to_rgb(image), warnings_

@@ -44,7 +44,8 @@ def render_segments(segments: list, title: str, max_chars: int = 4000) -> Any:
         shown += len(segment)
     legend = Text.assemble(("learned", STYLES["supervised"]), "  ", ("masked prompt", STYLES["prompt"]), "  ",
                            ("image slots", STYLES["image"]))  # fmt: skip
-    return Panel(text, title=title, title_align="left", subtitle=legend, subtitle_align="right")
+    # The title quotes a sample id from the data: plain Text, so brackets in it are not read as markup.
+    return Panel(text, title=Text(title), title_align="left", subtitle=legend, subtitle_align="right")
 
 
 def render_supervised(processor: Any, features: dict[str, Any], max_chars: int = 4000) -> Any:

@@ -3,7 +3,8 @@
 LLaVA records (`from: human|gpt`, `<image>` markers in the text) and Hugging Face rows (`messages` in the
 OpenAI / transformers chat format, or LLaVA-style `conversations`) both become a `Sample`. Conversion never
 raises for a malformed record: what is wrong is kept in `Sample.problems`, so `dpa data check` can list every
-bad sample and training can skip or refuse it by name.
+bad sample and training can skip or refuse it by name. Image values of any shape become `ImageRef`s through
+`dpa_cli.data.image_refs`, the one resolver every consumer shares.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.data.image_refs import ImageRef, image_refs
 from dpa_cli.errors import BadInputError
 
 IMAGE_MARKER = "<image>"  # LLaVA's marker in the data, whatever the target's own image token is
@@ -28,25 +30,6 @@ class BadSampleError(BadInputError):
         self.sample_id = sample_id
         self.kind = kind
         self.detail = message
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """Where a sample's image comes from; nothing is read until it is loaded or probed (dpa_cli.data.images).
-
-    `path` is the path as the data writes it; with `root` set it must stay inside `root` (no `..`, no absolute
-    path, no symlink). `data` holds embedded bytes (Hugging Face datasets), `image` an already decoded image.
-    """
-
-    path: str | None = None
-    root: Path | None = None
-    data: bytes | None = None
-    image: Any = None
-
-    def describe(self) -> str:
-        if self.path:
-            return self.path
-        return "embedded image" if self.data is not None or self.image is not None else "no image"
 
 
 @dataclass
@@ -94,35 +77,13 @@ def _sample_id(record: dict, index: int) -> str:
     return str(value) if value is not None and str(value) != "" else f"#{index}"
 
 
-def _image_refs(value: Any, root: Path | None, problems: list) -> list[ImageRef]:
-    """LLaVA `image` (a path or a list of paths) or a datasets image column (dicts, paths or decoded images)."""
-    if value is None:
-        return []
-    items = value if isinstance(value, (list, tuple)) else [value]
-    refs = []
-    for item in items:
-        if isinstance(item, str):
-            refs.append(ImageRef(path=item, root=root))
-        elif isinstance(item, dict) and (item.get("bytes") is not None or item.get("path")):
-            # A datasets Image cell: embedded bytes, or a path the dataset itself stored (used as it is).
-            data = item.get("bytes")
-            refs.append(ImageRef(path=item.get("path"), data=data) if data is not None else ImageRef(path=item["path"]))
-        elif hasattr(item, "size") and hasattr(item, "mode"):  # a decoded PIL image
-            refs.append(ImageRef(image=item))
-        elif item is None:
-            continue
-        else:
-            problems.append(("bad_record", f"an image entry is {type(item).__name__}, not a path"))
-    return refs
-
-
 def from_llava(record: Any, index: int, root: Path | None) -> Sample:
     """A LLaVA record: `{"id", "image": path | [paths], "conversations": [{"from", "value"}, ...]}`."""
     if not isinstance(record, dict):
         return Sample(f"#{index}", [], [], index, [("bad_record", f"a sample is a JSON {type(record).__name__}, "
                                                                   "not an object")])  # fmt: skip
     problems: list[tuple[str, str]] = []
-    images = _image_refs(record.get("image", record.get("images")), root, problems)
+    images = image_refs(record.get("image", record.get("images")), root)
     conversation = record.get("conversations")
     if conversation is None and "messages" in record:
         return from_chat(record, index, root)
@@ -164,7 +125,7 @@ def from_chat(record: dict, index: int, root: Path | None) -> Sample:
     if "messages" not in record and "conversations" in record:
         return from_llava(record, index, root)
     problems: list[tuple[str, str]] = []
-    images = _image_refs(record.get("images", record.get("image")), root, problems)
+    images = image_refs(record.get("images", record.get("image")), root)
     raw = record.get("messages")
     if not isinstance(raw, list):
         problems.append(("bad_record", "no `messages` list"))

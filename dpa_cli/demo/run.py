@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,12 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import __version__
 from dpa_cli.errors import DpaError
 
 # The DPA export must beat chance by this much (absolute accuracy) at full scale. Runs on this budget and
 # close ones scored 0.30-0.54 above chance (colour and count are learned first, shape last); float
 # arithmetic differs between CPUs and thread counts, hence the headroom.
 LEARNED_MARGIN = 0.20
+
+
+DEMO_RECORD = "dpa_demo.json"  # written last: a folder holding it is a whole demo dpa wrote
 
 
 class DemoFailed(DpaError):
@@ -48,24 +53,33 @@ def _train_flags(budget: Budget) -> list[str]:
 
 
 class Driver:
-    """Runs `dpa ...` commands through the real command line, in this process, and keeps the list."""
+    """Runs `dpa ...` commands through the real command line (`cli`, handed in by the caller), in this process,
+    and keeps the list."""
 
-    def __init__(self, say: Callable[[str], None], stdout_to_stderr: bool = False):
+    def __init__(self, cli: Callable[..., Any], say: Callable[[str], None], stdout_to_stderr: bool = False):
+        self.cli = cli
         self.say = say
         self.stdout_to_stderr = stdout_to_stderr  # `dpa demo --json`: stdout holds only the demo's JSON
         self.commands: list[str] = []
 
     def __call__(self, *args: Any) -> None:
-        from dpa_cli.cli.app import app
-
         words = [str(a) for a in args]
         self.commands.append("dpa " + " ".join(words))
         self.say(f"$ dpa {' '.join(words)}")
         output = contextlib.redirect_stdout(sys.stderr) if self.stdout_to_stderr else contextlib.nullcontext()
         with output:
-            code = app(args=words, standalone_mode=False, prog_name="dpa")
+            code = self.cli(args=words, standalone_mode=False, prog_name="dpa")
         if code not in (None, 0):
             raise DemoFailed(f"`dpa {words[0]}` exited with code {code}", hint="see its message above")
+
+
+def is_demo_folder(folder: Path) -> bool:
+    """Whether `folder` is one `dpa demo` wrote (its record says so): the only kind `--force` may replace."""
+    try:
+        record = json.loads((Path(folder) / DEMO_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(record, dict) and record.get("dpa_demo") == 1
 
 
 def _train_and_export(dpa: Driver, workspace: Path, data: dict[str, Path], budget: Budget) -> Path:
@@ -91,24 +105,42 @@ def _loss_fell(workspace: Path) -> bool:
     return len(losses) >= 2 and losses[-1] < losses[0]
 
 
-def run_demo(folder: Path, scale: float = 1.0, say: Callable[[str], None] = print,
+def run_demo(folder: Path, cli: Callable[..., Any], scale: float = 1.0, say: Callable[[str], None] = print,
              json_output: bool = False) -> dict[str, Any]:  # fmt: skip
-    """The whole pipeline in `folder`; raises DemoFailed when a step fails or the model did not learn.
+    """The whole pipeline in `folder`, driving `cli` (the `dpa` command line) as a user would type it.
 
-    `json_output`: the commands' own output goes to stderr, leaving stdout to the caller's JSON."""
+    The commands run inside `folder` with relative paths, so the folder can be renamed into place afterwards and
+    the commands in its report still work there. Paths in the result are relative to `folder`; whether the model
+    learned is judged by `check_learned`. `json_output`: the commands' own output goes to stderr, leaving stdout
+    to the caller's JSON."""
+    with _inside(folder):
+        return _run(cli, scale, say, json_output)
+
+
+@contextlib.contextmanager
+def _inside(folder: Path):
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _run(cli: Callable[..., Any], scale: float, say: Callable[[str], None], json_output: bool) -> dict[str, Any]:
     from dpa_cli.demo.build import build_models
     from dpa_cli.demo.evaluate import chance, score
     from dpa_cli.demo.report import plot_losses, write_report
     from dpa_cli.demo.shapes import write_dataset
 
-    started, folder, budget = time.perf_counter(), Path(folder), Budget.scaled(scale)
-    say(f"building the synthetic dataset and the starting models in {folder}")
-    data = write_dataset(folder / "data", budget.train_images, budget.heldout_images)
-    target, lm = build_models(folder / "models")
-    dpa = Driver(say, stdout_to_stderr=json_output)
+    started, budget = time.perf_counter(), Budget.scaled(scale)
+    say("building the synthetic dataset and the starting models")
+    data = write_dataset(Path("data"), budget.train_images, budget.heldout_images)
+    target, lm = build_models(Path("models"))
+    dpa = Driver(cli, say, stdout_to_stderr=json_output)
     dpa("inspect", target)
     perceiver = f"vit=target,lm={lm}"
-    workspaces = {"DPA": folder / "dpa", "ViT-only": folder / "vit-only"}
+    workspaces = {"DPA": Path("dpa"), "ViT-only": Path("vit-only")}
     dpa("upgrade", target, "--perceiver", perceiver, "-o", workspaces["DPA"])
     dpa("upgrade", target, "--perceiver", perceiver, "-o", workspaces["ViT-only"], "--perceiver-layers", 0)
     dpa("data", "check", data["instruct"], "--workspace", workspaces["DPA"], "--image-root", data["images"], "--limit", 200)
@@ -120,21 +152,24 @@ def run_demo(folder: Path, scale: float = 1.0, say: Callable[[str], None] = prin
             "--max-new-tokens", 4)  # fmt: skip
     scores = {name: score(path, data["heldout"], data["images"]) for name, path in exports.items()}
     scores["chance"] = chance(held)
-    plot_losses(workspaces, folder / "loss.png")
+    plot_losses(workspaces, Path("loss.png"))
     facts = {"train_images": budget.train_images, "heldout_questions": len(held), "stage1_steps": budget.stage1_steps,
              "stage2_steps": budget.stage2_steps, "batch": budget.batch, "commands": dpa.commands,
              "seconds": time.perf_counter() - started}  # fmt: skip
     answers = {(a["image"], a["question"]): a for a in scores["DPA"]["answers"]}
-    report = write_report(folder, scores, [answers[(e["image"], e["question"])] for e in examples], facts)
+    report = write_report(Path("."), scores, [answers[(e["image"], e["question"])] for e in examples], facts)
     result = {"scores": {k: {"accuracy": v["accuracy"], "overall": v["overall"]} for k, v in scores.items()},
-              "report": str(report), "plot": str(folder / "loss.png"), **facts}  # fmt: skip
-    _check_learned(result, scale, folder)
+              "report": str(report), "plot": "loss.png", "scale": scale,
+              "stage2_loss_fell": _loss_fell(workspaces["DPA"]), **facts}  # fmt: skip
+    Path(DEMO_RECORD).write_text(json.dumps({"dpa_demo": 1, "dpa": __version__, **result}, indent=2) + "\n")
     return result
 
 
-def _check_learned(result: dict[str, Any], scale: float, folder: Path) -> None:
-    if scale < 1.0:  # the quick run is too short to score; it must still have learned something
-        if not _loss_fell(folder / "dpa"):
+def check_learned(result: dict[str, Any]) -> None:
+    """Raise DemoFailed when the demo did not learn: below chance + LEARNED_MARGIN at full scale, or (the quick
+    run, too short to score) when the stage-2 loss did not fall."""
+    if result["scale"] < 1.0:
+        if not result["stage2_loss_fell"]:
             raise DemoFailed("the quick demo's stage-2 loss did not fall")
         return
     dpa, chance = result["scores"]["DPA"]["overall"], result["scores"]["chance"]["overall"]

@@ -1,9 +1,10 @@
 """Evaluation items from local files: VQA / multiple-choice JSONL or JSON, MMLU-style CSV, or a datasets folder.
 
 Field names follow the common benchmark exports: `question`, `answer` (a string, a list of strings, a letter or
-an option index), `image` (a path relative to --image-root), `options` / `choices` (a list, or a dict by letter,
-or `A`..`D` columns, or inline "A. ..." lines in the question), `id`, `category` / `subject`. An item that
-cannot be scored is a `BadInputError` naming the file and the item.
+an option index), `image` (any shape training data may use; a path is relative to --image-root and kept
+inside it), `options` / `choices` (a list, or a dict by letter, or `A`..`D` columns, or inline "A. ..." lines in
+the question), `id`, `category` / `subject`. An item that cannot be scored is a `BadInputError` naming the file
+and the item.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpa_cli.data.samples import ImageRef
+from dpa_cli.data.image_refs import ImageRef, image_refs
 from dpa_cli.errors import BadInputError
 from dpa_cli.evaluation.metrics import LETTERS, normalize_answer
 
@@ -39,17 +40,9 @@ def _first(record: dict, *names: str) -> Any:
 
 
 def _image_ref(value: Any, root: Path) -> ImageRef | None:
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return ImageRef(path=value, root=root)
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        return ImageRef(path=value.get("path"), data=value["bytes"])
-    if isinstance(value, dict) and value.get("path"):
-        return ImageRef(path=value["path"])
-    return ImageRef(image=value) if hasattr(value, "mode") else None
+    """The item's image (the first, when the record lists several), by the resolver training data uses."""
+    refs = image_refs(value, root)
+    return refs[0] if refs else None
 
 
 def _options(record: dict, question: str) -> tuple[list[str], str]:
@@ -161,7 +154,9 @@ def _read_dataset(path: Path) -> list[dict]:
     if isinstance(loaded, datasets.DatasetDict):
         split = next((name for name in ("test", "validation", "train") if name in loaded), next(iter(loaded)))
         loaded = loaded[split]
-    return list(loaded)
+    # Rows as stored: image cells stay {"bytes", "path"} for the resolver (datasets' own decoding would open
+    # any stored path, even one outside --image-root).
+    return loaded.with_format("arrow")[:].to_pylist()
 
 
 def load_items(data: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> list[Item]:

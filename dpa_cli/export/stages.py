@@ -16,7 +16,7 @@ from typing import Any
 
 from dpa_cli import loading
 from dpa_cli.errors import BadInputError, CheckpointError
-from dpa_cli.workspace import MODEL_DIR, check_model_folder, is_workspace, read_manifest
+from dpa_cli.workspace import MODEL_DIR, check_model_folder, is_workspace, latest_checkpoint, read_manifest
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,6 +52,8 @@ def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
         model_dir = workspace / f"stage{number}" / MODEL_DIR
         if (model_dir / "config.json").is_file():
             return _with_adapter(workspace, f"stage{number}", model_dir)
+        if stage is None and _started(workspace, number):
+            raise _unfinished(workspace, number)
     if stage is not None:
         raise BadInputError(
             f"stage {stage} has not finished in {workspace} (no stage{stage}/{MODEL_DIR})",
@@ -62,6 +64,27 @@ def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
                             hint="restore it from the upgrade, or upgrade again into a new folder with -o")  # fmt: skip
     check_model_folder(workspace / MODEL_DIR, read_manifest(workspace))
     return StageResult(MODEL_DIR, workspace / MODEL_DIR, None, workspace)
+
+
+def _started(workspace: Path, number: int) -> bool:
+    """A stage whose folder exists or that dpa.yaml records: the newest model, once (if ever) it finishes."""
+    recorded = (read_manifest(workspace).get("stages") or {}).get(f"stage{number}")
+    return (workspace / f"stage{number}").exists() or recorded is not None
+
+
+def _unfinished(workspace: Path, number: int) -> BadInputError:
+    """The latest stage was started but has no result: using the stage before it instead would be silent."""
+    checkpoint = latest_checkpoint(workspace / f"stage{number}")
+    if checkpoint is not None:
+        finish = f"`dpa train --stage {number} --resume` continues it from {checkpoint.name}"
+    else:
+        finish = f"train it with `dpa train --stage {number} --restart`"
+    if number > 1:
+        instead = f"pass --stage {number - 1} to use stage {number - 1}"
+    else:
+        instead = f"remove {workspace / f'stage{number}'} to use the untrained upgrade"
+    what = f"stage {number} was started in {workspace} but has not finished (no stage{number}/{MODEL_DIR})"
+    return BadInputError(what, hint=f"{finish}, or {instead}")
 
 
 def _with_adapter(workspace: Path, name: str, model_dir: Path) -> StageResult:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +16,27 @@ from transformers import PrinterCallback
 
 from dpa_cli import loading
 from dpa_cli.checksums import CHECKSUMS, stage_checksums
-from dpa_cli.errors import BadInputError, DpaError
+from dpa_cli.errors import BadInputError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.save import save_stage_result
+from dpa_cli.train.resume import check_checkpoint, check_checkpoint_weights, disk_failure
 from dpa_cli.train.stage import (
-    TrainRequest, discard_stage_dir, prepare_stage_dir, resolve_recipe, source_model, stage_dir, start_stage_dir,
+    RunFolder, TrainRequest, commit_run_folder, discard_run_folder, plan_run_folder, resolve_recipe, resume_hint,
+    source_model, start_run_folder,
 )  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace import read_manifest, write_manifest
+
+
+def bind_deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to the stdout it finds when first imported, and on CPU it warns at import:
+    import it with stdout pointing at stderr, so `dpa train --json` prints nothing but the JSON on stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
 
 
 def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> dict[str, Any] | None:
@@ -91,16 +103,30 @@ def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, note
 
 def load_model(source: Path, bf16: bool):
     """The stage's starting model and processor: dpa's own code only, else dpa's installed classes."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # dpa's own output says what is loading
     dtype = torch.bfloat16 if bf16 else torch.float32
     return loading.load_model(source, dtype=dtype), loading.load_processor(source)
 
 
-def build_data(request: TrainRequest, processor: Any, recipe: Recipe):
-    from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder, open_samples
+def open_data(request: TrainRequest) -> Any:
+    """The training samples, checked without decoding or tokenizing (structure, every image reference's kind and
+    confinement to the image root) before any model is loaded: a bad sample costs no load and prints nothing."""
+    from dpa_cli.data import open_samples
+    from dpa_cli.data.dataset import precheck
 
-    source = open_samples(request.data, request.image_root)
+    samples = open_samples(request.data, request.image_root)
+    if request.on_bad_sample == "fail":  # `skip` drops such samples instead (none of them is ever read)
+        precheck(samples)
+    return samples
+
+
+def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: Any):
+    from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder
+
     encoder = SampleEncoder(processor, stage=request.stage, max_length=recipe.max_length)
-    dataset = EncodedDataset(source, encoder, on_bad_sample=request.on_bad_sample)
+    dataset = EncodedDataset(samples, encoder, on_bad_sample=request.on_bad_sample, precheck=False)  # open_data did
     return dataset, DPACollator(processor)
 
 
@@ -110,17 +136,37 @@ def _lora(recipe: Recipe) -> dict[str, Any] | None:
     return {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout, "targets": recipe.lora_targets}
 
 
-def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train one stage and write its result into the workspace; returns the summary stored in dpa.yaml."""
-    from dpa_cli.data import dataset_fingerprint, render_supervised
+@dataclass
+class Prepared:
+    """A run with every input checked and loaded, before anything in the workspace is touched."""
 
-    reporter = reporter or QuietReporter()
+    request: TrainRequest
+    recipe: Recipe
+    run: RunFolder
+    source: Path
+    args: Any
+    notes: list[str]
+    model: Any
+    processor: Any
+    dataset: Any
+    collator: KeepaliveCollator
+    trainable: dict[str, Any]
+    shown: Any  # the first sample, rendered with its supervised span
+
+
+def prepare(request: TrainRequest) -> Prepared:
+    """Every refusal: flags, recipe, source model, data, checkpoint to resume, the first sample. Writes nothing."""
+    from dpa_cli.data import render_supervised
+
+    bind_deepspeed_logs_to_stderr()
     recipe = resolve_recipe(request)
     source = source_model(request)
-    resume_from = prepare_stage_dir(request)
-    folder = stage_dir(request.workspace, request.stage)
+    run = plan_run_folder(request)
+    if run.resume_from is not None:
+        check_checkpoint(run.resume_from)
     notes: list[str] = []
-    args = training_arguments(recipe, request, folder, notes)
+    args = training_arguments(recipe, request, run.folder, notes)
+    samples = open_data(request)
     if args.deepspeed and world_size() > 1:
         # ZeRO-3 partitions weights while from_pretrained builds the model, so DeepSpeed's view of the
         # process group must exist before loading (the trainer would only set it up afterwards).
@@ -128,52 +174,75 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, processor = load_model(source, args.bf16)
-    dataset, collator = build_data(request, processor, recipe)
-    if world_size() > 1:
-        collator = KeepaliveCollator(collator, processor)
+    dataset, collator = build_data(request, processor, recipe, samples)
+    # A batch without images still runs the perceiver (on a stand-in, with zero weight): with only perceiver-side
+    # parts trainable (stage 1) its loss would otherwise have no gradient, and across processes no rank may skip
+    # the perceiver's collectives.
+    collator = KeepaliveCollator(collator, processor)
     model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
     if args.activation_checkpointing:
         model.config.use_cache = False
+    if run.resume_from is not None:
+        check_checkpoint_weights(run.resume_from, model)
     shown = render_supervised(processor, dataset[0])  # encodes the first sample: a bad one is refused here
-    # Only now, every flag, recipe key and the first sample checked, is the stage folder created (or cleared
-    # by --restart; the trainer creates it too): a refusal before this point leaves the workspace as it was.
-    created = start_stage_dir(request)
-    metrics = MetricsCallback(folder, reporter, peak_flops(), flops_per_token_estimate(model))
+    return Prepared(request, recipe, run, source, args, notes, model, processor, dataset, collator, table, shown)
+
+
+def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train one stage and write its result into the workspace; returns the summary stored in dpa.yaml."""
+    reporter = reporter or QuietReporter()
+    prepared = prepare(request)
+    # Only now is the run's folder created (a --restart of an existing stage works beside it, and replaces it
+    # when finished): every refusal above leaves the workspace as it was.
+    created = start_run_folder(prepared.run, request.restart)
+    try:
+        return _train(prepared, reporter)
+    except BaseException as error:
+        discard_run_folder(prepared.run, created)  # a run that saved a checkpoint is kept, for --resume
+        hint = f"free some disk space; then {resume_hint(request.workspace, request.stage)}"
+        failure = disk_failure(error, hint)
+        if failure is not None:
+            raise failure from None
+        raise
+
+
+def _train(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
+    """The training itself, the stage result put in place, and dpa.yaml updated to say so."""
+    from dpa_cli.data import dataset_fingerprint
+
+    request, recipe, run, model = prepared.request, prepared.recipe, prepared.run, prepared.model
+    metrics = MetricsCallback(run.folder, reporter, peak_flops(), flops_per_token_estimate(model))
     trainer = DPATrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        model=model, args=prepared.args, train_dataset=prepared.dataset, data_collator=prepared.collator,
         callbacks=[LossGuard(), metrics], part_lrs=recipe.learning_rates,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the reporter, not stdout
+    resume = str(run.resume_from) if run.resume_from else None
     if trainer.is_world_process_zero():
         reporter.before_training({
-            "recipe": recipe.as_dict(), "source": str(source), "trainable": table, "notes": notes,
-            "sample": shown, "world_size": world_size(),
-            "tokens_per_step": recipe.global_batch_size * recipe.max_length,
-            "resume_from": str(resume_from) if resume_from else None,
+            "recipe": recipe.as_dict(), "source": str(prepared.source), "trainable": prepared.trainable,
+            "notes": prepared.notes, "sample": prepared.shown, "world_size": world_size(),
+            "tokens_per_step": recipe.global_batch_size * recipe.max_length, "resume_from": resume,
         })  # fmt: skip
     started = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except DpaError:  # a bad sample met in the first batches: leave no empty run behind
-        discard_stage_dir(request, created)
-        raise
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
-    # Text-only batches per process: each ran the perceiver on a stand-in image so no process skipped a collective.
-    stand_ins = per_process(collator.stand_ins) if isinstance(collator, KeepaliveCollator) else None
-    save_stage_result(trainer, processor, source, folder, lora=recipe.uses_lora)
+    # Text-only batches per process: each ran the perceiver on a stand-in image.
+    stand_ins = per_process(prepared.collator.stand_ins)
+    save_stage_result(trainer, prepared.processor, prepared.source, run.folder, lora=recipe.uses_lora)
     summary = {
-        "recipe": recipe.as_dict(), "source": str(source), "data": {"path": str(request.data),
+        "recipe": recipe.as_dict(), "source": str(prepared.source), "data": {"path": str(request.data),
         "fingerprint": dataset_fingerprint(request.data)}, "steps": trainer.state.global_step,
         "final_loss": metrics.final_loss, "train_loss": result.training_loss, "seconds": round(seconds, 2),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen), "skipped_samples": _skipped(dataset),
-        "lora": recipe.uses_lora, "deepspeed": request.deepspeed, "world_size": world_size(), "notes": notes,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen), "skipped_samples": _skipped(prepared.dataset),
+        "lora": recipe.uses_lora, "deepspeed": request.deepspeed, "world_size": world_size(),
+        "notes": prepared.notes, "text_only_batches": stand_ins,
     }  # fmt: skip
-    if stand_ins is not None:
-        summary["text_only_batches"] = stand_ins
     if trainer.is_world_process_zero():
+        commit_run_folder(run)  # a restart's result takes the old stage's place only now
         manifest = read_manifest(request.workspace)
-        manifest.setdefault("stages", {})[f"stage{request.stage}"] = summary
-        manifest[CHECKSUMS] = stage_checksums(manifest.get(CHECKSUMS), folder, f"stage{request.stage}")
+        manifest.setdefault("stages", {})[run.stage.name] = summary
+        manifest[CHECKSUMS] = stage_checksums(manifest.get(CHECKSUMS), run.stage, run.stage.name)
         write_manifest(request.workspace, manifest)
         reporter.after_training(summary)
     return summary

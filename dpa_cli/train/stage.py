@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import Recipe, load_recipe
-from dpa_cli.train.trainer import latest_checkpoint
-from dpa_cli.workspace import MODEL_DIR, check_model_folder, read_manifest
+from dpa_cli.workspace import MODEL_DIR, check_model_folder, latest_checkpoint, read_manifest
 
 PERCEIVER_PARTS = ("vit", "phi_p", "perceiver_lm")
 
@@ -59,49 +60,100 @@ def source_model(request: TrainRequest) -> Path:
         raise BadInputError(f"{source} is not a model folder (no config.json)", hint="check the workspace or --from")
     if request.from_model in (None, "model", "stage1"):  # the workspace's own folders: the model dpa.yaml describes
         check_model_folder(source, read_manifest(workspace))
+    else:  # any folder: it must hold this workspace's DPA model (another stage of it, a copy, an export)
+        hint = "training starts from a DPA model: pass --from model or stage1, or upgrade that folder with `dpa upgrade`"
+        check_model_folder(source, read_manifest(workspace), hint=hint, what="--from ")
     return source
 
 
-def prepare_stage_dir(request: TrainRequest) -> Path | None:
-    """Refuse to overwrite a finished stage; returns the checkpoint to resume from. Nothing is changed here:
-    --restart clears the old run only once every check has passed (`start_stage_dir`)."""
+def restart_dir(workspace: Path, stage: int) -> Path:
+    """Where a `--restart` builds the stage anew while the old stage folder stays as it was."""
+    return Path(workspace) / f".stage{stage}.restart"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where this run writes its checkpoints, metrics and result (`folder`), and the stage folder the result
+    becomes (`stage`). A `--restart` of an existing stage runs beside it and replaces it only when finished,
+    so a refused, crashed or killed restart leaves the old stage (and dpa.yaml) exactly as they were."""
+
+    folder: Path
+    stage: Path
+    resume_from: Path | None = None
+
+    @property
+    def beside(self) -> bool:
+        return self.folder != self.stage
+
+
+def plan_run_folder(request: TrainRequest) -> RunFolder:
+    """Refuse to overwrite a finished or interrupted stage, and say where this run goes. Nothing is changed
+    here: the folder is created (or a stale restart folder cleared) by `start_run_folder`."""
     folder = stage_dir(request.workspace, request.stage)
-    finished = (folder / MODEL_DIR).is_dir()
-    checkpoint = latest_checkpoint(folder) if folder.is_dir() else None
+    pending = restart_dir(request.workspace, request.stage)
     if request.restart:
-        return None
+        in_use = folder.is_dir() and any(folder.iterdir())
+        return RunFolder(pending if in_use else folder, folder)
     if request.resume:
-        if checkpoint is None:
-            raise BadInputError(f"nothing to resume in {folder}: no checkpoint", hint="start it without --resume")
-        return checkpoint
-    if finished:
-        raise BadInputError(
-            f"stage {request.stage} has already finished in {request.workspace}",
-            hint="pass --restart to train it again from scratch (its result will be replaced)",
-        )
+        for place in (pending, folder):  # an interrupted --restart first: it is the newer run
+            checkpoint = latest_checkpoint(place)
+            if checkpoint is not None:
+                return RunFolder(place, folder, checkpoint)
+        raise BadInputError(f"nothing to resume in {folder}: no checkpoint", hint="start it without --resume")
+    interrupted = latest_checkpoint(pending)
+    if (folder / MODEL_DIR).is_dir():
+        hint = "pass --restart to train it again from scratch (its result is replaced only when the new run ends)"
+        if interrupted is not None:
+            hint = f"pass --resume to continue the interrupted --restart run from {interrupted.name}, or --restart"
+        raise BadInputError(f"stage {request.stage} has already finished in {request.workspace}", hint=hint)
+    checkpoint = latest_checkpoint(folder)
     if checkpoint is not None:
         raise BadInputError(
             f"stage {request.stage} has an unfinished run in {folder} (last checkpoint {checkpoint.name})",
             hint="pass --resume to continue it, or --restart to start over",
         )
-    return None
+    return RunFolder(folder, folder)
 
 
-def start_stage_dir(request: TrainRequest) -> bool:
-    """Create the stage folder (cleared first with --restart); True when this run created it."""
-    folder = stage_dir(request.workspace, request.stage)
-    if request.restart:
-        shutil.rmtree(folder, ignore_errors=True)
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+def start_run_folder(run: RunFolder, restart: bool) -> bool:
+    """Create the run's folder (a stale one cleared first with --restart); True when this run created it.
+
+    Only the main process changes folders: the others write nothing before the trainer's first collective."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    if restart and run.folder.exists():  # an empty stage folder, or the side folder of an earlier --restart
+        shutil.rmtree(run.folder)
+    created = not run.folder.exists()
+    run.folder.mkdir(parents=True, exist_ok=True)
     return created
 
 
-def discard_stage_dir(request: TrainRequest, created: bool) -> None:
-    """After a failed start: remove the stage folder this run created, unless it holds a checkpoint by now."""
-    folder = stage_dir(request.workspace, request.stage)
-    if created and latest_checkpoint(folder) is None:
-        shutil.rmtree(folder, ignore_errors=True)
+def discard_run_folder(run: RunFolder, created: bool) -> None:
+    """After a failed run: remove the folder this run created, unless it holds a checkpoint to resume by now."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if (created or run.beside) and latest_checkpoint(run.folder) is None:
+        shutil.rmtree(run.folder, ignore_errors=True)
+
+
+def commit_run_folder(run: RunFolder) -> None:
+    """Put a finished run in the stage's place: a restart's folder is exchanged with the old stage in one step."""
+    if run.beside and int(os.environ.get("RANK", "0")) == 0:
+        replace_folder(run.folder, run.stage)
+
+
+def resume_hint(workspace: Path, stage: int) -> str:
+    """What to do after a run stopped: resume it from its last checkpoint, or run again."""
+    folder, pending = stage_dir(workspace, stage), restart_dir(workspace, stage)
+    if latest_checkpoint(pending) is not None:
+        return f"{folder.name} is untouched; run the same command with --resume instead of --restart to continue " \
+               f"from {latest_checkpoint(pending).name}"
+    if (folder / MODEL_DIR).is_dir():
+        return f"{folder.name}'s finished result is untouched: run the command again"
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        return "no checkpoint was saved yet: run the command again (add --restart if the stage folder is in the way)"
+    return f"run the same command with --resume to continue from {checkpoint.name}"
 
 
 def _flag_overrides(request: TrainRequest, manifest: dict[str, Any]) -> list[str]:

@@ -97,9 +97,3 @@ class LossGuard(TrainerCallback):
                 f"step {state.global_step}: the loss is exactly 0",
                 hint="labels are probably wrong (the answer is in the prompt?); inspect with `dpa data check`",
             )
-
-
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a stage (staging leftovers are never complete ones)."""
-    found = [p for p in Path(stage_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
