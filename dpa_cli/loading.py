@@ -39,7 +39,7 @@ def refuse_foreign_code(folder: str | Path, allow_code: bool, why: str) -> None:
     trust, verdict = code_decision(folder, allow_code)
     if verdict.foreign and not trust:
         raise BadInputError(
-            f"{folder}: {verdict.describe_foreign()} names model code that is not dpa's own; {why}",
+            f"{folder}: the model code named in {verdict.describe_foreign()} is not dpa's own; {why}",
             hint="pass --trust-remote-code only if you trust that code; else restore the folder from dpa's output",
         )
 
@@ -47,7 +47,7 @@ def refuse_foreign_code(folder: str | Path, allow_code: bool, why: str) -> None:
 @functools.cache
 def _warn_once(folder: str, foreign: str) -> None:
     log.warning(
-        "%s: %s names model code that is not dpa's own: not run; dpa's installed classes load the folder "
+        "%s: the model code named in %s is not dpa's own: not run; dpa's installed classes load the folder "
         "instead (pass --trust-remote-code to run it)", folder, foreign,
     )  # fmt: skip
 
@@ -64,8 +64,8 @@ def _from_pretrained(auto_class: str, folder: str | Path, allow_code: bool, kwar
     except (ValueError, KeyError, OSError, ImportError, AttributeError, TypeError) as err:
         if not trust and verdict.foreign and any(words in str(err) for words in _NEEDS_CODE):
             raise BadInputError(
-                f"{folder}: {verdict.describe_foreign()} names model code that is not dpa's own, and transformers "
-                "has no installed class to load it without that code; not run",
+                f"{folder}: the model code named in {verdict.describe_foreign()} is not dpa's own, and transformers "
+                "has no installed class to load the folder without it; not run",
                 hint="pass --trust-remote-code only if you trust that code",
             ) from None
         raise

@@ -48,10 +48,12 @@ def _own_imports(module: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class CodeRef:
-    """One class reference in an `auto_map`: the config file that holds it and the reference as written."""
+    """One class reference in an `auto_map`: the config file that holds it, the reference as written and, for a
+    foreign one, the file that is not dpa's (the module it names, or a file that module imports)."""
 
     config: Path
     ref: str
+    culprit: str | None = None
 
     @property
     def module_file(self) -> str:
@@ -72,14 +74,15 @@ class Verdict:
         """Code is referenced and all of it is dpa's own, byte for byte: running it runs nothing new."""
         return bool(self.own) and not self.foreign
 
-    def describe_foreign(self) -> str:
-        """`file (module.py), ...` for messages, relative to the folder, each file once."""
+    def describe_foreign(self, most: int = 2) -> str:
+        """`config (module.py), ...` for messages: configs relative to the folder, the first `most` of them."""
         seen: dict[str, list[str]] = {}
         for ref in self.foreign:
-            name = _relative(ref.config, self.folder)
-            if ref.module_file not in seen.setdefault(name, []):
-                seen[name].append(ref.module_file)
-        return ", ".join(f"{name} ({', '.join(files)})" for name, files in seen.items())
+            files = seen.setdefault(_relative(ref.config, self.folder), [])
+            files += [ref.culprit] if ref.culprit not in files else []
+        named = [f"{name} ({', '.join(files)})" for name, files in seen.items()]
+        more = f" and {len(named) - most} more configs" if len(named) > most else ""
+        return ", ".join(named[:most]) + more
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -127,15 +130,16 @@ def references(folder: Path) -> list[CodeRef]:
     return refs
 
 
-def _is_own_module(module: str, places: list[Path], depth: int = 0) -> bool:
-    """`module` is a DPA model file, present in `places`, and every copy there (and of what it imports) is dpa's."""
+def _not_own(module: str, places: list[Path], depth: int = 0) -> str | None:
+    """None when `module` is a DPA model file, present in `places`, and every copy there (and of every file it
+    imports) is dpa's; else the first file that is not."""
     ours = own_code()
     if module not in ours or depth > len(ours):
-        return False
+        return f"{module}.py"
     copies = [place / f"{module}.py" for place in places if (place / f"{module}.py").is_file()]
     if not copies or any(sha256_file(copy) != ours[module] for copy in copies):
-        return False
-    return all(_is_own_module(name, places, depth + 1) for name in _own_imports(module))
+        return f"{module}.py"
+    return next(filter(None, (_not_own(name, places, depth + 1) for name in _own_imports(module))), None)
 
 
 def examine(folder: str | Path) -> Verdict:
@@ -146,5 +150,9 @@ def examine(folder: str | Path) -> Verdict:
         match = _OWN_REF.match(ref.ref)
         # transformers looks for the module at the folder's root; a copy beside a sub-folder's config counts too.
         places = list(dict.fromkeys([folder, ref.config.parent]))
-        (own if match and _is_own_module(match["module"], places) else foreign).append(ref)
+        culprit = _not_own(match["module"], places) if match else ref.module_file
+        if culprit is None:
+            own.append(ref)
+        else:
+            foreign.append(CodeRef(ref.config, ref.ref, culprit))
     return Verdict(folder, tuple(own), tuple(foreign))
