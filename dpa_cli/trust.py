@@ -117,16 +117,16 @@ def _auto_map_strings(value: object, inside: bool = False) -> list[str]:
 
 
 def references(folder: Path) -> list[CodeRef]:
-    """Every class reference in the auto_maps of the folder's configs (unreadable configs hold none we could run)."""
+    """Every class reference in the auto_maps of the folder's configs. A config that cannot be read here (too
+    large, not UTF-8 JSON, nested too deep) counts as foreign code: what it names is unknown, so fail closed."""
     refs = []
     for path in config_files(folder):
         try:
             if path.stat().st_size > MAX_CONFIG_BYTES:
-                continue
-            config = json.loads(path.read_text(encoding="utf-8"))
+                raise ValueError("too large")
+            refs += [CodeRef(path, ref) for ref in _auto_map_strings(json.loads(path.read_text(encoding="utf-8")))]
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            continue
-        refs += [CodeRef(path, ref) for ref in _auto_map_strings(config)]
+            refs.append(CodeRef(path, "", culprit="unreadable, so unknown code"))
     return refs
 
 
@@ -150,7 +150,7 @@ def examine(folder: str | Path) -> Verdict:
         match = _OWN_REF.match(ref.ref)
         # transformers looks for the module at the folder's root; a copy beside a sub-folder's config counts too.
         places = list(dict.fromkeys([folder, ref.config.parent]))
-        culprit = _not_own(match["module"], places) if match else ref.module_file
+        culprit = ref.culprit or (_not_own(match["module"], places) if match else ref.module_file)
         if culprit is None:
             own.append(ref)
         else:

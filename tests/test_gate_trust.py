@@ -407,6 +407,25 @@ def test_dpa_own_files_count_only_byte_for_byte_wherever_transformers_may_find_t
     assert not may_run_code(folder)
 
 
+UNREADABLE = {"not-json": b'{"auto_map": ', "not-utf8": b"\xff\xfe{}", "too-deep": b"[" * 100_000 + b"]" * 100_000,
+              "too-large": b'{"auto_map": {}}'}  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["config.json", "perceiver_tokenizer/tokenizer_config.json", "extra/config.json"])
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_a_config_the_gate_cannot_read_counts_as_foreign_code(code_folder, tmp_path, monkeypatch, where, kind):
+    """What an unreadable config names is unknown: the gate fails closed (transformers may read it after all)."""
+    import dpa_cli.trust
+    from dpa_cli.loading import may_run_code
+
+    folder = Path(shutil.copytree(code_folder, tmp_path / "model"))
+    (folder / where).parent.mkdir(exist_ok=True)
+    (folder / where).write_bytes(UNREADABLE[kind])
+    if kind == "too-large":
+        monkeypatch.setattr(dpa_cli.trust, "MAX_CONFIG_BYTES", 8)
+    assert not may_run_code(folder) and may_run_code(folder, allow_code=True)
+
+
 def test_a_module_that_only_dpa_own_code_imports_is_checked_too(code_folder, tmp_path):
     from dpa_cli.loading import may_run_code
 
