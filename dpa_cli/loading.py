@@ -34,12 +34,13 @@ def may_run_code(folder: str | Path, allow_code: bool = False) -> bool:
     return code_decision(folder, allow_code)[0]
 
 
-def refuse_foreign_code(folder: str | Path, allow_code: bool, why: str) -> None:
-    """Refuse a folder carrying foreign code unless allowed (for work that would pass the code on: `why`)."""
+def refuse_carried_code(folder: str | Path, allow_code: bool, why: str) -> None:
+    """Refuse a folder whose foreign code a copy would carry on (`why`), unless allowed. Altered copies of dpa's
+    own files are not carried: dpa writes its installed ones in their place."""
     trust, verdict = code_decision(folder, allow_code)
-    if verdict.foreign and not trust:
+    if verdict.carried and not trust:
         raise BadInputError(
-            f"{folder}: the model code named in {verdict.describe_foreign()} is not dpa's own; {why}",
+            f"{folder}: the model code named in {verdict.describe_foreign(verdict.carried)} is not dpa's own; {why}",
             hint="pass --trust-remote-code only if you trust that code; else restore the folder from dpa's output",
         )
 

@@ -74,10 +74,18 @@ class Verdict:
         """Code is referenced and all of it is dpa's own, byte for byte: running it runs nothing new."""
         return bool(self.own) and not self.foreign
 
-    def describe_foreign(self, most: int = 2) -> str:
-        """`config (module.py), ...` for messages: configs relative to the folder, the first `most` of them."""
+    @property
+    def carried(self) -> tuple[CodeRef, ...]:
+        """The foreign references a copy of the folder would carry on: all but altered copies of dpa's own files
+        at the folder's root, which dpa rewrites from its installed copies wherever it writes a model folder."""
+        rewritten = {f"{module}.py" for module in own_code()}
+        return tuple(ref for ref in self.foreign if ref.culprit not in rewritten)
+
+    def describe_foreign(self, refs: tuple[CodeRef, ...] | None = None, most: int = 2) -> str:
+        """`config (module.py), ...` for messages (`refs`: all foreign ones by default): configs relative to the
+        folder, the first `most` of them."""
         seen: dict[str, list[str]] = {}
-        for ref in self.foreign:
+        for ref in self.foreign if refs is None else refs:
             files = seen.setdefault(_relative(ref.config, self.folder), [])
             files += [ref.culprit] if ref.culprit not in files else []
         named = [f"{name} ({', '.join(files)})" for name, files in seen.items()]
@@ -132,14 +140,22 @@ def references(folder: Path) -> list[CodeRef]:
 
 def _not_own(module: str, places: list[Path], depth: int = 0) -> str | None:
     """None when `module` is a DPA model file, present in `places`, and every copy there (and of every file it
-    imports) is dpa's; else the first file that is not."""
+    imports) is dpa's; else the first file that is not, relative to the folder (`places[0]`)."""
     ours = own_code()
     if module not in ours or depth > len(ours):
         return f"{module}.py"
     copies = [place / f"{module}.py" for place in places if (place / f"{module}.py").is_file()]
-    if not copies or any(sha256_file(copy) != ours[module] for copy in copies):
+    if not copies:
         return f"{module}.py"
+    altered = [copy for copy in copies if sha256_file(copy) != ours[module]]
+    if altered:
+        return _relative(altered[-1], places[0])  # a sub-folder's copy first: it is the one a copy carries on
     return next(filter(None, (_not_own(name, places, depth + 1) for name in _own_imports(module))), None)
+
+
+def _module_path(ref: str) -> str:
+    """The file a reference that is not a bare `module.Class` names, with its repository: `repo--module.py`."""
+    return ref.rsplit(".", 1)[0] + ".py"
 
 
 def examine(folder: str | Path) -> Verdict:
@@ -150,7 +166,7 @@ def examine(folder: str | Path) -> Verdict:
         match = _OWN_REF.match(ref.ref)
         # transformers looks for the module at the folder's root; a copy beside a sub-folder's config counts too.
         places = list(dict.fromkeys([folder, ref.config.parent]))
-        culprit = ref.culprit or (_not_own(match["module"], places) if match else ref.module_file)
+        culprit = ref.culprit or (_not_own(match["module"], places) if match else _module_path(ref.ref))
         if culprit is None:
             own.append(ref)
         else:

@@ -24,7 +24,7 @@ from dpa_cli.export.card import model_card
 from dpa_cli.export.merge import export_weights
 from dpa_cli.export.stages import StageResult, stage_result
 from dpa_cli.export.verify import check_export, reference_probe
-from dpa_cli.loading import refuse_foreign_code
+from dpa_cli.loading import refuse_carried_code
 from dpa_cli.workspace import MODEL_DIR, read_manifest
 
 EXPORT_DIR = "export"
@@ -98,7 +98,7 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     output = (request.output or workspace / EXPORT_DIR).expanduser().resolve()
     check_output(output, result, request.force)
     for folder in result.inputs:  # the export copies the stage's side files: its code would ship and run
-        refuse_foreign_code(folder, request.allow_code, "an export would ship it to be run as the model's code")
+        refuse_carried_code(folder, request.allow_code, "an export would ship it to be run as the model's code")
     lora = "none" if result.adapter_dir is None else "kept" if request.keep_adapter else "merged"
     return ExportPlan(request, result, output, DTYPES[request.dtype], lora)
 
