@@ -25,7 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dpa_cli.cli.app import app
-from dpa_cli.errors import BadInputError, DpaError
+from dpa_cli.errors import DpaError
 from tests.test_bad_inputs import tree_hash
 
 runner = CliRunner()
@@ -452,10 +452,10 @@ def test_an_export_replaces_altered_copies_of_dpa_files_with_its_own(shared, tmp
 
 def test_the_export_verification_child_obeys_the_decision(shared, tmp_path):
     """Handed an export whose code is not dpa's, the child loads without it: it fails, and nothing ran."""
-    from dpa_cli.export.verify import run_check
-
     import torch
     from safetensors.torch import save_file
+
+    from dpa_cli.export.verify import run_check
 
     sentinel = tmp_path / "sentinel"
     folder = plant_into(Path(shutil.copytree(shared.export, tmp_path / "export")), PLANT["processor_config"], "string", sentinel)

@@ -22,8 +22,8 @@ import torch
 from dpa_cli.bench.memory import PeakMemory
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flop_counter
-from dpa_cli.loading import load_config
 from dpa_cli.generate import Runnable, build_inputs, check_runnable, open_runnable, user_turn
+from dpa_cli.loading import load_config
 from dpa_cli.workspace import read_manifest
 
 # The fixed prompt set: one image each, of different shapes so AnyRes-style processors tile them differently.
