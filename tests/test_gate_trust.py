@@ -209,7 +209,7 @@ class Command:
     """A command and the folder kind it loads: `workspace` (its model/), `stage` (stage1/model of a workspace),
     `export`, or `baseline` (the original LLaVA model, handed as --baseline). `cases`: how many places it is
     tried with; `costly` ones (a training step, a benchmark) only with places whose load is refused, before
-    the work; `refuses_foreign`: the command refuses any foreign code (an export would ship it)."""
+    the work; `refuses_foreign`: the command refuses foreign code it would carry on (an export ships it)."""
 
     id: str
     reads: str
@@ -333,18 +333,18 @@ def assert_outcome(run: tuple[object, Path, bool], plant: Plant, command: Comman
                          ids=[f"{c.id}-{p.id}-{f}" for c, p, f in MATRIX])  # fmt: skip
 def test_planted_code_never_runs_and_the_command_works_or_refuses_in_one_line(shared, tmp_path, caplog, command, plant,
                                                                               form):  # fmt: skip
-    assert_outcome(run_planted(shared, tmp_path, command, plant, form), plant, command, caplog.text)  # the warning: pytest's log capture takes it
+    # The warning goes to stderr through logging; under pytest, its log capture takes it.
+    assert_outcome(run_planted(shared, tmp_path, command, plant, form), plant, command, caplog.text)
 
 
 GENERATE = COMMANDS[2]  # generate on an export: the model, its processor and every part of it
-
-
 EVERY_PLACE = [(plant, forms_of(plant)[i % len(forms_of(plant))]) for i, plant in enumerate(PLANTS)]
 
 
 @pytest.mark.parametrize(("plant", "form"), EVERY_PLACE, ids=[f"{p.id}-{f}" for p, f in EVERY_PLACE])
 def test_every_place_is_gated_on_one_load_of_model_and_processor(shared, tmp_path, caplog, plant, form):
-    """(Every form of auto_map in every config is sorted out by the verdict tests below, without loading.)"""
+    """Each place once, through real loads; every auto_map form in every config is checked by the verdict
+    tests below, without loading."""
     assert_outcome(run_planted(shared, tmp_path, GENERATE, plant, form), plant, GENERATE, caplog.text)
 
 
@@ -359,7 +359,8 @@ MODULES = ("evil", "modeling_dpa_v2", "../modeling_dpa", "sub.modeling_dpa")
 def _verdict_variants() -> list[tuple[str, str, str, str, str]]:
     """Sub-folder x config file x form, each with a key and a foreign module name cycled through."""
     combos = itertools.product(SUB_FOLDERS, CONFIG_NAMES, FORMS)
-    return [(sub, name, form, KEYS[i % len(KEYS)], MODULES[i % len(MODULES)]) for i, (sub, name, form) in enumerate(combos)]
+    return [(sub, name, form, KEYS[i % len(KEYS)], MODULES[i % len(MODULES)])
+            for i, (sub, name, form) in enumerate(combos)]  # fmt: skip
 
 
 VARIANTS = _verdict_variants()
@@ -439,7 +440,7 @@ def test_a_module_that_only_dpa_own_code_imports_is_checked_too(code_folder, tmp
 
 
 # --- the verification child, the positive control, the flag and the one code path ----------------------------
-def test_an_export_replaces_altered_copies_of_dpa_files_with_its_own(shared, tmp_path, caplog):
+def test_an_export_replaces_altered_copies_of_dpa_files_with_its_own(shared, tmp_path):
     """A stage whose copy of dpa's model file differs (made by another dpa version, or edited) exports: dpa's
     installed classes run it, and the export holds dpa's installed files, not the altered ones."""
     workspace, stage = _stage_workspace(shared, tmp_path)
@@ -458,7 +459,8 @@ def test_the_export_verification_child_obeys_the_decision(shared, tmp_path):
     from dpa_cli.export.verify import run_check
 
     sentinel = tmp_path / "sentinel"
-    folder = plant_into(Path(shutil.copytree(shared.export, tmp_path / "export")), PLANT["processor_config"], "string", sentinel)
+    export = Path(shutil.copytree(shared.export, tmp_path / "export"))
+    folder = plant_into(export, PLANT["processor_config"], "string", sentinel)
     (tmp_path / "work").mkdir()
     probe = tmp_path / "work" / "probe.safetensors"
     save_file({"logits": torch.zeros(1)}, probe)  # read first: the child gets as far as loading the export
@@ -469,7 +471,8 @@ def test_the_export_verification_child_obeys_the_decision(shared, tmp_path):
 
 def test_with_trust_remote_code_the_planted_code_does_run(shared, tmp_path):
     sentinel = tmp_path / "sentinel"
-    folder = plant_into(Path(shutil.copytree(shared.baseline, tmp_path / "llava")), PLANT["config"], "string", sentinel)
+    llava = Path(shutil.copytree(shared.baseline, tmp_path / "llava"))
+    folder = plant_into(llava, PLANT["config"], "string", sentinel)
     assert runner.invoke(app, _generate(shared, folder, tmp_path)).exit_code == 0 and not sentinel.exists()
     result = runner.invoke(app, [*_generate(shared, folder, tmp_path), "--trust-remote-code"])
     assert result.exit_code == 0, result.stderr
@@ -498,7 +501,8 @@ def test_only_the_loading_module_chooses_trust_remote_code():
     `trust_remote_code` is False. (Text shown to users, card.py and export_cmd.py, is not code.)"""
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        loads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "from_pretrained"]
+        loads = [node for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained"]  # fmt: skip
         trust = _trust_values(tree)
         if path.name == "loading.py":
             assert trust == ["trust"], trust
