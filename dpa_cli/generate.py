@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import loading
 from dpa_cli.errors import BadInputError
 from dpa_cli.export.stages import StageResult, find_runnable, load_as_trained, load_processor
 
@@ -43,16 +44,25 @@ def pick_device(device: str | None) -> str:
 
 
 def open_runnable(
-    spec: str, stage: int | None = None, device: str | None = None, trust_remote_code: bool = False
+    spec: str, stage: int | None = None, device: str | None = None, allow_code: bool = False
 ) -> Runnable:
-    """Load MODEL as trained. On a GPU in its stored dtype; on CPU in float32, where 16-bit matmuls are slow."""
+    """Load MODEL as trained. On a GPU in its stored dtype; on CPU in float32, where 16-bit matmuls are slow.
+    `allow_code` (--trust-remote-code) runs the folder's own model code even when it is not dpa's."""
     import torch
 
     source = find_runnable(spec, stage)
     device = pick_device(device)
     dtype = None if device == "cuda" else torch.float32
-    model = load_as_trained(source, dtype=dtype, device=device, allow_code=trust_remote_code)
-    return Runnable(model, load_processor(source, allow_code=trust_remote_code), source, device)
+    model = load_as_trained(source, dtype=dtype, device=device, allow_code=allow_code)
+    return Runnable(model, load_processor(source, allow_code=allow_code), source, device)
+
+
+def check_runnable(spec: str, allow_code: bool = False) -> None:
+    """Refuse MODEL now if the trust gate would refuse it: its config and processor load (no weights), so a
+    command that runs several models stops before it works on the first."""
+    source = find_runnable(spec)
+    loading.load_config(source.model_dir, allow_code)
+    loading.load_processor(source.model_dir, allow_code)
 
 
 def open_image(path: str | Path) -> Any:

@@ -168,7 +168,7 @@ def test_a_failed_verification_leaves_no_export_and_the_workspace_untouched(lora
     before = sorted((str(p), p.stat().st_mtime_ns) for p in lora_ws.rglob("*"))
     report = {"max_abs_diff": 0.5, "reference_max_abs": 1.0, "mismatched_inputs": [], "load_problems": [],
               "dpa_cli_imported": False}  # fmt: skip
-    monkeypatch.setattr(verify, "run_check", lambda folder, probe, adapter: report)
+    monkeypatch.setattr(verify, "run_check", lambda folder, probe, adapter, allow_code=False: report)
     result = runner.invoke(app, ["export", "-w", str(lora_ws), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "differ from the trained model's by 0.5 on the probe (tolerance 0.0001)" in result.stderr

@@ -54,7 +54,7 @@ def test_no_pickle_is_ever_unpickled(tiny_checkpoint, tmp_path):
 
 
 def test_the_library_unpickles_nothing_and_trusts_no_input_code():
-    """Every torch.load passes weights_only=True; remote code is trusted only through dpa_cli.trust."""
+    """Every torch.load passes weights_only=True; remote code is trusted only through dpa_cli.loading."""
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         for call in re.findall(r"torch\.load\([^)]*\)", text):
@@ -81,11 +81,11 @@ def test_a_folders_altered_model_code_never_runs(dpa_workspace, tmp_path):
     result = runner.invoke(app, ask)
     assert result.exit_code == 0, result.output
     assert not marker.exists(), "the folder's altered model code ran"
-    from dpa_cli.trust import trust_remote_code
+    from dpa_cli.loading import may_run_code
 
-    assert trust_remote_code(dpa_workspace("next_qwen") / "model")  # dpa's own code, byte for byte
-    assert not trust_remote_code(folder)
-    assert trust_remote_code(folder, allow=True)  # --trust-remote-code: the user's decision
+    assert may_run_code(dpa_workspace("next_qwen") / "model")  # dpa's own code, byte for byte
+    assert not may_run_code(folder)
+    assert may_run_code(folder, allow_code=True)  # --trust-remote-code: the user's decision
     assert runner.invoke(app, [*ask, "--trust-remote-code"]).exit_code == 0
 
 

@@ -111,9 +111,11 @@ def modality_gap(
     limit: int = 32,
     device: str | None = None,
     progress: Progress | None = None,
+    allow_code: bool = False,
 ) -> dict[str, Any]:
-    """Per-layer modality-gap rows for MODEL and its baseline (by default the target dpa.yaml records)."""
-    from dpa_cli.generate import open_runnable
+    """Per-layer modality-gap rows for MODEL and its baseline (by default the target dpa.yaml records).
+    `allow_code` (--trust-remote-code) lets both models' folders run their own model code."""
+    from dpa_cli.generate import check_runnable, open_runnable
 
     started = time.perf_counter()
     notes: list[str] = []
@@ -123,8 +125,10 @@ def modality_gap(
     pairs = load_pairs(data, image_root, limit)  # decoded first: a bad image is named before a model loads
     rows: list[dict[str, Any]] = []
     models = [("model", model), *([("baseline", baseline)] if baseline else [])]
+    for _, spec in models:  # a model the trust gate refuses is named before the first one works
+        check_runnable(spec, allow_code)
     for role, spec in models:
-        runnable = open_runnable(spec, device=device)
+        runnable = open_runnable(spec, device=device, allow_code=allow_code)
         report = (lambda done, role=role: progress(role, done, len(pairs))) if progress else None
         rows += _rows(role, runnable, collect(runnable, pairs, report))
         del runnable

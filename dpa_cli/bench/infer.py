@@ -22,7 +22,8 @@ import torch
 from dpa_cli.bench.memory import PeakMemory
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flop_counter
-from dpa_cli.generate import Runnable, build_inputs, open_runnable, user_turn
+from dpa_cli.generate import Runnable, build_inputs, check_runnable, open_runnable, user_turn
+from dpa_cli.loading import load_config
 from dpa_cli.workspace import read_manifest
 
 # The fixed prompt set: one image each, of different shapes so AnyRes-style processors tile them differently.
@@ -77,15 +78,11 @@ def _text_shape(config: Any) -> tuple[int, int, int]:
     return text.hidden_size, text.num_hidden_layers, text.vocab_size
 
 
-def check_pair(model: str, baseline: str) -> None:
+def check_pair(model: str, baseline: str, allow_code: bool = False) -> None:
     """MODEL must be a DPA model and ORIGINAL not, with the same target LLM: checked on configs, before loading."""
-    from transformers import AutoConfig
-
-    import dpa_cli.model  # noqa: F401  registers the DPA config class
     from dpa_cli.export.stages import find_runnable
 
-    dpa, original = (AutoConfig.from_pretrained(find_runnable(spec).model_dir, trust_remote_code=True)
-                     for spec in (model, baseline))  # fmt: skip
+    dpa, original = (load_config(find_runnable(spec).model_dir, allow_code) for spec in (model, baseline))
     if dpa.model_type != "dpa":
         raise BadInputError(f"{model} is not a DPA model (model_type {dpa.model_type!r})",
                             hint="MODEL is the upgraded model: a workspace or an export")  # fmt: skip
@@ -224,11 +221,12 @@ ENCODERS = {"original": ("vision_tower", "visual", "vision_model"), "dpa": ("per
 
 
 def _measure(paths: dict[str, str], device: str | None, max_new_tokens: int, repeats: int, prompts: int,
-             sequential: bool) -> dict[str, Any]:  # fmt: skip
+             sequential: bool, allow_code: bool = False) -> dict[str, Any]:  # fmt: skip
     """Both sides' summaries. Interleaved by default (pass i of the original, then of DPA: load drift hits
     both alike); `sequential` holds one model in memory at a time."""
     def open_side(name: str) -> Side:
-        return Side(open_runnable(paths[name], device=device), ENCODERS[name], max_new_tokens, prompts)
+        runnable = open_runnable(paths[name], device=device, allow_code=allow_code)
+        return Side(runnable, ENCODERS[name], max_new_tokens, prompts)
 
     results = {}
     if sequential:
@@ -258,8 +256,10 @@ def _ratios(dpa: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_infer(model: str, baseline: str | None = None, device: str | None = None, max_new_tokens: int = 32,
-                repeats: int = 3, prompts: int = len(PROMPTS), sequential: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Measure the DPA model and the original it came from on the same prompts; ratios are DPA / original."""
+                repeats: int = 3, prompts: int = len(PROMPTS), sequential: bool = False,
+                allow_code: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Measure the DPA model and the original it came from on the same prompts; ratios are DPA / original.
+    `allow_code` (--trust-remote-code) lets both folders run their own model code."""
     from dpa_cli.bench.analytic import paper_table
 
     if max_new_tokens < 2:
@@ -267,8 +267,11 @@ def bench_infer(model: str, baseline: str | None = None, device: str | None = No
     if not 1 <= prompts <= len(PROMPTS):
         raise BadInputError(f"--prompts {prompts}: the prompt set has 1 to {len(PROMPTS)} prompts")
     baseline = resolve_baseline(model, baseline)
-    check_pair(model, baseline)
-    results = _measure({"original": baseline, "dpa": model}, device, max_new_tokens, repeats, prompts, sequential)
+    check_pair(model, baseline, allow_code)
+    for spec in (baseline, model):  # a model the trust gate refuses is named before the first one is measured
+        check_runnable(spec, allow_code)
+    results = _measure({"original": baseline, "dpa": model}, device, max_new_tokens, repeats, prompts, sequential,
+                       allow_code)  # fmt: skip
     calls = results["dpa"]["encoder_calls_per_prompt"]
     if calls != 1:
         raise PerceiverCallError(f"the perceiver ran {calls:g} times per prompt during generate; it must run once "

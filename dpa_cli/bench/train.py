@@ -46,13 +46,15 @@ def _batch(processor: Any, image_token: str, batch: int) -> dict[str, torch.Tens
 
 
 def load_pair(target: Path, dpa: Path, batch: int) -> dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]]:
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, LlavaNextProcessor
+    from transformers import LlavaNextProcessor
 
-    llava_processor = LlavaNextProcessor(AutoImageProcessor.from_pretrained(target), AutoTokenizer.from_pretrained(target),
+    from dpa_cli import loading
+
+    llava_processor = LlavaNextProcessor(loading.load_image_processor(target), loading.load_tokenizer(target),
                                          patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
-    dpa_processor = AutoProcessor.from_pretrained(dpa, trust_remote_code=True)
-    llava = AutoModelForImageTextToText.from_pretrained(target, dtype=torch.float32).train()
-    model = AutoModelForImageTextToText.from_pretrained(dpa, trust_remote_code=True, dtype=torch.float32).train()
+    dpa_processor = loading.load_processor(dpa)  # dpa's own code, which it has just written
+    llava = loading.load_model(target, dtype=torch.float32).train()
+    model = loading.load_model(dpa, dtype=torch.float32).train()
     return {
         "original": (llava, _batch(llava_processor, "<image>", batch)),
         "dpa": (model, _batch(dpa_processor, dpa_processor.image_token, batch)),

@@ -10,7 +10,7 @@ import typer
 from rich.table import Column, Table
 
 from dpa_cli.cli.generate_cmd import DeviceOpt, RunModelArg
-from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
 from dpa_cli.cli.render import DpaTyper, err, out, print_json
 
 analyze_app = DpaTyper(help="Look inside a model: how image and text tokens relate, layer by layer.", no_args_is_help=True)
@@ -26,6 +26,7 @@ def modality_gap(
     limit: Annotated[int, typer.Option(min=1, help="Use the first N samples that hold images.")] = 32,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier CSV and plot in --output.")] = False,
+    trust_remote_code: TrustRemoteCodeFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """Measure the modality gap in every layer of the target LLM, for MODEL and the original model.
@@ -43,7 +44,8 @@ def modality_gap(
 
     check_outputs(output, force)
     progress = None if json_ else _say_progress
-    result = run(model, data, baseline=baseline, image_root=image_root, limit=limit, device=device, progress=progress)
+    result = run(model, data, baseline=baseline, image_root=image_root, limit=limit, device=device, progress=progress,
+                 allow_code=trust_remote_code)  # fmt: skip
     result["files"] = write_outputs(result, output)
     if json_:
         print_json(result)

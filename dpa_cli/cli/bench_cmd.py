@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from dpa_cli.cli.inspect_cmd import human_bytes
-from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
 from dpa_cli.cli.render import DpaTyper, out, print_json
 
 bench_app = DpaTyper(help="Side-by-side measurements, printed as ratios (and as --json).", no_args_is_help=True)
@@ -194,6 +194,7 @@ def infer(
                                                                   "that do not fit together).")] = False,
     synthetic: Annotated[str, typer.Option(help="Without MODEL: size of the synthetic pair, quick or default.")] = "default",
     workdir: Annotated[Path | None, typer.Option(help="Where to build a synthetic pair (default: a temporary folder).")] = None,
+    trust_remote_code: TrustRemoteCodeFlag = False,
     write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -220,7 +221,7 @@ def infer(
         raise BadInputError(f"--synthetic {synthetic!r} is not one of {', '.join(PAIRS)}")
     with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
         model = model or str(build_pair(Path(tmp), synthetic))
-        result = bench_infer(model, baseline, device, max_new_tokens, repeats, prompts, sequential)
+        result = bench_infer(model, baseline, device, max_new_tokens, repeats, prompts, sequential, trust_remote_code)
     result["machine"] = machine()
     if json_:
         print_json(result)

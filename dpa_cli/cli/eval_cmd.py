@@ -9,7 +9,7 @@ import typer
 from rich.table import Column, Table
 
 from dpa_cli.cli.generate_cmd import DeviceOpt, RunModelArg
-from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
 from dpa_cli.cli.render import err, out, print_json
 
 
@@ -27,6 +27,7 @@ def eval_(
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items.")] = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing predictions file.")] = False,
+    trust_remote_code: TrustRemoteCodeFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """Score a model on a local benchmark file: exact match, ANLS, or multiple-choice option letters.
@@ -45,7 +46,7 @@ def eval_(
     output = output or Path(f"{data.name.split('.')[0]}.predictions.jsonl")
     result = evaluate(str(model), data, output, metric=metric, scoring=scoring, baseline=baseline,
                       image_root=image_root, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      instruction=instruction, device=device, force=force,
+                      instruction=instruction, device=device, force=force, allow_code=trust_remote_code,
                       progress=None if json_ else _say_progress)  # fmt: skip
     if json_:
         print_json(result)

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dpa_cli.cli.inspect_cmd import human_bytes
-from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
 from dpa_cli.cli.render import err, out, print_json
 
 SPINNERS = {
@@ -28,6 +28,7 @@ def export(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload with plain transformers and compare logits.")] = True,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    trust_remote_code: TrustRemoteCodeFlag = False,
     json_: JsonFlag = False,
 ) -> None:
     """Write the latest trained stage as a Hugging Face folder that loads anywhere, with no dpa installed.
@@ -53,6 +54,7 @@ def export(
     request = ExportRequest(
         workspace=find_workspace(workspace), output=output, stage=stage, merge_lora=merge_lora,
         keep_adapter=keep_adapter, dtype=dtype, verify=verify, shard_size=parse_size(shard_size), force=force,
+        allow_code=trust_remote_code,
     )  # fmt: skip
     plan = plan_export(request)  # every refusal comes before any output
     display = _Display(output_bytes(plan.result.model_dir, plan.dtype), quiet=json_)

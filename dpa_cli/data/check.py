@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import loading
 from dpa_cli.data.encode import IGNORE_INDEX, SampleEncoder, feature_counts
 from dpa_cli.data.formats import open_samples
 from dpa_cli.data.images import ImageError, load_image, probe_image
 from dpa_cli.data.render import supervised_segments
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import BadInputError
-from dpa_cli.trust import trust_remote_code
 
 # kind -> (severity, what it means). Errors make `dpa data check` exit 2; warnings are said, not fatal.
 PROBLEMS: dict[str, tuple[str, str]] = {
@@ -52,15 +52,11 @@ def load_processor(workspace_or_processor: Any) -> Any:
     """A processor object as given, or the DPA processor of a workspace (its `model/`) or of a model folder."""
     if not isinstance(workspace_or_processor, (str, Path)):
         return workspace_or_processor
-    from transformers import AutoProcessor
-
-    import dpa_cli.model  # noqa: F401  (the DPA classes; the folder's remote code is the same)
-
     folder = Path(workspace_or_processor)
     folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
     if not (folder / "processor_config.json").exists():
         raise BadInputError(f"{folder}: no DPA processor (processor_config.json)", hint="run `dpa upgrade` first")
-    return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code(folder))
+    return loading.load_processor(folder)
 
 
 class FeatureCounter:

@@ -29,21 +29,21 @@ def _is_text_only(model_dir: Path) -> bool:
     return detect_family(config, str(model_dir / "config.json")).name == "causal_lm"
 
 
-def open_model(spec: str, device: str | None = None) -> Any:
-    """A `Runnable`; for a text-only LM its `processor` is the tokenizer."""
+def open_model(spec: str, device: str | None = None, allow_code: bool = False) -> Any:
+    """A `Runnable`; for a text-only LM its `processor` is the tokenizer. `allow_code`: --trust-remote-code."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dpa_cli import loading
     from dpa_cli.export.stages import find_runnable
     from dpa_cli.generate import Runnable, open_runnable, pick_device
 
     source = find_runnable(spec)
     if not _is_text_only(source.model_dir):
-        return open_runnable(spec, device=device)
+        return open_runnable(spec, device=device, allow_code=allow_code)
     device = pick_device(device)
     dtype = "auto" if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=dtype).to(device).eval()
-    return Runnable(model, AutoTokenizer.from_pretrained(source.model_dir), source, device)
+    model = loading.load_model(source.model_dir, allow_code, auto_class="AutoModelForCausalLM", dtype=dtype)
+    return Runnable(model.to(device).eval(), loading.load_tokenizer(source.model_dir, allow_code), source, device)
 
 
 def tokenizer_of(runnable: Any) -> Any:

@@ -122,8 +122,10 @@ def check_output(path: Path, force: bool) -> None:
 def evaluate(model: str, data: str | Path, output: Path, metric: str | None = None, scoring: str = "loglik",
              baseline: str | None = None, image_root: str | Path | None = None, limit: int | None = None,
              batch_size: int = 8, max_new_tokens: int = 32, instruction: str | None = None,
-             device: str | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
-    """Predictions of MODEL (and `baseline`) on every item, written as JSONL, and the scores."""
+             device: str | None = None, force: bool = False, progress: Progress | None = None,
+             allow_code: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Predictions of MODEL (and `baseline`) on every item, written as JSONL, and the scores. `allow_code`
+    (--trust-remote-code) lets both models' folders run their own model code."""
     started = time.perf_counter()
     if scoring not in SCORINGS:
         raise BadInputError(f"--scoring {scoring!r} is not one of {', '.join(SCORINGS)}")
@@ -134,8 +136,13 @@ def evaluate(model: str, data: str | Path, output: Path, metric: str | None = No
     images = _images(items)
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "instruction": instruction}
     models, lines = [], []
-    for role, spec in [("model", model), *([("baseline", baseline)] if baseline else [])]:
-        runnable = calls.open_model(spec, device)
+    from dpa_cli.generate import check_runnable
+
+    specs = [("model", model), *([("baseline", baseline)] if baseline else [])]
+    for _, spec in specs:  # a model the trust gate refuses is named before the first one works
+        check_runnable(spec, allow_code)
+    for role, spec in specs:
+        runnable = calls.open_model(spec, device, allow_code)
         done = (lambda n, role=role: progress(role, n, len(items))) if progress else None
         rows = predict(runnable, items, images, metric, scoring, settings, done)
         lines += [json.dumps({"model": role, **row}, ensure_ascii=False) for row in rows]

@@ -16,22 +16,19 @@ from typing import Any
 
 import torch
 
+from dpa_cli import loading
 from dpa_cli.checkpoint import CheckpointIndex, LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.reader import FileSlice, torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.adapter import KEEP, LoraPair, lora_pairs
-from dpa_cli.trust import trust_remote_code
 
 
 def _meta_model(folder: Path) -> torch.nn.Module:
     """The checkpoint's model on the meta device: its in-memory names, which the adapter's keys use."""
-    from transformers import AutoConfig
-
-    import dpa_cli.model  # noqa: F401  registers the DPA config
     from dpa_cli.upgrade.naming import meta_model
 
-    return meta_model("AutoModelForImageTextToText", AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code(folder)))
+    return meta_model("AutoModelForImageTextToText", loading.load_config(folder))
 
 
 def merge_targets(index: CheckpointIndex, adapter: Path, pairs: list[LoraPair]) -> dict[str, LoraPair]:

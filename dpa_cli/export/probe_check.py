@@ -1,11 +1,13 @@
 """The fixed probe (one synthetic image and a prompt), and the check a fresh process runs on an export with it.
 
 Run as a script, it loads the export with plain transformers (`AutoModelForImageTextToText` and
-`AutoProcessor`, `trust_remote_code=True`; peft for an export that keeps its adapter), rebuilds the probe's
-inputs with the export's own processor, compares them and the logits with the reference saved by dpa, and
-prints one JSON line. It imports nothing from dpa_cli, as a user's machine has nothing of it either.
+`AutoProcessor`; peft for an export that keeps its adapter), rebuilds the probe's inputs with the export's
+own processor, compares them and the logits with the reference saved by dpa, and prints one JSON line. It
+imports nothing from dpa_cli, as a user's machine has nothing of it either. It runs the export's model code
+only when its parent says so (DPA_TRUST_REMOTE_CODE=1: dpa's trust gate found dpa's own code, or the user
+passed --trust-remote-code); without it, nothing of the folder's code is imported.
 
-    python probe_check.py EXPORT_DIR PROBE.safetensors [ADAPTER_DIR]
+    DPA_TRUST_REMOTE_CODE=1 python probe_check.py EXPORT_DIR PROBE.safetensors [ADAPTER_DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from PIL import Image
 
 PROBE_PROMPT = "Describe the image in one sentence."
 LOGITS = "logits"
+TRUST_ENV = "DPA_TRUST_REMOTE_CODE"
+
+
+def trusted() -> bool:
+    """The parent's decision: run the folder's model code only on an explicit "1"."""
+    return os.environ.get(TRUST_ENV) == "1"
 
 
 def probe_image(width: int = 64, height: int = 48) -> Image.Image:
@@ -47,7 +55,7 @@ def _load(folder: str, adapter: str | None):
     from transformers import AutoModelForImageTextToText
 
     model, info = AutoModelForImageTextToText.from_pretrained(
-        folder, trust_remote_code=True, dtype=torch.float32, output_loading_info=True
+        folder, trust_remote_code=trusted(), dtype=torch.float32, output_loading_info=True
     )
     problems = sorted(info["missing_keys"])[:3] + sorted(info["unexpected_keys"])[:3]
     if adapter is not None:
@@ -63,7 +71,7 @@ def check(folder: str, probe: str, adapter: str | None = None) -> dict:
     from transformers import AutoProcessor
 
     saved = load_file(probe)
-    inputs = probe_inputs(AutoProcessor.from_pretrained(folder, trust_remote_code=True))
+    inputs = probe_inputs(AutoProcessor.from_pretrained(folder, trust_remote_code=trusted()))
     mismatched = sorted(
         name for name in set(inputs) | (set(saved) - {LOGITS})
         if name not in inputs or name not in saved or not torch.equal(inputs[name], saved[name])

@@ -24,6 +24,7 @@ from dpa_cli.export.card import model_card
 from dpa_cli.export.merge import export_weights
 from dpa_cli.export.stages import StageResult, stage_result
 from dpa_cli.export.verify import check_export, reference_probe
+from dpa_cli.loading import refuse_carried_code
 from dpa_cli.workspace import MODEL_DIR, read_manifest
 
 EXPORT_DIR = "export"
@@ -43,6 +44,7 @@ class ExportRequest:
     verify: bool = True
     shard_size: int = 5_000_000_000
     force: bool = False
+    allow_code: bool = False  # --trust-remote-code: the stage may carry (and the export ship) code not dpa's
 
 
 def check_request(request: ExportRequest) -> None:
@@ -95,6 +97,8 @@ def plan_export(request: ExportRequest) -> ExportPlan:
         raise BadInputError(f"--keep-adapter: {result.name} has no LoRA adapter to keep (it was trained in full)")
     output = (request.output or workspace / EXPORT_DIR).expanduser().resolve()
     check_output(output, result, request.force)
+    for folder in result.inputs:  # the export copies the stage's side files: its code would ship and run
+        refuse_carried_code(folder, request.allow_code, "an export would ship it to be run as the model's code")
     lora = "none" if result.adapter_dir is None else "kept" if request.keep_adapter else "merged"
     return ExportPlan(request, result, output, DTYPES[request.dtype], lora)
 
@@ -138,13 +142,14 @@ def run_export(
         probe = Path(work) / "probe.safetensors"
         if plan.request.verify:
             phase("reference")
-            reference_probe(plan.result, probe)
+            reference_probe(plan.result, probe, plan.request.allow_code)
         phase("writing")
         digests: dict[str, str] = {}
         weights = _write(plan, staging, on_bytes, digests)
         if plan.request.verify:
             phase("verifying")
-            check = check_export(staging, probe, staging / files.ADAPTER_DIR if plan.lora == "kept" else None)
+            adapter = staging / files.ADAPTER_DIR if plan.lora == "kept" else None
+            check = check_export(staging, probe, adapter, plan.request.allow_code)
         dtype = weights.pop("dtype")
         summary = {
             "path": str(plan.output), **check, "stage": plan.result.name, "source": str(plan.result.model_dir),

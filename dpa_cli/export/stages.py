@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import loading
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.workspace import MODEL_DIR, check_model_folder, is_workspace, latest_checkpoint, read_manifest
-from dpa_cli.trust import trust_remote_code
 
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -137,17 +137,12 @@ def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu",
     `dtype`: a torch dtype, or None for the dtype the checkpoint is stored in. `allow_code`: run the folder's
     own model code even when it is not dpa's (--trust-remote-code).
     """
-    from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as transformers_logging
-
-    import dpa_cli.model  # noqa: F401  registers the DPA classes (the folder's remote code is the same)
 
     transformers_logging.disable_progress_bar()  # our own output says what is loading
     folder = result.model_dir
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder, trust_remote_code=trust_remote_code(folder, allow_code), dtype=dtype or "auto"
-        )
+        model = loading.load_model(folder, allow_code, dtype=dtype or "auto")
     except (ValueError, KeyError, RuntimeError) as err:
         what = f"{folder}: cannot load it ({_first_line(err)})"
         raise CheckpointError(what, hint="check it with `dpa inspect`") from None
@@ -157,18 +152,14 @@ def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu",
 
 
 def _apply_adapter(model: Any, adapter: Path) -> Any:
-    from peft import PeftModel
-
     try:
         with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a question it has renamed
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            return PeftModel.from_pretrained(model, adapter)
+            return loading.load_adapter(model, adapter)
     except (ValueError, KeyError, RuntimeError) as err:
         hint = "the adapter must come from training this stage's model; restore it or train the stage again"
         raise CheckpointError(f"{adapter}: peft cannot apply it ({_first_line(err)})", hint=hint) from None
 
 
 def load_processor(result: StageResult, allow_code: bool = False) -> Any:
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(result.model_dir, trust_remote_code=trust_remote_code(result.model_dir, allow_code))
+    return loading.load_processor(result.model_dir, allow_code)

@@ -26,6 +26,7 @@ from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.errors import DpaError
 from dpa_cli.export import probe_check
 from dpa_cli.export.stages import StageResult, load_as_trained, load_processor
+from dpa_cli.loading import may_run_code
 
 FP32_TOLERANCE = 1e-4
 # Storing weights in 16 bits rounds each by at most u of its size (the unit roundoff: 2**-8 in bf16,
@@ -46,13 +47,13 @@ def tolerance(folder: Path, reference_max_abs: float) -> float:
     return max(FP32_TOLERANCE, MARGIN * math.sqrt(layers) * unit * reference_max_abs)
 
 
-def reference_probe(result: StageResult, path: Path) -> None:
+def reference_probe(result: StageResult, path: Path, allow_code: bool = False) -> None:
     """Run the trained model on the probe in float32 and save the inputs and logits to `path`."""
     from safetensors.torch import save_file
 
     try:
-        model = load_as_trained(result, dtype=torch.float32)
-        inputs = probe_check.probe_inputs(load_processor(result))
+        model = load_as_trained(result, dtype=torch.float32, allow_code=allow_code)
+        inputs = probe_check.probe_inputs(load_processor(result, allow_code))
         with torch.no_grad():
             logits = model(**inputs).logits
     except DpaError:
@@ -67,15 +68,18 @@ def reference_probe(result: StageResult, path: Path) -> None:
     save_file({**{k: v.contiguous() for k, v in inputs.items()}, probe_check.LOGITS: logits.contiguous()}, path)
 
 
-def run_check(folder: Path, probe: Path, adapter: Path | None) -> dict[str, Any]:
+def run_check(folder: Path, probe: Path, adapter: Path | None, allow_code: bool = False) -> dict[str, Any]:
     """Run probe_check.py in a fresh interpreter, offline, from an empty folder: only transformers on its path.
 
-    The remote code it loads is cached in that folder too, so the temporary export leaves no trace.
+    The remote code it loads is cached in that folder too, so the temporary export leaves no trace. The
+    child runs the export's code only as dpa itself would (dpa_cli.loading's decision, passed in its
+    environment): dpa's own code byte for byte, or anything with `allow_code` (--trust-remote-code).
     """
     work = probe.parent
     script = Path(shutil.copy(probe_check.__file__, work / "probe_check.py"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["HF_MODULES_CACHE"] = str(work / "modules")
+    env[probe_check.TRUST_ENV] = "1" if may_run_code(folder, allow_code) else "0"
     command = [sys.executable, str(script), str(folder), str(probe), *([str(adapter)] if adapter else [])]
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
@@ -103,12 +107,12 @@ def _judge(report: dict[str, Any], bound: float) -> None:
         )
 
 
-def check_export(folder: Path, probe: Path, adapter: Path | None = None) -> dict[str, Any]:
+def check_export(folder: Path, probe: Path, adapter: Path | None = None, allow_code: bool = False) -> dict[str, Any]:
     """Compare `folder` (with `adapter` applied, for --keep-adapter) with the reference saved in `probe`.
 
     Raises when it is off; `probe`'s folder is the child's working folder and should hold nothing else.
     """
-    report = run_check(folder, probe, adapter)
+    report = run_check(folder, probe, adapter, allow_code)
     bound = tolerance(folder, report["reference_max_abs"])
     _judge(report, bound)
     return {"max_abs_diff": report["max_abs_diff"], "tolerance": bound, "verified": True}

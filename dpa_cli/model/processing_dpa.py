@@ -259,6 +259,21 @@ class DPAProcessor(ProcessorMixin):
             )
 
     @classmethod
+    def _get_arguments_from_pretrained(cls, *args: Any, **kwargs: Any) -> list[Any]:
+        """The parts, loaded without any sub-folder's own code: dpa wrote them with classes transformers has, so
+        code an `auto_map` in `perceiver_tokenizer/` (or beside it) names never runs, whatever the caller trusts."""
+        return super()._get_arguments_from_pretrained(*args, **{**kwargs, "trust_remote_code": False})
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type: str, path: Any, subfolder: str = "", **kwargs: Any):
+        """The perceiver's tokenizer from its own sub-folder or an error: transformers would quietly load the
+        target's tokenizer (the folder's root) in its place, and the perceiver would read the wrong token ids."""
+        if sub_processor_type == "tokenizer":
+            return super()._load_tokenizer_from_pretrained(sub_processor_type, path, subfolder=subfolder, **kwargs)
+        own_folder = f"{subfolder}/{sub_processor_type}" if subfolder else sub_processor_type
+        return transformers.AutoTokenizer.from_pretrained(path, subfolder=own_folder, **kwargs)
+
+    @classmethod
     def from_parts(
         cls,
         image_processor: Any,

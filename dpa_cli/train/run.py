@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback
 
+from dpa_cli import loading
 from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
@@ -29,7 +30,6 @@ from dpa_cli.train.stage import (
 )  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace import read_manifest, write_manifest
-from dpa_cli.trust import trust_remote_code
 
 
 def bind_deepspeed_logs_to_stderr() -> None:
@@ -102,17 +102,12 @@ def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, note
 
 
 def load_model(source: Path, bf16: bool):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """The stage's starting model and processor: dpa's own code only, else dpa's installed classes."""
     from transformers.utils import logging as transformers_logging
 
-    import dpa_cli.model  # noqa: F401  (the DPA classes; the folder's remote code is the same)
-
     transformers_logging.disable_progress_bar()  # dpa's own output says what is loading
-
     dtype = torch.bfloat16 if bf16 else torch.float32
-    trust = trust_remote_code(source)  # dpa's own model code only; else dpa's installed classes
-    model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=trust, dtype=dtype)
-    return model, AutoProcessor.from_pretrained(source, trust_remote_code=trust)
+    return loading.load_model(source, dtype=dtype), loading.load_processor(source)
 
 
 def open_data(request: TrainRequest) -> Any:

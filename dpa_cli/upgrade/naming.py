@@ -22,7 +22,7 @@ def meta_model(auto_class: str, config: Any) -> torch.nn.Module:
     import transformers
 
     with torch.device("meta"):
-        return getattr(transformers, auto_class).from_config(config)
+        return getattr(transformers, auto_class).from_config(config, trust_remote_code=False)  # config only
 
 
 def meta_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,10 +62,10 @@ def memory_names(family: Family, config: Mapping[str, Any], folder: Path, keys: 
     keys = list(keys)
     if family.memory_names is not None:
         return family.memory_names(config, keys)
-    from transformers import AutoConfig
+    from dpa_cli import loading
 
     try:
-        model = meta_model(family.auto_class, AutoConfig.from_pretrained(folder, trust_remote_code=False))
+        model = meta_model(family.auto_class, loading.load_config(folder))
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise CheckpointError(
             f"{folder}/config.json: transformers cannot build this model from it ({error_summary(err)})",

@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpa_cli import loading
 from dpa_cli.errors import CheckpointError
 from dpa_cli.upgrade.plan import UpgradePlan
 
 
 def write_processor(plan: UpgradePlan, folder: Path) -> None:
     """Save a DPAProcessor whose token strings come from the plan's config, so model and processor agree."""
-    from transformers import AutoImageProcessor
-
     from dpa_cli.model.processing_dpa import DPAProcessor
 
     images_from = plan.sources.perceiver or plan.sources.vit
     try:
-        image_processor = AutoImageProcessor.from_pretrained(images_from.path, trust_remote_code=False)
+        image_processor = loading.load_image_processor(images_from.path)
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"{images_from.path}: cannot load its image processor ({str(err).splitlines()[0]})",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import loading
 from dpa_cli.errors import CheckpointError
 
 # In order of preference: LLaVA's, Qwen's (every Qwen2.5 / Qwen3 tokenizer carries it), Llama 3's spare.
@@ -29,7 +30,6 @@ class Placeholder:
 
 def load_tokenizer(folder: Path) -> Any:
     """The checkpoint's tokenizer, with a clear error when its files are missing or broken."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     # The tokenizer loader reads config.json too, and warns about model types it does not know
@@ -37,7 +37,7 @@ def load_tokenizer(folder: Path) -> Any:
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # input checkpoints: never their code
+        return loading.load_tokenizer(folder)  # input checkpoints: never their code (only dpa's own, byte for byte)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(
             f"{folder}: cannot load its tokenizer ({str(err).splitlines()[0]})",

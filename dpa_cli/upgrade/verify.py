@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import loading
 from dpa_cli.checkpoint import read_checkpoint_index
 from dpa_cli.checkpoint.writer import SAFETENSORS_DTYPES
 from dpa_cli.errors import DpaError
 from dpa_cli.upgrade.plan import UpgradePlan
-from dpa_cli.trust import trust_remote_code
 
 AUTO_VERIFY_BYTES = 2 * 10**9  # DESIGN: load automatically up to 2 GB on disk, else only with --verify-load
 
@@ -44,17 +44,14 @@ def load_and_run(folder: Path) -> dict[str, Any]:
 def _load_and_run(folder: Path) -> dict[str, Any]:
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our own output says what is being checked
-    model, info = AutoModelForImageTextToText.from_pretrained(
-        folder, trust_remote_code=trust_remote_code(folder), output_loading_info=True, dtype=torch.float32
-    )
+    model, info = loading.load_model(folder, output_loading_info=True, dtype=torch.float32)
     missing, unexpected = info["missing_keys"], info["unexpected_keys"]
     if missing or unexpected:
         raise DpaError(f"{folder}: loading left keys missing {sorted(missing)[:3]} / unexpected {sorted(unexpected)[:3]}")
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code(folder))
+    processor = loading.load_processor(folder)
     image = Image.new("RGB", (64, 48), (120, 160, 200))
     prompt = "Describe the image."
     fusion = {"perceiver_text": [prompt]} if processor.early_fusion else {}  # early fusion: the turn's text too

@@ -1,0 +1,104 @@
+"""Every model, processor, tokenizer, image processor, config and adapter dpa loads from a folder, loaded here.
+
+One place decides `trust_remote_code` (dpa_cli.trust's verdict): True only with the user's
+`--trust-remote-code` (`allow_code`) or when all the code the folder's configs name is dpa's own, byte for
+byte. Otherwise transformers gets False and uses its installed classes (dpa's registered for `model_type:
+dpa`), with a warning after the load; where no installed class fits (a foreign `model_type`, a tokenizer
+class transformers does not know) the load is refused in one line naming the config and the flag.
+`trust_remote_code` is always passed as a bool: None would make transformers ask on stdin.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from dpa_cli.errors import BadInputError
+from dpa_cli.trust import Verdict, examine
+
+log = logging.getLogger(__name__)
+# What transformers says when a folder needs its own code and may not run it.
+_NEEDS_CODE = ("trust_remote_code", "custom code", "Unrecognized model", "does not recognize this architecture")
+
+
+def code_decision(folder: str | Path, allow_code: bool = False) -> tuple[bool, Verdict]:
+    """The `trust_remote_code` to load `folder` with, and the verdict it rests on."""
+    verdict = examine(folder)
+    return bool(allow_code or verdict.own_code_only), verdict
+
+
+def may_run_code(folder: str | Path, allow_code: bool = False) -> bool:
+    """Whether loading `folder` may import the folder's own Python (for a process that loads it elsewhere)."""
+    return code_decision(folder, allow_code)[0]
+
+
+def refuse_carried_code(folder: str | Path, allow_code: bool, why: str) -> None:
+    """Refuse a folder whose foreign code a copy would carry on (`why`), unless allowed. Altered copies of dpa's
+    own files are not carried: dpa writes its installed ones in their place."""
+    trust, verdict = code_decision(folder, allow_code)
+    if verdict.carried and not trust:
+        raise BadInputError(
+            f"{folder}: the model code named in {verdict.describe_foreign(verdict.carried)} is not dpa's own; {why}",
+            hint="pass --trust-remote-code only if you trust that code; else restore the folder from dpa's output",
+        )
+
+
+@functools.cache
+def _warn_once(folder: str, foreign: str) -> None:
+    log.warning(
+        "%s: the model code named in %s is not dpa's own: not run; dpa's installed classes load the folder "
+        "instead (pass --trust-remote-code to run it)", folder, foreign,
+    )  # fmt: skip
+
+
+def _from_pretrained(auto_class: str, folder: str | Path, allow_code: bool, kwargs: dict[str, Any]) -> Any:
+    """`transformers.<auto_class>.from_pretrained(folder, trust_remote_code=<the gate's decision>, **kwargs)`."""
+    import transformers
+
+    import dpa_cli.model  # noqa: F401  registers dpa's installed classes, used when the folder's code is not run
+
+    trust, verdict = code_decision(folder, allow_code)
+    try:
+        loaded = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=trust, **kwargs)
+    except (ValueError, KeyError, OSError, ImportError, AttributeError, TypeError) as err:
+        if not trust and verdict.foreign and any(words in str(err) for words in _NEEDS_CODE):
+            raise BadInputError(
+                f"{folder}: the model code named in {verdict.describe_foreign()} is not dpa's own, and transformers "
+                "has no installed class to load the folder without it; not run",
+                hint="pass --trust-remote-code only if you trust that code",
+            ) from None
+        raise
+    if verdict.foreign and not trust:
+        _warn_once(str(folder), verdict.describe_foreign())
+    return loaded
+
+
+def load_config(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
+    return _from_pretrained("AutoConfig", folder, allow_code, kwargs)
+
+
+def load_model(folder: str | Path, allow_code: bool = False, auto_class: str = "AutoModelForImageTextToText",
+               **kwargs: Any) -> Any:  # fmt: skip
+    """The model through `auto_class` (AutoModelForCausalLM for a text-only LLM); kwargs go to from_pretrained."""
+    return _from_pretrained(auto_class, folder, allow_code, kwargs)
+
+
+def load_processor(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
+    return _from_pretrained("AutoProcessor", folder, allow_code, kwargs)
+
+
+def load_tokenizer(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
+    return _from_pretrained("AutoTokenizer", folder, allow_code, kwargs)
+
+
+def load_image_processor(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
+    return _from_pretrained("AutoImageProcessor", folder, allow_code, kwargs)
+
+
+def load_adapter(model: Any, folder: str | Path) -> Any:
+    """A PEFT adapter applied (unmerged) to `model`; peft reads its config and safetensors, and runs no folder code."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder)
