@@ -63,7 +63,30 @@ def source_model(request: TrainRequest) -> Path:
     else:  # any folder: it must hold this workspace's DPA model (another stage of it, a copy, an export)
         hint = "training starts from a DPA model: pass --from model or stage1, or upgrade that folder with `dpa upgrade`"
         check_model_folder(source, read_manifest(workspace), hint=hint, what="--from ")
+        _check_same_tensors(source, workspace / MODEL_DIR)
     return source
+
+
+def _check_same_tensors(source: Path, reference: Path) -> None:
+    """A --from folder holds this workspace's model only with the same tensors of the same shapes (headers only;
+    names compared as transformers loads them, so legacy key spellings and tied copies do not matter)."""
+    from dpa_cli.checkpoint import read_checkpoint_index
+    from dpa_cli.loading import load_config
+    from dpa_cli.upgrade.naming import meta_model, meta_state, rename_to_memory
+
+    model = meta_model("AutoModelForImageTextToText", load_config(reference))
+    wanted = {name: tuple(tensor.shape) for name, tensor in meta_state(model).items()}
+    known = set(model.state_dict())
+    tensors = read_checkpoint_index(source).tensors
+    names = rename_to_memory(model, tensors, source)
+    found = {names[key]: tuple(info.shape) for key, info in tensors.items()}
+    for name in sorted(wanted.keys() | (found.keys() - known)):
+        if found.get(name) != wanted.get(name):
+            have = f"{list(found[name])}" if name in found else "nothing"
+            want = f"{list(wanted[name])}" if name in wanted else "no such tensor"
+            raise BadInputError(f"--from {source} holds another model than this workspace's: tensor {name!r} has "
+                                f"{have} there, {want} here",
+                                hint="pass --from model or stage1, or a stage result of this workspace")  # fmt: skip
 
 
 def restart_dir(workspace: Path, stage: int) -> Path:
