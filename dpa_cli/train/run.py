@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,24 @@ from transformers import PrinterCallback
 from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
+from dpa_cli.train.arguments import trainer_kwargs, world_size
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.save import save_stage_result
 from dpa_cli.train.stage import (
-    TrainRequest, discard_stage_dir, prepare_stage_dir, resolve_recipe, source_model, stage_dir, start_stage_dir,
+    TrainRequest,
+    discard_stage_dir,
+    prepare_stage_dir,
+    resolve_recipe,
+    source_model,
+    stage_dir,
+    start_stage_dir,
 )  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
-from dpa_cli.workspace import read_manifest, write_manifest
 from dpa_cli.trust import trust_remote_code
+from dpa_cli.workspace import read_manifest, write_manifest
 
 
 def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> dict[str, Any] | None:
@@ -47,44 +53,16 @@ def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> 
     return config
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, notes: list[str]) -> Any:
     from transformers import TrainingArguments
 
-    args = dict(recipe.training_args)
-    per_device = int(args.get("per_device_train_batch_size", 8))
-    args["per_device_train_batch_size"] = per_device
-    if args.get("bf16") and not torch.cuda.is_available():
-        args["bf16"] = False
-        notes.append("bf16 needs a GPU here: training in fp32")
-    # Recipes may use the classic names; transformers v5 calls them activation checkpointing.
-    if "gradient_checkpointing" in args:
-        args["activation_checkpointing"] = args.pop("gradient_checkpointing")
-    if "gradient_checkpointing_kwargs" in args:
-        args["activation_checkpointing_kwargs"] = args.pop("gradient_checkpointing_kwargs")
-    if args.get("activation_checkpointing"):
-        args.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    if not torch.cuda.is_available():
-        args.setdefault("dataloader_pin_memory", False)
-    if not torch.cuda.is_available():
-        # Without this the process group is not set up on CPU and the world looks like one process.
-        args.setdefault("use_cpu", True)
-        if world_size() > 1:
-            args.setdefault("ddp_backend", "gloo")
-    args.setdefault("optim", "adamw_torch")
-    args.setdefault("report_to", "none")
+    args = trainer_kwargs(recipe.training_args, notes)
+    per_device = args["per_device_train_batch_size"]
     accumulation = gradient_accumulation(recipe.global_batch_size, per_device, world_size())
     return TrainingArguments(
         output_dir=str(folder),
         gradient_accumulation_steps=accumulation,
-        remove_unused_columns=False,
         deepspeed=deepspeed_config(request.deepspeed, per_device, accumulation),
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-        logging_first_step=True,
         **args,
     )
 
