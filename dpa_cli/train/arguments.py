@@ -5,10 +5,13 @@ One function builds them, so the recipe gate's dry construction and the real run
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
 import torch
+
+from dpa_cli.errors import BadInputError
 
 # Set by dpa on every run (not recipe keys): the data plumbing, token counting, and output that goes to the
 # reporter instead of tqdm. A recipe value would clash with them ("got multiple values").
@@ -23,6 +26,21 @@ RENAMED = {
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
+
+
+# What torchrun (or `deepspeed`) sets for each process; DeepSpeed reads its process group from them.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_deepspeed_launch(choice: str) -> None:
+    """DeepSpeed finds its process group in a launcher's environment, else through MPI (mpi4py): a plain
+    one-process `dpa train --deepspeed` has neither, and would fail only once training starts."""
+    if all(name in os.environ for name in LAUNCHER_ENV) or importlib.util.find_spec("mpi4py") is not None:
+        return
+    raise BadInputError(
+        f"--deepspeed {choice} needs a distributed launcher, and this is one process started without one",
+        hint="add --nproc 2 (or more), run `torchrun --nproc_per_node 1 -m dpa_cli train ...`, or drop --deepspeed",
+    )
 
 
 def world_size() -> int:

@@ -13,7 +13,7 @@ from transformers import PrinterCallback
 from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
-from dpa_cli.train.arguments import trainer_kwargs, world_size
+from dpa_cli.train.arguments import check_deepspeed_launch, trainer_kwargs, world_size
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
@@ -50,6 +50,7 @@ def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> 
         raise BadInputError(f"--deepspeed {path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise BadInputError(f"--deepspeed {path}: a DeepSpeed config is a JSON object")
+    check_deepspeed_launch(choice)
     return config
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpa_cli.errors import BadInputError
+from dpa_cli.parts import PARTS
 from dpa_cli.train.arguments import RENAMED, trainer_kwargs
 from dpa_cli.train.fieldtypes import Mismatch, choice, coerce, only_text
 
-PARTS = ("vit", "phi_p", "perceiver_lm", "phi", "llm")
 MODES = ("frozen", "full", "lora")
 OWN_TYPES: dict[str, Any] = {
     "stage": int, "global_batch_size": int, "max_length": int,
@@ -51,6 +51,8 @@ class Bound:
 
 
 POSITIVE = Bound(0, "must be positive", open_low=True)
+# A learning rate reaches the optimizer as a float32 factor: beyond float32's range torch fails mid-step.
+RATE = Bound(0, "must be positive and below 3.4e38 (float32)", open_low=True, high=3.4e38)
 NON_NEGATIVE = Bound(0, "must be >= 0")
 AT_LEAST_1 = Bound(1, "must be >= 1")
 FRACTION = Bound(0, "must be in [0, 1)", high=1)
@@ -67,7 +69,7 @@ def _regex(value: Any) -> None:
 # What a value must satisfy beyond its type, where the meaning requires it (fields of other transformers
 # versions are simply never met).
 CHECKS: dict[str, Callable[[Any], None]] = {
-    "learning_rate": POSITIVE, "num_train_epochs": POSITIVE, "adam_epsilon": POSITIVE,
+    "learning_rate": RATE, "num_train_epochs": POSITIVE, "adam_epsilon": POSITIVE,
     "max_steps": Bound(0, "must be positive (or -1: train by epochs)", open_low=True, also=(-1,)),
     "warmup_steps": NON_NEGATIVE, "warmup_ratio": FRACTION, "weight_decay": NON_NEGATIVE,
     "adam_beta1": FRACTION, "adam_beta2": FRACTION, "max_grad_norm": NON_NEGATIVE,
@@ -194,7 +196,7 @@ def _learning_rates(value: Any) -> dict[str, float]:
     return rates
 
 
-CHECKS.update({f"learning_rates.{part}": POSITIVE for part in PARTS})
+CHECKS.update({f"learning_rates.{part}": RATE for part in PARTS})
 
 
 def _check_report_to(value: Any) -> None:
