@@ -8,6 +8,7 @@ typed gate of `validate.py` before anything is loaded.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,20 @@ from dpa_cli.train.arguments import FIXED
 from dpa_cli.train.validate import check_recipe, training_fields
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where installed
+    """YAML 1.1 reads `1e-7` (an exponent, no dot) as a string; a recipe means a number, also inside mappings
+    (`lr_scheduler_kwargs: {min_lr: 1e-7}`) where no field type says so."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506  (a SafeLoader with one more number form)
 OWN_FIELDS = (
     "stage", "trainable", "learning_rates", "global_batch_size", "max_length",
     "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
@@ -90,7 +105,7 @@ def _scalar(text: str) -> Any:
         except ValueError:
             continue
     try:
-        return yaml.safe_load(text) if text else None
+        return _yaml(text) if text else None
     except yaml.YAMLError:
         return text
 
@@ -120,7 +135,7 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe
     """Read, override and validate a recipe; every problem is a BadInputError naming the key."""
     path = recipe_path(name_or_file)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         raise BadInputError(f"{path}: not valid YAML ({yaml_problem(err)})", hint="fix the recipe file") from None
     if not isinstance(data, dict):
