@@ -17,7 +17,7 @@ import yaml
 
 from dpa_cli.errors import BadInputError, yaml_problem
 from dpa_cli.train.arguments import FIXED
-from dpa_cli.train.validate import check_recipe, training_fields
+from dpa_cli.train.validate import check_recipe, stage_number, training_fields
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -33,7 +33,7 @@ _RecipeLoader.add_implicit_resolver(
 
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506  (a SafeLoader with one more number form)
+    return yaml.load(text, Loader=_RecipeLoader)
 OWN_FIELDS = (
     "stage", "trainable", "learning_rates", "global_batch_size", "max_length",
     "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
@@ -149,12 +149,12 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe
         if key not in known:
             raise _unknown(str(key), known)
     stage = data.get("stage")
-    if type(stage) is not int or stage not in (1, 2):
+    if stage_number(stage) not in (1, 2):
         raise BadInputError(f"{path}: stage must be 1 or 2, not {stage!r}")
     data = check_recipe(data, texts)
     own = {k: data[k] for k in OWN_FIELDS if k in data and k not in NESTED + ("stage",)}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}
-    return Recipe(path.stem, stage, data["trainable"], data["learning_rates"], **own, training_args=training)
+    return Recipe(path.stem, data["stage"], data["trainable"], data["learning_rates"], **own, training_args=training)
 
 
 def gradient_accumulation(global_batch: int, per_device: int, world_size: int) -> int:

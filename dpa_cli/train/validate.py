@@ -130,6 +130,7 @@ def checked_value(key: str, value: Any, hint: Any, choices: tuple[str, ...] = ()
     """One key's value coerced to its type and checked; BadInputError naming the key."""
     try:
         typed = coerce(value, hint)
+        finite_everywhere(typed)
         if typed is not None and (choices or key in CHOICES):
             choice(typed, list(choices) or CHOICES[key](), f"a valid {key}")
         CHECKS.get(key, lambda _: None)(typed)
@@ -141,6 +142,14 @@ def checked_value(key: str, value: Any, hint: Any, choices: tuple[str, ...] = ()
     if typed and key in REQUIRES and importlib.util.find_spec(REQUIRES[key][0]) is None:
         raise not_installed(key, value, REQUIRES[key][1], "remove it")
     return typed
+
+
+def finite_everywhere(value: Any) -> None:
+    """No NaN or inf anywhere, also inside mappings and lists (`lr_scheduler_kwargs: {min_lr: .nan}`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Mismatch("holds a number that is not finite")
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        finite_everywhere(item)
 
 
 def not_installed(key: str, value: Any, package: str, instead: str) -> BadInputError:
@@ -167,6 +176,14 @@ def check_recipe(data: dict[str, Any], texts: dict[str, str]) -> dict[str, Any]:
     return checked
 
 
+def stage_number(value: Any) -> int | None:
+    """A recipe's `stage` as an int (`1.0` is 1), or None when it is not a whole number."""
+    try:
+        return coerce(value, int)
+    except Mismatch:
+        return None
+
+
 def _mapping(key: str, value: Any) -> dict[str, Any]:
     try:
         return coerce({} if value is None else value, dict[str, Any])
@@ -183,7 +200,8 @@ def _trainable(value: Any) -> dict[str, str]:
             raise BadInputError(f"trainable.{part}={mode!r} is not one of {', '.join(MODES)}")
     missing = [p for p in PARTS if p not in trainable]
     if missing:
-        raise BadInputError(f"the recipe does not say how to train {', '.join(missing)}", hint="add them under trainable:")
+        raise BadInputError(f"the recipe does not say how to train {', '.join(missing)} (under trainable:)",
+                            hint="give every part a mode: frozen, full or lora")  # fmt: skip
     return trainable
 
 
@@ -209,10 +227,14 @@ def _check_report_to(value: Any) -> None:
         if name in ("none", "all") or name in installed:
             continue
         try:
-            choice(name, sorted(INTEGRATION_TO_CALLBACK), "a reporting backend transformers knows")
+            choice(name, ["none", "all", *sorted(INTEGRATION_TO_CALLBACK)], "a reporting backend transformers knows")
         except Mismatch as bad:
             raise refusal("report_to", value, bad) from None
         raise not_installed("report_to", value, PACKAGES.get(name, name), "--set report_to=none")
+
+
+# The key whose arguments a step takes (`optim_args` for the optimizer, `lr_scheduler_kwargs` for the scheduler).
+COMPANIONS = {"optim": "optim_args", "lr_scheduler_type": "lr_scheduler_kwargs"}
 
 
 def dry_run(training: dict[str, Any]) -> None:
@@ -239,8 +261,8 @@ def _refused_by_transformers(step: str, err: Exception, training: dict[str, Any]
     """One line naming the key: the step that failed (optimizer, scheduler), or the key the message names."""
     said = " ".join(str(err).split()) or type(err).__name__
     key = step if step != "TrainingArguments" else _named_key(said, training)
-    if key == "lr_scheduler_type" and isinstance(err, TypeError) and training.get("lr_scheduler_kwargs"):
-        key = "lr_scheduler_kwargs"  # an argument the scheduler does not take
+    if training.get(COMPANIONS.get(key)) and not isinstance(err, ImportError):
+        key = COMPANIONS[key]  # the arguments given to the optimizer or scheduler, not its name
     if key is None:
         return BadInputError(f"transformers refuses the recipe's Trainer arguments: {said}", hint="fix the recipe or --set values")
     value = training[key] if key in training else kwargs.get(key)
