@@ -99,7 +99,8 @@ RANGE_VARIANTS = [
     ("eval_strategy", "steps"), ("do_eval", "true"), ("load_best_model_at_end", "true"), ("save_strategy", "best"),
     ("push_to_hub", "true"), ("fsdp", "full_shard"), ("train_sampling_strategy", "group_by_length"),
 ]  # fmt: skip
-RANGE_VARIANTS += [("report_to", name) for name in ("wandb", "tensorboard", "mlflow") if importlib.util.find_spec(name) is None]
+MISSING = [name for name in ("wandb", "tensorboard", "mlflow") if importlib.util.find_spec(name) is None]
+RANGE_VARIANTS += [("report_to", name) for name in MISSING]
 RANGE_VARIANTS += [("use_liger_kernel", "true")] * (importlib.util.find_spec("liger_kernel") is None)
 RANGE_VARIANTS += [("optim", "adamw_bnb_8bit")] * (importlib.util.find_spec("bitsandbytes") is None)
 RANGE_VARIANTS += [("tf32", "true")] * (not torch.cuda.is_available())

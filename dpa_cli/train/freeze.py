@@ -48,7 +48,8 @@ def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
     hint = f"set --lora-targets to a regex over the LLM's linear layers, e.g. {DEFAULT_LORA_TARGETS!r}"
     for name, module in matched:
         if not isinstance(module, torch.nn.Linear):
-            raise BadInputError(f"lora_targets {targets!r} matches {name}, a {type(module).__name__}, not a linear layer", hint=hint)
+            kind = type(module).__name__
+            raise BadInputError(f"lora_targets {targets!r} matches {name}, a {kind}, not a linear layer", hint=hint)
     if not any(part_of(f"{name}.weight", family) == "llm" for name, _ in matched):
         raise BadInputError(f"lora_targets {targets!r} matches no linear layer of the target LLM", hint=hint)
 

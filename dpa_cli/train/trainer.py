@@ -119,7 +119,8 @@ def check_weights_finite(model: torch.nn.Module, step: int) -> None:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         bad = bad or ("a weight on another process" if flag.item() else None)
     if bad is not None:
-        raise TrainingStopped(f"step {step}: the trained weights are no longer finite ({bad} holds NaN or inf)", hint=DIVERGED)
+        said = f"step {step}: the trained weights are no longer finite ({bad} holds NaN or inf)"
+        raise TrainingStopped(said, hint=DIVERGED)
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:

@@ -63,7 +63,8 @@ def _regex(value: Any) -> None:
     try:
         re.compile(value)
     except re.error as err:
-        raise Mismatch(f"is not a valid regular expression ({err})", hint="set --lora-targets to a regex over module names") from None
+        hint = "set --lora-targets to a regex over module names"
+        raise Mismatch(f"is not a valid regular expression ({err})", hint=hint) from None
 
 
 # What a value must satisfy beyond its type, where the meaning requires it (fields of other transformers
@@ -110,7 +111,9 @@ def _compile_backends() -> list[str]:
 
 
 # Choices torch knows only at run time (asked only when the key is set).
-CHOICES: dict[str, Callable[[], list[str]]] = {"torch_compile_mode": _compile_modes, "torch_compile_backend": _compile_backends}
+CHOICES: dict[str, Callable[[], list[str]]] = {
+    "torch_compile_mode": _compile_modes, "torch_compile_backend": _compile_backends,
+}  # fmt: skip
 
 
 @functools.cache
@@ -119,7 +122,8 @@ def training_fields() -> dict[str, tuple[Any, tuple[str, ...]]]:
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: (hints[f.name], tuple(f.metadata.get("choices") or ())) for f in dataclasses.fields(TrainingArguments) if f.init}
+    fields = [f for f in dataclasses.fields(TrainingArguments) if f.init]
+    return {f.name: (hints[f.name], tuple(f.metadata.get("choices") or ())) for f in fields}
 
 
 def refusal(key: str, value: Any, bad: Mismatch) -> BadInputError:
@@ -153,14 +157,17 @@ def finite_everywhere(value: Any) -> None:
 
 
 def not_installed(key: str, value: Any, package: str, instead: str) -> BadInputError:
-    return BadInputError(f"recipe key {key}={value!r}: {package} is not installed", hint=f"pip install {package}, or {instead}")
+    hint = f"pip install {package}, or {instead}"
+    return BadInputError(f"recipe key {key}={value!r}: {package} is not installed", hint=hint)
 
 
 def check_recipe(data: dict[str, Any], texts: dict[str, str]) -> dict[str, Any]:
     """The recipe with every value typed and checked; `texts` are the `--set` values as typed, for keys that
     take text (`--set run_name=2024-01-01` is a name, not a YAML date)."""
     fields = training_fields()
-    checked = {"trainable": _trainable(data.get("trainable")), "learning_rates": _learning_rates(data.get("learning_rates"))}
+    checked = {
+        "trainable": _trainable(data.get("trainable")), "learning_rates": _learning_rates(data.get("learning_rates")),
+    }  # fmt: skip
     for key, value in data.items():
         if key in checked:
             continue
@@ -169,7 +176,8 @@ def check_recipe(data: dict[str, Any], texts: dict[str, str]) -> dict[str, Any]:
             value = texts[key]
         checked[key] = checked_value(key, value, hint, choices)
     if not any(mode != "frozen" for mode in checked["trainable"].values()):
-        raise BadInputError("the recipe trains nothing: every part is frozen", hint="set a part to full or lora, e.g. --set trainable.phi=full")
+        hint = "set a part to full or lora, e.g. --set trainable.phi=full"
+        raise BadInputError("the recipe trains nothing: every part is frozen", hint=hint)
     training = {key: value for key, value in checked.items() if key in fields}
     _check_report_to(training.get("report_to"))
     dry_run(training)
@@ -233,6 +241,8 @@ def _check_report_to(value: Any) -> None:
         raise not_installed("report_to", value, PACKAGES.get(name, name), "--set report_to=none")
 
 
+# What TrainingArguments, the optimizer lookup and the schedulers raise for arguments they refuse.
+REFUSALS = (ValueError, TypeError, KeyError, ImportError, RuntimeError, OSError, NotImplementedError, AttributeError)
 # The key whose arguments a step takes (`optim_args` for the optimizer, `lr_scheduler_kwargs` for the scheduler).
 COMPANIONS = {"optim": "optim_args", "lr_scheduler_type": "lr_scheduler_kwargs"}
 
@@ -245,7 +255,7 @@ def dry_run(training: dict[str, Any]) -> None:
     kwargs = trainer_kwargs(training, notes=[])
     step = "TrainingArguments"
     try:
-        with tempfile.TemporaryDirectory(prefix="dpa-recipe-") as folder:  # never written: TrainingArguments
+        with tempfile.TemporaryDirectory(prefix="dpa-recipe-") as folder:  # a name it needs; nothing is written
             args = TrainingArguments(output_dir=folder, gradient_accumulation_steps=1, **kwargs)
         step = "optim"
         Trainer.get_optimizer_cls_and_kwargs(args)
@@ -253,20 +263,24 @@ def dry_run(training: dict[str, Any]) -> None:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
         get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(100),
                       num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)  # fmt: skip
-    except (ValueError, TypeError, KeyError, ImportError, RuntimeError, OSError, NotImplementedError, AttributeError) as err:
+    except REFUSALS as err:
         raise _refused_by_transformers(step, err, training, kwargs) from None
 
 
-def _refused_by_transformers(step: str, err: Exception, training: dict[str, Any], kwargs: dict[str, Any]) -> BadInputError:
+def _refused_by_transformers(
+    step: str, err: Exception, training: dict[str, Any], kwargs: dict[str, Any]
+) -> BadInputError:
     """One line naming the key: the step that failed (optimizer, scheduler), or the key the message names."""
     said = " ".join(str(err).split()) or type(err).__name__
     key = step if step != "TrainingArguments" else _named_key(said, training)
     if training.get(COMPANIONS.get(key)) and not isinstance(err, ImportError):
         key = COMPANIONS[key]  # the arguments given to the optimizer or scheduler, not its name
     if key is None:
-        return BadInputError(f"transformers refuses the recipe's Trainer arguments: {said}", hint="fix the recipe or --set values")
+        hint = "fix the recipe or --set values"
+        return BadInputError(f"transformers refuses the recipe's Trainer arguments: {said}", hint=hint)
     value = training[key] if key in training else kwargs.get(key)
-    return BadInputError(f"recipe key {key}={value!r} is refused by transformers: {said}", hint="fix it in the recipe or with --set")
+    hint = "fix it in the recipe or with --set"
+    return BadInputError(f"recipe key {key}={value!r} is refused by transformers: {said}", hint=hint)
 
 
 def _named_key(message: str, training: dict[str, Any]) -> str | None:
@@ -275,5 +289,6 @@ def _named_key(message: str, training: dict[str, Any]) -> str | None:
     for name in sorted(names, key=len, reverse=True):
         if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", message):
             return names[name]
-    # Else a text value it quotes (the file an `accelerator_config` names).
-    return next((key for key, value in training.items() if isinstance(value, str) and value and value in message), None)
+    # Else a file a value names and the message quotes (`accelerator_config: missing.json`).
+    quoted = (key for key, value in training.items() if isinstance(value, str) and "." in value and value in message)
+    return next(quoted, None)
