@@ -131,7 +131,7 @@ FILE_VARIANTS = [(name, value) for name in FIELDS for value in wrong_values(HINT
 FILE_VARIANTS += [v for v in RANGE_VARIANTS + OWN_VARIANTS if v[0] != "stage"] + [("lora_targets", "[1, 2]")]
 # The command line costs ~0.1 s a run (CLI start, workspace read, tree hashes): every class is run through it,
 # every variant through the gate's function directly (the same code path, `load_recipe`).
-CLI_VARIANTS = ISSUE_CASES + TYPE_VARIANTS[::9] + RANGE_VARIANTS[::3] + OWN_VARIANTS[::6]
+CLI_VARIANTS = ISSUE_CASES + TYPE_VARIANTS[::12] + RANGE_VARIANTS[::4] + OWN_VARIANTS[::8]
 # (not the keys the command line below sets with --set itself: those would win over the file)
 CLI_FILE_VARIANTS = [v for v in FILE_VARIANTS if f"{v[0]}=" not in " ".join(SMALL)][::25]
 
