@@ -122,21 +122,25 @@ def _number(value: Any) -> float | int:
         number = float(value)  # YAML 1.1 reads `2e-5` as a string
     except ValueError:
         raise Mismatch("is not a number") from None
+    except OverflowError:  # an int of 400 digits
+        raise Mismatch("must be a finite number") from None
     if not math.isfinite(number):
         raise Mismatch("must be a finite number")
     return value if isinstance(value, int) else number  # an int stays one (`logging_steps: 10` in dpa.yaml)
 
 
 def _integer(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    try:
-        number = _number(value)
-    except Mismatch:
-        raise Mismatch("is not an integer") from None
-    if not number.is_integer():
-        raise Mismatch("is not an integer")
-    return int(number)
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            number = _number(value)
+        except Mismatch:
+            raise Mismatch("is not an integer") from None
+        if not number.is_integer():
+            raise Mismatch("is not an integer")
+        value = int(number)
+    if not -(2**63) <= value < 2**63:  # torch and numpy hold it in 64 bits
+        raise Mismatch("is too large an integer (64 bits at most)")
+    return value
 
 
 def _bool(value: Any) -> bool:
