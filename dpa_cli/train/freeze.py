@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
 from dpa_cli.errors import BadInputError
 from dpa_cli.parts import PARTS, part_of, perceiver_family
+from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
 
 
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dict[str, Any] | None = None):
@@ -30,11 +32,26 @@ def _add_adapters(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Modu
     from peft import LoraConfig, get_peft_model
 
     targets = lora["targets"]
+    check_lora_targets(model, targets)
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets)
     try:
         return get_peft_model(model, config)
-    except ValueError as err:
-        raise BadInputError(f"--lora-targets {targets!r} matches no linear layer of this model ({err})") from None
+    except ValueError as err:  # the recipe gate has checked r, alpha and dropout: what is left is PEFT's view
+        raise BadInputError(f"lora_targets {targets!r}: PEFT refuses them ({' '.join(str(err).split())})") from None
+
+
+def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
+    """The regex must match (PEFT: the whole module name) linear layers only, at least one of them in the
+    target LLM. Checked on the loaded model, before any adapter is added or the stage folder is touched."""
+    family = perceiver_family(model.config)
+    matched = [(name, module) for name, module in model.named_modules() if name and re.fullmatch(targets, name)]
+    hint = f"set --lora-targets to a regex over the LLM's linear layers, e.g. {DEFAULT_LORA_TARGETS!r}"
+    for name, module in matched:
+        if not isinstance(module, torch.nn.Linear):
+            kind = type(module).__name__
+            raise BadInputError(f"lora_targets {targets!r} matches {name}, a {kind}, not a linear layer", hint=hint)
+    if not any(part_of(f"{name}.weight", family) == "llm" for name, _ in matched):
+        raise BadInputError(f"lora_targets {targets!r} matches no linear layer of the target LLM", hint=hint)
 
 
 def trainable_table(model: torch.nn.Module, trainable: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -1,13 +1,14 @@
 """Training recipes as data: YAML files, `--set key=value` overrides, validated before any work starts.
 
 A recipe's own fields (stage, per-part modes and learning rates, global batch, max length, LoRA) sit beside
-`transformers.TrainingArguments` fields, which pass through; any other key is an error naming it.
+`transformers.TrainingArguments` fields; any other key is an error naming it, and every value passes the
+typed gate of `validate.py` before anything is loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,32 @@ from typing import Any
 import yaml
 
 from dpa_cli.errors import BadInputError, yaml_problem
+from dpa_cli.train.arguments import FIXED
+from dpa_cli.train.validate import check_recipe, stage_number, training_fields
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-PARTS = ("vit", "phi_p", "perceiver_lm", "phi", "llm")
-MODES = ("frozen", "full", "lora")
+
+
+class _RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where installed
+    """YAML 1.1 reads `1e-7` (an exponent, no dot) as a string; a recipe means a number, also inside mappings
+    (`lr_scheduler_kwargs: {min_lr: 1e-7}`) where no field type says so."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
 OWN_FIELDS = (
     "stage", "trainable", "learning_rates", "global_batch_size", "max_length",
     "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
 )  # fmt: skip
-# Set by dpa itself: the run's folder, the accumulation that keeps the global batch, the data plumbing.
-MANAGED = ("output_dir", "gradient_accumulation_steps", "remove_unused_columns", "deepspeed", "resume_from_checkpoint")
+NESTED = ("trainable", "learning_rates")  # per-part maps that `--set trainable.vit=full` reaches into
+# Set by dpa itself: the run's folder, the accumulation that keeps the global batch, the data plumbing, the
+# launcher's rank, and the settings every run fixes (arguments.FIXED).
+MANAGED = ("output_dir", "gradient_accumulation_steps", "deepspeed", "resume_from_checkpoint", "local_rank", *FIXED)
 DEFAULT_LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -54,12 +71,6 @@ class Recipe:
         return {"name": self.name, **own, **self.training_args}
 
 
-def training_argument_names() -> set[str]:
-    from transformers import TrainingArguments
-
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
 def recipe_path(name_or_file: str) -> Path:
     """A packaged recipe by name (`stage1`, `stage2-full`, `stage2-lora`) or a YAML file."""
     packaged = RECIPES / f"{name_or_file}.yaml"
@@ -72,33 +83,43 @@ def recipe_path(name_or_file: str) -> Path:
     raise BadInputError(f"no recipe {name_or_file!r}", hint=f"use one of {known}, or a YAML file path")
 
 
-def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
+def _parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`--set` items -> (values, the values as typed: a key that takes text gets the text itself)."""
     parsed: dict[str, Any] = {}
+    texts: dict[str, str] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise BadInputError(f"--set {item!r} is not key=value", hint="e.g. --set learning_rate=2e-5")
         parsed[key.strip()] = _scalar(value.strip())
-    return parsed
+        texts[key.strip()] = value.strip()
+    return parsed, texts
 
 
 def _scalar(text: str) -> Any:
-    """A --set value: numbers first (YAML 1.1 reads `5e-3` as a string), then YAML (true, null, lists)."""
+    """A --set value: numbers first (YAML 1.1 reads `5e-3` as a string), then YAML (true, null, lists); text
+    that is not valid YAML (`[qk]_proj`) stays text."""
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             continue
-    return yaml.safe_load(text) if text else None
+    try:
+        return _yaml(text) if text else None
+    except yaml.YAMLError:
+        return text
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides win; `trainable.vit=full` and `learning_rates.vit=1e-6` reach into the nested maps."""
-    data = {**data, "trainable": dict(data.get("trainable") or {}), "learning_rates": dict(data.get("learning_rates") or {})}
+    """Overrides win; `trainable.vit=full` and `learning_rates.vit=1e-6` reach into the nested maps (a nested
+    value that is not a mapping is left as it is, for the gate to refuse)."""
+    data = dict(data)
     for key, value in overrides.items():
         head, _, tail = key.partition(".")
-        if tail and head in ("trainable", "learning_rates"):
-            data[head][tail] = value
+        if tail and head in NESTED:
+            nested = data.get(head) or {}
+            if isinstance(nested, dict):
+                data[head] = {**nested, tail: value}
         else:
             data[key] = value
     return data
@@ -110,67 +131,30 @@ def _unknown(key: str, known: set[str]) -> BadInputError:
     return BadInputError(f"unknown recipe key {key!r}", hint=hint)
 
 
-def _number(data: dict[str, Any], key: str, kind: type, positive: bool = True) -> Any:
-    value = data.get(key)
-    if value is None:
-        return None
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise BadInputError(f"recipe key {key}={value!r} is not a {kind.__name__}") from None
-    if positive and number <= 0:
-        raise BadInputError(f"recipe key {key}={value!r} must be positive")
-    return number
-
-
-def _validate_parts(data: dict[str, Any]) -> None:
-    for part, mode in data["trainable"].items():
-        if part not in PARTS:
-            raise BadInputError(f"unknown part trainable.{part}", hint=f"parts: {', '.join(PARTS)}")
-        if mode not in MODES:
-            raise BadInputError(f"trainable.{part}={mode!r} is not one of {', '.join(MODES)}")
-    missing = [p for p in PARTS if p not in data["trainable"]]
-    if missing:
-        raise BadInputError(f"the recipe does not say how to train {', '.join(missing)}", hint="add them under trainable:")
-    for part, lr in data["learning_rates"].items():
-        if part not in PARTS:
-            raise BadInputError(f"unknown part learning_rates.{part}", hint=f"parts: {', '.join(PARTS)}")
-        _number({f"learning_rates.{part}": lr}, f"learning_rates.{part}", float)
-
-
 def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a BadInputError naming the key."""
     path = recipe_path(name_or_file)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         raise BadInputError(f"{path}: not valid YAML ({yaml_problem(err)})", hint="fix the recipe file") from None
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: a recipe is a mapping of keys to values")
-    data = _apply(data, _parse_overrides(overrides or []))
-    known = set(OWN_FIELDS) | training_argument_names()
+    parsed, texts = _parse_overrides(overrides or [])
+    data = _apply(data, parsed)
+    known = set(OWN_FIELDS) | set(training_fields())
     for key in data:
         if key in MANAGED:
             raise BadInputError(f"recipe key {key!r} is set by dpa itself", hint="remove it from the recipe / --set")
         if key not in known:
-            raise _unknown(key, known)
-    _validate_parts(data)
+            raise _unknown(str(key), known)
     stage = data.get("stage")
-    if stage not in (1, 2):
+    if stage_number(stage) not in (1, 2):
         raise BadInputError(f"{path}: stage must be 1 or 2, not {stage!r}")
-    # Numbers are stored as numbers: YAML 1.1 reads `2e-5` as a string.
-    for key in ("learning_rate", "num_train_epochs", "weight_decay", "adam_beta2", "warmup_steps"):
-        if data.get(key) is not None:
-            data[key] = _number(data, key, float, positive=key in ("learning_rate", "num_train_epochs"))
-    for key in ("global_batch_size", "per_device_train_batch_size", "max_length", "save_steps"):
-        if data.get(key) is not None:
-            data[key] = _number(data, key, int)
-    if data.get("max_steps") not in (None, -1):
-        data["max_steps"] = _number(data, "max_steps", int)
-    own = {k: data[k] for k in OWN_FIELDS if k in data and k not in ("stage", "trainable", "learning_rates")}
+    data = check_recipe(data, texts)
+    own = {k: data[k] for k in OWN_FIELDS if k in data and k not in NESTED + ("stage",)}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}
-    return Recipe(path.stem, stage, data["trainable"], {k: float(v) for k, v in data["learning_rates"].items()},
-                  **own, training_args=training)  # fmt: skip
+    return Recipe(path.stem, data["stage"], data["trainable"], data["learning_rates"], **own, training_args=training)
 
 
 def gradient_accumulation(global_batch: int, per_device: int, world_size: int) -> int:

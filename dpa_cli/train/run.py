@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from dpa_cli import loading
 from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
+from dpa_cli.train.arguments import check_deepspeed_launch, trainer_kwargs, world_size
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
@@ -56,47 +56,20 @@ def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> 
         raise BadInputError(f"--deepspeed {path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise BadInputError(f"--deepspeed {path}: a DeepSpeed config is a JSON object")
+    check_deepspeed_launch(choice)
     return config
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, notes: list[str]) -> Any:
     from transformers import TrainingArguments
 
-    args = dict(recipe.training_args)
-    per_device = int(args.get("per_device_train_batch_size", 8))
-    args["per_device_train_batch_size"] = per_device
-    if args.get("bf16") and not torch.cuda.is_available():
-        args["bf16"] = False
-        notes.append("bf16 needs a GPU here: training in fp32")
-    # Recipes may use the classic names; transformers v5 calls them activation checkpointing.
-    if "gradient_checkpointing" in args:
-        args["activation_checkpointing"] = args.pop("gradient_checkpointing")
-    if "gradient_checkpointing_kwargs" in args:
-        args["activation_checkpointing_kwargs"] = args.pop("gradient_checkpointing_kwargs")
-    if args.get("activation_checkpointing"):
-        args.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    if not torch.cuda.is_available():
-        args.setdefault("dataloader_pin_memory", False)
-    if not torch.cuda.is_available():
-        # Without this the process group is not set up on CPU and the world looks like one process.
-        args.setdefault("use_cpu", True)
-        if world_size() > 1:
-            args.setdefault("ddp_backend", "gloo")
-    args.setdefault("optim", "adamw_torch")
-    args.setdefault("report_to", "none")
+    args = trainer_kwargs(recipe.training_args, notes)
+    per_device = args["per_device_train_batch_size"]
     accumulation = gradient_accumulation(recipe.global_batch_size, per_device, world_size())
     return TrainingArguments(
         output_dir=str(folder),
         gradient_accumulation_steps=accumulation,
-        remove_unused_columns=False,
         deepspeed=deepspeed_config(request.deepspeed, per_device, accumulation),
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-        logging_first_step=True,
         **args,
     )
 

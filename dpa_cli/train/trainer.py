@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -60,6 +62,7 @@ class DPATrainer(Trainer):
         return os.path.join(run_dir, STAGING) if self._saving else run_dir
 
     def _save_checkpoint(self, model, trial) -> None:
+        check_weights_finite(self.model, self.state.global_step)  # a diverged run is never saved as resumable
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         self._saving = True
@@ -80,20 +83,42 @@ class DPATrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+DIVERGED = "lower the learning rate (--set learning_rate=...), or train in fp32 (--set bf16=false)"
+
+
 class LossGuard(TrainerCallback):
-    """Stop with an explanation on a NaN/inf loss or a loss of exactly zero (a masking bug, not a good model)."""
+    """Stop with an explanation on a NaN/inf loss or gradient norm, a loss of exactly zero (a masking bug, not
+    a good model), or trained weights that are no longer finite at the end (a learning rate so large that one
+    step overflows them: the logged loss is still finite, so the stage must not be recorded as finished)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is None:
-            return
-        if not math.isfinite(loss):
-            raise TrainingStopped(
-                f"step {state.global_step}: the loss is {loss}",
-                hint="lower the learning rate (--set learning_rate=...), or train in fp32 (--set bf16=false)",
-            )
-        if loss == 0.0:
+        logs = logs or {}
+        for key, said in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                raise TrainingStopped(f"step {state.global_step}: {said} is {value}", hint=DIVERGED)
+        if logs.get("loss") == 0.0:
             raise TrainingStopped(
                 f"step {state.global_step}: the loss is exactly 0",
                 hint="labels are probably wrong (the answer is in the prompt?); inspect with `dpa data check`",
             )
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            check_weights_finite(model, state.global_step)
+
+
+def check_weights_finite(model: torch.nn.Module, step: int) -> None:
+    """TrainingStopped naming the first trained parameter that holds a NaN or inf. Every process agrees: under
+    ZeRO-3 each one holds only its shard (`ds_tensor`), so the verdict is all-reduced before anyone raises."""
+    bad = next((name for name, param in model.named_parameters()
+                if param.requires_grad and not torch.isfinite(getattr(param, "ds_tensor", param)).all()), None)  # fmt: skip
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        flag = torch.tensor([bad is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bad or ("a weight on another process" if flag.item() else None)
+    if bad is not None:
+        said = f"step {step}: the trained weights are no longer finite ({bad} holds NaN or inf)"
+        raise TrainingStopped(said, hint=DIVERGED)
+
