@@ -18,6 +18,7 @@ from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
+from dpa_cli.train.resume import check_resume
 from dpa_cli.train.save import save_stage_result
 from dpa_cli.train.stage import (
     TrainRequest, discard_stage_dir, prepare_stage_dir, resolve_recipe, source_model, stage_dir, start_stage_dir,
@@ -140,6 +141,8 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     if args.activation_checkpointing:
         model.config.use_cache = False
     shown = render_supervised(processor, dataset[0])  # encodes the first sample: a bad one is refused here
+    if resume_from is not None:
+        check_resume(model, resume_from)  # a LoRA checkpoint must give back the parts trained in full too
     # Only now, every flag, recipe key and the first sample checked, is the stage folder created (or cleared
     # by --restart; the trainer creates it too): a refusal before this point leaves the workspace as it was.
     created = start_stage_dir(request)
