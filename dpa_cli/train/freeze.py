@@ -13,7 +13,8 @@ from dpa_cli.parts import PARTS, part_of, perceiver_family
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dict[str, Any] | None = None):
     """Set requires_grad per part, wrapping the LoRA part with PEFT adapters; returns (model, table).
 
-    `lora`: r, alpha, dropout and `targets` (a regex over module names; by default the target LLM's linears).
+    `lora`: r, alpha, dropout, `targets` (a regex over module names; by default the target LLM's linears) and
+    the `seed` its A matrices are drawn from.
     """
     family = perceiver_family(model.config)
     if lora is not None:
@@ -32,7 +33,11 @@ def _add_adapters(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Modu
     targets = lora["targets"]
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets)
     try:
-        return get_peft_model(model, config)
+        # LoRA A starts random: drawn from the run's seed, so a run repeats exactly (an interrupted one resumes
+        # to the same weights) and every process of a distributed run starts from the same adapter.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(lora.get("seed", 0))
+            return get_peft_model(model, config)
     except ValueError as err:
         raise BadInputError(f"--lora-targets {targets!r} matches no linear layer of this model ({err})") from None
 

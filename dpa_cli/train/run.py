@@ -110,10 +110,11 @@ def build_data(request: TrainRequest, processor: Any, recipe: Recipe):
     return dataset, DPACollator(processor)
 
 
-def _lora(recipe: Recipe) -> dict[str, Any] | None:
+def _lora(recipe: Recipe, seed: int) -> dict[str, Any] | None:
     if not recipe.uses_lora:
         return None
-    return {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout, "targets": recipe.lora_targets}
+    return {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout, "targets": recipe.lora_targets,
+            "seed": seed}  # fmt: skip
 
 
 def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -137,7 +138,7 @@ def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[s
     dataset, collator = build_data(request, processor, recipe)
     if world_size() > 1:
         collator = KeepaliveCollator(collator, processor)
-    model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
+    model, table = apply_trainable(model, recipe.trainable, _lora(recipe, args.seed))
     if args.activation_checkpointing:
         model.config.use_cache = False
     shown = render_supervised(processor, dataset[0])  # encodes the first sample: a bad one is refused here
