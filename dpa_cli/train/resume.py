@@ -67,6 +67,10 @@ def _parts(model: torch.nn.Module, names: Any) -> str:
     return ", ".join(sorted({part_of(name, family) for name in names}))
 
 
+def _some(names: list[str]) -> str:
+    return f"{len(names)} tensor{'s' if len(names) > 1 else ''}, e.g. {names[0]}"
+
+
 def _has_deepspeed_states(checkpoint: Path) -> bool:
     return (checkpoint / "latest").is_file() or any(checkpoint.glob("global_step*"))
 
@@ -87,7 +91,7 @@ def check_resume(model: torch.nn.Module, checkpoint: Path) -> bool:
     if not path.is_file():
         raise BadInputError(
             f"{checkpoint} holds no {TRAINED_IN_FULL}: resuming would restart {_parts(model, expected)} "
-            "from its starting values (the checkpoint was written by an older dpa)",
+            "from their starting values (the checkpoint was written by an older dpa)",
             hint="start the stage over with --restart",
         )
     try:
@@ -104,10 +108,10 @@ def _check_tensors(model: torch.nn.Module, path: Path, expected: dict[str, Any],
     """The file holds exactly the tensors this run trains in full, in the model's shapes."""
     missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing:
-        what = f"lacks the {_parts(model, missing)} weights this run trains in full ({len(missing)}, e.g. {missing[0]})"
+        what = f"lacks the {_parts(model, missing)} weights this run trains in full ({_some(missing)})"
         raise BadInputError(f"{path} {what}", hint=SAME_FLAGS)
     if extra:
-        what = f"holds {_parts(model, extra)} weights this run does not train ({len(extra)}, e.g. {extra[0]})"
+        what = f"holds {_parts(model, extra)} weights this run does not train ({_some(extra)})"
         raise BadInputError(f"{path} {what}", hint=SAME_FLAGS)
     for name, info in stored.items():
         param = expected[name]
