@@ -59,8 +59,8 @@ def trained_full_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def point_adapter_at(adapter: Path, base: Path) -> None:
-    """Make `adapter` load with plain peft on `base`: `PeftModel.from_pretrained(model, adapter)` and
-    `AutoPeftModel.from_pretrained(adapter, trust_remote_code=True)`, no dpa_cli import anywhere.
+    """Make `adapter` load with plain peft on `base`, through `PeftModel` on a loaded base or through
+    `AutoPeftModel` from the adapter alone (which builds the base itself), with no dpa_cli import anywhere.
 
     The path is absolute because peft reads a relative one from the current folder, not the adapter's.
     """
