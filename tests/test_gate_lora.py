@@ -267,7 +267,8 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_the_stage_adapter_loads_with_plain_peft_on_the_base_that_holds_phi(straight, loaded):
     config = json.loads((straight / "stage2" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((straight / "stage2" / "model").resolve())
-    assert config["auto_mapping"] == {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
+    plain = {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
+    assert config["auto_mapping"] == plain
     assert "dpa_cli" not in json.dumps(config)
     logits, dpa = loaded["logits"], loaded["dpa"]
     assert not loaded["report"]["dpa_cli_imported"]
@@ -349,7 +350,8 @@ CASES = [
     ("phi_p-now-frozen", None, ("--set", "trainable.phi_p=frozen"), ("holds phi_p weights this run does not train",)),
     ("phi-now-frozen", None, ("--set", "trainable.phi=frozen"), ("holds phi weights this run does not train",)),
     ("vit-now-full", None, ("--set", "trainable.vit=full"), ("lacks the vit weights", *FLAGS)),
-    ("now-full-training", None, ("--set", "trainable.llm=full"), ("holds a LoRA adapter, but this run trains the LLM in full", *FLAGS)),
+    ("now-full-training", None, ("--set", "trainable.llm=full"),
+     ("holds a LoRA adapter, but this run trains the LLM in full", *FLAGS)),
     ("adapter-config-gone", lambda f: (f.parent / "adapter_config.json").unlink(), (),
      ("holds no LoRA adapter, but this run trains with LoRA",)),
 ]  # fmt: skip

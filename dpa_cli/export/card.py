@@ -91,13 +91,15 @@ inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tok
 output = model.generate(**inputs, max_new_tokens=64)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```'''
-# (imports, the line that loads the model): the weights alone, or the weights with the kept adapter on top.
+# (imports, the line that loads the model, what it needs): the weights alone, or with the kept adapter on top.
 _MODEL = {
     "weights": ("from transformers import AutoModelForImageTextToText, AutoProcessor",
-                "model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)"),
+                "model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)",
+                "nothing else is needed"),
     "adapter": ("from peft import AutoPeftModel\nfrom transformers import AutoProcessor",
                 "# the adapter in adapter/ names this folder as its base; peft loads both and applies it unmerged\n"
-                'model = AutoPeftModel.from_pretrained(f"{path}/adapter", trust_remote_code=True)'),
+                'model = AutoPeftModel.from_pretrained(f"{path}/adapter", trust_remote_code=True)',
+                "peft applies the adapter, nothing else is needed"),
 }  # fmt: skip
 
 
@@ -125,9 +127,8 @@ def _front_matter(plan: dict[str, Any]) -> list[str]:
 def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, title: str) -> str:
     """README.md for the export at `path`, from the workspace manifest and the export's own summary."""
     plan = manifest.get("plan") or {}
-    imports, model = _MODEL["adapter" if export.get("lora") == "kept" else "weights"]
+    imports, model, needed = _MODEL["adapter" if export.get("lora") == "kept" else "weights"]
     load = _LOAD.format(path=path, imports=imports, model=model)
-    needed = "peft applies the adapter, nothing else is needed" if export.get("lora") == "kept" else "nothing else is needed"
     lines = [
         *_front_matter(plan), "", f"# {title}", "",
         f"A vision-language model upgraded with {PAPER}: the target language model reads the final hidden states "

@@ -19,12 +19,11 @@ from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
-from dpa_cli.train.resume import gathered, trained_in_full
+from dpa_cli.train.resume import ADAPTER_CONFIG, gathered, trained_in_full
 from dpa_cli.upgrade.files import copy_model_code
 from dpa_cli.workspace import MODEL_DIR
 
 ADAPTER_DIR = "adapter"
-ADAPTER_CONFIG = "adapter_config.json"
 # What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
 # shipped in the base folder (trust_remote_code=True). peft would otherwise record dpa_cli's class here.
 PLAIN_AUTO_MAPPING = {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
