@@ -3,8 +3,8 @@
 `upgraded(tiny_checkpoint, target, folder)` runs the real `dpa upgrade` (composed perceiver: the target's
 ViT + a tiny Qwen3); `add_stage1` copies the upgraded model as stage 1's result; `add_lora_stage2` wraps
 the model with PEFT on the target LLM's linears, sets every LoRA A and B to random non-zero values (so the
-merge matters), perturbs phi, and saves the adapter and the base-with-phi; `add_full_stage2` perturbs every
-weight and saves the model. dpa.yaml records the stages as training does.
+merge matters), perturbs phi, and saves the adapter (naming its base as training does) and the base-with-phi;
+`add_full_stage2` perturbs every weight and saves the model. dpa.yaml records the stages as training does.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import dpa_cli.model  # noqa: F401  registers the DPA classes
 from dpa_cli.cli.app import app
-from dpa_cli.train.save import write_base_with
+from dpa_cli.train.save import point_adapter_at, write_base_with
 from dpa_cli.upgrade.naming import meta_model
 from dpa_cli.workspace import read_manifest, write_manifest
 
@@ -87,6 +87,7 @@ def add_lora_stage2(workspace: Path, seed: int = 0) -> Path:
     (workspace / "stage2" / "model").mkdir()
     meta = meta_model("AutoModelForImageTextToText", model.get_base_model().config)
     write_base_with(source, workspace / "stage2" / "model", trained, meta)
+    point_adapter_at(workspace / "stage2" / "adapter", workspace / "stage2" / "model")
     _record(workspace, "stage2", lora=True)
     return workspace / "stage2"
 

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from dpa_cli.cli.inspect_cmd import human_bytes
 from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
 from dpa_cli.cli.render import err, out, print_json
+from dpa_cli.export.card import load_line
 
 SPINNERS = {
     "reference": "running the trained model on the probe image",
@@ -104,4 +105,4 @@ def render(result: dict[str, Any]) -> None:
         )
     else:
         out.print("[yellow]not verified[/] (--no-verify)")
-    out.print(f'load it: AutoModelForImageTextToText.from_pretrained("{result["path"]}", trust_remote_code=True)')
+    out.print(f"load it: {load_line(result['path'], result['lora'] == 'kept')}", markup=False)

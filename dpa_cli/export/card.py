@@ -79,10 +79,10 @@ def _export(export: dict[str, Any]) -> list[str]:
 
 _LOAD = '''```python
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+{imports}
 
 path = "{path}"
-model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+{model}
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
 messages = [{{"role": "user", "content": [{{"type": "image", "image": Image.open("photo.jpg")}},
                                          {{"type": "text", "text": "What is in this picture?"}}]}}]
@@ -91,13 +91,25 @@ inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tok
 output = model.generate(**inputs, max_new_tokens=64)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```'''
-_ADAPTER = '''
-The LoRA adapter is kept unmerged; apply it with peft:
+# (imports, the line that loads the model, what it needs): the weights alone, or with the kept adapter on top.
+_MODEL = {
+    "weights": ("from transformers import AutoModelForImageTextToText, AutoProcessor",
+                "model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)",
+                "nothing else is needed"),
+    "adapter": ("from peft import AutoPeftModel\nfrom transformers import AutoProcessor",
+                "# the adapter in adapter/ names this folder as its base; peft loads both and applies it unmerged\n"
+                'model = AutoPeftModel.from_pretrained(f"{path}/adapter", trust_remote_code=True)',
+                "peft applies the adapter, nothing else is needed"),
+}  # fmt: skip
 
-```python
-from peft import PeftModel
-model = PeftModel.from_pretrained(model, "{path}/adapter")
-```'''
+
+def load_line(path: Path, kept_adapter: bool) -> str:
+    """One line of Python that loads the export as it was verified (with its adapter when kept)."""
+    if kept_adapter:
+        where, module, cls = json.dumps(f"{path}/adapter"), "peft", "AutoPeftModel"
+    else:
+        where, module, cls = json.dumps(str(path)), "transformers", "AutoModelForImageTextToText"
+    return f"from {module} import {cls}; model = {cls}.from_pretrained({where}, trust_remote_code=True)"
 
 
 def _front_matter(plan: dict[str, Any]) -> list[str]:
@@ -115,7 +127,8 @@ def _front_matter(plan: dict[str, Any]) -> list[str]:
 def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, title: str) -> str:
     """README.md for the export at `path`, from the workspace manifest and the export's own summary."""
     plan = manifest.get("plan") or {}
-    load = _LOAD.format(path=path) + (_ADAPTER.format(path=path) if export.get("lora") == "kept" else "")
+    imports, model, needed = _MODEL["adapter" if export.get("lora") == "kept" else "weights"]
+    load = _LOAD.format(path=path, imports=imports, model=model)
     lines = [
         *_front_matter(plan), "", f"# {title}", "",
         f"A vision-language model upgraded with {PAPER}: the target language model reads the final hidden states "
@@ -124,7 +137,7 @@ def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, tit
         "## Sources", "", *_sources(plan), "",
         "## Training", "", *_training(manifest.get("stages") or {}), "",
         "## This export", "", *_export(export), "",
-        "## How to load", "", "The model code ships in this folder (`trust_remote_code=True`); nothing else is needed.",
+        "## How to load", "", f"The model code ships in this folder (`trust_remote_code=True`); {needed}.",
         "", load, "",
     ]  # fmt: skip
     return "\n".join(lines)

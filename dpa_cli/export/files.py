@@ -13,6 +13,7 @@ import torch
 
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.stages import ADAPTER_CONFIG, ADAPTER_DIR
+from dpa_cli.train.save import point_adapter_at
 from dpa_cli.upgrade.files import AUTO_MAP, GENERATION_KEYS, copy_model_code
 
 EXPORT_RECORD = "dpa_export.json"
@@ -62,16 +63,13 @@ def ensure_generation_config(dest: Path, fallbacks: list[Path]) -> None:
 
 
 def copy_adapter(adapter: Path, dest: Path, final: Path) -> None:
-    """The PEFT adapter as `dest/adapter/`, pointing at the export's final path as its base model.
-
-    `auto_mapping` is dropped: it names dpa_cli's class, which a machine loading the export does not have.
-    """
+    """The PEFT adapter as `dest/adapter/`, pointing at the export's final path as its base model, with
+    transformers' auto class (never dpa_cli's) in `auto_mapping`: plain peft loads it on a machine without dpa."""
     folder = dest / ADAPTER_DIR
     folder.mkdir()
     shutil.copy2(adapter / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    config.update(base_model_name_or_path=str(final), auto_mapping=None)
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copy2(adapter / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
+    point_adapter_at(folder, final)
 
 
 def is_export(folder: Path) -> bool:

@@ -15,7 +15,8 @@ from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dict[str, Any] | None = None):
     """Set requires_grad per part, wrapping the LoRA part with PEFT adapters; returns (model, table).
 
-    `lora`: r, alpha, dropout and `targets` (a regex over module names; by default the target LLM's linears).
+    `lora`: r, alpha, dropout, `targets` (a regex over module names; by default the target LLM's linears) and
+    the `seed` its A matrices are drawn from.
     """
     family = perceiver_family(model.config)
     if lora is not None:
@@ -35,7 +36,11 @@ def _add_adapters(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Modu
     check_lora_targets(model, targets)
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets)
     try:
-        return get_peft_model(model, config)
+        # LoRA A starts random: drawn from the run's seed, so a run repeats exactly (an interrupted one resumes
+        # to the same weights) and every process of a distributed run starts from the same adapter.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(lora.get("seed", 0))
+            return get_peft_model(model, config)
     except ValueError as err:  # the recipe gate has checked r, alpha and dropout: what is left is PEFT's view
         raise BadInputError(f"lora_targets {targets!r}: PEFT refuses them ({' '.join(str(err).split())})") from None
 

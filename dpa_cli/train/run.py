@@ -22,6 +22,7 @@ from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
+from dpa_cli.train.lora_state import check_resume
 from dpa_cli.train.save import save_stage_result
 from dpa_cli.train.resume import check_checkpoint, check_checkpoint_weights, disk_failure
 from dpa_cli.train.stage import (
@@ -103,10 +104,11 @@ def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: A
     return dataset, DPACollator(processor)
 
 
-def _lora(recipe: Recipe) -> dict[str, Any] | None:
+def _lora(recipe: Recipe, seed: int) -> dict[str, Any] | None:
     if not recipe.uses_lora:
         return None
-    return {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout, "targets": recipe.lora_targets}
+    return {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout, "targets": recipe.lora_targets,
+            "seed": seed}  # fmt: skip
 
 
 @dataclass
@@ -152,11 +154,12 @@ def prepare(request: TrainRequest) -> Prepared:
     # parts trainable (stage 1) its loss would otherwise have no gradient, and across processes no rank may skip
     # the perceiver's collectives.
     collator = KeepaliveCollator(collator, processor)
-    model, table = apply_trainable(model, recipe.trainable, _lora(recipe))
+    model, table = apply_trainable(model, recipe.trainable, _lora(recipe, args.seed))
     if args.activation_checkpointing:
         model.config.use_cache = False
     if run.resume_from is not None:
         check_checkpoint_weights(run.resume_from, model)
+        check_resume(model, run.resume_from)  # a LoRA checkpoint must give back the parts trained in full too
     shown = render_supervised(processor, dataset[0])  # encodes the first sample: a bad one is refused here
     return Prepared(request, recipe, run, source, args, notes, model, processor, dataset, collator, table, shown)
 
@@ -202,7 +205,7 @@ def _train(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     # Text-only batches per process: each ran the perceiver on a stand-in image.
     stand_ins = per_process(prepared.collator.stand_ins)
-    save_stage_result(trainer, prepared.processor, prepared.source, run.folder, lora=recipe.uses_lora)
+    save_stage_result(trainer, prepared.processor, prepared.source, run.folder, lora=recipe.uses_lora, final=run.stage)
     summary = {
         "recipe": recipe.as_dict(), "source": str(prepared.source), "data": {"path": str(request.data),
         "fingerprint": dataset_fingerprint(request.data)}, "steps": trainer.state.global_step,

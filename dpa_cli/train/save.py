@@ -2,11 +2,13 @@
 
 With LoRA the base weights do not change except the parts trained in full (phi): `model/` is the source
 checkpoint streamed shard by shard with those tensors replaced, so no full copy of the model is gathered.
-Both folders are written under temporary names and renamed into place when complete.
+The adapter names that folder as its base, so plain peft loads the stage as trained. Both folders are written
+under temporary names and renamed into place when complete.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,14 @@ from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
+from dpa_cli.train.lora_state import ADAPTER_CONFIG, gathered, trained_in_full
 from dpa_cli.upgrade.files import copy_model_code
 from dpa_cli.workspace import MODEL_DIR
 
 ADAPTER_DIR = "adapter"
+# What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
+# shipped in the base folder (trust_remote_code=True). peft would otherwise record dpa_cli's class here.
+PLAIN_AUTO_MAPPING = {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
 SHARD_SIZE = 5_000_000_000
 
 
@@ -46,23 +52,21 @@ def _copy_side_files(source: Path, dest: Path) -> None:
             shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
 
 
-def _gathered(param: torch.nn.Parameter) -> torch.Tensor:
-    """A parameter's full value on CPU, gathering it first when ZeRO-3 has partitioned it."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.data.detach().clone().cpu()
-    return param.data.detach().cpu()
-
-
 def trained_full_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """In-memory name -> value of every parameter trained in full (LoRA adapters excluded)."""
-    trained = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad and "lora_" not in name:
-            trained[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = _gathered(param)
-    return trained
+    """Base-model name -> value of every parameter trained in full (LoRA adapters excluded)."""
+    return {name: gathered(param) for name, param in trained_in_full(model).items()}
+
+
+def point_adapter_at(adapter: Path, base: Path) -> None:
+    """Make `adapter` load with plain peft on `base`, through `PeftModel` on a loaded base or through
+    `AutoPeftModel` from the adapter alone (which builds the base itself), with no dpa_cli import anywhere.
+
+    The path is absolute because peft reads a relative one from the current folder, not the adapter's.
+    """
+    path = Path(adapter) / ADAPTER_CONFIG
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(base_model_name_or_path=str(Path(base).resolve()), auto_mapping=PLAIN_AUTO_MAPPING)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_base_with(source: Path, dest: Path, trained: dict[str, torch.Tensor], meta_model: torch.nn.Module) -> None:
@@ -82,8 +86,13 @@ def write_base_with(source: Path, dest: Path, trained: dict[str, torch.Tensor], 
     _copy_side_files(source, dest)
 
 
-def save_stage_result(trainer: Any, processor: Any, source: Path, folder: Path, lora: bool) -> None:
-    """Write `folder/model` (and `folder/adapter` with LoRA); every rank must call it (ZeRO-3 gathers)."""
+def save_stage_result(
+    trainer: Any, processor: Any, source: Path, folder: Path, lora: bool, final: Path | None = None
+) -> None:
+    """Write `folder/model` (and `folder/adapter` with LoRA); every rank must call it (ZeRO-3 gathers).
+
+    `final`: where `folder` will live when it is built elsewhere and renamed; the adapter names `final/model`.
+    """
     if lora:
         adapter = _tmp(trainer, folder, ADAPTER_DIR)
         trainer.save_model(str(adapter))
@@ -94,6 +103,7 @@ def save_stage_result(trainer: Any, processor: Any, source: Path, folder: Path, 
             model.mkdir()
             write_base_with(source, model, trained, _meta_like(trainer.model))
             (adapter / "training_args.bin").unlink(missing_ok=True)
+            point_adapter_at(adapter, (final or folder) / MODEL_DIR)
             _commit(adapter, folder / ADAPTER_DIR)
             _commit(model, folder / MODEL_DIR)
     else:
@@ -111,7 +121,12 @@ def save_stage_result(trainer: Any, processor: Any, source: Path, folder: Path, 
 
 def _meta_like(model: torch.nn.Module) -> torch.nn.Module:
     """A DPA model like `model` on the meta device (for the key names transformers loads with)."""
+    from transformers.modeling_utils import set_zero3_state
+
     from dpa_cli.upgrade.naming import meta_model
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return meta_model("AutoModelForImageTextToText", base.config)
+    # Under ZeRO-3 transformers builds every model inside deepspeed.zero.Init: a collective, which hangs when only
+    # the main process builds (as here), and real memory. Marking zero.Init as already entered keeps it on meta.
+    with set_zero3_state():
+        return meta_model("AutoModelForImageTextToText", base.config)

@@ -1,7 +1,8 @@
 """The Hugging Face Trainer, adjusted for DPA: per-part learning rates, atomic checkpoints, loud failures.
 
 Checkpoints are written into a hidden staging folder and renamed to `checkpoint-K` only when complete, so a
-killed run never leaves a checkpoint that looks whole but is not.
+killed run never leaves a checkpoint that looks whole but is not. A LoRA run's checkpoint also holds the parts
+trained in full beside the adapter, which `--resume` puts back (`train/lora_state.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.errors import DpaError
 from dpa_cli.train.freeze import parameter_groups
+from dpa_cli.train.lora_state import restore_trained_in_full, save_trained_in_full
 
 STAGING = ".saving"
 
@@ -70,6 +72,8 @@ class DPATrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._saving = False
+        # PEFT saved the adapter only: phi and any perceiver part trained in full go beside it.
+        save_trained_in_full(self.model, run_dir / STAGING / name, write=self.args.should_save)
         self.accelerator.wait_for_everyone()  # every rank's optimizer shards are in the staging folder
         if self.args.should_save:
             replace_folder(run_dir / STAGING / name, run_dir / name)
@@ -81,6 +85,11 @@ class DPATrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer reloads a LoRA checkpoint's adapter only; the parts trained in full come back here."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_trained_in_full(model or self.model, Path(resume_from_checkpoint))
 
 
 DIVERGED = "lower the learning rate (--set learning_rate=...), or train in fp32 (--set bf16=false)"
