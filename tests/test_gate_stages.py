@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from dpa_cli.cli.app import app
 from dpa_cli.workspace import latest_checkpoint, read_manifest
 from tests.fault_kit import Runner, tree_hash
+from tests.test_faults import _captions
 from tests.test_train import COLOURS, weights
 
 runner = CliRunner()
@@ -27,14 +28,9 @@ SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1
 
 
 def _data(root: Path) -> Path:
-    from PIL import Image
-
-    (root / "images").mkdir(parents=True)
-    captions = []
-    for i, (name, rgb) in enumerate(COLOURS.items()):
-        Image.new("RGB", (48 + 8 * i, 40), rgb).save(root / "images" / f"{name}.png")
-        captions.append({"id": f"cap-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"A {name} picture."}]})  # fmt: skip
+    """test_faults' captions, plus captions with text-only samples and captions whose second image is cut short."""
+    _captions(root, COLOURS)
+    captions = json.loads((root / "captions.json").read_text())[: len(COLOURS)]
     text_only = {"id": "hello", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]}
     (root / "captions.json").write_text(json.dumps(captions))
     (root / "with_text.json").write_text(json.dumps([text_only, *captions, text_only]))
