@@ -73,6 +73,19 @@ def read_config(folder: Path) -> dict[str, Any]:
     return check_config(config, str(path))
 
 
+# Parsed by the tokenizers library (Rust, its own depth limit), and the largest file by far: not read twice.
+_RUST_PARSED = ("tokenizer.json",)
+
+
+def check_json_files(folder: Path) -> None:
+    """Read every JSON file of a model folder (and its subfolders) the way dpa reads user files, before
+    transformers or peft parse them: a damaged or 100k-deep tokenizer_config.json, processor_config.json or
+    adapter_config.json is then one line naming the file, not a RecursionError from inside a loader."""
+    for path in sorted(Path(folder).rglob("*.json")):
+        if path.name not in _RUST_PARSED and path.is_file():
+            read_json(path, hint="restore the file, or re-download / re-save the model", error=CheckpointError)
+
+
 def describe_parts(family: Family, config: Mapping[str, Any], tensors: Tensors, warnings: list[str]) -> dict:
     """Each component of `family` in this checkpoint; appends what looks wrong to `warnings`."""
     split = family.split_keys(tensors)

@@ -92,26 +92,33 @@ class Int(Spec):
 
 @dataclass(frozen=True)
 class Number(Spec):
-    """A finite number (integers too), at least `minimum` when one is given."""
+    """A finite number (integers too; `finite=False` also takes NaN, a loss that went wrong), at least
+    `minimum` when one is given."""
 
     minimum: float | None = None
     nullable: bool = False
+    finite: bool = True
 
     def problem(self, value: Any, ctx: Context) -> str | None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok and (self.minimum is None or value >= self.minimum):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (math.isfinite(value) or not self.finite)
+        if ok and (self.minimum is None or not value < self.minimum):
             return None
-        what = "a finite number" if self.minimum is None else f"a finite number >= {self.minimum:g}"
+        what = "a number" if not self.finite else "a finite number"
+        what += "" if self.minimum is None else f" >= {self.minimum:g}"
         return f"must be {what}{' or null' if self.nullable else ''}, not {show(value)}"
 
 
 @dataclass(frozen=True)
 class Str(Spec):
-    """Text; `choices` limits it; `timestamp` also takes the date YAML reads from an unquoted timestamp."""
+    """Text; `choices` or `pattern` (a regex, with `like` an example of it) limit it; `timestamp` also takes
+    the date YAML reads from an unquoted timestamp."""
 
     choices: tuple[str, ...] = ()
     nullable: bool = False
     timestamp: bool = False
+    pattern: str | None = None
+    like: str = ""
 
     def problem(self, value: Any, ctx: Context) -> str | None:
         if self.timestamp and isinstance(value, date):
@@ -120,6 +127,8 @@ class Str(Spec):
             return f"must be text{' or null' if self.nullable else ''}, not {show(value)}"
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(self.choices)}, not {show(value)}"
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            return f"must look like {self.like or self.pattern}, not {show(value)}"
         return None
 
 

@@ -10,11 +10,11 @@ Input checkpoints of other families are always loaded with `trust_remote_code=Fa
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 
 from dpa_cli.checkpoint import sha256_file
+from dpa_cli.jsonio import PARSE_ERRORS, parse_json
 
 log = logging.getLogger(__name__)
 CONFIG_FILES = ("config.json", "processor_config.json", "tokenizer_config.json", "preprocessor_config.json")
@@ -34,8 +34,8 @@ def _code_files(folder: Path) -> set[str]:
     files: set[str] = set()
     for name in CONFIG_FILES:
         try:
-            config = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = parse_json((folder / name).read_bytes())
+        except (OSError, *PARSE_ERRORS):
             continue
         auto_map = config.get("auto_map") if isinstance(config, dict) else None
         for value in (auto_map or {}).values():

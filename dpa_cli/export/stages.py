@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.workspace import MODEL_DIR, check_model_folder, is_workspace, read_manifest
 from dpa_cli.trust import trust_remote_code
@@ -75,6 +76,8 @@ def _with_adapter(workspace: Path, name: str, model_dir: Path) -> StageResult:
             f"{name} was trained with LoRA but {adapter / ADAPTER_CONFIG} is missing",
             hint=f"restore {adapter}, or train the stage again with --restart",
         )
+    if _has_adapter(adapter):
+        check_json_files(adapter)  # adapter_config.json: read by peft, whose parser a hand edit can crash
     return StageResult(name, model_dir, adapter if _has_adapter(adapter) else None, workspace)
 
 

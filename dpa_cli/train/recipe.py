@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from dpa_cli.errors import BadInputError, yaml_problem
+from dpa_cli.errors import BadInputError
+from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_yaml, reason
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PARTS = ("vit", "phi_p", "perceiver_lm", "phi", "llm")
@@ -89,7 +89,10 @@ def _scalar(text: str) -> Any:
             return kind(text)
         except ValueError:
             continue
-    return yaml.safe_load(text) if text else None
+    try:
+        return parse_yaml(text) if text else None
+    except PARSE_ERRORS as err:
+        raise BadInputError(f"--set value {text[:40]!r}: {reason(err)}", hint="quote it, or write a plain value") from None
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -141,10 +144,7 @@ def _validate_parts(data: dict[str, Any]) -> None:
 def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a BadInputError naming the key."""
     path = recipe_path(name_or_file)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise BadInputError(f"{path}: not valid YAML ({yaml_problem(err)})", hint="fix the recipe file") from None
+    data = read_yaml(path, hint="fix the recipe file") or {}
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: a recipe is a mapping of keys to values")
     data = _apply(data, _parse_overrides(overrides or []))

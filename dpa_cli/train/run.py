@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from transformers import PrinterCallback
 from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
+from dpa_cli.jsonio import read_json
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
@@ -38,10 +38,7 @@ def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> 
     path = RECIPES / "deepspeed" / f"{choice}.json" if choice in ("zero2", "zero3") else Path(choice).expanduser()
     if not path.is_file():
         raise BadInputError(f"--deepspeed {choice}: no such file", hint="use zero2, zero3 or a DeepSpeed JSON file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"--deepspeed {path}: not valid JSON ({err})") from None
+    config = read_json(path, f"--deepspeed {path}")
     if not isinstance(config, dict):
         raise BadInputError(f"--deepspeed {path}: a DeepSpeed config is a JSON object")
     return config
