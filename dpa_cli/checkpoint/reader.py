@@ -123,7 +123,7 @@ def _read_header_json(path: Path) -> tuple[dict[str, Any], int, int]:
     try:
         header = parse_json(raw.decode("utf-8"))
     except PARSE_ERRORS as err:
-        raise _fail(path, f"header is not usable JSON ({reason(err)})") from None
+        raise _fail(path, f"header is not UTF-8 JSON ({reason(err)})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     return header, 8 + length, size

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dpa_cli.cli.inspect_cmd import human_bytes
-from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.options import JsonFlag, SizeOption
 from dpa_cli.cli.render import err, out, print_json
 
 SPINNERS = {
@@ -26,7 +26,7 @@ def export(
     keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="Ship the LoRA adapter unmerged, in OUT/adapter/.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as trained), bf16, fp16 or fp32.")] = "auto",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload with plain transformers and compare logits.")] = True,
-    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
+    shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -45,14 +45,13 @@ def export(
       dpa export -w ws -o my-model --dtype bf16 --json
       dpa export --keep-adapter --force
     """
-    from dpa_cli.checkpoint.writer import parse_size
     from dpa_cli.export.merge import output_bytes
     from dpa_cli.export.run import ExportRequest, plan_export, run_export
     from dpa_cli.workspace import find_workspace
 
     request = ExportRequest(
         workspace=find_workspace(workspace), output=output, stage=stage, merge_lora=merge_lora,
-        keep_adapter=keep_adapter, dtype=dtype, verify=verify, shard_size=parse_size(shard_size), force=force,
+        keep_adapter=keep_adapter, dtype=dtype, verify=verify, shard_size=shard_size, force=force,
     )  # fmt: skip
     plan = plan_export(request)  # every refusal comes before any output
     display = _Display(output_bytes(plan.result.model_dir, plan.dtype), quiet=json_)
