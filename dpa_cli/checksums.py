@@ -80,11 +80,11 @@ def _confined(root: Path, parts: list[str], what: str) -> None:
     for part in parts:
         base = root / part if part else root
         if not _inside(root, base):
-            raise BadInputError(f"{what}: {part} leads outside {root} through a symbolic link", hint=hint)
+            raise BadInputError(f"{root / part} leads outside the {what} through a symbolic link", hint=hint)
         for path in base.rglob("*") if base.is_dir() else ():
             if path.is_symlink() and not _inside(root, path):
                 name = path.relative_to(root).as_posix()
-                raise BadInputError(f"{what}: {name} is a symbolic link leading outside {root}", hint=hint)
+                raise BadInputError(f"{root}: {name} is a symbolic link leading outside the {what}", hint=hint)
 
 
 def _compare(root: Path, expected: dict[str, str], parts: list[str], report: VerifyReport, skip: set[str]) -> None:
@@ -142,12 +142,12 @@ def verify_workspace(folder: Path) -> VerifyReport:
 
 def verify_path(path: Path) -> VerifyReport:
     """Re-hash a workspace or an export dpa wrote against the manifest it carries."""
-    from dpa_cli.workspace import is_workspace
+    from dpa_cli.workspace import MANIFEST, is_workspace
 
     path = Path(path).expanduser()
     if not path.exists():
         raise BadInputError(f"no such folder: {path}")
-    if is_workspace(path):
+    if is_workspace(path) or (path / MANIFEST).is_file():  # a damaged dpa.yaml: read_manifest says how
         return verify_workspace(path.resolve())
     if path.is_dir() and read_export_record(path) is not None:
         return verify_export(path.resolve())

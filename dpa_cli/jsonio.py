@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,29 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
+_QUOTED_OR_COMMENT = re.compile(r"'[^']*'|\"(?:[^\"\\]|\\.)*\"|#[^\n]*")
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth(text: str) -> int:
+    """How deep YAML flow collections ([...], {...}) nest, outside quotes and comments (a cheap upper bound)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_QUOTED_OR_COMMENT.sub("", text)):
+        depth = depth + 1 if match.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_yaml(text: str | bytes, max_depth: int | None = MAX_DEPTH) -> Any:
-    """YAML text -> value (safe loader); raises one of PARSE_ERRORS."""
+    """YAML text -> value (safe loader); raises one of PARSE_ERRORS.
+
+    Deep flow nesting is refused before PyYAML sees it: its scanner is quadratic in the nesting depth (100k
+    levels of `[` take minutes before the recursion limit is even reached).
+    """
     if isinstance(text, bytes):
         text = text.decode("utf-8-sig")
+    if max_depth and _flow_depth(text) > max_depth:
+        raise JsonError(f"nested too deeply (more than {max_depth} levels of lists or objects)")
     value = yaml.safe_load(text)
     return check_depth(value, max_depth) if max_depth else value
 

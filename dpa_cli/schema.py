@@ -39,7 +39,7 @@ def key_path(parent: str, key: Any) -> str:
     """`stages.stage1`; keys that are not plain names are quoted: `plan.kept['target vision']`."""
     name = str(key)
     plain = isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name)
-    return (f"{parent}.{name}" if parent else name) if plain else f"{parent}[{name!r}]"
+    return (f"{parent}.{name}" if parent else name) if plain else f"{parent}[{key!r}]"
 
 
 @dataclass(frozen=True)

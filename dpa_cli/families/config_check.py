@@ -33,15 +33,13 @@ GENERATION_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 @dataclass(frozen=True)
 class Size(Spec):
-    """A positive integer (or >= 0 for layer counts); `lists`: also a list of them (per-layer sizes)."""
+    """A positive integer (or >= 0 for layer counts)."""
 
     minimum: int = 1
     nullable: bool = False
-    lists: bool = False
 
     def problem(self, value: Any, ctx: Context) -> str | None:
-        items = value if self.lists and isinstance(value, list) and value else [value]
-        if all(isinstance(v, int) and not isinstance(v, bool) and v >= self.minimum for v in items):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= self.minimum:
             return None
         what = "a positive integer" if self.minimum == 1 else f"an integer >= {self.minimum}"
         return f"must be {what}{' or null' if self.nullable else ''}, not {show(value)}"
@@ -77,8 +75,8 @@ def config_schema(families: list[Family]) -> Record:
     """The shape of a config.json for these families; sub-configs follow the same shape (recursively)."""
     sizes, subs, tokens, texts = _read_fields(families)
     fields: dict[str, Spec] = {}
-    for name in BUILD_SIZES:  # read by transformers only, which knows what a per-layer list means
-        fields[name] = Size(nullable=True, lists=True)
+    for name in BUILD_SIZES:  # read by transformers only: null means its default
+        fields[name] = Size(nullable=True)
     for name in sizes:  # read by dpa: null is as wrong as "big"
         fields[name] = Size(minimum=0 if name in LAYER_COUNTS else 1)
     for name in (*tokens, *EXTRA_TOKENS):  # dpa looks these up in the tokenizer: never negative
@@ -100,8 +98,8 @@ def config_schema(families: list[Family]) -> Record:
 def _transformers_words(err: Exception) -> tuple[str | None, str]:
     """(the field transformers names, what it says) from one of its config validation errors."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-    named = re.search(r"[Ff]ield '(\w+)'", lines[0])
     said = re.sub(r"^(TypeError|ValueError): ", "", lines[-1])
+    named = re.search(r"[Ff]ield '(\w+)'", lines[0]) or re.search(r"`(\w+)`", said)  # a class validator's words
     said = re.sub(r"^Field '\w+' ", "", said)
     return (named.group(1) if named else None), said
 
