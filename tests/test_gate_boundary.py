@@ -490,12 +490,14 @@ def test_every_kind_of_json_or_yaml_file_nested_too_deeply_is_one_line(checkpoin
         case(perceiver / name, _deep(), ["upgrade", str(target), "-p", str(perceiver), "-o", str(tmp_path / "o")])
     case(workspace / "model" / "processor_config.json", _deep(), ["export", "-w", str(workspace), "-o",
          str(tmp_path / "e"), "--no-verify"])  # fmt: skip
+    case(export / "processor_config.json", _deep(), ["generate", str(export), "-p", "Hi?"])
+    data = tmp_path / "clean.json"
+    data.write_text(json.dumps(clean))
+    case(workspace / "model" / "processor_config.json", _deep(), ["data", "check", str(data), "-w", str(workspace)])
     for label, text in NUMBERS.items():
         case(tmp_path / "data.json", text, ["data", "check", str(tmp_path / "data.json"), "-w", str(workspace)], "data.json")
     case(tmp_path / "items.jsonl", _deep(), ["eval", str(workspace), "-d", str(tmp_path / "items.jsonl"), "-o",
          str(tmp_path / "p.jsonl")])  # fmt: skip
-    data = tmp_path / "clean.json"
-    data.write_text(json.dumps(clean))
     case(tmp_path / "recipe.yaml", _deep("yaml"), [*train, "--data", str(data), "--recipe", str(tmp_path / "recipe.yaml")])
     case(tmp_path / "unused", "", [*train, "--data", str(data), "--set", "warmup_steps=" + "[" * DEEP], "nested too deeply")
     case(workspace / "dpa.yaml", _deep("yaml"), ["verify", str(workspace)], "dpa.yaml")

@@ -17,6 +17,7 @@ from dpa_cli.data.formats import open_samples
 from dpa_cli.data.images import ImageError, load_image, probe_image
 from dpa_cli.data.render import supervised_segments
 from dpa_cli.data.samples import BadSampleError, Sample
+from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.trust import trust_remote_code
 
@@ -57,6 +58,7 @@ def load_processor(workspace_or_processor: Any) -> Any:
     folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
     if not (folder / "processor_config.json").exists():
         raise BadInputError(f"{folder}: no DPA processor (processor_config.json)", hint="run `dpa upgrade` first")
+    check_json_files(folder)
     return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code(folder))
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import Recipe, load_recipe
 from dpa_cli.train.trainer import latest_checkpoint
@@ -59,6 +60,8 @@ def source_model(request: TrainRequest) -> Path:
         raise BadInputError(f"{source} is not a model folder (no config.json)", hint="check the workspace or --from")
     if request.from_model in (None, "model", "stage1"):  # the workspace's own folders: the model dpa.yaml describes
         check_model_folder(source, read_manifest(workspace))
+    else:
+        check_json_files(source)  # another folder: at least every JSON file is read before transformers does
     return source
 
 
