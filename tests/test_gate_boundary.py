@@ -210,6 +210,31 @@ def test_config_json_fields_transformers_refuses_are_named_by_upgrade(checkpoint
     assert_all_refused(failures, len(variants))
 
 
+def _without(config: dict, path: str) -> dict:
+    copy = json.loads(json.dumps(config))
+    node = copy
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node[key]
+    del node[last]
+    return copy
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_onevision", "causal_lm_qwen3", "llava_original_llama"])
+def test_config_json_without_the_widths_the_surgery_reads_is_named_by_upgrade(checkpoints, tiny_checkpoint, tmp_path,
+                                                                              name):  # fmt: skip
+    """transformers would fill a missing vocab_size or hidden_size with its default (32000, 4096)."""
+    folder = checkpoints[name]
+    config = json.loads((folder / "config.json").read_text())
+    paths = ["text_config", "text_config.vocab_size", "text_config.hidden_size"] if "text_config" in config else \
+        ["vocab_size", "hidden_size"]  # fmt: skip
+    argv = ["upgrade", str(folder), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")), "-o", str(tmp_path / "o")]
+    variants = [(p, _without(config, p)) for p in paths]
+    failures = [refusal_problem(argv, (f"config.json: {path} is missing",), (folder, tmp_path))
+                for path, _ in edited(folder / "config.json", iter(variants), json.dumps)]  # fmt: skip
+    assert_all_refused(failures, len(variants))
+
+
 def _has(config: dict, path: str) -> bool:
     node: Any = config
     for key in path.split("."):

@@ -104,6 +104,20 @@ def _transformers_words(err: Exception) -> tuple[str | None, str]:
     return (named.group(1) if named else None), said
 
 
+# The language model's fields the surgery reads itself; transformers would fill in defaults that fit no weights.
+UPGRADE_NEEDS = ("hidden_size", "vocab_size")
+
+
+def _require_text_fields(config: Mapping[str, Any], family: Family, where: str) -> None:
+    key = family.text_config_key if family.text_config_fn is None else None
+    text = family.text_config(config)
+    nested = key is not None and isinstance(config.get(key), Mapping)
+    for name in UPGRADE_NEEDS:
+        if family.text_field(text, name) is None:
+            path = f"{key}.{name}" if nested else key if key and not text else name
+            raise CheckpointError(f"{where}: {path} is missing", hint="restore config.json, or re-download the model")
+
+
 def check_with_transformers(config: Mapping[str, Any], family: Family, where: str) -> None:
     """Build transformers' own config classes from `config` (no weights): whatever their validators refuse
     (a null `tie_word_embeddings`, 0 layers with 2 `layer_types`, ...) is named here by key path, before the
@@ -111,6 +125,7 @@ def check_with_transformers(config: Mapping[str, Any], family: Family, where: st
     from huggingface_hub.errors import StrictDataclassError
     from transformers import CONFIG_MAPPING
 
+    _require_text_fields(config, family, where)
     parts = [(key, config[key]) for key in (family.text_config_key, family.vision_config_key)
              if key and isinstance(config.get(key), Mapping)]  # fmt: skip
     parts.append(("", family.text_config(config) if family.text_config_fn else config))
@@ -120,7 +135,7 @@ def check_with_transformers(config: Mapping[str, Any], family: Family, where: st
             continue  # a model_type transformers does not know: detection or the load says so
         try:
             CONFIG_MAPPING[kind](**{k: v for k, v in part.items() if k != "model_type"})
-        except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError) as err:
+        except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:
             name, said = _transformers_words(err)
             path = ".".join(p for p in (prefix, name) if p) or "the config"
             raise CheckpointError(f"{where}: {path}: transformers refuses it ({said})",
