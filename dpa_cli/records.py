@@ -13,7 +13,19 @@ from typing import Any
 
 from dpa_cli.jsonio import read_json
 from dpa_cli.schema import (
-    AnyValue, Bool, Context, Int, ListOf, MapOf, Number, Record, RelPath, Sha256, Spec, Str, validate,
+    AnyValue,
+    Bool,
+    Context,
+    Int,
+    ListOf,
+    MapOf,
+    Number,
+    Record,
+    RelPath,
+    Sha256,
+    Spec,
+    Str,
+    validate,
 )  # fmt: skip
 
 EXPORT_RECORD = "dpa_export.json"  # the same name as dpa_cli.export.files.EXPORT_RECORD (no import cycle)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from copy import deepcopy
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -383,7 +383,7 @@ def _with_checksum(document: dict, key: str) -> dict:
 @pytest.fixture
 def spy_hashes(monkeypatch) -> list[Path]:
     """Every file `dpa verify` hashes (the real hashing runs; the list only records what it read)."""
-    import dpa_cli.checksums as checksums
+    from dpa_cli import checksums
 
     seen: list[Path] = []
     real = checksums.sha256_file
@@ -457,7 +457,7 @@ def test_every_command_that_reads_dpa_yaml_refuses_a_wrong_shape(workspace, mani
         "bench-infer": ["bench", "infer", str(workspace), "--workdir", str(tmp_path)],
     }[command]
     variants = []
-    for label, (path, value) in SHAPES.items():
+    for path, value in SHAPES.values():
         path = path if isinstance(path, tuple) else (path,)
         variants.append((_shown(path), _replaced(manifest, path, value)))
     failures = [refusal_problem(argv, (f"dpa.yaml: {needle} must be",), (workspace, tmp_path))
@@ -509,7 +509,7 @@ def test_every_kind_of_json_or_yaml_file_nested_too_deeply_is_one_line(checkpoin
     def case(path: Path, text: str, argv: list[str], needle: str | None = None, env: dict | None = None) -> None:
         cases.append((path, text, argv, (needle or path.name,), env))
 
-    for label, text in NUMBERS.items():
+    for text in NUMBERS.values():
         case(target / "config.json", text, ["inspect", str(target)], "config.json")
     for name in ("tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
         case(perceiver / name, _deep(), ["upgrade", str(target), "-p", str(perceiver), "-o", str(tmp_path / "o")])
@@ -519,7 +519,7 @@ def test_every_kind_of_json_or_yaml_file_nested_too_deeply_is_one_line(checkpoin
     data = tmp_path / "clean.json"
     data.write_text(json.dumps(clean))
     case(workspace / "model" / "processor_config.json", _deep(), ["data", "check", str(data), "-w", str(workspace)])
-    for label, text in NUMBERS.items():
+    for text in NUMBERS.values():
         case(tmp_path / "data.json", text, ["data", "check", str(tmp_path / "data.json"), "-w", str(workspace)], "data.json")
     case(tmp_path / "items.jsonl", _deep(), ["eval", str(workspace), "-d", str(tmp_path / "items.jsonl"), "-o",
          str(tmp_path / "p.jsonl")])  # fmt: skip

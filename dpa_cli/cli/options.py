@@ -28,7 +28,9 @@ TrustRemoteCodeFlag = Annotated[
 def size_value(text: str | int) -> int:
     """A size flag's value (`200MB`, `5GB`, `2GiB`) in bytes. A bad one is a usage error, so the message names
     the flag it was given to (`Invalid value for '--shard-size': bad size 'lots'`)."""
-    from dpa_cli.checkpoint.writer import parse_size  # imports torch: only once a size is parsed
+    from dpa_cli.checkpoint.writer import (
+        parse_size,  # imports torch: only once a size is parsed
+    )
     from dpa_cli.errors import BadInputError
 
     try:
@@ -37,6 +39,6 @@ def size_value(text: str | int) -> int:
         raise typer.BadParameter(f"{exc.message} ({exc.hint})") from None
 
 
-def SizeOption(help: str) -> Any:  # noqa: N802  (reads like the typer.Option it returns)
+def SizeOption(help: str) -> Any:  # reads like the typer.Option it returns
     """A `--...-size` option whose value is parsed by `size_value`: the command receives bytes."""
     return typer.Option(help=help, parser=size_value, metavar="SIZE")

@@ -21,7 +21,7 @@ import typer
 import typer.core
 
 # Typer >= 0.22 vendors click as typer._click; older releases use click itself.
-click: Any = getattr(typer.core, "_click", None) or getattr(typer.core, "click")
+click: Any = getattr(typer.core, "_click", None) or typer.core.click
 OUTPUT_OPTIONS = ("--output", "--workdir")
 
 
@@ -75,7 +75,8 @@ def refuse_output_below_file(ctx: Any) -> None:
         for parent in Path(str(value)).expanduser().parents:
             if parent.exists() or parent.is_symlink():
                 if not parent.is_dir():
-                    raise click.exceptions.UsageError(f"{_flag(param)} {value}: {parent} is a file, not a folder", ctx=ctx)
+                    what = "a file, not a folder" if parent.is_file() else "not a folder"  # or a dangling link
+                    raise click.exceptions.UsageError(f"{_flag(param)} {value}: {parent} is {what}", ctx=ctx)
                 break
 
 
