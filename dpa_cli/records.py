@@ -12,21 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli.jsonio import read_json
-from dpa_cli.schema import (
-    AnyValue,
-    Bool,
-    Context,
-    Int,
-    ListOf,
-    MapOf,
-    Number,
-    Record,
-    RelPath,
-    Sha256,
-    Spec,
-    Str,
-    validate,
-)  # fmt: skip
+from dpa_cli.schema import AnyValue, Bool, Context, Int, ListOf, MapOf, Number, Record, RelPath, Sha256, Spec, Str
+from dpa_cli.schema import validate
 
 EXPORT_RECORD = "dpa_export.json"  # the same name as dpa_cli.export.files.EXPORT_RECORD (no import cycle)
 CHECKSUMS = "checksums"
