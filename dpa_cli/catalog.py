@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from dpa_cli.errors import BadInputError, ModelNotFoundError, yaml_problem
+from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, reason
 
 BUILTIN = Path(__file__).with_name("catalog.yaml")
 KINDS = ("targets", "perceivers")
@@ -24,12 +25,14 @@ class Alias:
 
 
 def _read(path: Path) -> list[Alias]:
+    hint = "fix or unset $DPA_CATALOG"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(path.read_bytes()) or {}
     except OSError as err:
-        raise BadInputError(f"{path}: cannot read the catalog ({err.strerror})", hint="fix or unset $DPA_CATALOG") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise BadInputError(f"{path}: cannot read the catalog ({yaml_problem(err)})", hint="fix or unset $DPA_CATALOG") from None
+        raise BadInputError(f"{path}: cannot read the catalog ({err.strerror})", hint=hint) from None
+    except PARSE_ERRORS as err:
+        detail = yaml_problem(err) if isinstance(err, yaml.YAMLError) else reason(err)
+        raise BadInputError(f"{path}: cannot read the catalog ({detail})", hint=hint) from None
     if not isinstance(data, dict) or set(data) - set(KINDS):
         raise BadInputError(f"{path}: a catalog holds only the sections {', '.join(KINDS)}")
     aliases = []

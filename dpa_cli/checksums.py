@@ -7,16 +7,13 @@ rename that puts the files in place, so a manifest always describes a complete f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dpa_cli.checkpoint import sha256_file
 from dpa_cli.errors import BadInputError
-
-CHECKSUMS = "checksums"
-EXPORT_RECORD = "dpa_export.json"  # the same name as dpa_cli.export.files.EXPORT_RECORD (no import cycle)
+from dpa_cli.records import CHECKSUMS, EXPORT_RECORD, read_export_record
 
 
 def tree_checksums(folder: Path, prefix: str = "", known: dict[str, str] | None = None) -> dict[str, str]:
@@ -71,8 +68,28 @@ def _part(name: str) -> str:
     return "/".join(parts[:2]) if parts[0].startswith("stage") and len(parts) > 2 else parts[0]
 
 
+def _inside(root: Path, path: Path) -> bool:
+    resolved, root = path.resolve(), root.resolve()
+    return resolved == root or root in resolved.parents
+
+
+def _confined(root: Path, parts: list[str], what: str) -> None:
+    """Refuse, before one byte is hashed, a part folder or a file in it that a symlink leads out of `root`:
+    `dpa verify` reads only what lies inside the folder it checks."""
+    hint = "remove the link (dpa never writes one), or restore the folder from the run that wrote it"
+    for part in parts:
+        base = root / part if part else root
+        if not _inside(root, base):
+            raise BadInputError(f"{root / part} leads outside the {what} through a symbolic link", hint=hint)
+        for path in base.rglob("*") if base.is_dir() else ():
+            if path.is_symlink() and not _inside(root, path):
+                name = path.relative_to(root).as_posix()
+                raise BadInputError(f"{root}: {name} is a symbolic link leading outside the {what}", hint=hint)
+
+
 def _compare(root: Path, expected: dict[str, str], parts: list[str], report: VerifyReport, skip: set[str]) -> None:
     found = {}
+    _confined(root, parts, report.kind)
     for part in parts:
         base = root / part if part else root
         if base.is_dir():
@@ -95,16 +112,8 @@ def _recorded(mapping: Any, where: Path) -> dict[str, str]:
     return mapping
 
 
-def _export_record(folder: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and record.get("dpa_export") == 1 else None
-
-
 def verify_export(folder: Path, prefix: str = "", report: VerifyReport | None = None) -> VerifyReport:
-    record = _export_record(folder)
+    record = read_export_record(folder)
     if record is None:
         raise BadInputError(f"{folder}: no readable {EXPORT_RECORD}", hint="only exports dpa wrote carry a manifest")
     expected = _recorded(record.get(CHECKSUMS), folder / EXPORT_RECORD)
@@ -126,21 +135,21 @@ def verify_workspace(folder: Path) -> VerifyReport:
     parts = sorted({_part(name) for name in expected})
     report = VerifyReport(folder, "workspace", parts=list(parts))
     _compare(folder, expected, parts, report, skip=set())
-    for child in sorted(p for p in folder.iterdir() if p.is_dir() and _export_record(p) is not None):
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and _inside(folder, p) and read_export_record(p)):
         verify_export(child, f"{child.name}/", report)
     return report
 
 
 def verify_path(path: Path) -> VerifyReport:
     """Re-hash a workspace or an export dpa wrote against the manifest it carries."""
-    from dpa_cli.workspace import is_workspace
+    from dpa_cli.workspace import MANIFEST, is_workspace
 
     path = Path(path).expanduser()
     if not path.exists():
         raise BadInputError(f"no such folder: {path}")
-    if is_workspace(path):
+    if is_workspace(path) or (path / MANIFEST).is_file():  # a damaged dpa.yaml: read_manifest says how
         return verify_workspace(path.resolve())
-    if path.is_dir() and _export_record(path) is not None:
+    if path.is_dir() and read_export_record(path) is not None:
         return verify_export(path.resolve())
     raise BadInputError(
         f"{path} is neither a dpa workspace (no dpa.yaml) nor an export dpa wrote (no {EXPORT_RECORD})",

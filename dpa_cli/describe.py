@@ -7,7 +7,6 @@ Tensor data is never read, so this is instant on a 60 GB model and still answers
 from __future__ import annotations
 
 import functools
-import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,8 +14,9 @@ from typing import Any
 
 from dpa_cli.checkpoint import CheckpointIndex, TensorInfo, find_truncated_files, read_checkpoint_index
 from dpa_cli.errors import CheckpointError, ModelNotFoundError
-from dpa_cli.families import Component, Family, KeySplit, Role, count_layers, detect_family
+from dpa_cli.families import Component, Family, KeySplit, Role, check_config, count_layers, detect_family
 from dpa_cli.families.auto_names import auto_names
+from dpa_cli.jsonio import PARSE_ERRORS, parse_json, read_json
 
 DTYPE_NAMES = {
     "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
@@ -60,19 +60,32 @@ def describe_model(folder: Path) -> dict[str, Any]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """The folder's config.json as a dict; a missing or malformed file is a `CheckpointError`."""
+    """The folder's config.json as a dict whose fields dpa reads have usable types (`check_config`); a
+    missing, malformed or mistyped file is a `CheckpointError` naming the file and the key."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(
             f"{folder}: no config.json", hint="pass a Hugging Face model folder (config.json + *.safetensors)"
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})", hint="re-download or re-save the model") from None
+    config = read_json(path, hint="re-download or re-save the model", error=CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object", hint="re-download or re-save the model")
-    return config
+    return check_config(config, str(path))
+
+
+# Parsed by the tokenizers library (Rust, its own depth limit), and the largest file by far: not read twice.
+_RUST_PARSED = ("tokenizer.json",)
+
+
+def check_json_files(folder: Path) -> None:
+    """Read every JSON file of a model folder (and its subfolders) the way dpa reads user files, before
+    transformers or peft parse them: a damaged or 100k-deep tokenizer_config.json, processor_config.json or
+    adapter_config.json is then one line naming the file, not a RecursionError from inside a loader."""
+    for path in sorted(Path(folder).rglob("*.json")):
+        if path.name not in _RUST_PARSED and path.is_file():
+            # NaN may stand in files transformers reads leniently (a trainer_state.json loss): only the shape matters
+            read_json(path, hint="restore the file, or re-download / re-save the model", allow_nan=True,
+                      error=CheckpointError)  # fmt: skip
 
 
 def describe_parts(family: Family, config: Mapping[str, Any], tensors: Tensors, warnings: list[str]) -> dict:
@@ -237,8 +250,8 @@ def has_chat_template(folder: Path, warnings: list[str]) -> bool:
         if not path.is_file():
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = parse_json(path.read_bytes())
+        except (OSError, *PARSE_ERRORS):
             warnings.append(f"{name} is not valid JSON; its chat template (if any) cannot be read")
             continue
         if isinstance(data, dict) and data.get("chat_template"):

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.trust import Verdict, examine
 
@@ -59,6 +60,7 @@ def _from_pretrained(auto_class: str, folder: str | Path, allow_code: bool, kwar
 
     import dpa_cli.model  # noqa: F401  registers dpa's installed classes, used when the folder's code is not run
 
+    check_json_files(folder)  # a damaged or 100k-deep JSON file is one line naming it, not a loader's traceback
     trust, verdict = code_decision(folder, allow_code)
     try:
         loaded = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=trust, **kwargs)
@@ -101,4 +103,5 @@ def load_adapter(model: Any, folder: str | Path) -> Any:
     """A PEFT adapter applied (unmerged) to `model`; peft reads its config and safetensors, and runs no folder code."""
     from peft import PeftModel
 
+    check_json_files(folder)  # adapter_config.json: peft's parser would crash on a damaged one
     return PeftModel.from_pretrained(model, folder)

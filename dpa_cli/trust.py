@@ -12,13 +12,13 @@ never imported unless the user passes `--trust-remote-code`. dpa_cli.loading act
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpa_cli.checkpoint import sha256_file
+from dpa_cli.jsonio import PARSE_ERRORS, parse_json
 
 # Configs transformers reads: config, tokenizer_config, processor_config, preprocessor_config,
 # video_preprocessor_config, generation_config, feature_extractor / image_processor configs, adapter_config.
@@ -132,8 +132,8 @@ def references(folder: Path) -> list[CodeRef]:
         try:
             if path.stat().st_size > MAX_CONFIG_BYTES:
                 raise ValueError("too large")
-            refs += [CodeRef(path, ref) for ref in _auto_map_strings(json.loads(path.read_text(encoding="utf-8")))]
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            refs += [CodeRef(path, ref) for ref in _auto_map_strings(parse_json(path.read_bytes()))]
+        except (OSError, *PARSE_ERRORS):
             refs.append(CodeRef(path, "", culprit="unreadable, so unknown code"))
     return refs
 

@@ -6,7 +6,6 @@ only ever replaced whole (temp + fsync + rename).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from importlib import metadata
@@ -17,7 +16,11 @@ import yaml
 
 from dpa_cli import __version__
 from dpa_cli.checkpoint.atomic import write_text_atomic
-from dpa_cli.errors import BadInputError, yaml_problem
+from dpa_cli.errors import BadInputError
+from dpa_cli.describe import check_json_files
+from dpa_cli.families import check_config
+from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_json, reason
+from dpa_cli.records import MANIFEST_HINT, check_manifest
 
 MANIFEST = "dpa.yaml"
 MODEL_DIR = "model"
@@ -35,10 +38,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def is_workspace(folder: Path) -> bool:
-    """Whether `folder` is a workspace dpa wrote (its dpa.yaml says so)."""
+    """Whether `folder` is a workspace dpa wrote (its dpa.yaml says so; whether it is intact, `read_manifest`
+    says)."""
     try:
-        manifest = yaml.safe_load((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        manifest = parse_yaml((Path(folder) / MANIFEST).read_bytes())
+    except (OSError, *PARSE_ERRORS):
         return False
     return isinstance(manifest, dict) and manifest.get("dpa_workspace") == FORMAT
 
@@ -80,17 +84,20 @@ def versions() -> dict[str, str]:
 
 
 def read_manifest(workspace: Path) -> dict[str, Any]:
+    """The workspace's dpa.yaml, checked against the shape dpa writes (`dpa_cli.records.WORKSPACE`): every
+    command that reads a workspace comes through here, so a hand edit is named by its key path once, and a
+    `checksums:` path that leaves the workspace is refused before anything follows it."""
     path = Path(workspace) / MANIFEST
-    hint = "restore it or undo the hand edit, or upgrade again into a new folder with -o"
     try:
-        manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+        manifest = parse_yaml(path.read_bytes())
     except OSError as err:
-        raise BadInputError(f"{path}: cannot read it ({err.strerror})", hint=hint) from None
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise BadInputError(f"{path}: cannot read it (not valid YAML, {yaml_problem(err)})", hint=hint) from None
+        raise BadInputError(f"{path}: cannot read it ({err.strerror})", hint=MANIFEST_HINT) from None
+    except PARSE_ERRORS as err:
+        raise BadInputError(f"{path}: cannot read it ({reason(err)})", hint=MANIFEST_HINT) from None
     if not isinstance(manifest, dict) or manifest.get("dpa_workspace") != FORMAT:
-        raise BadInputError(f"{path}: not a dpa workspace manifest (no `dpa_workspace: {FORMAT}` mapping)", hint=hint)
-    return manifest
+        raise BadInputError(f"{path}: not a dpa workspace manifest (no `dpa_workspace: {FORMAT}` mapping)",
+                            hint=MANIFEST_HINT)  # fmt: skip
+    return check_manifest(manifest, Path(workspace), str(path))
 
 
 def check_model_folder(folder: Path, manifest: dict[str, Any], hint: str | None = None, what: str = "") -> None:
@@ -98,13 +105,12 @@ def check_model_folder(folder: Path, manifest: dict[str, Any], hint: str | None 
     dpa.yaml describes: a folder swapped for another model is refused before anything loads it."""
     path = Path(folder) / "config.json"
     hint = hint or "restore the folder from the run that wrote it, or point --workspace at the workspace it belongs to"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise BadInputError(f"{what}{path}: cannot read it ({err})", hint=hint) from None
+    config = read_json(path, where=f"{what}{path}", hint=hint)
     kind = config.get("model_type") if isinstance(config, dict) else None
     if kind != "dpa":
         raise BadInputError(f"{what}{folder} holds a {kind!r} model, not the DPA model of this workspace", hint=hint)
+    check_config(config, str(path))
+    check_json_files(folder)
     width = (manifest.get("plan") or {}).get("dimensions", {}).get("target_width")
     text = config.get("text_config")
     have = text.get("hidden_size") if isinstance(text, dict) else None

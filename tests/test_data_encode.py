@@ -7,7 +7,6 @@ Real parts only: workspaces made by `dpa upgrade` from tiny checkpoints, their s
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ Headers are parsed by hand so `inspect` never touches tensor bytes; data is read
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 
 from dpa_cli.errors import CheckpointError
+from dpa_cli.jsonio import PARSE_ERRORS, parse_json, reason
 
 if TYPE_CHECKING:  # torch costs seconds to import; `inspect` never needs it
     import torch
@@ -121,9 +121,9 @@ def _read_header_json(path: Path) -> tuple[dict[str, Any], int, int]:
         hint = "check the path and its permissions"
         raise _fail(path, f"cannot read it ({err.strerror})", hint=hint) from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _fail(path, f"header is not UTF-8 JSON ({err})") from None
+        header = parse_json(raw.decode("utf-8"))
+    except PARSE_ERRORS as err:
+        raise _fail(path, f"header is not UTF-8 JSON ({reason(err)})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     return header, 8 + length, size
@@ -208,9 +208,9 @@ def _unindexed_files(folder: Path) -> list[Path]:
 
 def _read_weight_map(index_file: Path) -> tuple[dict[str, str], dict[str, Any]]:
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _fail(index_file, f"not valid JSON ({err})") from None
+        index = parse_json(index_file.read_bytes())
+    except PARSE_ERRORS as err:
+        raise _fail(index_file, reason(err)) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise _fail(index_file, 'no "weight_map" from tensor names to shard files')

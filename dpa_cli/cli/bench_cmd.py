@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from dpa_cli.cli.inspect_cmd import human_bytes
-from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
+from dpa_cli.cli.options import JsonFlag, SizeOption, TrustRemoteCodeFlag
 from dpa_cli.cli.render import DpaTyper, out, print_json
 
 bench_app = DpaTyper(help="Side-by-side measurements, printed as ratios (and as --json).", no_args_is_help=True)
@@ -22,9 +22,9 @@ WriteDocsFlag = Annotated[bool, typer.Option("--write-docs", help=f"Append the r
 
 @bench_app.command("upgrade")
 def upgrade(
-    size: Annotated[str, typer.Option(help="Size of the synthetic target checkpoint.")] = "1.7GB",
-    input_shard: Annotated[str, typer.Option(help="Shard size of the synthetic input.")] = "200MB",
-    shard_size: Annotated[str, typer.Option(help="Output shard size of the upgrade.")] = "500MB",
+    size: Annotated[int, SizeOption("Size of the synthetic target checkpoint.")] = "1.7GB",
+    input_shard: Annotated[int, SizeOption("Shard size of the synthetic input.")] = "200MB",
+    shard_size: Annotated[int, SizeOption("Output shard size of the upgrade.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
     workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
     write_docs: WriteDocsFlag = False,
@@ -102,8 +102,8 @@ def append_doc(command: str, body: str) -> None:
 
 @bench_app.command("export")
 def export(
-    size: Annotated[str, typer.Option(help="Size of the synthetic target the DPA model is made from.")] = "1.7GB",
-    shard_size: Annotated[str, typer.Option(help="Shard size of the DPA model and of the export.")] = "500MB",
+    size: Annotated[int, SizeOption("Size of the synthetic target the DPA model is made from.")] = "1.7GB",
+    shard_size: Annotated[int, SizeOption("Shard size of the DPA model and of the export.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
     workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
     write_docs: WriteDocsFlag = False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,3 +23,20 @@ TrustRemoteCodeFlag = Annotated[
         help="Run the model folder's own Python code even when it is not dpa's (only for folders you trust).",
     ),
 ]
+
+
+def size_value(text: str | int) -> int:
+    """A size flag's value (`200MB`, `5GB`, `2GiB`) in bytes. A bad one is a usage error, so the message names
+    the flag it was given to (`Invalid value for '--shard-size': bad size 'lots'`)."""
+    from dpa_cli.checkpoint.writer import parse_size  # imports torch: only once a size is parsed
+    from dpa_cli.errors import BadInputError
+
+    try:
+        return parse_size(text)
+    except BadInputError as exc:
+        raise typer.BadParameter(f"{exc.message} ({exc.hint})") from None
+
+
+def SizeOption(help: str) -> Any:  # reads like the typer.Option it returns
+    """A `--...-size` option whose value is parsed by `size_value`: the command receives bytes."""
+    return typer.Option(help=help, parser=size_value, metavar="SIZE")

@@ -54,8 +54,18 @@ def report_errors(command: Callable) -> Callable:
 
 
 class DpaTyper(typer.Typer):
-    """A Typer app whose commands render `DpaError`s as one-line messages with their exit code."""
+    """A Typer app whose commands render `DpaError`s as one-line messages with their exit code, and whose
+    usage errors, repeated options and outputs below a file are refused the same way (`dpa_cli.cli.usage`)."""
+
+    def __init__(self, *args, **kwargs):
+        from dpa_cli.cli.usage import DpaGroup
+
+        kwargs.setdefault("cls", DpaGroup)
+        super().__init__(*args, **kwargs)
 
     def command(self, *args, **kwargs):
+        from dpa_cli.cli.usage import DpaCommand
+
+        kwargs.setdefault("cls", DpaCommand)
         register = super().command(*args, **kwargs)
         return lambda fn: register(report_errors(fn))

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from dpa_cli.cli.inspect_cmd import human_bytes, human_count
-from dpa_cli.cli.options import JsonFlag
+from dpa_cli.cli.options import JsonFlag, SizeOption
 from dpa_cli.cli.render import err, out, print_json
 
 
@@ -24,7 +24,7 @@ def upgrade(
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the target's), bf16, fp16 or fp32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the new projector weights (same seed, same bytes).")] = 0,
     perceiver_layers: Annotated[int | None, typer.Option(min=0, help="Keep only the perceiver's first N language blocks (0: the ViT-only ablation).")] = None,
-    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
+    shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing workspace.")] = False,
     verify_load: Annotated[bool | None, typer.Option("--verify-load/--no-verify-load", help="Load and run the result (default: when at most 2 GB).", show_default=False)] = None,
@@ -45,12 +45,11 @@ def upgrade(
       dpa upgrade ./my-llava --perceiver Qwen/Qwen2.5-VL-3B-Instruct -o ws --dry-run
       dpa upgrade ./my-llava --perceiver vit=target,lm=./Qwen3-0.6B --dtype bf16 --json
     """
-    from dpa_cli.checkpoint.writer import parse_size
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import check_output, default_workspace, plan_upgrade, run_upgrade
     from dpa_cli.upgrade.summary import plan_summary
 
-    options = Options(projector, feature_span, early_fusion, dtype, seed, parse_size(shard_size), perceiver_layers)
+    options = Options(projector, feature_span, early_fusion, dtype, seed, shard_size, perceiver_layers)
     _check_choices(options)
     plan = plan_upgrade(target, perceiver, options)
     summary = plan_summary(plan)

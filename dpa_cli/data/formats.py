@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from dpa_cli.data.samples import Sample, from_chat, from_llava
 from dpa_cli.errors import BadInputError
+from dpa_cli.jsonio import DECODER, PARSE_ERRORS, parse_json, reason
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 DATASET_SUFFIXES = (".parquet", ".arrow")
@@ -42,8 +43,8 @@ def _decode(raw: bytes, path: Path) -> str:
         ) from None
 
 
-def _json_error(path: Path, err: json.JSONDecodeError) -> BadInputError:
-    return BadInputError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})")
+def _json_error(path: Path, err: Exception) -> BadInputError:
+    return BadInputError(f"{path}: {reason(err)}")
 
 
 class ListSource:
@@ -115,11 +116,11 @@ class JsonlSource:
 
 def _jsonl_sample(line: bytes, index: int, root: Path | None) -> Sample:
     try:
-        record = json.loads(line.decode("utf-8"))
+        record = parse_json(line.decode("utf-8"))
     except UnicodeDecodeError:
         return Sample(f"#{index}", [], [], index, [("bad_record", f"line {index + 1} is not UTF-8")])
-    except json.JSONDecodeError as err:
-        return Sample(f"#{index}", [], [], index, [("bad_record", f"line {index + 1} is not valid JSON ({err.msg})")])
+    except PARSE_ERRORS as err:
+        return Sample(f"#{index}", [], [], index, [("bad_record", f"line {index + 1}: {reason(err)}")])
     return from_llava(record, index, root)
 
 
@@ -146,7 +147,7 @@ class StreamingJsonSource:
 
 def _iter_json_list(path: Path, chunk_size: int = 1 << 20) -> Iterator[Any]:
     """The elements of a top-level JSON list, parsed one by one from chunks of the file."""
-    decoder = json.JSONDecoder()
+    decoder = DECODER
     with open(path, encoding="utf-8-sig") as handle:
         buffer, position, started = "", 0, False
         while True:
@@ -167,6 +168,8 @@ def _iter_json_list(path: Path, chunk_size: int = 1 << 20) -> Iterator[Any]:
                     raise _json_error(path, err) from None
                 buffer, position = buffer[position:] + more, 0
                 continue
+            except PARSE_ERRORS as err:  # nested too deeply, NaN, a number Python will not convert
+                raise _json_error(path, err) from None
             after = end
             while after < len(buffer) and buffer[after].isspace():
                 after += 1
@@ -237,8 +240,8 @@ def _first_line_parses(path: Path) -> bool:
         for line in handle:
             if line.strip():
                 try:
-                    json.loads(line.decode("utf-8-sig"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                    parse_json(line.decode("utf-8-sig"))
+                except PARSE_ERRORS:
                     return False
                 return True
     return False
@@ -261,8 +264,8 @@ def _open_json(path: Path, root: Path | None, streaming: bool):
         return StreamingJsonSource(path, root, lines)
     if not lines:
         try:
-            records = json.loads(_decode(path.read_bytes(), path))
-        except json.JSONDecodeError as err:
+            records = parse_json(_decode(path.read_bytes(), path), max_depth=None)  # C parser: bounded by recursion
+        except PARSE_ERRORS as err:
             raise _json_error(path, err) from None
         return ListSource(path, records, root)
     source = JsonlSource(path, root)
@@ -274,8 +277,8 @@ def _open_json(path: Path, root: Path | None, streaming: bool):
 def _whole_object(path: Path) -> dict:
     """A .json file holding one object: one sample is fine; anything else is refused, saying where the list may be."""
     try:
-        value = json.loads(_decode(path.read_bytes(), path))
-    except json.JSONDecodeError as err:
+        value = parse_json(_decode(path.read_bytes(), path))
+    except PARSE_ERRORS as err:
         raise _json_error(path, err) from None
     if "conversations" in value or "messages" in value:
         return value

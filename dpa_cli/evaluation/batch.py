@@ -9,7 +9,6 @@ prompt's last token in the last column, so one forward pass scores the next toke
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)  # Qwen3's (possibl
 def _is_text_only(model_dir: Path) -> bool:
     from dpa_cli.families import detect_family
 
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return detect_family(config, str(model_dir / "config.json")).name == "causal_lm"
+    from dpa_cli.describe import read_config
+
+    return detect_family(read_config(model_dir), str(model_dir / "config.json")).name == "causal_lm"
 
 
 def open_model(spec: str, device: str | None = None, allow_code: bool = False) -> Any:

@@ -10,7 +10,6 @@ and the item.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from dpa_cli.data.image_refs import ImageRef, image_refs
 from dpa_cli.errors import BadInputError
 from dpa_cli.evaluation.metrics import LETTERS, normalize_answer
+from dpa_cli.jsonio import PARSE_ERRORS, parse_json, reason
 
 _INLINE_OPTION = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.+?)\s*$")
 _LETTER = re.compile(r"^\s*\(?([A-Z])\)?[.:]?\s*$")
@@ -50,8 +50,8 @@ def _options(record: dict, question: str) -> tuple[list[str], str]:
     value = _first(record, "options", "choices")
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
+            value = parse_json(value)
+        except PARSE_ERRORS:
             value = None
     if isinstance(value, dict):
         value = [value[key] for key in sorted(value)]
@@ -120,15 +120,24 @@ def to_item(record: Any, index: int, root: Path, where: str) -> Item:
 def _read_records(path: Path) -> list[Any]:
     if path.is_dir():
         return _read_dataset(path)
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadInputError(f"{path}: {reason(err)}") from None
     if path.suffix.lower() == ".csv":
         return _read_csv(text)
-    try:
-        if path.suffix.lower() in (".jsonl", ".ndjson") or not text.lstrip().startswith("["):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BadInputError(f"{path}: not valid JSON / JSONL (line {err.lineno}: {err.msg})") from None
+    if path.suffix.lower() not in (".jsonl", ".ndjson") and text.lstrip().startswith("["):
+        try:
+            return parse_json(text, max_depth=None)
+        except PARSE_ERRORS as err:
+            raise BadInputError(f"{path}: {reason(err)}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            rows += [parse_json(line, max_depth=None)] if line.strip() else []
+        except PARSE_ERRORS as err:
+            raise BadInputError(f"{path}: line {number}: {reason(err)}", hint="one JSON object per line") from None
+    return rows
 
 
 def _read_csv(text: str) -> list[dict]:

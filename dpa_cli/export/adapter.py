@@ -6,7 +6,6 @@ LoRA biases, embedding adapters, `modules_to_save`) is refused by name, with `--
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 from dpa_cli.checkpoint import CheckpointIndex, read_checkpoint_index
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.stages import ADAPTER_CONFIG
+from dpa_cli.jsonio import read_json
 
 # peft's save_pretrained: `base_model.model.<module in memory>.lora_A.weight` (the adapter name removed).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
@@ -45,10 +45,7 @@ class LoraPair:
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read it ({err})", hint="restore the adapter folder") from None
+    config = read_json(path, hint="restore the adapter folder", error=CheckpointError)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise CheckpointError(f"{path}: a {kind or 'non-PEFT'} adapter, not LoRA; dpa merges LoRA only", hint=KEEP)

@@ -14,9 +14,10 @@ import torch
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.stages import ADAPTER_CONFIG, ADAPTER_DIR
 from dpa_cli.train.save import point_adapter_at
+from dpa_cli.jsonio import read_json
+from dpa_cli.records import EXPORT_RECORD
 from dpa_cli.upgrade.files import AUTO_MAP, GENERATION_KEYS, copy_model_code
 
-EXPORT_RECORD = "dpa_export.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Never shipped: weights are written afresh, pickles never (training_args.bin), the card is ours.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl")
@@ -37,10 +38,7 @@ def copy_side_files(source: Path, dest: Path) -> None:
 def write_config(source: Path, dest: Path, dtype: torch.dtype | None) -> None:
     """The source's config, made to load as remote code, with the dtype the weights are written in."""
     path = Path(source) / "config.json"
-    try:
-        config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read it ({err})", hint="restore the stage's model folder") from None
+    config: dict[str, Any] = read_json(path, hint="restore the stage's model folder", error=CheckpointError)
     config.update(architectures=["DPAForConditionalGeneration"], auto_map=AUTO_MAP)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -57,7 +55,7 @@ def ensure_generation_config(dest: Path, fallbacks: list[Path]) -> None:
         if (folder / "generation_config.json").is_file():
             shutil.copy2(folder / "generation_config.json", dest / "generation_config.json")
             return
-    text = json.loads((dest / "config.json").read_text(encoding="utf-8")).get("text_config") or {}
+    text = read_json(dest / "config.json").get("text_config") or {}
     generation = {key: text[key] for key in GENERATION_KEYS if text.get(key) is not None}
     (dest / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
 
@@ -70,15 +68,6 @@ def copy_adapter(adapter: Path, dest: Path, final: Path) -> None:
     shutil.copy2(adapter / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
     shutil.copy2(adapter / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
     point_adapter_at(folder, final)
-
-
-def is_export(folder: Path) -> bool:
-    """Whether `folder` is an export dpa wrote (its record says so)."""
-    try:
-        record = json.loads((Path(folder) / EXPORT_RECORD).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(record, dict) and record.get("dpa_export") == 1
 
 
 def write_record(dest: Path, summary: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from dpa_cli.export.merge import export_weights
 from dpa_cli.export.stages import StageResult, stage_result
 from dpa_cli.export.verify import check_export, reference_probe
 from dpa_cli.loading import refuse_carried_code
+from dpa_cli.records import is_export
 from dpa_cli.workspace import MODEL_DIR, read_manifest
 
 EXPORT_DIR = "export"
@@ -74,7 +75,7 @@ def check_output(output: Path, result: StageResult, force: bool) -> None:
                 hint="write the export somewhere else with -o",
             )
     not_ours = f"--force replaces only an export dpa wrote, and {output} is not one (no {files.EXPORT_RECORD})"
-    check_replaceable(output, force, files.is_export(output), "an export", not_ours)
+    check_replaceable(output, force, is_export(output), "an export", not_ours)
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,11 @@ def find_runnable(spec: str, stage: int | None = None) -> StageResult:
     """MODEL for `generate` / `chat`: a workspace, a stage folder, a stage's model, an export or any model."""
     path = Path(spec).expanduser()
     if is_workspace(path):
-        return stage_result(path.resolve(), stage)
+        return stage_result(path.resolve(), stage)  # its folders are checked against dpa.yaml
+    return _runnable_folder(spec, path, stage)
+
+
+def _runnable_folder(spec: str, path: Path, stage: int | None) -> StageResult:
     if stage is not None:
         raise BadInputError(f"--stage applies to a workspace, and {spec} is not one (no dpa.yaml)")
     if path.is_dir() and _STAGE_DIR.match(path.resolve().name) and (path / MODEL_DIR).is_dir():

@@ -23,6 +23,7 @@ import torch
 
 from dpa_cli.checkpoint import read_checkpoint_index
 from dpa_cli.checkpoint.reader import torch_dtype
+from dpa_cli.describe import read_config
 from dpa_cli.errors import DpaError
 from dpa_cli.export import probe_check
 from dpa_cli.export.stages import StageResult, load_as_trained, load_processor
@@ -42,7 +43,7 @@ def tolerance(folder: Path, reference_max_abs: float) -> float:
     """The bound for `folder`'s weights: 1e-4 in float32; 8 * sqrt(layers) * u * max |logit| in 16 bits."""
     dtypes = {torch_dtype(info.dtype) for info in read_checkpoint_index(folder).tensors.values()}
     unit = max((UNIT.get(dtype, 0.0) for dtype in dtypes), default=0.0)
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(Path(folder))
     layers = int((config.get("text_config") or {}).get("num_hidden_layers") or 1)
     return max(FP32_TOLERANCE, MARGIN * math.sqrt(layers) * unit * reference_max_abs)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dpa_cli.errors import UnknownFamilyError
+from dpa_cli.errors import CheckpointError, UnknownFamilyError
 from dpa_cli.families.base import Component, Family, KeyLayout, KeySplit, Role, count_layers
-from dpa_cli.families.causal_lm import CAUSAL_LM
+from dpa_cli.families.causal_lm import CAUSAL_LM, encoder_kind
+from dpa_cli.families.config_check import config_schema
 from dpa_cli.families.dpa import DPA
 from dpa_cli.families.idefics3 import IDEFICS3, SMOLVLM
 from dpa_cli.families.llava import LLAVA
@@ -18,6 +19,7 @@ from dpa_cli.families.llava_next import LLAVA_NEXT
 from dpa_cli.families.llava_onevision import LLAVA_ONEVISION
 from dpa_cli.families.llava_original import LLAVA_ORIGINAL
 from dpa_cli.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from dpa_cli.schema import validate
 
 # Detection tries these in order: the first whose rule matches wins.
 FAMILIES: dict[str, Family] = {
@@ -35,6 +37,18 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# The shape every config.json must have, built from what the families above read.
+CONFIG_SCHEMA = config_schema(list(FAMILIES.values()))
+
+
+def check_config(config: Any, where: str) -> dict[str, Any]:
+    """`config` (a parsed config.json) when its sizes, sub-configs and token ids have usable types; else a
+    `CheckpointError` naming the key path, e.g. `config.json: text_config.hidden_size must be a positive
+    integer, not 'big'`."""
+    hint = "fix the value in config.json (it must agree with the weights), or re-download the model"
+    return validate(config, CONFIG_SCHEMA, where, hint=hint, error=CheckpointError)
+
+
 def _known() -> str:
     return ", ".join(FAMILIES)
 
@@ -45,6 +59,12 @@ def detect_family(config: Mapping[str, Any], where: str = "config.json") -> Fami
         if family.detect(config):
             return family
     model_type = config.get("model_type")
+    encoder = encoder_kind(model_type)
+    if encoder:
+        raise UnknownFamilyError(
+            f"{where}: model_type {model_type!r} is {encoder}, not a decoder-only causal LM",
+            hint="dpa upgrades LLaVA-style VLMs and decoder-only LLMs (Qwen3, Llama, ...); pick one of those",
+        )
     architectures = ", ".join(config.get("architectures") or ()) or "none"
     raise UnknownFamilyError(
         f"{where}: model_type {model_type!r} (architectures: {architectures}) is not a supported family",
@@ -67,6 +87,7 @@ __all__ = [
     "KeyLayout",
     "KeySplit",
     "Role",
+    "check_config",
     "count_layers",
     "detect_family",
     "get_family",

@@ -18,10 +18,26 @@ def causal_lm_model_types() -> frozenset[str]:
     return frozenset(auto_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"))
 
 
+def encoder_kind(model_type: Any) -> str | None:
+    """What an encoder model_type is ("an encoder (masked language model)"), or None for anything else.
+
+    transformers maps BERT-like encoders and encoder-decoders to a *ForCausalLM too (a decoder bolted on for
+    generation experiments), but their weights were trained bidirectionally: never a target LLM.
+    """
+    if not isinstance(model_type, str):
+        return None
+    if model_type in auto_names("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"):
+        return "an encoder-decoder model"
+    if model_type in auto_names("MODEL_FOR_MASKED_LM_MAPPING_NAMES"):
+        return "an encoder (masked language model)"
+    return None
+
+
 def _is_text_causal_lm(config: Mapping[str, Any]) -> bool:
     if "vision_config" in config or "text_config" in config:
         return False
-    return config.get("model_type") in causal_lm_model_types()
+    model_type = config.get("model_type")
+    return model_type in causal_lm_model_types() and encoder_kind(model_type) is None
 
 
 CAUSAL_LM = Family(

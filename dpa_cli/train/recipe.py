@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from dpa_cli.errors import BadInputError, yaml_problem
+from dpa_cli.errors import BadInputError
+from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_yaml, reason
 from dpa_cli.train.arguments import FIXED
 from dpa_cli.train.validate import check_recipe, stage_number, training_fields
 
@@ -31,9 +32,6 @@ _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
 
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)
 OWN_FIELDS = (
     "stage", "trainable", "learning_rates", "global_batch_size", "max_length",
     "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
@@ -105,9 +103,11 @@ def _scalar(text: str) -> Any:
         except ValueError:
             continue
     try:
-        return _yaml(text) if text else None
-    except yaml.YAMLError:
+        return parse_yaml(text, loader=_RecipeLoader) if text else None
+    except yaml.YAMLError:  # not YAML (`[qk]_proj`): the text as typed
         return text
+    except PARSE_ERRORS as err:
+        raise BadInputError(f"--set value {text[:40]!r}: {reason(err)}", hint="quote it, or write a plain value") from None
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -134,10 +134,7 @@ def _unknown(key: str, known: set[str]) -> BadInputError:
 def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a BadInputError naming the key."""
     path = recipe_path(name_or_file)
-    try:
-        data = _yaml(path.read_text(encoding="utf-8")) or {}
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise BadInputError(f"{path}: not valid YAML ({yaml_problem(err)})", hint="fix the recipe file") from None
+    data = read_yaml(path, hint="fix the recipe file", loader=_RecipeLoader) or {}
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: a recipe is a mapping of keys to values")
     parsed, texts = _parse_overrides(overrides or [])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from dpa_cli.checksums import CHECKSUMS, stage_checksums
 from dpa_cli.errors import BadInputError
 from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.arguments import check_deepspeed_launch, trainer_kwargs, world_size
+from dpa_cli.jsonio import read_json
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
 from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
@@ -51,10 +51,7 @@ def deepspeed_config(choice: str | None, per_device: int, accumulation: int) -> 
     path = RECIPES / "deepspeed" / f"{choice}.json" if choice in ("zero2", "zero3") else Path(choice).expanduser()
     if not path.is_file():
         raise BadInputError(f"--deepspeed {choice}: no such file", hint="use zero2, zero3 or a DeepSpeed JSON file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadInputError(f"--deepspeed {path}: not valid JSON ({err})") from None
+    config = read_json(path, f"--deepspeed {path}")
     if not isinstance(config, dict):
         raise BadInputError(f"--deepspeed {path}: a DeepSpeed config is a JSON object")
     check_deepspeed_launch(choice)

@@ -19,6 +19,8 @@ from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
+from dpa_cli.errors import CheckpointError
+from dpa_cli.jsonio import read_json
 from dpa_cli.train.lora_state import ADAPTER_CONFIG, gathered, trained_in_full
 from dpa_cli.upgrade.files import copy_model_code
 from dpa_cli.workspace import MODEL_DIR
@@ -64,7 +66,7 @@ def point_adapter_at(adapter: Path, base: Path) -> None:
     The path is absolute because peft reads a relative one from the current folder, not the adapter's.
     """
     path = Path(adapter) / ADAPTER_CONFIG
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path, hint="restore the adapter folder, or train the stage again", error=CheckpointError)
     config.update(base_model_name_or_path=str(Path(base).resolve()), auto_mapping=PLAIN_AUTO_MAPPING)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

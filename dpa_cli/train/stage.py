@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli.checkpoint.atomic import replace_folder
+from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import Recipe, load_recipe
 from dpa_cli.workspace import MODEL_DIR, check_model_folder, latest_checkpoint, read_manifest
@@ -62,6 +63,7 @@ def source_model(request: TrainRequest) -> Path:
         check_model_folder(source, read_manifest(workspace))
     else:  # any folder: it must hold this workspace's DPA model (another stage of it, a copy, an export)
         hint = "training starts from a DPA model: pass --from model or stage1, or upgrade that folder with `dpa upgrade`"
+        check_json_files(source)  # every JSON file read as dpa reads user files, before transformers does
         check_model_folder(source, read_manifest(workspace), hint=hint, what="--from ")
         _check_same_tensors(source, workspace / MODEL_DIR)
     return source

@@ -66,7 +66,7 @@ def memory_names(family: Family, config: Mapping[str, Any], folder: Path, keys: 
 
     try:
         model = meta_model(family.auto_class, loading.load_config(folder))
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:  # e.g. 0 ** -x of 0 heads
         raise CheckpointError(
             f"{folder}/config.json: transformers cannot build this model from it ({error_summary(err)})",
             hint="the config is damaged or from a newer transformers; check it with `dpa inspect`",

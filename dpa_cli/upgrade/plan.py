@@ -297,7 +297,7 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
         config = build_config(sources, options, placeholders)
         _check_perceiver_depth(config, options)
         expected = meta_state(meta_model("AutoModelForImageTextToText", config))
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:  # e.g. 0 ** -x of 0 heads
         raise BadInputError(
             f"these checkpoints do not make a valid DPA model: {error_summary(err)}",
             hint="check both configs with `dpa inspect`",

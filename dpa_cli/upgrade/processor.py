@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dpa_cli import loading
 from dpa_cli.errors import CheckpointError
+from dpa_cli.jsonio import read_json
 from dpa_cli.upgrade.plan import UpgradePlan
 
 
@@ -23,7 +23,7 @@ def write_processor(plan: UpgradePlan, folder: Path) -> None:
             hint="the folder needs the preprocessor_config.json its model was released with",
         ) from None
     settings_file = images_from.path / "processor_config.json"
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    settings = read_json(settings_file, error=CheckpointError) if settings_file.is_file() else None
     tokenizers = plan.tokenizers
     processor = DPAProcessor.from_parts(image_processor, tokenizers["perceiver"], tokenizers["target"], plan.config, settings)
     processor.save_pretrained(folder)

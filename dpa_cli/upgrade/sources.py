@@ -12,9 +12,10 @@ from typing import Any
 
 from dpa_cli.catalog import expand_alias
 from dpa_cli.checkpoint import CheckpointIndex, read_checkpoint_index
-from dpa_cli.describe import read_config
+from dpa_cli.describe import check_json_files, read_config
 from dpa_cli.errors import BadInputError
 from dpa_cli.families import Family, Role, detect_family
+from dpa_cli.families.config_check import check_with_transformers
 from dpa_cli.hub import ResolvedModel, resolve_model
 from dpa_cli.upgrade.naming import memory_names
 
@@ -58,6 +59,8 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
     resolved = resolve_model(spec)
     config = read_config(resolved.path)
     family = detect_family(config, where=str(resolved.path / "config.json"))
+    check_with_transformers(config, family, str(resolved.path / "config.json"))
+    check_json_files(resolved.path)
     return Checkpoint(role, resolved, config, family, read_checkpoint_index(resolved.path))
 
 
