@@ -38,6 +38,7 @@ def may_run_code(folder: str | Path, allow_code: bool = False) -> bool:
 def refuse_carried_code(folder: str | Path, allow_code: bool, why: str) -> None:
     """Refuse a folder whose foreign code a copy would carry on (`why`), unless allowed. Altered copies of dpa's
     own files are not carried: dpa writes its installed ones in their place."""
+    check_json_files(folder)  # a damaged config is named as such, not as code of unknown origin
     trust, verdict = code_decision(folder, allow_code)
     if verdict.carried and not trust:
         raise BadInputError(

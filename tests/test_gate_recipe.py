@@ -324,7 +324,7 @@ def test_weights_that_stop_being_finite_are_never_recorded_as_a_finished_stage(s
     env = _env(shared, tmp_path)
     ws = Path(shutil.copytree(dpa_workspace("next_qwen"), tmp_path / "ws"))
     manifest = (ws / "dpa.yaml").read_bytes()
-    argv = train_clean(env, "--set", "learning_rate=1e30", "--set", "warmup_steps=0", "--max-steps", "2", workspace=ws)
+    argv = train_clean(env, "--set", "learning_rate=1e30", "--set", "warmup_steps=0", "--set", "max_steps=2", workspace=ws)
     result = runner.invoke(app, argv)
     assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "no longer finite" in result.stderr and "learning rate" in result.stderr, result.stderr

@@ -66,7 +66,7 @@ def _check_files(checkpoint: Path) -> None:
     from dpa_cli.checkpoint.reader import read_shard, verify_data_size
     from dpa_cli.errors import CheckpointError
 
-    files = sorted(checkpoint.glob("*.safetensors"))
+    files = sorted(p for p in checkpoint.glob("*.safetensors") if p.is_file())
     if not files and not any(checkpoint.glob("global_step*")):
         raise _refuse(checkpoint, "it holds no weights (no *.safetensors, no DeepSpeed global_step folder)")
     for file in files:
@@ -81,7 +81,7 @@ def check_checkpoint_weights(checkpoint: Path, model: Any) -> None:
     from dpa_cli.checkpoint.reader import read_safetensors_header
 
     shapes = _model_shapes(model)
-    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+    for file in sorted(p for p in Path(checkpoint).glob("*.safetensors") if p.is_file()):
         for name, info in read_safetensors_header(file)[0].items():
             shape = shapes.get(_plain(name))
             if shape is None:

@@ -155,8 +155,8 @@ def prepare(request: TrainRequest) -> Prepared:
     if args.activation_checkpointing:
         model.config.use_cache = False
     if run.resume_from is not None:
-        check_checkpoint_weights(run.resume_from, model)
         check_resume(model, run.resume_from)  # a LoRA checkpoint must give back the parts trained in full too
+        check_checkpoint_weights(run.resume_from, model)
     shown = render_supervised(processor, dataset[0])  # encodes the first sample: a bad one is refused here
     return Prepared(request, recipe, run, source, args, notes, model, processor, dataset, collator, table, shown)
 
