@@ -16,6 +16,7 @@ from dpa_cli.checkpoint import CheckpointIndex, TensorInfo, find_truncated_files
 from dpa_cli.errors import CheckpointError, ModelNotFoundError
 from dpa_cli.families import Component, Family, KeySplit, Role, check_config, count_layers, detect_family
 from dpa_cli.families.auto_names import auto_names
+from dpa_cli.families.paper import OWN_CLASSES
 from dpa_cli.jsonio import PARSE_ERRORS, parse_json, read_json
 
 DTYPE_NAMES = {
@@ -39,7 +40,7 @@ def describe_model(folder: Path) -> dict[str, Any]:
         raise ModelNotFoundError(f"{what}: {folder}", hint="pass a checkpoint folder")
     config = read_config(folder)
     family = detect_family(config, where=str(folder / "config.json"))
-    index = read_checkpoint_index(folder)
+    index = read_checkpoint_index(folder, pickled=family.pickled_weights)
     warnings = _file_warnings(index)
     parts = describe_parts(family, config, index.tensors, warnings)
     return {
@@ -106,6 +107,8 @@ def describe_parts(family: Family, config: Mapping[str, Any], tensors: Tensors, 
     parts["lm_head"] = _lm_head(split.keys(Component.LM_HEAD), tensors)
     parts["extra"] = _shapes(split.keys(Component.EXTRA), tensors)
     parts["unmapped_keys"] = [tensors[key].name for key in split.unmapped]
+    if family.weights_check is not None and (problem := family.weights_check(config, tensors)):
+        warnings.append(problem)
     if split.unmapped:
         warnings.append(
             f"{len(split.unmapped)} weights fit no part of a {family.name} checkpoint "
@@ -275,7 +278,7 @@ def model_class(model_type: str | None) -> str | None:
     """transformers' base-model class for a model_type."""
     if not model_type:
         return None
-    name = auto_names("MODEL_MAPPING_NAMES").get(model_type)
+    name = auto_names("MODEL_MAPPING_NAMES").get(model_type) or OWN_CLASSES.get(model_type)
     return name[0] if isinstance(name, (list, tuple)) else name
 
 

@@ -77,6 +77,7 @@ class ShardInfo:
     data_bytes: int  # end of the last tensor, as the header declares it
     size_on_disk: int
     metadata: dict[str, str]
+    pickled: bool = False  # a weights-only torch file (checkpoint/pickled.py), not safetensors
 
     @property
     def expected_size(self) -> int:
@@ -253,11 +254,20 @@ def _read_shards(files: list[Path]) -> tuple[dict[Path, ShardInfo], dict[str, Te
     return shards, tensors
 
 
-def read_checkpoint_index(folder: Path) -> CheckpointIndex:
-    """Index a folder's weights (one file, an indexed set of shards, or several plain files)."""
+def read_checkpoint_index(folder: Path, pickled: bool = False) -> CheckpointIndex:
+    """Index a folder's weights (one file, an indexed set of shards, or several plain files).
+
+    `pickled`: the folder's family ships `pytorch_model*.bin` (the DPA paper's official formats); read them,
+    weights-only, when the folder has no safetensors. Any other folder's pickles are refused unread.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"no such folder: {folder}", hint="pass a model folder")
+    if pickled and not any(folder.glob("*.safetensors")):
+        from dpa_cli.checkpoint.pickled import pickled_files, pickled_index
+
+        if files := pickled_files(folder):
+            return pickled_index(folder, files)
     index_file = folder / INDEX_FILE
     if (folder / SINGLE_FILE).is_file() or not index_file.is_file():
         shards, tensors = _read_shards(_unindexed_files(folder))
@@ -309,6 +319,7 @@ class LazyTensorReader:
         self.index = index
         self._file: Path | None = None
         self._handle: BinaryIO | None = None
+        self._pickled: dict[str, torch.Tensor] | None = None
 
     def __enter__(self) -> LazyTensorReader:
         return self
@@ -326,7 +337,17 @@ class LazyTensorReader:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
-        self._file, self._handle = None, None
+        self._file, self._handle, self._pickled = None, None, None
+
+    def _open_pickled(self, path: Path) -> dict[str, torch.Tensor]:
+        """A pickled shard's tensors, memory-mapped; like an open file, one shard at a time."""
+        from dpa_cli.checkpoint.pickled import load_pickled
+
+        if self._file != path or self._pickled is None:
+            self.close()
+            self._pickled = load_pickled(path)
+            self._file = path
+        return self._pickled
 
     def _open(self, path: Path) -> BinaryIO:
         if self._file != path or self._handle is None:
@@ -344,6 +365,8 @@ class LazyTensorReader:
         info = self.index.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.index.folder}: no tensor named {name!r} in the checkpoint")
+        if self.index.shards[info.file].pickled:
+            return self._open_pickled(info.file)[name].contiguous()
         handle = self._open(info.file)
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         handle.seek(self.index.shards[info.file].header_bytes + info.data_offsets[0])
@@ -351,11 +374,14 @@ class LazyTensorReader:
             raise _fail(info.file, f"tensor {name!r} is cut short: the file changed while it was read")
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
-    def slice(self, name: str) -> FileSlice:
-        """Where tensor `name`'s bytes lie, after checking its shard is whole (for copies that skip torch)."""
+    def slice(self, name: str) -> FileSlice | torch.Tensor:
+        """Where tensor `name`'s bytes lie, after checking its shard is whole (for copies that skip torch); a
+        pickled shard has no such byte range: its (memory-mapped) tensor instead."""
         info = self.index.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.index.folder}: no tensor named {name!r} in the checkpoint")
+        if self.index.shards[info.file].pickled:
+            return self.get(name)
         self._open(info.file)
         return FileSlice(info.file, self.index.shards[info.file].header_bytes + info.data_offsets[0], info.nbytes)
 

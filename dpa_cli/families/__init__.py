@@ -18,6 +18,7 @@ from dpa_cli.families.llava import LLAVA
 from dpa_cli.families.llava_next import LLAVA_NEXT
 from dpa_cli.families.llava_onevision import LLAVA_ONEVISION
 from dpa_cli.families.llava_original import LLAVA_ORIGINAL
+from dpa_cli.families.paper import PAPER_VL, QWEN_CUSTOM_VL_HW
 from dpa_cli.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from dpa_cli.schema import validate
 
@@ -29,6 +30,8 @@ FAMILIES: dict[str, Family] = {
     "llava_next": LLAVA_NEXT,
     "llava_onevision": LLAVA_ONEVISION,
     "qwen2_vl": QWEN2_VL,
+    "qwen2_5_vl_qwen3": PAPER_VL,  # before "qwen2_5_vl": it claims qwen2_5_vl configs whose text is Qwen3
+    "qwen_custom_vl_hw_new": QWEN_CUSTOM_VL_HW,
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen3_vl": QWEN3_VL,
     "idefics3": IDEFICS3,

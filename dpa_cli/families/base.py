@@ -124,8 +124,16 @@ class Family:
     vision_config_key: str | None = "vision_config"
     text_fields: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(TEXT_FIELDS))
     vision_fields: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(VISION_FIELDS))
-    # Hook for a family whose text config is not a plain sub-config (original LLaVA).
+    # Hooks for a family whose text / vision config is not a plain sub-config (original LLaVA, official DPA formats).
     text_config_fn: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    vision_config_fn: Callable[[Mapping[str, Any]], dict[str, Any] | None] | None = None
+    # Families whose config.json transformers cannot build from (the DPA paper's remote-code formats, a qwen2_5_vl
+    # config with Qwen3 text): the config of the model dpa builds instead, a config of a family dpa knows.
+    native_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # What the weights say that the config does not (e.g. Qwen3 q/k norms under a Qwen2.5 config): a message, or None.
+    weights_check: Callable[[Mapping[str, Any], Iterable[str]], str | None] | None = None
+    # The official format saves pickles (`pytorch_model.bin`): read with weights_only=True, never unpickled freely.
+    pickled_weights: bool = False
     # The ViT lives elsewhere (original LLaVA names it by hub id in this key) and its width in another.
     external_vision_key: str | None = None
     vision_width_key: str | None = None
@@ -170,6 +178,8 @@ class Family:
 
     def vision_config(self, config: Mapping[str, Any]) -> dict[str, Any] | None:
         """The vision tower's config dict, or None when this file does not hold one."""
+        if self.vision_config_fn is not None:
+            return self.vision_config_fn(config)
         if self.vision_config_key is None:
             return None
         return dict(config.get(self.vision_config_key) or {})

@@ -7,6 +7,7 @@ the longest-prefix rule puts `visual.merger.*` in the projector and the rest of 
 from __future__ import annotations
 
 from dpa_cli.families.base import VISION_FIELDS, Family, KeyLayout, Role, layout
+from dpa_cli.families.paper import qwen3_blocks_under_qwen2_5
 
 _MARKERS = ("vision_start_token_id", "vision_end_token_id")
 
@@ -58,6 +59,9 @@ QWEN2_5_VL = _qwen(
     "Qwen2_5_VLForConditionalGeneration: windowed ViT -> patch merger -> Qwen2.5 with M-RoPE",
     (_v5("merger"), _hub("merger")),
     vision_fields={**VISION_FIELDS, "num_layers": ("depth",), "image_size": ()},
+    # A qwen2_5_vl config whose text config says Qwen3 is the paper skeleton (families/paper.py); one that does not,
+    # over Qwen3 weights, would silently become Qwen2.5 blocks: refused by name.
+    weights_check=qwen3_blocks_under_qwen2_5,
 )
 QWEN3_VL = _qwen(
     "qwen3_vl",

@@ -7,7 +7,9 @@ as remote code (`auto_map`), so plain `transformers` loads the result with `trus
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_dpa import DPAConfig
+from .configuration_paper_dpa import Qwen2_5_VLQwen3Config, Qwen2_5_VLQwen3TextConfig
 from .modeling_dpa import DPAFeatureMismatchError, DPAForConditionalGeneration, DPAModel
+from .modeling_paper_dpa import Qwen2_5_VLQwen3ForConditionalGeneration, Qwen2_5_VLQwen3Model
 from .processing_dpa import DPAProcessor
 
 AutoConfig.register("dpa", DPAConfig, exist_ok=True)
@@ -20,4 +22,14 @@ DPAConfig.register_for_auto_class()
 DPAForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 DPAProcessor.register_for_auto_class()  # processor_config.json gets auto_map; processing_dpa.py is copied
 
-__all__ = ["DPAConfig", "DPAForConditionalGeneration", "DPAModel", "DPAFeatureMismatchError", "DPAProcessor"]
+__all__ = [
+    "DPAConfig",
+    "DPAForConditionalGeneration",
+    "DPAModel",
+    "DPAFeatureMismatchError",
+    "DPAProcessor",
+    "Qwen2_5_VLQwen3Config",
+    "Qwen2_5_VLQwen3TextConfig",
+    "Qwen2_5_VLQwen3ForConditionalGeneration",
+    "Qwen2_5_VLQwen3Model",
+]

@@ -8,6 +8,10 @@ from typing import Literal
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# Imported for its registration: a perceiver_config may name the paper skeleton's model_type. (Written as
+# `from .module import name`, the form transformers follows when it copies remote code's relative imports.)
+from .configuration_paper_dpa import Qwen2_5_VLQwen3Config  # noqa: F401
+
 PROJECTOR_TYPES = ("mlp2x_relu", "mlp2x_gelu", "linear")
 FEATURE_SPANS = ("image", "image+markers")
 

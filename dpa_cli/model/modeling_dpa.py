@@ -17,6 +17,9 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_dpa import DPAConfig
 
+# Imported for its registration: `AutoModel.from_config(perceiver_config)` may build the paper skeleton.
+from .modeling_paper_dpa import Qwen2_5_VLQwen3Model  # noqa: F401
+
 # Perceiver inputs that describe images and keep their usual transformers names. Sequence-level perceiver
 # inputs carry a `perceiver_` prefix instead, so they never collide with the target's `input_ids` etc.
 _IMAGE_INPUT_NAMES = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")

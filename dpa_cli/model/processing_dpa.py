@@ -136,6 +136,7 @@ _IDEFICS3 = PerceiverFamily(
 PERCEIVER_FAMILIES: dict[str, PerceiverFamily] = {
     "qwen2_vl": _QWEN_VL,
     "qwen2_5_vl": _QWEN_VL,
+    "qwen2_5_vl_qwen3": _QWEN_VL,  # the DPA paper's skeleton (configuration_paper_dpa.py): Qwen2.5-VL's layout
     "qwen3_vl": _QWEN_VL,
     "llava": PerceiverFamily("<image>", _real_processor("LlavaProcessor"), settings=_LLAVA_SETTINGS,
                              required=_LLAVA_SETTINGS[:2]),

@@ -10,7 +10,10 @@ from typing import Any
 import dpa_cli.model
 from dpa_cli.upgrade.plan import UpgradePlan
 
-MODEL_CODE = ("configuration_dpa.py", "modeling_dpa.py", "processing_dpa.py")
+# The paper skeleton's files travel too: configuration_dpa / modeling_dpa import them for a paper perceiver.
+MODEL_CODE = (
+    "configuration_dpa.py", "modeling_dpa.py", "processing_dpa.py", "configuration_paper_dpa.py", "modeling_paper_dpa.py",
+)  # fmt: skip
 AUTO_MAP = {
     "AutoConfig": "configuration_dpa.DPAConfig",
     "AutoModel": "modeling_dpa.DPAModel",

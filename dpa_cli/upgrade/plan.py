@@ -280,7 +280,7 @@ def dropped_parts(sources: Sources, plan: list[TensorPlan]) -> dict[str, dict[st
     used = {(t.source, t.key) for t in plan if t.key is not None}
     dropped: dict[str, dict[str, Any]] = {}
     for checkpoint in sources.all():
-        split = checkpoint.family.split_keys(checkpoint.index.tensors)
+        split = checkpoint.disk_family.split_keys(checkpoint.index.tensors)
         for component, keys in split.components.items():
             lost = [k for k in keys if (checkpoint.role, k) not in used]
             if lost:

@@ -13,24 +13,30 @@ from typing import Any
 from dpa_cli.catalog import expand_alias
 from dpa_cli.checkpoint import CheckpointIndex, read_checkpoint_index
 from dpa_cli.describe import check_json_files, read_config
-from dpa_cli.errors import BadInputError
+from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.families import Family, Role, detect_family
 from dpa_cli.families.config_check import check_with_transformers
 from dpa_cli.hub import ResolvedModel, resolve_model
-from dpa_cli.upgrade.naming import memory_names
+from dpa_cli.upgrade.naming import error_summary, memory_names
 
 COMPOSED_KEYS = ("vit", "lm")
 
 
 @dataclass
 class Checkpoint:
-    """One input checkpoint: config, family, tensor index (headers only) and in-memory key names."""
+    """One input checkpoint: config, family, tensor index (headers only) and in-memory key names.
+
+    `config` and `family` describe the model dpa builds from it. For a format transformers cannot build (the DPA
+    paper's official ones) they are its native equivalent, and `disk_config` / `disk_family` the file's own, which
+    name its keys.
+    """
 
     role: str  # "target", "perceiver", "vit" or "lm"
     resolved: ResolvedModel
     config: dict[str, Any]
     family: Family
     index: CheckpointIndex
+    disk: tuple[dict[str, Any], Family] | None = None  # config.json and family as on disk, when not native
     _names: dict[str, str] | None = field(default=None, repr=False)
 
     @property
@@ -38,10 +44,18 @@ class Checkpoint:
         return self.resolved.path
 
     @property
+    def disk_config(self) -> dict[str, Any]:
+        return self.disk[0] if self.disk else self.config
+
+    @property
+    def disk_family(self) -> Family:
+        return self.disk[1] if self.disk else self.family
+
+    @property
     def names(self) -> dict[str, str]:
         """{disk key: the name transformers holds it under in memory}, computed once."""
         if self._names is None:
-            self._names = memory_names(self.family, self.config, self.path, self.index.tensors)
+            self._names = memory_names(self.disk_family, self.disk_config, self.path, self.index.tensors)
         return self._names
 
     def describe_source(self) -> dict[str, Any]:
@@ -50,18 +64,45 @@ class Checkpoint:
             "path": str(self.path),
             "repo_id": self.resolved.repo_id,
             "revision": self.resolved.revision,
-            "family": self.family.name,
+            "family": self.disk_family.name,
+            **({"builds": self.family.name} if self.disk else {}),
         }
 
 
 def open_checkpoint(spec: str, role: str) -> Checkpoint:
     """Resolve `spec` (alias, folder or cached repo id) and read its config and headers."""
     resolved = resolve_model(spec)
+    where = str(resolved.path / "config.json")
     config = read_config(resolved.path)
-    family = detect_family(config, where=str(resolved.path / "config.json"))
-    check_with_transformers(config, family, str(resolved.path / "config.json"))
+    family = detect_family(config, where=where)
     check_json_files(resolved.path)
-    return Checkpoint(role, resolved, config, family, read_checkpoint_index(resolved.path))
+    index = read_checkpoint_index(resolved.path, pickled=family.pickled_weights)
+    if family.weights_check is not None and (problem := family.weights_check(config, index.tensors)):
+        raise CheckpointError(f"{where}: {problem}", hint="run `dpa inspect` on it to see its parts")
+    if family.native_config is None:
+        check_with_transformers(config, family, where)
+        return Checkpoint(role, resolved, config, family, index)
+    native = native_config(family, config, where)
+    disk = (config, family) if native != config else None
+    return Checkpoint(role, resolved, native, detect_family(native, where=where), index, disk)
+
+
+def native_config(family: Family, config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The config dpa builds a checkpoint of `family` from, checked by building it (no weights)."""
+    native = family.native_config(config)  # may resolve hub ids the config names: a missing one is named there
+    from transformers import AutoConfig
+
+    import dpa_cli.model  # noqa: F401  registers the paper skeleton's config class
+
+    try:
+        AutoConfig.for_model(**native)
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:
+        raise CheckpointError(
+            f"{where}: this {family.name} config does not describe a buildable {native.get('model_type')} model "
+            f"({error_summary(err)})",
+            hint="fix the value in config.json (or the configs it names), or re-download the model",
+        ) from None
+    return native
 
 
 @dataclass(frozen=True)
