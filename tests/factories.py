@@ -149,6 +149,16 @@ def _qwen3_vl(tok: Any) -> dict[str, Any]:
     return dict(vision_config=vision, text_config=text, tie_word_embeddings=True, **_qwen_tokens(tok))
 
 
+def _paper_vl(tok: Any, tie: bool = True) -> dict[str, Any]:
+    """The DPA paper's skeleton: Qwen2.5-VL ViT, merger out at the LM width, Qwen3 blocks (head_dim 16 x 4 heads
+    != width 32, as Qwen3-0.6B's 128 x 16 != 1024) with M-RoPE sections adding up to head_dim / 2."""
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
+                  window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    rope = {**_ROPE, "mrope_section": [2, 3, 3]}
+    text = _text("qwen2_5_vl_qwen3_text", tok, hidden=32, tie=tie, head_dim=16, rope_parameters=rope)
+    return dict(vision_config=vision, text_config=text, tie_word_embeddings=tie, **_qwen_tokens(tok))
+
+
 def _idefics3(tok: Any, tie: bool = False) -> dict[str, Any]:
     # 56 px tiles of 14 px patches, pixel-shuffled by 2: 4 image tokens per tile.
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -181,11 +191,18 @@ class TinySpec:
 
     @property
     def config_class(self) -> type | None:
-        return getattr(tf, f"{self.prefix}Config") if self.prefix else None
+        return _class(f"{self.prefix}Config") if self.prefix else None
 
     @property
     def model_class(self) -> type | None:
-        return getattr(tf, f"{self.prefix}{self.model_suffix}") if self.prefix else None
+        return _class(f"{self.prefix}{self.model_suffix}") if self.prefix else None
+
+
+def _class(name: str) -> type:
+    """A transformers class by name; dpa's own model classes (the paper skeleton) are looked up there."""
+    import dpa_cli.model
+
+    return getattr(tf, name, None) or getattr(dpa_cli.model, name)
 
 
 def _spec(family: str, tokenizer: str, config: Callable, prefix: str, processor: Callable = tokenizer_only,
@@ -377,6 +394,8 @@ SPECS: dict[str, TinySpec] = {
     "qwen2_5_vl": _spec("qwen2_5_vl", "qwen2", _qwen2_5_vl, "Qwen2_5_VL",
                         qwen_processor("Qwen2_5_VLProcessor", 14)),
     "qwen3_vl": _spec("qwen3_vl", "qwen3_vl", _qwen3_vl, "Qwen3VL", qwen_processor("Qwen3VLProcessor", 16)),
+    "paper_vl": _spec("qwen2_5_vl_qwen3", "qwen3", _paper_vl, "Qwen2_5_VLQwen3",
+                      qwen_processor("Qwen2_5_VLProcessor", 14)),
     "idefics3": _spec("idefics3", "idefics3", _idefics3, "Idefics3", idefics3_processor),
     "smolvlm": _spec("smolvlm", "smolvlm", lambda tok: _idefics3(tok, tie=True), "SmolVLM", smolvlm_processor),
     "causal_lm_qwen3": _spec("causal_lm", "qwen3", _causal_lm("qwen3", tie=True), "Qwen3", model="ForCausalLM"),

@@ -90,9 +90,10 @@ def test_unknown_families_are_an_error_listing_the_known_ones(config):
 def test_roles_are_as_the_method_needs_them():
     targets = {name for name, f in FAMILIES.items() if Role.TARGET in f.roles}
     perceivers = {name for name, f in FAMILIES.items() if Role.PERCEIVER in f.roles}
-    assert targets == {"llava", "llava_next", "llava_onevision", "llava_original", "causal_lm"}
+    paper = {"qwen2_5_vl_qwen3", "qwen_custom_vl_hw_new"}  # the paper's skeleton: its baseline target and perceiver
+    assert targets == {"llava", "llava_next", "llava_onevision", "llava_original", "causal_lm", *paper}
     assert perceivers == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision",
-                          "idefics3", "smolvlm"}  # fmt: skip
+                          "idefics3", "smolvlm", *paper}  # fmt: skip
     assert FAMILIES["dpa"].roles == frozenset()
     assert list(FAMILIES)[-1] == "causal_lm", "the catch-all is detected last"
 

@@ -29,6 +29,7 @@ MODULES = {
     "qwen2_vl": ("model.visual", ["model.visual.merger"], "model.language_model"),
     "qwen2_5_vl": ("model.visual", ["model.visual.merger"], "model.language_model"),
     "qwen3_vl": ("model.visual", ["model.visual.merger", "model.visual.deepstack_merger_list"], "model.language_model"),
+    "qwen2_5_vl_qwen3": ("model.visual", ["model.visual.merger"], "model.language_model"),
     "idefics3": ("model.vision_model", ["model.connector"], "model.text_model"),
     "smolvlm": ("model.vision_model", ["model.connector"], "model.text_model"),
     "causal_lm": (None, [], "model"),

@@ -148,7 +148,7 @@ def _text_only(folder: Path, model: Any) -> dict[str, torch.Tensor]:
 
 _INPUTS = {"llava": _with_processor, "llava_next": _with_processor, "idefics3": _with_processor,
            "llava_onevision": _onevision, "qwen2_vl": _qwen, "qwen2_5_vl": _qwen, "qwen3_vl": _qwen,
-           "smolvlm": _smolvlm, "causal_lm": _text_only}  # fmt: skip
+           "qwen2_5_vl_qwen3": _qwen, "smolvlm": _smolvlm, "causal_lm": _text_only}  # fmt: skip
 
 
 def example_inputs(family: str, folder: Path, model: Any) -> dict[str, torch.Tensor]:

@@ -55,6 +55,8 @@ def skeleton_text(lm: Mapping[str, Any], mrope_section: list[int], **rope: Any) 
     """A Qwen3 text config dict as the skeleton's text config: the same blocks, M-RoPE with `mrope_section`;
     `rope` overrides (the official perceiver takes theta from its own top-level config, LB:552-553)."""
     text = {k: v for k, v in lm.items() if k not in _NOT_ARCHITECTURE}
+    if text.get("head_dim") is None and text.get("hidden_size") and text.get("num_attention_heads"):
+        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]  # Qwen3's own fallback (no 128 default)
     text["rope_parameters"] = {**rope_parameters(lm), **rope, "mrope_section": list(mrope_section)}
     text["model_type"] = TEXT_MODEL_TYPE
     return text
@@ -69,6 +71,14 @@ def skeleton_config(vlm: Mapping[str, Any], text: dict[str, Any], tie: bool) -> 
     ids = {key: vlm[key] for key in TOKEN_KEYS if vlm.get(key) is not None}
     text = {**text, "tie_word_embeddings": tie}
     return {"model_type": MODEL_TYPE, "vision_config": vision, "text_config": text, "tie_word_embeddings": tie, **ids}
+
+
+def plain_qwen3(text: Mapping[str, Any]) -> dict[str, Any]:
+    """The skeleton's text config as a plain `qwen3` one: the LM of a target, which the DPA model drives with
+    1-D positions as the official thinker (a stock Qwen3ForCausalLM, FVT:120-121). Text gets equal t/h/w rows
+    under M-RoPE, which is 1-D RoPE exactly, so only image positions change."""
+    rope = {k: v for k, v in rope_parameters(text).items() if k != "mrope_section"}
+    return {**{k: v for k, v in text.items() if k != "rope_parameters"}, "model_type": "qwen3", "rope_parameters": rope}
 
 
 def _tie(config: Mapping[str, Any], default: bool) -> bool:

@@ -52,7 +52,8 @@ class Qwen2_5_VLQwen3Config(Qwen2_5_VLConfig):
     r"""
     The paper's skeleton: `vision_config` is a stock Qwen2.5-VL ViT whose merger outputs the LM width
     (`out_hidden_size == text_config.hidden_size`: the "rebuilt merger" Linear(4d, 4d) -> GELU -> Linear(4d, d_lm)
-    is the stock merger at that width), `text_config` a `Qwen2_5_VLQwen3TextConfig`. Token ids as Qwen2.5-VL's.
+    is the stock merger at that width, so `out_hidden_size` follows the text width), `text_config` a
+    `Qwen2_5_VLQwen3TextConfig`. Token ids as Qwen2.5-VL's.
     """
 
     model_type = MODEL_TYPE
@@ -60,11 +61,9 @@ class Qwen2_5_VLQwen3Config(Qwen2_5_VLConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.vision_config.out_hidden_size != self.text_config.hidden_size:
-            raise ValueError(
-                f"{type(self).__name__}: vision_config.out_hidden_size {self.vision_config.out_hidden_size} must equal "
-                f"text_config.hidden_size {self.text_config.hidden_size} (the merger outputs the LM width)."
-            )
+        # The merger outputs the LM width, as the official config class forces it (qwen_config_dir/
+        # modeling_qwen_custom_vl_hw.py:372-381); weights of another width are refused by their shapes.
+        self.vision_config.out_hidden_size = self.text_config.hidden_size
 
 
 # Registered on import: the DPA config resolves its perceiver_config's model_type through AutoConfig, also when

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from dpa_cli.errors import BadInputError
+from dpa_cli.families.paper import TEXT_MODEL_TYPE, plain_qwen3
 from dpa_cli.upgrade.sources import Checkpoint
 from dpa_cli.upgrade.tokens import Placeholder
 
@@ -24,6 +25,8 @@ def _architecture(config: dict[str, Any]) -> dict[str, Any]:
 def text_config(checkpoint: Checkpoint, vocab_size: int | None = None) -> dict[str, Any]:
     """A checkpoint's language-model config as a dict with its model_type and the effective tie flag."""
     config = _architecture(checkpoint.family.text_config(checkpoint.config))
+    if config.get("model_type") == TEXT_MODEL_TYPE:
+        config = plain_qwen3(config)
     if "model_type" not in config:
         raise BadInputError(f"{checkpoint.path}/config.json: its text config names no model_type")
     top_tie = checkpoint.config.get("tie_word_embeddings")
