@@ -442,3 +442,44 @@ def copy_checkpoint(source: Path, folder: Path) -> Path:
 def example_inputs(name: str, folder: Path, model: Any) -> dict[str, torch.Tensor]:
     """Model inputs for one image + one question, built from the files saved in `folder`."""
     return tiny_processors.example_inputs(SPECS[name].family, folder, model)
+
+
+# --- a Hugging Face cache holding tiny repos under real hub ids ------------------------------------------------
+def add_to_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "c0ffee" * 6 + "abcd") -> Path:
+    """Lay `folder`'s files out as huggingface_hub caches `repo_id`: blobs, refs/main, a snapshot of links."""
+    import hashlib
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        depth = len(path.relative_to(folder).parts) - 1  # snapshots/<commit>/a/b -> ../../../blobs
+        link.symlink_to(Path(*[".."] * (depth + 2), "blobs", blob.name))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+# The hub ids the DPA paper's checkpoints name, as tiny stand-ins: Qwen2.5-VL-3B's text is 64 wide with head_dim
+# 16 so its M-RoPE sections fit the tiny Qwen3s (head_dim 16 x 4 heads, wider than their width as the real ones).
+PAPER_REPOS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", dict(
+        text_config=dict(hidden_size=64, intermediate_size=128, head_dim=16, rope_parameters={**_ROPE, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(out_hidden_size=64))),
+    "Qwen/Qwen3-0.6B": ("causal_lm_qwen3", dict(hidden_size=32, intermediate_size=64, head_dim=16)),
+    "Qwen/Qwen3-4B": ("causal_lm_qwen3", {}),
+}  # fmt: skip
+
+
+def paper_hub_cache(root: Path) -> Path:
+    """A hub cache (for HF_HUB_CACHE) with PAPER_REPOS built as tiny checkpoints; returns the cache folder."""
+    cache = Path(root) / "hub"
+    for repo_id, (spec, overrides) in PAPER_REPOS.items():
+        folder = build(spec, Path(root) / "repos" / repo_id.replace("/", "--"), seed=len(repo_id), **overrides)
+        add_to_hub_cache(cache, repo_id, folder)
+    return cache

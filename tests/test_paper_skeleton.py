@@ -12,10 +12,11 @@ import torch
 from transformers import AutoModel, Qwen3Config, Qwen3Model
 from typer.testing import CliRunner
 
+from dpa_cli import loading
 from dpa_cli.cli.app import app
 from dpa_cli.families import detect_family
 from dpa_cli.model import DPAConfig, DPAForConditionalGeneration, Qwen2_5_VLQwen3Model
-from tests.factories import copy_checkpoint, tiny_config, tiny_model
+from tests.factories import copy_checkpoint, paper_hub_cache, read_tensors, tiny_config, tiny_model
 from tests.test_bad_inputs import edit_json, tree_hash
 from tests.tiny_dpa import PERCEIVER_IMAGE, TARGET_IMAGE, feature_counts, perceiver_inputs, random_images, target_batch
 
@@ -152,3 +153,84 @@ def test_qwen3_weights_under_a_stock_qwen2_5_vl_config_are_refused_by_name(tiny_
     assert_refused(argv, ("config.json", "Qwen3 q/k norms", "q_norm", "Qwen2.5 blocks"), tmp_path)
     report = json.loads(runner.invoke(app, ["inspect", str(folder), "--json"]).stdout)
     assert report["family"] == "qwen2_5_vl" and any("Qwen3 q/k norms" in w for w in report["warnings"])
+
+
+# --- composing the paper's perceiver: vit=<a Qwen2.5-VL checkpoint>,lm=<a Qwen3 LM> ------------------------------
+PAPER_PAIR = "vit=Qwen/Qwen2.5-VL-3B-Instruct,lm=Qwen/Qwen3-0.6B"
+
+
+@pytest.fixture(scope="module")
+def paper_hub(tmp_path_factory) -> dict[str, str]:
+    """The environment of a command that finds the paper's hub ids (tiny stand-ins) in the local cache."""
+    return {"HF_HUB_CACHE": str(paper_hub_cache(tmp_path_factory.mktemp("paper-hub")))}
+
+
+def _snapshot(env: dict[str, str], repo_id: str) -> Path:
+    return next((Path(env["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}" / "snapshots").iterdir())
+
+
+def upgrade_json(argv: list[str], env: dict[str, str]) -> dict:
+    result = runner.invoke(app, ["upgrade", *argv, "--json"], env=env)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    return json.loads(result.stdout)
+
+
+def test_the_paper_pair_composes_the_paper_perceiver(paper_hub, tiny_checkpoint, tmp_path):
+    workspace = tmp_path / "ws"
+    result = upgrade_json([str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", PAPER_PAIR, "-o", str(workspace)],
+                          paper_hub)  # fmt: skip
+    assert result["upgrade"]["loaded"]["forward"] == "ok"  # the upgrade loaded it and ran the processor + forward
+    perceiver = json.loads((workspace / "model" / "config.json").read_text())["perceiver_config"]
+    assert perceiver["model_type"] == "qwen2_5_vl_qwen3"
+    assert perceiver["text_config"]["rope_parameters"]["mrope_section"] == [2, 3, 3]  # from the Qwen2.5-VL config
+    assert perceiver["vision_config"]["out_hidden_size"] == perceiver["text_config"]["hidden_size"] == 32
+    written = read_tensors(workspace / "model")
+    vit = read_tensors(_snapshot(paper_hub, "Qwen/Qwen2.5-VL-3B-Instruct"))
+    lm = read_tensors(_snapshot(paper_hub, "Qwen/Qwen3-0.6B"))
+    for key, tensor in vit.items():  # the ViT and the merger's ln_q copied bit for bit, the merger MLP rebuilt
+        if key.startswith("visual.") and ".merger.mlp." not in key:
+            assert torch.equal(written[f"model.perceiver.{key}"], tensor), key
+    assert written["model.perceiver.visual.merger.mlp.2.weight"].shape == (32, 128)
+    assert set(result["plan"]["new"]["phi_p"]["shapes"]) == {f"model.perceiver.visual.merger.mlp.{i}.{p}"
+                                                               for i in (0, 2) for p in ("weight", "bias")}  # fmt: skip
+    for key, tensor in lm.items():  # Qwen3 blocks with their q/k norms
+        if key.startswith("model."):
+            assert torch.equal(written[key.replace("model.", "model.perceiver.language_model.", 1)], tensor), key
+    assert "model.perceiver.language_model.layers.1.self_attn.k_norm.weight" in written
+    model = loading.load_model(workspace / "model")
+    processor = loading.load_processor(workspace / "model")
+    seen = _rotary_positions(model.model.perceiver)
+    inputs = processor(images=[random_images([(56, 56)])[0]], text=[f"{processor.image_token} Hi"], return_tensors="pt")
+    with torch.no_grad():
+        model(**inputs)
+    assert type(model.model.perceiver) is Qwen2_5_VLQwen3Model and seen[0].shape[0] == 3
+    assert not torch.equal(seen[0][1], seen[0][2]), "image rows and columns get their own positions"
+
+
+def test_the_catalog_perceiver_of_a_paper_target_is_the_paper_composition(paper_hub, tiny_checkpoint, tmp_path):
+    """`qwen3-0.6b-vl` is the target's ViT + Qwen3-0.6B: with the paper's baseline (its skeleton) as target, the
+    paper's perceiver; the merger is copied where the widths agree and still trained in stage 1."""
+    result = upgrade_json([str(tiny_checkpoint("paper_vl")), "--perceiver", "qwen3-0.6b-vl", "--dry-run"], paper_hub)
+    perceiver = result["perceiver"]
+    assert (perceiver["kind"], perceiver["family"], perceiver["lm"]["repo_id"]) == (
+        "composed", "qwen2_5_vl_qwen3", "Qwen/Qwen3-0.6B")  # fmt: skip
+    assert "phi_p" not in result["new"] and "stage 1 trains it" in " ".join(result["notes"])
+
+
+BAD_COMPOSITIONS = {
+    "a Llama LM under a Qwen2.5-VL ViT": ("vit=Qwen/Qwen2.5-VL-3B-Instruct", "causal_lm_llama",
+                                          ("takes Qwen3 blocks", "llama")),
+    "M-RoPE sections that do not fit the LM's head_dim": ("qwen2_5_vl", "lm=Qwen/Qwen3-0.6B",
+                                                         ("M-RoPE sections [1, 1, 2] cover 8", "head_dim 16")),
+    "a Qwen2-VL ViT": ("qwen2_vl", "lm=Qwen/Qwen3-0.6B", ("composing a perceiver takes its ViT from a", "qwen2_vl")),
+    "a Qwen3-VL ViT": ("qwen3_vl", "lm=Qwen/Qwen3-0.6B", ("composing a perceiver takes its ViT from a", "qwen3_vl")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_COMPOSITIONS.values(), ids=list(BAD_COMPOSITIONS))
+def test_a_composition_that_cannot_be_the_paper_skeleton_is_refused(paper_hub, tiny_checkpoint, tmp_path, case):
+    vit, lm, needles = case
+    vit = vit if vit.startswith("vit=") else f"vit={tiny_checkpoint(vit)}"
+    lm = lm if lm.startswith("lm=") else f"lm={tiny_checkpoint(lm)}"
+    argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", f"{vit},{lm}", "-o", str(tmp_path / "o")]
+    assert_refused(argv, needles, tmp_path, Path(paper_hub["HF_HUB_CACHE"]), env=paper_hub)

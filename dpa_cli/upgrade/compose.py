@@ -1,21 +1,59 @@
 """The configs of an upgrade: a composed perceiver's VLM config, and the DPA config itself.
 
-A composed perceiver (`vit=...,lm=...`) is a small VLM of the ViT source's own LLaVA family: its vision
-tower and image settings (AnyRes tiling included), the small LM as text model, a fresh projector phi_p.
+A composed perceiver (`vit=...,lm=...`) is a small VLM of the ViT source's own family:
+- from a LLaVA-family ViT, that family's VLM (its vision tower and image settings, AnyRes tiling included), the
+  small LM as text model and a fresh projector phi_p;
+- from a Qwen2.5-VL-family ViT, the DPA paper's skeleton (official `modeling_llava_baseline.py`, LB:542-572):
+  the ViT and its merger (`ln_q` kept, the MLP fresh when the LM width differs, as LB:559-570 rebuilds it),
+  Qwen3 blocks with their q/k norms, M-RoPE with the ViT source's `mrope_section` (LB:556-557).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from dpa_cli.errors import BadInputError
-from dpa_cli.families.paper import TEXT_MODEL_TYPE, plain_qwen3
+from dpa_cli.families.paper import DEFAULT_MROPE, TEXT_MODEL_TYPE, plain_qwen3, rope_parameters, skeleton_config
+from dpa_cli.families.paper import skeleton_text, text_part
 from dpa_cli.upgrade.sources import Checkpoint
 from dpa_cli.upgrade.tokens import Placeholder
 
-COMPOSABLE_VIT_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Fields that describe one saved checkpoint rather than the architecture.
 _PROVENANCE = ("architectures", "auto_map", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
+
+
+@dataclass(frozen=True)
+class Composition:
+    """How a ViT source's family composes a perceiver: which of its tensors are kept (in-memory prefix -> DPA
+    name) and which DPA tensors start fresh (phi_p; a kept part the small LM needs at another width)."""
+
+    vit: dict[str, str]
+    new: tuple[str, ...]
+
+
+COMPOSITIONS = {
+    **dict.fromkeys(("llava", "llava_next", "llava_onevision"), Composition(
+        {"model.vision_tower.": "model.perceiver.vision_tower."},
+        ("model.perceiver.multi_modal_projector.", "model.perceiver.image_newline"))),
+    # qwen2_5_vl_qwen3 also stands for the official formats (qwen_custom_vl_hw_new, llava_baseline) it reads.
+    **dict.fromkeys(("qwen2_5_vl", "qwen2_5_vl_qwen3"), Composition(
+        {"model.visual.": "model.perceiver.visual."}, ("model.perceiver.visual.merger.mlp.",))),
+}  # fmt: skip
+COMPOSABLE_VIT_FAMILIES = tuple(COMPOSITIONS)
+PAPER_MARKERS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+PAPER_TOKENS = {**PAPER_MARKERS, "video_token_id": "<|video_pad|>"}
+
+
+def composition(vit: Checkpoint) -> Composition:
+    """The composition of `vit`'s family; any other ViT source is refused by name."""
+    if vit.family.name not in COMPOSITIONS:
+        raise BadInputError(
+            f"{vit.path}: composing a perceiver takes its ViT from a {'/'.join(COMPOSABLE_VIT_FAMILIES)} "
+            f"checkpoint, but this is {vit.disk_family.name}",
+            hint="use an existing small VLM as --perceiver, or vit=<a LLaVA-family or Qwen2.5-VL checkpoint>",
+        )
+    return COMPOSITIONS[vit.family.name]
 
 
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:
@@ -36,21 +74,56 @@ def text_config(checkpoint: Checkpoint, vocab_size: int | None = None) -> dict[s
     return config
 
 
-def composed_perceiver_config(vit: Checkpoint, lm: Checkpoint, image: Placeholder, vocab_size: int) -> dict[str, Any]:
-    """The VLM config of `vit`'s family with `lm` as its text model and `image` as its image token."""
-    if vit.family.name not in COMPOSABLE_VIT_FAMILIES:
-        raise BadInputError(
-            f"{vit.path}: composing a perceiver takes its ViT from a {'/'.join(COMPOSABLE_VIT_FAMILIES)} "
-            f"checkpoint, but this is {vit.family.name}",
-            hint="use an existing small VLM as --perceiver, or vit=<a LLaVA-family checkpoint>",
-        )
-    config = _architecture(vit.config)
-    config.pop("image_token_index", None)
+def composed_perceiver_config(vit: Checkpoint, lm: Checkpoint, image: Placeholder, vocab_size: int,
+                              tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+    """The VLM config of `vit`'s family with `lm` as its text model and `image` (a token of `tokenizer`, the
+    small LM's) as its image token."""
+    composition(vit)  # refuses a ViT source no composition is declared for
     small_lm = text_config(lm, vocab_size)
     # Only the perceiver's base model is kept (no LM head), so there is nothing to tie.
     small_lm["tie_word_embeddings"] = False
+    if vit.family.name in ("qwen2_5_vl", "qwen2_5_vl_qwen3"):
+        return _paper_perceiver(vit, lm, small_lm, image, tokenizer)
+    config = _architecture(vit.config)
+    config.pop("image_token_index", None)
     config.update(text_config=small_lm, image_token_id=image.id, tie_word_embeddings=False)
     return config
+
+
+def _paper_perceiver(vit: Checkpoint, lm: Checkpoint, small_lm: dict[str, Any], image: Placeholder,
+                     tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+    """The paper skeleton: `vit`'s ViT and merger, `lm`'s Qwen3 blocks under `vit`'s M-RoPE sections."""
+    if small_lm.get("model_type") != "qwen3":
+        raise BadInputError(
+            f"{lm.path}: a perceiver with a Qwen2.5-VL ViT takes Qwen3 blocks (the paper's skeleton), but lm= is "
+            f"a {small_lm.get('model_type')} model",
+            hint="pass a Qwen3 causal LM as lm= (e.g. Qwen/Qwen3-0.6B), or a LLaVA-family checkpoint as vit=",
+        )
+    section = rope_parameters(text_part(vit.config)).get("mrope_section") or DEFAULT_MROPE
+    text = skeleton_text(small_lm, section)
+    if 2 * sum(section) != text["head_dim"]:
+        raise BadInputError(
+            f"{vit.path}: its M-RoPE sections {list(section)} cover {2 * sum(section)} rotary dims, but lm= "
+            f"{lm.path} has head_dim {text['head_dim']}",
+            hint="pair a Qwen2.5-VL ViT with a Qwen3 LM of the same head_dim (both 128 in the paper's models)",
+        )
+    # The perceiver reads the small LM's tokenizer: its own ids for the image token and the markers.
+    ids = {key: _token_id(tokenizer, token) for key, token in PAPER_TOKENS.items()}
+    for key, token in PAPER_MARKERS.items():
+        if ids[key] is None:
+            raise BadInputError(
+                f"{lm.path}: its tokenizer has no {token} token, which the paper perceiver wraps each image in",
+                hint="pass a Qwen3 checkpoint with its own tokenizer as lm=",
+            )
+    vlm = {**vit.config, **{k: v for k, v in ids.items() if v is not None}, "image_token_id": image.id}
+    return skeleton_config(vlm, text, tie=False)
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+        return None
+    return token_id
 
 
 def dpa_config(

@@ -16,8 +16,8 @@ from dpa_cli.checkpoint import TensorInfo
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.errors import BadInputError, CheckpointError
-from dpa_cli.families import Component
-from dpa_cli.upgrade.compose import composed_perceiver_config, dpa_config, text_config
+from dpa_cli.families import Component, detect_family
+from dpa_cli.upgrade.compose import composed_perceiver_config, composition, dpa_config, text_config
 from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
 from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, ensure_pad_token, existing_placeholder, load_tokenizer
@@ -27,11 +27,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VLM_TARGET = {"model.language_model.": "model.language_model.", "lm_head.": "lm_head."}
 TEXT_TARGET = {"model.": "model.language_model.", "lm_head.": "lm_head."}
 PERCEIVER = {"model.": "model.perceiver."}
-VIT = {"model.vision_tower.": "model.perceiver.vision_tower."}
 SMALL_LM = {"model.": "model.perceiver.language_model."}
-# New tensors: phi always; phi_p and LLaVA-NeXT's image_newline when the perceiver is composed.
+# New tensors: phi always; a composed perceiver's fresh parts (compose.COMPOSITIONS).
 PHI = "model.multi_modal_projector."
-COMPOSED_NEW = ("model.perceiver.multi_modal_projector.", "model.perceiver.image_newline")
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def source_tensors(sources: Sources) -> dict[str, tuple[Checkpoint, str]]:
     if sources.perceiver is not None:
         _mapped(sources.perceiver, PERCEIVER, out)
     else:
-        _mapped(sources.vit, VIT, out)
+        _mapped(sources.vit, composition(sources.vit).vit, out)
         _mapped(sources.lm, SMALL_LM, out)
     return out
 
@@ -168,15 +166,16 @@ def _keep_blocks(perceiver_config: dict[str, Any], blocks: int) -> dict[str, Any
     return {**perceiver_config, "text_config": text} if nested else {**perceiver_config, **text}
 
 
-def build_config(sources: Sources, options: Options, placeholders: dict[str, Placeholder]) -> Any:
+def build_config(sources: Sources, options: Options, placeholders: dict[str, Placeholder], tokenizers: dict[str, Any]) -> Any:
     target_text = text_config(sources.target, _vocab(sources.target, placeholders["target"]))
     if sources.perceiver is not None:
         perceiver_config = {k: v for k, v in sources.perceiver.config.items() if k != "architectures"}
         markers = list(sources.perceiver.family.marker_token_ids(sources.perceiver.config))
     else:
         vocab = _vocab(sources.lm, placeholders["perceiver"])
-        perceiver_config = composed_perceiver_config(sources.vit, sources.lm, placeholders["perceiver"], vocab)
-        markers = []
+        perceiver_config = composed_perceiver_config(sources.vit, sources.lm, placeholders["perceiver"], vocab,
+                                                     tokenizers["perceiver"])  # fmt: skip
+        markers = list(detect_family(perceiver_config).marker_token_ids(perceiver_config))
     if options.perceiver_layers is not None:
         perceiver_config = _keep_blocks(perceiver_config, options.perceiver_layers)
     return dpa_config(
@@ -218,7 +217,21 @@ def _plan_copy(name: str, meta: torch.Tensor, checkpoint: Checkpoint, key: str, 
 
 
 def _new_allowed(name: str, sources: Sources) -> bool:
-    return name.startswith(PHI) or (sources.composed is not None and name.startswith(COMPOSED_NEW))
+    return name.startswith(PHI) or (sources.composed is not None and name.startswith(composition(sources.vit).new))
+
+
+def _fresh(mapped: dict[str, tuple[Checkpoint, str]], expected: dict[str, torch.Tensor], sources: Sources) -> set[str]:
+    """A composed part the ViT source holds at another width starts fresh as a whole: the paper's merger MLP is
+    rebuilt when the small LM's width differs (LB:559-570). Any other shape difference is an error (`_plan_copy`)."""
+    if sources.composed is None:
+        return set()
+    fresh: set[str] = set()
+    for prefix in composition(sources.vit).new:
+        names = [name for name in expected if name.startswith(prefix)]
+        shapes = {name: mapped[name][0].index.tensors[mapped[name][1]].shape for name in names if name in mapped}
+        if any(shape != tuple(expected[name].shape) for name, shape in shapes.items()):
+            fresh.update(names)
+    return fresh
 
 
 def _cut_blocks(sources: Sources, blocks: int | None):
@@ -247,8 +260,9 @@ def plan_tensors(
                 hint="its config.json describes fewer layers or parts than the weights hold",
             )
     copies, new = [], []
+    fresh = _fresh(mapped, expected, sources)
     for name, meta in expected.items():
-        if name in mapped:
+        if name in mapped and name not in fresh:
             copies.append(_plan_copy(name, meta, *mapped[name], dtype))
         elif _new_allowed(name, sources):
             init = "newline" if name.endswith("image_newline") else "linear"
@@ -289,12 +303,19 @@ def dropped_parts(sources: Sources, plan: list[TensorPlan]) -> dict[str, dict[st
     return dropped
 
 
+def _composed_note(tensors: list[TensorPlan]) -> str:
+    fresh = sorted({t.name.rsplit(".", 1)[0] for t in tensors if t.source == "new" and not t.name.startswith(PHI)})
+    if fresh:
+        return f"phi_p is freshly initialised ({', '.join(fresh)}): stage 1 trains it together with phi"
+    return "phi_p is the ViT source's merger at the same width, trained for another LM: stage 1 trains it with phi"
+
+
 def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     """Check that the upgrade can work and decide every output tensor; reads configs and headers only."""
     placeholders, tokenizers = _placeholders(sources)
     _check_vocab(sources, tokenizers, placeholders)
     try:
-        config = build_config(sources, options, placeholders)
+        config = build_config(sources, options, placeholders, tokenizers)
         _check_perceiver_depth(config, options)
         expected = meta_state(meta_model("AutoModelForImageTextToText", config))
     except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:  # e.g. 0 ** -x of 0 heads
@@ -305,7 +326,7 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     tensors = plan_tensors(sources, expected, output_dtype(sources, options), options.perceiver_layers)
     notes = []
     if sources.composed is not None:
-        notes.append("phi_p is freshly initialised: stage 1 trains it together with phi")
+        notes.append(_composed_note(tensors))
     if options.perceiver_layers == 0:
         notes.append("ablation: the perceiver keeps no language blocks (ViT only), the paper's weakest variant")
     for role, placeholder in placeholders.items():
