@@ -14,7 +14,7 @@ from typing import Any
 
 from dpa_cli.checkpoint import CheckpointIndex, TensorInfo, find_truncated_files, read_checkpoint_index
 from dpa_cli.errors import CheckpointError, ModelNotFoundError
-from dpa_cli.families import Component, Family, KeySplit, Role, check_config, count_layers, detect_family
+from dpa_cli.families import Component, Family, KeySplit, Role, check_config, count_layers, detect_family, native_config
 from dpa_cli.families.auto_names import auto_names
 from dpa_cli.families.paper import OWN_CLASSES
 from dpa_cli.jsonio import PARSE_ERRORS, parse_json, read_json
@@ -40,6 +40,7 @@ def describe_model(folder: Path) -> dict[str, Any]:
         raise ModelNotFoundError(f"{what}: {folder}", hint="pass a checkpoint folder")
     config = read_config(folder)
     family = detect_family(config, where=str(folder / "config.json"))
+    native_config(family, config, str(folder / "config.json"))  # the hub configs it names, or an error naming them
     index = read_checkpoint_index(folder, pickled=family.pickled_weights)
     warnings = _file_warnings(index)
     parts = describe_parts(family, config, index.tensors, warnings)
@@ -93,10 +94,11 @@ def describe_parts(family: Family, config: Mapping[str, Any], tensors: Tensors, 
     """Each component of `family` in this checkpoint; appends what looks wrong to `warnings`."""
     split = family.split_keys(tensors)
     text = family.text_config(config)
+    tokens = native_config(family, config, "config.json")  # official formats: the ids of the configs they name
     parts: dict[str, Any] = {
         "layout": split.layout.name,
-        "image_token_id": family.image_token_id(config),
-        "marker_token_ids": list(family.marker_token_ids(config)),
+        "image_token_id": family.image_token_id(tokens),
+        "marker_token_ids": list(family.marker_token_ids(tokens)),
     }
     if family.perceiver_config_key:
         parts["perceiver"] = _perceiver(family, config, split, tensors, warnings)

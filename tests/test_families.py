@@ -93,8 +93,8 @@ def test_roles_are_as_the_method_needs_them():
     paper = {"qwen2_5_vl_qwen3", "qwen_custom_vl_hw_new"}  # the paper's skeleton: its baseline target and perceiver
     assert targets == {"llava", "llava_next", "llava_onevision", "llava_original", "causal_lm", *paper}
     assert perceivers == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision",
-                          "idefics3", "smolvlm", *paper}  # fmt: skip
-    assert FAMILIES["dpa"].roles == frozenset()
+                          "idefics3", "smolvlm", "llava_baseline", *paper}  # fmt: skip
+    assert FAMILIES["dpa"].roles == FAMILIES["forward_visual_tokens_llava_arch"].roles == frozenset()
     assert list(FAMILIES)[-1] == "causal_lm", "the catch-all is detected last"
 
 

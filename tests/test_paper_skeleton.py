@@ -5,6 +5,7 @@ checkpoint turned into a workspace by renaming only."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,11 @@ from dpa_cli.cli.app import app
 from dpa_cli.families import detect_family
 from dpa_cli.model import DPAConfig, DPAForConditionalGeneration, Qwen2_5_VLQwen3Model
 from tests.factories import copy_checkpoint, paper_hub_cache, read_tensors, tiny_config, tiny_model
+from tests.official_layouts import HEAD_ALIASES, PERCEIVER_LM, THINKER, VIT, build_baseline, build_hw, build_official_dpa
 from tests.test_bad_inputs import edit_json, tree_hash
+from tests.tiny_tokenizers import tiny_tokenizer
+
+OFFICIAL = "forward_visual_tokens_llava_arch"
 from tests.tiny_dpa import PERCEIVER_IMAGE, TARGET_IMAGE, feature_counts, perceiver_inputs, random_images, target_batch
 
 
@@ -234,3 +239,106 @@ def test_a_composition_that_cannot_be_the_paper_skeleton_is_refused(paper_hub, t
     lm = lm if lm.startswith("lm=") else f"lm={tiny_checkpoint(lm)}"
     argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", f"{vit},{lm}", "-o", str(tmp_path / "o")]
     assert_refused(argv, needles, tmp_path, Path(paper_hub["HF_HUB_CACHE"]), env=paper_hub)
+
+
+# --- the three official on-disk formats ------------------------------------------------------------------------
+# name -> (builder, family, layout, role, LM class / width, vision width, head on disk)
+OFFICIAL_LAYOUTS = {
+    "hw legacy names": (lambda f: build_hw(f), "qwen_custom_vl_hw_new", "hub", ["target", "perceiver"], 32),
+    "hw v5 names": (lambda f: build_hw(f, names="v5"), "qwen_custom_vl_hw_new", "v5", ["target", "perceiver"], 32),
+    "hw untied (32B-like)": (lambda f: build_hw(f, tie=False), "qwen_custom_vl_hw_new", "hub",
+                             ["target", "perceiver"], 32),
+    "llava_baseline safetensors": (lambda f: build_baseline(f), "llava_baseline", "official", ["perceiver"], 32),
+    "llava_baseline pytorch_model.bin": (lambda f: build_baseline(f, "bin"), "llava_baseline", "official",
+                                         ["perceiver"], 32),
+    "official DPA, both head aliases": (lambda f: build_official_dpa(f), OFFICIAL, "official", [], 64),
+    "official DPA .bin, heads absent": (lambda f: build_official_dpa(f, "bin", heads=()), OFFICIAL, "official", [], 64),
+    "official DPA, one alias, fp32": (lambda f: build_official_dpa(f, heads=HEAD_ALIASES[1:], dtype=torch.float32),
+                                      OFFICIAL, "official", [], 64),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("official")
+    return {name: case[0](root / name.replace(" ", "-")) for name, case in OFFICIAL_LAYOUTS.items()}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_LAYOUTS))
+def test_each_official_layout_is_recognised_by_inspect(official, paper_hub, name):
+    _, family, layout, role, width = OFFICIAL_LAYOUTS[name]
+    result = runner.invoke(app, ["inspect", str(official[name]), "--json"], env=paper_hub)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["family"], report["layout"], report["role"]) == (family, layout, role)
+    assert (report["unmapped_keys"], report["warnings"]) == ([], [])
+    lm = report["language_model"]
+    assert (lm["hidden_size"], lm["num_layers"]) == (width, 2) and lm["params"] > 0
+    skeleton = report.get("perceiver", report)  # the DPA model's perceiver is the baseline's skeleton
+    assert skeleton["vision"]["hidden_size"] == 32 and skeleton["vision"]["num_layers"] == 2
+    assert skeleton["language_model"]["class"] == "Qwen2_5_VLQwen3TextModel"
+    assert skeleton["projector"]["params"] == 4 * 32 * 4 * 32 + 4 * 32 + 32 * 4 * 32 + 32 + 32  # merger: ln_q + MLP
+    if family == OFFICIAL:
+        assert report["perceiver"]["family"] == "llava_baseline" and lm["class"] == "Qwen3Model"
+        assert report["projector"]["params"] == 32 * 32 + 32 + 64 * 32 + 64  # linear_align_dim: 32 -> 32 -> 64
+    assert report["image_token_id"] == tiny_tokenizer("qwen3").convert_tokens_to_ids("<|image_pad|>")
+
+
+def test_the_official_baseline_upgrades_with_the_official_perceiver(official, paper_hub, tmp_path):
+    """`dpa upgrade HW --perceiver LB`: the target's Qwen3 LM and the perceiver's skeleton, bit for bit; the
+    perceiver's RoPE theta from its own config, its sections from vit_path's; no official code runs."""
+    hw, lb = official["hw legacy names"], official["llava_baseline pytorch_model.bin"]
+    result = upgrade_json([str(hw), "--perceiver", str(lb), "-o", str(tmp_path / "ws")], paper_hub)
+    plan = result["plan"]
+    assert (plan["target"]["family"], plan["perceiver"]["family"], plan["perceiver"]["builds"]) == (
+        "qwen_custom_vl_hw_new", "llava_baseline", "qwen2_5_vl_qwen3")  # fmt: skip
+    assert "perceiver lm_head" in plan["dropped"] and "target vision" in plan["dropped"]
+    config = json.loads((tmp_path / "ws" / "model" / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "qwen3"  # the target LLM: 1-D positions, as the official thinker
+    rope = config["perceiver_config"]["text_config"]["rope_parameters"]
+    assert rope == {"mrope_section": [2, 3, 3], "rope_theta": 1000000.0, "rope_type": "default"}
+    written = read_tensors(tmp_path / "ws" / "model")
+    for key, tensor in torch.load(lb / "pytorch_model.bin", weights_only=True).items():
+        if key.startswith("model.vlm."):
+            assert torch.equal(written[key.replace("model.vlm.", "model.perceiver.", 1)], tensor), key
+    for key, tensor in read_tensors(hw).items():
+        if key.startswith("model."):
+            assert torch.equal(written[key.replace("model.", "model.language_model.", 1)], tensor), key
+
+
+def _cache_without(paper_hub: dict[str, str], repo_id: str, root: Path) -> dict[str, str]:
+    cache = Path(shutil.copytree(paper_hub["HF_HUB_CACHE"], root / "hub", symlinks=True))
+    shutil.rmtree(cache / f"models--{repo_id.replace('/', '--')}")
+    return {"HF_HUB_CACHE": str(cache)}
+
+
+# (format, the hub id left out of the cache, the config key that names it, command)
+MISSING_IDS = [
+    (fmt, repo, key, command)
+    for fmt, ids in {"llava_baseline pytorch_model.bin": {VIT: "vit_path", PERCEIVER_LM: "llm_path"},
+                     "official DPA, both head aliases": {THINKER: "thinker_name_or_path", VIT: "vit_path"}}.items()
+    for repo, key in ids.items() for command in ("inspect", "upgrade")
+    if not (fmt.startswith("official") and command == "upgrade")  # STEP4: remove once official DPA upgrades
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "repo", "key", "command"), MISSING_IDS)
+def test_a_hub_id_the_official_config_names_missing_offline_is_named(official, paper_hub, tiny_checkpoint, tmp_path,
+                                                                     fmt, repo, key, command):  # fmt: skip
+    env = _cache_without(paper_hub, repo, tmp_path)
+    folder = official[fmt]
+    if command == "inspect":
+        argv = ["inspect", str(folder)]
+    elif fmt.startswith("llava_baseline"):
+        argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "-o", str(tmp_path / "o")]
+    else:
+        argv = ["upgrade", str(folder), "-o", str(tmp_path / "o")]
+    assert_refused(argv, (f"{key} {repo!r}", "not in the local Hugging Face cache", f"hf download {repo}"),
+                   folder, tmp_path, env=env)  # fmt: skip
+
+
+def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(official, paper_hub, tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(official["llava_baseline safetensors"], tmp_path / "lb")
+    edit_json(folder / "config.json", lambda config: config.update(head_dim=8))
+    argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "-o", str(tmp_path / "o")]
+    assert_refused(argv, ("config.json: its rotary dimension 8", "head_dim 16", "Qwen/Qwen3-0.6B"), tmp_path, env=paper_hub)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dpa_cli.errors import CheckpointError, UnknownFamilyError
+from dpa_cli.errors import BadInputError, CheckpointError, UnknownFamilyError
 from dpa_cli.families.base import Component, Family, KeyLayout, KeySplit, Role, count_layers
 from dpa_cli.families.causal_lm import CAUSAL_LM, encoder_kind
 from dpa_cli.families.config_check import config_schema
@@ -18,6 +18,7 @@ from dpa_cli.families.llava import LLAVA
 from dpa_cli.families.llava_next import LLAVA_NEXT
 from dpa_cli.families.llava_onevision import LLAVA_ONEVISION
 from dpa_cli.families.llava_original import LLAVA_ORIGINAL
+from dpa_cli.families.official import LLAVA_BASELINE, OFFICIAL_DPA
 from dpa_cli.families.paper import PAPER_VL, QWEN_CUSTOM_VL_HW
 from dpa_cli.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from dpa_cli.schema import validate
@@ -32,6 +33,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl_qwen3": PAPER_VL,  # before "qwen2_5_vl": it claims qwen2_5_vl configs whose text is Qwen3
     "qwen_custom_vl_hw_new": QWEN_CUSTOM_VL_HW,
+    "llava_baseline": LLAVA_BASELINE,
+    "forward_visual_tokens_llava_arch": OFFICIAL_DPA,
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen3_vl": QWEN3_VL,
     "idefics3": IDEFICS3,
@@ -75,6 +78,19 @@ def detect_family(config: Mapping[str, Any], where: str = "config.json") -> Fami
     )
 
 
+def native_config(family: Family, config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The config dpa builds a checkpoint of `family` from (`family.native_config`, else `config` itself). Hub ids
+    the config names are read from the local cache; problems are named with `where` (the config.json's path)."""
+    if family.native_config is None:
+        return dict(config)
+    try:
+        return family.native_config(config)
+    except BadInputError as err:
+        if not err.message.startswith("config.json"):
+            raise
+        raise type(err)(where + err.message[len("config.json") :], hint=err.hint) from None
+
+
 def get_family(name: str) -> Family:
     """The family registered under `name`; an unknown name is an error listing the known ones."""
     try:
@@ -94,4 +110,5 @@ __all__ = [
     "count_layers",
     "detect_family",
     "get_family",
+    "native_config",
 ]

@@ -14,6 +14,7 @@ from dpa_cli.catalog import expand_alias
 from dpa_cli.checkpoint import CheckpointIndex, read_checkpoint_index
 from dpa_cli.describe import check_json_files, read_config
 from dpa_cli.errors import BadInputError, CheckpointError
+from dpa_cli import families
 from dpa_cli.families import Family, Role, detect_family
 from dpa_cli.families.config_check import check_with_transformers
 from dpa_cli.hub import ResolvedModel, resolve_model
@@ -82,14 +83,14 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
     if family.native_config is None:
         check_with_transformers(config, family, where)
         return Checkpoint(role, resolved, config, family, index)
-    native = native_config(family, config, where)
+    native = _buildable_native(family, config, where)
     disk = (config, family) if native != config else None
     return Checkpoint(role, resolved, native, detect_family(native, where=where), index, disk)
 
 
-def native_config(family: Family, config: dict[str, Any], where: str) -> dict[str, Any]:
+def _buildable_native(family: Family, config: dict[str, Any], where: str) -> dict[str, Any]:
     """The config dpa builds a checkpoint of `family` from, checked by building it (no weights)."""
-    native = family.native_config(config)  # may resolve hub ids the config names: a missing one is named there
+    native = families.native_config(family, config, where)  # hub ids it names: read from the cache, or named
     from transformers import AutoConfig
 
     import dpa_cli.model  # noqa: F401  registers the paper skeleton's config class
