@@ -4,12 +4,18 @@ checkpoint turned into a workspace by renaming only."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModel, Qwen3Config, Qwen3Model
 from typer.testing import CliRunner
 
@@ -318,7 +324,6 @@ MISSING_IDS = [
     for fmt, ids in {"llava_baseline pytorch_model.bin": {VIT: "vit_path", PERCEIVER_LM: "llm_path"},
                      "official DPA, both head aliases": {THINKER: "thinker_name_or_path", VIT: "vit_path"}}.items()
     for repo, key in ids.items() for command in ("inspect", "upgrade")
-    if not (fmt.startswith("official") and command == "upgrade")  # STEP4: remove once official DPA upgrades
 ]  # fmt: skip
 
 
@@ -342,3 +347,165 @@ def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(offic
     edit_json(folder / "config.json", lambda config: config.update(head_dim=8))
     argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "-o", str(tmp_path / "o")]
     assert_refused(argv, ("config.json: its rotary dimension 8", "head_dim 16", "Qwen/Qwen3-0.6B"), tmp_path, env=paper_hub)
+
+
+# --- an official DPA checkpoint in, plain transformers out -----------------------------------------------------
+OFFICIAL_TO_DPA = (  # what renaming only means, name by name (the thinker's tied head copies are not kept)
+    ("model.perceiver.model.vlm.", "model.perceiver."), ("model.thinker.model.", "model.language_model."),
+    ("model.linear_align_dim.0.", "model.multi_modal_projector.linear_1."),
+    ("model.linear_align_dim.2.", "model.multi_modal_projector.linear_2."),
+)  # fmt: skip
+
+
+def _byte_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() + str(t.dtype)
+            for name, t in tensors.items()}  # fmt: skip
+
+
+def _renamed(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in official.items():
+        for old, new in OFFICIAL_TO_DPA:
+            if key.startswith(old):
+                out[new + key[len(old) :]] = tensor
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["official DPA .bin, heads absent", "official DPA, both head aliases"])
+def test_an_official_dpa_checkpoint_becomes_a_workspace_by_renaming_only(official, paper_hub, tmp_path, fmt):
+    source = official[fmt]
+    result = upgrade_json([str(source), "-o", str(tmp_path / "ws")], paper_hub)
+    stored = (torch.load(source / "pytorch_model.bin", weights_only=True) if fmt.endswith("absent")
+              else read_tensors(source))  # fmt: skip
+    for head in HEAD_ALIASES:  # tied copies, when stored, are the embedding itself
+        assert head not in stored or torch.equal(stored[head], stored["model.thinker.model.embed_tokens.weight"])
+    assert _byte_hashes(read_tensors(tmp_path / "ws" / "model")) == _byte_hashes(_renamed(stored))
+    plan = result["plan"]
+    assert plan["converted"] and plan["new"] == {} and plan["target"]["family"] == OFFICIAL
+    config = json.loads((tmp_path / "ws" / "model" / "config.json").read_text())
+    # The official forward: N+2 features (start..end inclusive), the thinker a plain Qwen3 (1-D positions), phi
+    # Linear-ReLU-Linear with bias.
+    assert (config["feature_span"], config["projector_type"], config["text_config"]["model_type"]) == (
+        "image+markers", "mlp2x_relu", "qwen3")  # fmt: skip
+    assert result["upgrade"]["loaded"]["image_features"] == 4 + 2
+
+
+def _caption_data(root: Path) -> tuple[Path, Path]:
+    images = root / "images"
+    images.mkdir(parents=True)
+    random_images([(56, 56)])[0].save(images / "a.png")
+    sample = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
+                                                   {"from": "gpt", "value": "A noisy square."}]}  # fmt: skip
+    (root / "captions.json").write_text(json.dumps([sample, {**sample, "id": "b"}]))
+    return root / "captions.json", images
+
+
+TRAIN_SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "save_steps=1000",
+               "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--max-steps", "1",
+               "--set", "warmup_steps=0", "--set", "lr_scheduler_type=constant"]  # fmt: skip
+
+
+def test_an_official_dpa_workspace_trains_and_exports_to_plain_transformers(official, paper_hub, tmp_path):
+    ws, export = tmp_path / "ws", tmp_path / "export"
+    upgrade_json([str(official["official DPA, one alias, fp32"]), "-o", str(ws), "--no-verify-load"], paper_hub)
+    captions, images = _caption_data(tmp_path / "data")
+    trained = runner.invoke(app, ["train", "--stage", "1", "-w", str(ws), "--data", str(captions), "--image-root",
+                                  str(images), *TRAIN_SMALL, "--json"], env=paper_hub)  # fmt: skip
+    assert trained.exit_code == 0, (trained.stderr[-3000:], trained.exception)
+    before, after = read_tensors(ws / "model"), read_tensors(ws / "stage1" / "model")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("model.multi_modal_projector.") for name in changed)  # stage 1: phi only
+    # Its own check loads the export in a fresh interpreter too; the one below is the same with its own batch.
+    exported = runner.invoke(app, ["export", "-w", str(ws), "-o", str(export), "--no-verify", "--json"])
+    assert exported.exit_code == 0, (exported.stderr[-3000:], exported.exception)
+    model = loading.load_model(ws / "stage1" / "model", dtype=torch.float32).eval()
+    processor = loading.load_processor(ws / "stage1" / "model")
+    batch = dict(processor(images=random_images([(56, 56)]), text=[f"{processor.image_token}\nDescribe it."],
+                           return_tensors="pt"))  # fmt: skip
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        torch.save(model(**batch).logits, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForImageTextToText
+model = AutoModelForImageTextToText.from_pretrained({str(export)!r}, trust_remote_code=True, dtype=torch.float32)
+assert not any(name.startswith("dpa_cli") for name in sys.modules), "dpa_cli was imported"
+assert type(model.model.perceiver).__name__ == "Qwen2_5_VLQwen3Model", type(model.model.perceiver)
+with torch.no_grad():
+    logits = model.eval()(**torch.load({str(tmp_path / 'batch.pt')!r})).logits
+print((logits - torch.load({str(tmp_path / 'expected.pt')!r})).abs().max().item())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+class Booby:
+    """Unpickling this runs code (writes a marker file): what a hostile pytorch_model.bin would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+def _head_differs(alias: str):
+    def change(folder: Path) -> None:
+        tensors = read_tensors(folder)
+        tensors[alias] = tensors["model.thinker.model.embed_tokens.weight"].clone()
+        tensors[alias][0, 0] += 1  # one element off: not a copy of the tied head
+        save_file(tensors, folder / "model.safetensors")
+
+    return change
+
+
+def _without(key: str):
+    def change(folder: Path) -> None:
+        tensors = read_tensors(folder)
+        del tensors[key]
+        save_file(tensors, folder / "model.safetensors")
+
+    return change
+
+
+def _hostile_pickle(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Booby(folder.parent / "pwned")}))
+
+
+# What an official DPA checkpoint may not be or be asked, each spelled several ways: (change, extra argv, needles)
+CONVERSION_REFUSALS = {
+    "tied head copy differs (lm_head.weight)": (_head_differs("lm_head.weight"), [],
+                                                ("lm_head.weight differs from", "ties it to its input embedding")),
+    "tied head copy differs (thinker alias)": (_head_differs("model.thinker.lm_head.weight"), [],
+                                               ("model.thinker.lm_head.weight differs from",)),
+    "phi weight missing": (_without("model.linear_align_dim.2.bias"), [],
+                           ("needs model.multi_modal_projector.linear_2.bias", "no source checkpoint holds it")),
+    "a thinker layer missing": (_without("model.thinker.model.layers.1.mlp.up_proj.weight"), [],
+                                ("model.language_model.layers.1.mlp.up_proj.weight",)),
+    "a pickle that carries code": (_hostile_pickle, [], ("pytorch_model.bin: not a weights-only torch file",)),
+    "--perceiver given": (None, ["--perceiver", "qwen3-0.6b-vl"], ("already has its perceiver", "drop --perceiver")),
+    "--perceiver given as a folder": (None, ["-p", "{tiny:qwen2_5_vl}"], ("already has its perceiver",)),
+    "--projector other than phi's": (None, ["--projector", "linear"], ("--projector linear", "mlp2x_relu")),
+    "--perceiver-layers": (None, ["--perceiver-layers", "1"], ("--perceiver-layers does not apply",)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CONVERSION_REFUSALS.values(), ids=list(CONVERSION_REFUSALS))
+def test_an_official_dpa_checkpoint_that_cannot_be_renamed_as_is_is_refused(official, paper_hub, tiny_checkpoint,
+                                                                          tmp_path, case):  # fmt: skip
+    change, extra, needles = case
+    folder = copy_checkpoint(official["official DPA, both head aliases"], tmp_path / "official")
+    if change is not None:
+        change(folder)
+    extra = [str(tiny_checkpoint(a[6:-1])) if a.startswith("{tiny:") else a for a in extra]
+    assert_refused(["upgrade", str(folder), "-o", str(tmp_path / "ws"), *extra], needles, tmp_path, env=paper_hub)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("target", ["llava_next", "causal_lm_qwen3", "paper_vl", "dpa"])
+def test_a_target_that_is_not_an_official_dpa_checkpoint_needs_a_perceiver(tiny_checkpoint, tmp_path, target):
+    argv = ["upgrade", str(tiny_checkpoint(target)), "-o", str(tmp_path / "ws")]
+    assert_refused(argv, ("--perceiver is missing", "only an official DPA checkpoint"), tmp_path)

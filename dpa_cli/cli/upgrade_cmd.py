@@ -16,7 +16,7 @@ from dpa_cli.cli.render import err, out, print_json
 
 def upgrade(
     target: Annotated[str, typer.Argument(help="The LLaVA-style model to upgrade: folder, cached repo id or alias.", show_default=False)],
-    perceiver: Annotated[str, typer.Option("--perceiver", "-p", help="A small VLM (folder, repo id, alias) or vit=<target|source>,lm=<text model>.", show_default=False)],
+    perceiver: Annotated[str | None, typer.Option("--perceiver", "-p", help="A small VLM (folder, repo id, alias) or vit=<target|source>,lm=<text model>; none for an official DPA checkpoint.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Workspace folder to create (default: ./<target>-dpa-<perceiver>).")] = None,
     projector: Annotated[str, typer.Option(help="phi: mlp2x_relu (the paper's), mlp2x_gelu (LLaVA's) or linear.")] = "mlp2x_relu",
     feature_span: Annotated[str, typer.Option(help="Perceiver positions fed to the target: image, or image+markers (N+2).")] = "image",
@@ -44,6 +44,7 @@ def upgrade(
       dpa upgrade llava-next-qwen3-4b --perceiver qwen3-0.6b-vl
       dpa upgrade ./my-llava --perceiver Qwen/Qwen2.5-VL-3B-Instruct -o ws --dry-run
       dpa upgrade ./my-llava --perceiver vit=target,lm=./Qwen3-0.6B --dtype bf16 --json
+      dpa upgrade team6013/DPA-4B-init -o ws        # an official DPA checkpoint, renamed into a workspace
     """
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import check_output, default_workspace, plan_upgrade, run_upgrade

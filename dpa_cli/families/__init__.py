@@ -5,7 +5,7 @@ Adding a family is one module declaring a `Family` plus one line in `FAMILIES`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dpa_cli.errors import BadInputError, CheckpointError, UnknownFamilyError
@@ -83,8 +83,13 @@ def native_config(family: Family, config: Mapping[str, Any], where: str) -> dict
     the config names are read from the local cache; problems are named with `where` (the config.json's path)."""
     if family.native_config is None:
         return dict(config)
+    return located(where, family.native_config, config)
+
+
+def located(where: str, read: Callable[..., Any], *args: Any) -> Any:
+    """`read(*args)`, with `config.json` in its error messages replaced by `where` (the file's path)."""
     try:
-        return family.native_config(config)
+        return read(*args)
     except BadInputError as err:
         if not err.message.startswith("config.json"):
             raise
@@ -110,5 +115,6 @@ __all__ = [
     "count_layers",
     "detect_family",
     "get_family",
+    "located",
     "native_config",
 ]

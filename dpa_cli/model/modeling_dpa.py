@@ -17,8 +17,11 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_dpa import DPAConfig
 
-# Imported for its registration: `AutoModel.from_config(perceiver_config)` may build the paper skeleton.
-from .modeling_paper_dpa import Qwen2_5_VLQwen3Model  # noqa: F401
+from .modeling_paper_dpa import Qwen2_5_VLQwen3Model
+
+# Perceivers whose class ships with dpa's model code, built by model_type: loaded as remote code, transformers
+# imports each file once per module folder, so perceiver_config may be another copy of the class AutoModel knows.
+OWN_PERCEIVERS = {Qwen2_5_VLQwen3Model.config_class.model_type: Qwen2_5_VLQwen3Model}
 
 # Perceiver inputs that describe images and keep their usual transformers names. Sequence-level perceiver
 # inputs carry a `perceiver_` prefix instead, so they never collide with the target's `input_ids` etc.
@@ -104,7 +107,8 @@ class DPAModel(DPAPreTrainedModel):
     def __init__(self, config: DPAConfig):
         super().__init__(config)
         # The perceiver's *base* model: its LM head is never computed (the official code wastes it).
-        self.perceiver = AutoModel.from_config(config.perceiver_config)
+        own = OWN_PERCEIVERS.get(config.perceiver_config.model_type)
+        self.perceiver = own._from_config(config.perceiver_config) if own else AutoModel.from_config(config.perceiver_config)
         self.multi_modal_projector = DPAProjector(
             config.perceiver_hidden_size,
             config.text_config.hidden_size,

@@ -41,7 +41,7 @@ def write_config(plan: UpgradePlan, folder: Path) -> None:
 
 def write_generation_config(plan: UpgradePlan, folder: Path) -> None:
     """The target's own generation_config.json when it has one (its stop tokens), else one from its config."""
-    target = plan.sources.target.path / "generation_config.json"
+    target = plan.sources.target.files_path / "generation_config.json"
     if target.is_file():
         shutil.copyfile(target, Path(folder) / "generation_config.json")
         return

@@ -31,4 +31,6 @@ def fingerprint_folder(folder: Path) -> dict[str, str]:
 def fingerprint_in_background(folders: dict[str, Path]) -> tuple[ThreadPoolExecutor, dict[str, Future]]:
     """Start hashing each folder; the caller collects `future.result()` after the surgery."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpa-sha256")
-    return pool, {role: pool.submit(fingerprint_folder, folder) for role, folder in folders.items()}
+    # One folder may play several roles (an official DPA checkpoint is target, perceiver and phi): hash it once.
+    futures = {folder: pool.submit(fingerprint_folder, folder) for folder in dict.fromkeys(folders.values())}
+    return pool, {role: futures[folder] for role, folder in folders.items()}

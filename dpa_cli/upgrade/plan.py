@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +105,8 @@ def source_tensors(sources: Sources) -> dict[str, tuple[Checkpoint, str]]:
     out: dict[str, tuple[Checkpoint, str]] = {}
     text_target = sources.target.family.auto_class == "AutoModelForCausalLM"
     _mapped(sources.target, TEXT_TARGET if text_target else VLM_TARGET, out)
+    if sources.phi is not None:
+        _mapped(sources.phi, {PHI: PHI}, out)
     if sources.perceiver is not None:
         _mapped(sources.perceiver, PERCEIVER, out)
     else:
@@ -115,7 +118,7 @@ def source_tensors(sources: Sources) -> dict[str, tuple[Checkpoint, str]]:
 def _placeholders(sources: Sources) -> tuple[dict[str, Placeholder], dict[str, Any]]:
     """The target's and the perceiver's image tokens, and their tokenizers (a token may be added)."""
     target = sources.target
-    tokenizers = {"target": load_tokenizer(target.path)}
+    tokenizers = {"target": load_tokenizer(target.files_path)}
     configured = target.family.image_token_id(target.config)
     placeholders = {
         "target": existing_placeholder(tokenizers["target"], configured, target.path)
@@ -123,7 +126,7 @@ def _placeholders(sources: Sources) -> tuple[dict[str, Placeholder], dict[str, A
         else choose_placeholder(tokenizers["target"])
     }
     perceiver = sources.perceiver or sources.lm
-    tokenizers["perceiver"] = load_tokenizer(perceiver.path)
+    tokenizers["perceiver"] = load_tokenizer(perceiver.files_path)
     if sources.perceiver is not None:
         token_id = perceiver.family.image_token_id(perceiver.config)
         if token_id is None:
@@ -217,6 +220,8 @@ def _plan_copy(name: str, meta: torch.Tensor, checkpoint: Checkpoint, key: str, 
 
 
 def _new_allowed(name: str, sources: Sources) -> bool:
+    if sources.converted:  # an official DPA checkpoint: every tensor is copied, none made up
+        return False
     return name.startswith(PHI) or (sources.composed is not None and name.startswith(composition(sources.vit).new))
 
 
@@ -270,7 +275,7 @@ def plan_tensors(
         else:
             raise BadInputError(f"the DPA model needs {name}, but no source checkpoint holds it")
     # Read sources in storage order: one shard open at a time, each read front to back.
-    order = {role: i for i, role in enumerate(("target", "perceiver", "vit", "lm"))}
+    order = {role: i for i, role in enumerate(("target", "perceiver", "vit", "lm", "phi"))}
     copies.sort(key=lambda t: (order[t.source], _position(sources, t)))
     return copies + new
 
@@ -290,16 +295,22 @@ def _check_perceiver_depth(config: Any, options: Options) -> None:
 
 
 def dropped_parts(sources: Sources, plan: list[TensorPlan]) -> dict[str, dict[str, Any]]:
-    """What each source loses, by component: e.g. the target's ViT and projector, the perceiver's LM head."""
+    """What each source loses, by component: e.g. the target's ViT and projector, the perceiver's LM head.
+    A folder several roles read (an official DPA checkpoint) is counted once, under `checkpoint`."""
     used = {(t.source, t.key) for t in plan if t.key is not None}
-    dropped: dict[str, dict[str, Any]] = {}
+    roles: dict[Path, list[Checkpoint]] = {}
     for checkpoint in sources.all():
-        split = checkpoint.disk_family.split_keys(checkpoint.index.tensors)
+        roles.setdefault(checkpoint.path, []).append(checkpoint)
+    dropped: dict[str, dict[str, Any]] = {}
+    for views in roles.values():
+        first = views[0]
+        label = first.role if len(views) == 1 else "checkpoint"
+        split = first.disk_family.split_keys(first.index.tensors)
         for component, keys in split.components.items():
-            lost = [k for k in keys if (checkpoint.role, k) not in used]
+            lost = [k for k in keys if not any((view.role, k) in used for view in views)]
             if lost:
-                params = sum(checkpoint.index.tensors[k].numel for k in lost)
-                dropped[f"{checkpoint.role} {component.value}"] = {"tensors": len(lost), "params": params}
+                params = sum(first.index.tensors[k].numel for k in lost)
+                dropped[f"{label} {component.value}"] = {"tensors": len(lost), "params": params}
     return dropped
 
 
@@ -312,6 +323,10 @@ def _composed_note(tensors: list[TensorPlan]) -> str:
 
 def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     """Check that the upgrade can work and decide every output tensor; reads configs and headers only."""
+    if sources.converted:
+        from dpa_cli.upgrade.official import conversion_options
+
+        options = conversion_options(options)
     placeholders, tokenizers = _placeholders(sources)
     _check_vocab(sources, tokenizers, placeholders)
     try:
@@ -327,6 +342,8 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     notes = []
     if sources.composed is not None:
         notes.append(_composed_note(tensors))
+    if sources.converted:
+        notes.append(f"an official DPA checkpoint, renamed: all {len(tensors)} tensors copied unchanged, none new")
     if options.perceiver_layers == 0:
         notes.append("ablation: the perceiver keeps no language blocks (ViT only), the paper's weakest variant")
     for role, placeholder in placeholders.items():

@@ -16,13 +16,13 @@ def write_processor(plan: UpgradePlan, folder: Path) -> None:
 
     images_from = plan.sources.perceiver or plan.sources.vit
     try:
-        image_processor = loading.load_image_processor(images_from.path)
+        image_processor = loading.load_image_processor(images_from.files_path)
     except (OSError, ValueError) as err:
         raise CheckpointError(
-            f"{images_from.path}: cannot load its image processor ({str(err).splitlines()[0]})",
+            f"{images_from.files_path}: cannot load its image processor ({str(err).splitlines()[0]})",
             hint="the folder needs the preprocessor_config.json its model was released with",
         ) from None
-    settings_file = images_from.path / "processor_config.json"
+    settings_file = images_from.files_path / "processor_config.json"
     settings = read_json(settings_file, error=CheckpointError) if settings_file.is_file() else None
     tokenizers = plan.tokenizers
     processor = DPAProcessor.from_parts(image_processor, tokenizers["perceiver"], tokenizers["target"], plan.config, settings)

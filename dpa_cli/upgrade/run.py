@@ -24,7 +24,7 @@ from dpa_cli.upgrade.verify import AUTO_VERIFY_BYTES, check_written, load_and_ru
 from dpa_cli.workspace import MODEL_DIR, is_workspace, versions, write_manifest
 
 
-def plan_upgrade(target: str, perceiver: str, options: Options) -> UpgradePlan:
+def plan_upgrade(target: str, perceiver: str | None, options: Options) -> UpgradePlan:
     import dpa_cli.model  # noqa: F401  registers the DPA classes the plan is checked against
 
     return build_plan(open_sources(target, perceiver), options)
@@ -34,8 +34,11 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.rstrip("/").rsplit("/", 1)[-1]).strip("-").lower() or "model"
 
 
-def default_workspace(target: str, perceiver: str) -> Path:
-    """`<target>-dpa-<perceiver>` in the current folder, named after the specs the user typed."""
+def default_workspace(target: str, perceiver: str | None) -> Path:
+    """`<target>-dpa-<perceiver>` in the current folder, named after the specs the user typed (an official DPA
+    checkpoint, which has its perceiver: `<target>-workspace`)."""
+    if perceiver is None:
+        return Path.cwd() / f"{_slug(target)}-workspace"
     lm = re.search(r"lm=([^,]+)", perceiver)
     return Path.cwd() / f"{_slug(target)}-dpa-{_slug(lm.group(1) if lm else perceiver)}"
 

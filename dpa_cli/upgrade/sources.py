@@ -38,11 +38,17 @@ class Checkpoint:
     family: Family
     index: CheckpointIndex
     disk: tuple[dict[str, Any], Family] | None = None  # config.json and family as on disk, when not native
+    files: Path | None = None  # where its tokenizer and processor files are, when not beside its weights
     _names: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def path(self) -> Path:
         return self.resolved.path
+
+    @property
+    def files_path(self) -> Path:
+        """The folder holding its tokenizer, image processor and generation config."""
+        return self.files or self.path
 
     @property
     def disk_config(self) -> dict[str, Any]:
@@ -81,7 +87,7 @@ def open_checkpoint(spec: str, role: str) -> Checkpoint:
     if family.weights_check is not None and (problem := family.weights_check(config, index.tensors)):
         raise CheckpointError(f"{where}: {problem}", hint="run `dpa inspect` on it to see its parts")
     if family.native_config is None:
-        check_with_transformers(config, family, where)
+        families.located(where, check_with_transformers, config, family, where)  # names a hub id it misses
         return Checkpoint(role, resolved, config, family, index)
     native = _buildable_native(family, config, where)
     disk = (config, family) if native != config else None
@@ -147,10 +153,16 @@ class Sources:
     vit: Checkpoint | None = None  # composed perceivers: where the ViT comes from
     lm: Checkpoint | None = None  # composed perceivers: the small text model
     composed: ComposedSpec | None = None
+    phi: Checkpoint | None = None  # an official DPA checkpoint's trained phi (its target and perceiver: views of it)
+
+    @property
+    def converted(self) -> bool:
+        """An official DPA checkpoint renamed into a workspace: every tensor copied, nothing new."""
+        return self.phi is not None
 
     def all(self) -> list[Checkpoint]:
         seen, out = set(), []
-        for checkpoint in (self.target, self.perceiver, self.vit, self.lm):
+        for checkpoint in (self.target, self.perceiver, self.vit, self.lm, self.phi):
             if checkpoint is not None and id(checkpoint) not in seen:
                 seen.add(id(checkpoint))
                 out.append(checkpoint)
@@ -166,9 +178,28 @@ def _require_role(checkpoint: Checkpoint, role: Role, what: str) -> None:
         )
 
 
-def open_sources(target_spec: str, perceiver_spec: str) -> Sources:
-    """Resolve both specs and check each checkpoint can play its role."""
+OFFICIAL_DPA = "forward_visual_tokens_llava_arch"
+
+
+def open_sources(target_spec: str, perceiver_spec: str | None) -> Sources:
+    """Resolve both specs and check each checkpoint can play its role. With no perceiver, the target must be an
+    official DPA checkpoint, which becomes a workspace by renaming only (upgrade/official.py)."""
     target = open_checkpoint(target_spec, "target")
+    if perceiver_spec is None:
+        if target.family.name != OFFICIAL_DPA:
+            raise BadInputError(
+                f"--perceiver is missing: {target.path} is a {target.disk_family.name} checkpoint, and only an "
+                f"official DPA checkpoint ({OFFICIAL_DPA}) upgrades without one",
+                hint="pass --perceiver <small VLM | vit=<source>,lm=<text model>>, e.g. --perceiver qwen3-0.6b-vl",
+            )
+        from dpa_cli.upgrade.official import official_sources
+
+        return official_sources(target)
+    if target.family.name == OFFICIAL_DPA:
+        raise BadInputError(
+            f"{target.path} is an official DPA checkpoint ({OFFICIAL_DPA}): it already has its perceiver",
+            hint="drop --perceiver: `dpa upgrade` turns it into a workspace as it is",
+        )
     _require_role(target, Role.TARGET, "target")
     parsed = parse_perceiver_spec(perceiver_spec)
     if isinstance(parsed, ComposedSpec):

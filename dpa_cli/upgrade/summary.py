@@ -44,6 +44,7 @@ def _new(plan: UpgradePlan, tensors: list[TensorPlan]) -> dict[str, Any]:
 def plan_summary(plan: UpgradePlan) -> dict[str, Any]:
     """Everything `--dry-run` shows, as one JSON-ready dict."""
     config, parts = plan.config, _parts(plan)
+    stage1 = {"phi", "phi_p"} if plan.sources.composed else {"phi"}
     new = [t for t in plan.tensors if t.source == "new"]
     phi_p = [t for t in new if dpa_part(plan, t.name) == "phi_p" or t.name.endswith("image_newline")]
     return {
@@ -56,7 +57,8 @@ def plan_summary(plan: UpgradePlan) -> dict[str, Any]:
         },
         "kept": {name: part for name, part in parts.items() if "new" not in part["from"]},
         "dropped": plan.dropped,
-        "new": {"phi": _new(plan, [t for t in new if t.name.startswith(PHI)]), **({"phi_p": _new(plan, phi_p)} if phi_p else {})},
+        "new": {} if plan.sources.converted else {
+            "phi": _new(plan, [t for t in new if t.name.startswith(PHI)]), **({"phi_p": _new(plan, phi_p)} if phi_p else {})},
         "config": {
             "projector_type": config.projector_type,
             "feature_span": config.feature_span,
@@ -67,7 +69,9 @@ def plan_summary(plan: UpgradePlan) -> dict[str, Any]:
         },
         "dtype": str(plan.tensors[0].dtype).removeprefix("torch."),
         "total_params": sum(t.spec.numel for t in plan.tensors),
-        "trainable_stage1_params": sum(t.spec.numel for t in new),
+        # Stage 1 trains phi, and phi_p when the perceiver was composed (train/stage.py).
+        "trainable_stage1_params": sum(t.spec.numel for t in plan.tensors if dpa_part(plan, t.name) in stage1),
+        "converted": plan.sources.converted,
         "output_bytes": plan.output_bytes,
         "num_shards": plan.num_shards,
         "shard_size": plan.options.shard_size,
