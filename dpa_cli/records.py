@@ -28,10 +28,12 @@ def _every(fields: dict[str, Spec]) -> Record:
 
 # What `dpa upgrade` always writes is required (a dpa.yaml without it was edited); what a run writes only
 # sometimes (a composed perceiver's parts, the load check, a library that is installed) is optional.
-_SOURCE = _every({
+_SOURCE_ALWAYS = _every({
     "spec": Str(), "path": Str(), "repo_id": Str(nullable=True), "revision": Str(nullable=True), "family": Str(),
     "files": MapOf(Sha256()),
 })  # fmt: skip
+# `builds`: the family dpa builds from an official-format source (its own family name is `family`).
+_SOURCE = Record({**_SOURCE_ALWAYS.fields, "builds": Str()}, required=_SOURCE_ALWAYS.required)
 _PERCEIVER = Record({
     **_SOURCE.fields, "kind": Str(choices=("existing", "composed")), "vit": _SOURCE, "lm": _SOURCE,
     "phi_p_trained": Bool(),
@@ -45,12 +47,14 @@ _CONFIG = _every({
     "image_token": _TOKEN, "perceiver_image_token": _TOKEN,
 })  # fmt: skip
 _DIMENSIONS = _every({"perceiver_width": Int(minimum=1), "target_width": Int(minimum=1), "phi": Str()})
-_PLAN = _every({
+_PLAN_ALWAYS = _every({
     "target": _SOURCE, "perceiver": _PERCEIVER, "dimensions": _DIMENSIONS, "kept": MapOf(_PART),
     "dropped": MapOf(_PART), "new": MapOf(_NEW), "config": _CONFIG, "dtype": Str(), "total_params": Int(minimum=0),
     "trainable_stage1_params": Int(minimum=0), "output_bytes": Int(minimum=0), "num_shards": Int(minimum=1),
     "shard_size": Int(minimum=1), "notes": ListOf(Str()),
 })  # fmt: skip
+# `converted` (an official DPA checkpoint renamed) is newer than the first workspaces: optional.
+_PLAN = Record({**_PLAN_ALWAYS.fields, "converted": Bool()}, required=_PLAN_ALWAYS.required)
 _OPTIONS = _every({
     "projector": Str(), "feature_span": Str(), "early_fusion": Bool(), "dtype": Str(), "seed": Int(),
     "shard_size": Int(minimum=1), "perceiver_layers": Int(minimum=0, nullable=True),

@@ -469,7 +469,8 @@ def add_to_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "c0f
 # 16 so its M-RoPE sections fit the tiny Qwen3s (head_dim 16 x 4 heads, wider than their width as the real ones).
 PAPER_REPOS: dict[str, tuple[str, dict[str, Any]]] = {
     "Qwen/Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", dict(
-        text_config=dict(hidden_size=64, intermediate_size=128, head_dim=16, rope_parameters={**_ROPE, "mrope_section": [2, 3, 3]}),
+        text_config=dict(hidden_size=64, intermediate_size=128, head_dim=16,
+                         rope_parameters={**_ROPE, "mrope_section": [2, 3, 3]}),
         vision_config=dict(out_hidden_size=64))),
     "Qwen/Qwen3-0.6B": ("causal_lm_qwen3", dict(hidden_size=32, intermediate_size=64, head_dim=16)),
     "Qwen/Qwen3-4B": ("causal_lm_qwen3", {}),

@@ -30,7 +30,8 @@ from tests.tiny_tokenizers import tiny_tokenizer
 VIT, PERCEIVER_LM, THINKER = "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B"
 TRAP = 'raise RuntimeError("the official remote code was run")\n'
 MROPE = [2, 3, 3]  # sums to head_dim 16 / 2, as [16, 24, 24] to 128 / 2
-HW_MODULE, LB_MODULE, FVT_MODULE = "modeling_qwen_custom_vl_hw", "modeling_llava_baseline", "modeling_forward_visual_tokens_llava_arch"
+HW_MODULE, LB_MODULE = "modeling_qwen_custom_vl_hw", "modeling_llava_baseline"
+FVT_MODULE = "modeling_forward_visual_tokens_llava_arch"
 
 
 def _hub_config(repo_id: str) -> dict[str, Any]:

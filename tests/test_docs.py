@@ -78,7 +78,7 @@ def test_a_broken_command_is_caught():
     with pytest.raises(UsageError):
         parse("dpa train --stage 1 --no-such-flag")
     with pytest.raises(UsageError):
-        parse("dpa upgrade ./my-llava")  # --perceiver is required
+        parse("dpa inspect --json")  # MODEL is required (`dpa upgrade` needs no --perceiver for an official DPA)
     with pytest.raises(UsageError):
         parse("dpa train --stage one")
     with pytest.raises(UsageError):

@@ -24,7 +24,8 @@ from dpa_cli.cli.app import app
 from dpa_cli.families import detect_family
 from dpa_cli.model import DPAConfig, DPAForConditionalGeneration, Qwen2_5_VLQwen3Model
 from tests.factories import copy_checkpoint, paper_hub_cache, read_tensors, tiny_config, tiny_model
-from tests.official_layouts import HEAD_ALIASES, PERCEIVER_LM, THINKER, VIT, build_baseline, build_hw, build_official_dpa
+from tests.official_layouts import HEAD_ALIASES, PERCEIVER_LM, THINKER, VIT
+from tests.official_layouts import build_baseline, build_hw, build_official_dpa
 from tests.test_bad_inputs import edit_json, tree_hash
 from tests.tiny_tokenizers import tiny_tokenizer
 
@@ -120,12 +121,13 @@ QWEN3_TEXT_SPELLINGS = {
 def test_a_qwen2_5_vl_config_with_qwen3_text_is_the_paper_skeleton(spelling):
     config = tiny_config("paper_vl").to_dict()
     text = {k: v for k, v in config["text_config"].items() if k not in ("head_dim", "architectures")}
-    config = {**config, "model_type": "qwen2_5_vl", "text_config": {**text, "model_type": "qwen2_5_vl_text", **spelling}}
+    text = {**text, "model_type": "qwen2_5_vl_text"}
+    config = {**config, "model_type": "qwen2_5_vl", "text_config": {**text, **spelling}}
     family = detect_family(config)
     assert family.name == "qwen2_5_vl_qwen3"
     native = family.native_config(config)
     assert native["model_type"] == "qwen2_5_vl_qwen3" and native["text_config"]["rope_parameters"]["mrope_section"]
-    stock = {**config, "text_config": {**text, "model_type": "qwen2_5_vl_text"}}
+    stock = {**config, "text_config": text}
     assert detect_family(stock).name == "qwen2_5_vl"
 
 
@@ -335,18 +337,21 @@ def test_a_hub_id_the_official_config_names_missing_offline_is_named(official, p
     if command == "inspect":
         argv = ["inspect", str(folder)]
     elif fmt.startswith("llava_baseline"):
-        argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "-o", str(tmp_path / "o")]
+        target = str(tiny_checkpoint("causal_lm_qwen3"))
+        argv = ["upgrade", target, "--perceiver", str(folder), "-o", str(tmp_path / "o")]
     else:
         argv = ["upgrade", str(folder), "-o", str(tmp_path / "o")]
     assert_refused(argv, (f"{key} {repo!r}", "not in the local Hugging Face cache", f"hf download {repo}"),
                    folder, tmp_path, env=env)  # fmt: skip
 
 
-def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(official, paper_hub, tiny_checkpoint, tmp_path):
+def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(official, paper_hub, tiny_checkpoint,
+                                                                           tmp_path):  # fmt: skip
     folder = copy_checkpoint(official["llava_baseline safetensors"], tmp_path / "lb")
     edit_json(folder / "config.json", lambda config: config.update(head_dim=8))
     argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "-o", str(tmp_path / "o")]
-    assert_refused(argv, ("config.json: its rotary dimension 8", "head_dim 16", "Qwen/Qwen3-0.6B"), tmp_path, env=paper_hub)
+    needles = ("config.json: its rotary dimension 8", "head_dim 16", "Qwen/Qwen3-0.6B")
+    assert_refused(argv, needles, tmp_path, env=paper_hub)
 
 
 # --- an official DPA checkpoint in, plain transformers out -----------------------------------------------------

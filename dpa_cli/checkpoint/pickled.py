@@ -31,9 +31,10 @@ def pickled_files(folder: Path) -> list[Path]:
     index = folder / PICKLED_INDEX
     if index.is_file():
         try:
-            weight_map = parse_json(index.read_bytes()).get("weight_map")
-        except (*PARSE_ERRORS, AttributeError) as err:
-            raise CheckpointError(f"{index}: {reason(err) if not isinstance(err, AttributeError) else 'not a JSON object'}") from None
+            parsed = parse_json(index.read_bytes())
+        except PARSE_ERRORS as err:
+            raise CheckpointError(f"{index}: {reason(err)}") from None
+        weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f'{index}: no "weight_map" from tensor names to shard files')
         names = sorted(set(weight_map.values()))

@@ -242,6 +242,21 @@ def count_layers(keys: Iterable[str]) -> int:
     return len({match.group(1) for key in keys if (match := _LAYER_INDEX.search(key))})
 
 
+Renames = tuple[tuple[re.Pattern[str], str], ...]
+
+
+def rename_keys(keys: Iterable[str], renames: Renames) -> dict[str, str]:
+    """{key: its new name} by the first (pattern, replacement) that matches it; keys none matches are left out.
+    Families transformers has no class for declare their weights' in-memory names this way."""
+    names = {}
+    for key in keys:
+        for pattern, replacement in renames:
+            if pattern.match(key):
+                names[key] = pattern.sub(replacement, key, count=1)
+                break
+    return names
+
+
 def layout(name: str, **components: tuple[str, ...] | str) -> KeyLayout:
     """Shorthand for declarations: `layout("hub", vision="visual", projector=("visual.merger",))`."""
     return KeyLayout(

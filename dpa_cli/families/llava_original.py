@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dpa_cli.families.base import Family, Role, layout
+from dpa_cli.families.base import Family, Role, layout, rename_keys
 
 # The language model each original class wraps; its config fields are the top-level ones.
 TEXT_MODEL_TYPES = {
@@ -47,13 +47,7 @@ _RENAMES = (
 
 def _memory_names(config: Mapping[str, Any], keys: Iterable[str]) -> dict[str, str]:
     """Keys this family knows, renamed as transformers' LLaVA classes hold them; others are left out."""
-    names = {}
-    for key in keys:
-        for pattern, replacement in _RENAMES:
-            if pattern.match(key):
-                names[key] = pattern.sub(replacement, key, count=1)
-                break
-    return names
+    return rename_keys(keys, _RENAMES)
 
 
 LLAVA_ORIGINAL = Family(

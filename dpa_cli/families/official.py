@@ -87,7 +87,8 @@ LLAVA_BASELINE = Family(
     vision_class="Qwen2_5_VisionTransformerPretrainedModel",
     auto_class=None,
     memory_names=memory_names,
-    pickled_weights=True,  # the eval split writes it as pytorch_model.bin (Multimodal_eval/seperate_model_mlp_func.py:45)
+    # The eval split writes it as pytorch_model.bin (Multimodal_eval/seperate_model_mlp_func.py:45).
+    pickled_weights=True,
 )
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dpa_cli.families.base import VISION_FIELDS, Family, Role, layout
+from dpa_cli.families.base import VISION_FIELDS, Family, Role, layout, rename_keys
 
 # As in dpa_cli/model/configuration_paper_dpa.py (not imported: that pulls in torch, and `inspect` never needs it).
 MODEL_TYPE = "qwen2_5_vl_qwen3"
@@ -138,13 +138,7 @@ _RENAMES = (
 
 def memory_names(config: Mapping[str, Any], keys: Iterable[str]) -> dict[str, str]:
     """{disk key: the name `Qwen2_5_VLQwen3ForConditionalGeneration` holds it under}; other keys are left out."""
-    names = {}
-    for key in keys:
-        for pattern, replacement in _RENAMES:
-            if pattern.match(key):
-                names[key] = pattern.sub(replacement, key, count=1)
-                break
-    return names
+    return rename_keys(keys, _RENAMES)
 
 
 SKELETON_LAYOUTS = (

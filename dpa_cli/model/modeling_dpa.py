@@ -107,8 +107,8 @@ class DPAModel(DPAPreTrainedModel):
     def __init__(self, config: DPAConfig):
         super().__init__(config)
         # The perceiver's *base* model: its LM head is never computed (the official code wastes it).
-        own = OWN_PERCEIVERS.get(config.perceiver_config.model_type)
-        self.perceiver = own._from_config(config.perceiver_config) if own else AutoModel.from_config(config.perceiver_config)
+        perceiver, own = config.perceiver_config, OWN_PERCEIVERS.get(config.perceiver_config.model_type)
+        self.perceiver = own._from_config(perceiver) if own else AutoModel.from_config(perceiver)
         self.multi_modal_projector = DPAProjector(
             config.perceiver_hidden_size,
             config.text_config.hidden_size,

@@ -14,7 +14,6 @@ A tied thinker head may be stored as an equal copy under either alias name (`lm_
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,33 +21,23 @@ from typing import Any
 from dpa_cli.checkpoint import LazyTensorReader
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.families import get_family, located, native_config
+from dpa_cli.families.base import Renames, rename_keys
 from dpa_cli.families.official import THINKER, VIT_PATH, thinker_config
 from dpa_cli.hub import resolve_model
 from dpa_cli.upgrade.sources import Checkpoint, Sources
 
-_Renames = tuple[tuple[re.Pattern[str], str], ...]
-THINKER_NAMES: _Renames = (
+THINKER_NAMES: Renames = (
     (re.compile(r"^model\.thinker\.model\."), "model."),
     (re.compile(r"^(?:model\.thinker\.)?lm_head\.weight$"), "lm_head.weight"),
 )
-PERCEIVER_NAMES: _Renames = ((re.compile(r"^model\.perceiver\.model\.vlm\.(visual|language_model)\."), r"model.\1."),)
-PHI_NAMES: _Renames = (
+PERCEIVER_NAMES: Renames = ((re.compile(r"^model\.perceiver\.model\.vlm\.(visual|language_model)\."), r"model.\1."),)
+PHI_NAMES: Renames = (
     (re.compile(r"^model\.linear_align_dim\.0\."), "model.multi_modal_projector.linear_1."),
     (re.compile(r"^model\.linear_align_dim\.2\."), "model.multi_modal_projector.linear_2."),
 )
 HEADS = ("lm_head.weight", "model.thinker.lm_head.weight")
 EMBEDDING = "model.thinker.model.embed_tokens.weight"
 PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json")
-
-
-def _renamed(keys: Iterable[str], renames: _Renames) -> dict[str, str]:
-    names = {}
-    for key in keys:
-        for pattern, replacement in renames:
-            if pattern.match(key):
-                names[key] = pattern.sub(replacement, key, count=1)
-                break
-    return names
 
 
 def _files(config: dict[str, Any], key: str, default: str, where: str) -> Path:
@@ -66,7 +55,8 @@ def official_sources(checkpoint: Checkpoint) -> Sources:
     if not isinstance(perceiver_config, dict):
         raise CheckpointError(f"{where}: perceiver_config is missing", hint="restore config.json or re-download it")
     baseline = get_family("llava_baseline")
-    thinker = {k: v for k, v in located(where, thinker_config, config).items() if k not in ("architectures", "auto_map")}
+    thinker = located(where, thinker_config, config)
+    thinker = {k: v for k, v in thinker.items() if k not in ("architectures", "auto_map")}
     skeleton = native_config(baseline, perceiver_config, f"{where} perceiver_config")
     disk = (config, checkpoint.family)
     own_processor = all((checkpoint.path / name).is_file() for name in PROCESSOR_FILES)
@@ -78,7 +68,7 @@ def official_sources(checkpoint: Checkpoint) -> Sources:
     phi = Checkpoint("phi", config={}, family=checkpoint.family, **view)
     keys = list(checkpoint.index.tensors)
     for part, renames in ((target, THINKER_NAMES), (perceiver, PERCEIVER_NAMES), (phi, PHI_NAMES)):
-        part._names = _renamed(keys, renames)
+        part._names = rename_keys(keys, renames)
     check_heads(checkpoint, bool(thinker.get("tie_word_embeddings")))
     return Sources(target, perceiver=perceiver, phi=phi)
 
@@ -88,7 +78,8 @@ def check_heads(checkpoint: Checkpoint, tied: bool) -> None:
     heads = [name for name in HEADS if name in checkpoint.index.tensors]
     hint = "re-save the checkpoint from the official model, or re-download it"
     if not tied and not heads:
-        raise CheckpointError(f"{checkpoint.path}: the thinker does not tie its LM head, but no lm_head.weight is stored", hint=hint)
+        what = "the thinker does not tie its LM head, but no lm_head.weight is stored"
+        raise CheckpointError(f"{checkpoint.path}: {what}", hint=hint)
     with LazyTensorReader(checkpoint.index) as reader:
         reference_name = EMBEDDING if tied else heads[0]
         reference = reader.get(reference_name)

@@ -169,7 +169,9 @@ def _keep_blocks(perceiver_config: dict[str, Any], blocks: int) -> dict[str, Any
     return {**perceiver_config, "text_config": text} if nested else {**perceiver_config, **text}
 
 
-def build_config(sources: Sources, options: Options, placeholders: dict[str, Placeholder], tokenizers: dict[str, Any]) -> Any:
+def build_config(
+    sources: Sources, options: Options, placeholders: dict[str, Placeholder], tokenizers: dict[str, Any]
+) -> Any:
     target_text = text_config(sources.target, _vocab(sources.target, placeholders["target"]))
     if sources.perceiver is not None:
         perceiver_config = {k: v for k, v in sources.perceiver.config.items() if k != "architectures"}

@@ -58,7 +58,9 @@ def plan_summary(plan: UpgradePlan) -> dict[str, Any]:
         "kept": {name: part for name, part in parts.items() if "new" not in part["from"]},
         "dropped": plan.dropped,
         "new": {} if plan.sources.converted else {
-            "phi": _new(plan, [t for t in new if t.name.startswith(PHI)]), **({"phi_p": _new(plan, phi_p)} if phi_p else {})},
+            "phi": _new(plan, [t for t in new if t.name.startswith(PHI)]),
+            **({"phi_p": _new(plan, phi_p)} if phi_p else {}),
+        },
         "config": {
             "projector_type": config.projector_type,
             "feature_span": config.feature_span,
