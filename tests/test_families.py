@@ -90,10 +90,11 @@ def test_unknown_families_are_an_error_listing_the_known_ones(config):
 def test_roles_are_as_the_method_needs_them():
     targets = {name for name, f in FAMILIES.items() if Role.TARGET in f.roles}
     perceivers = {name for name, f in FAMILIES.items() if Role.PERCEIVER in f.roles}
-    paper = {"qwen2_5_vl_qwen3", "qwen_custom_vl_hw_new"}  # the paper's skeleton: its baseline target and perceiver
+    # The paper's skeleton, its official baseline target and perceiver formats: each can be either.
+    paper = {"qwen2_5_vl_qwen3", "qwen_custom_vl_hw_new", "llava_baseline"}
     assert targets == {"llava", "llava_next", "llava_onevision", "llava_original", "causal_lm", *paper}
     assert perceivers == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision",
-                          "idefics3", "smolvlm", "llava_baseline", *paper}  # fmt: skip
+                          "idefics3", "smolvlm", *paper}  # fmt: skip
     assert FAMILIES["dpa"].roles == FAMILIES["forward_visual_tokens_llava_arch"].roles == frozenset()
     assert list(FAMILIES)[-1] == "causal_lm", "the catch-all is detected last"
 

@@ -131,6 +131,14 @@ def test_a_qwen2_5_vl_config_with_qwen3_text_is_the_paper_skeleton(spelling):
     assert detect_family(stock).name == "qwen2_5_vl"
 
 
+def test_a_qwen2_5_vl_checkpoint_with_qwen3_text_upgrades_as_the_paper_skeleton(tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint("paper_vl", layout="hub"), tmp_path / "qwen25-qwen3")
+    edit_json(folder / "config.json", lambda c: c.update(model_type="qwen2_5_vl", text_config={
+        **c["text_config"], "model_type": "qwen3", "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}))
+    result = upgrade_json([str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "--dry-run"], {})
+    assert (result["perceiver"]["family"], result["perceiver"]["builds"]) == ("qwen2_5_vl_qwen3", "qwen2_5_vl_qwen3")
+
+
 # --- refusals: exit 2, one `error:` line (plus a hint), no traceback, nothing written ------------------------
 runner = CliRunner()
 
@@ -256,9 +264,10 @@ OFFICIAL_LAYOUTS = {
     "hw v5 names": (lambda f: build_hw(f, names="v5"), "qwen_custom_vl_hw_new", "v5", ["target", "perceiver"], 32),
     "hw untied (32B-like)": (lambda f: build_hw(f, tie=False), "qwen_custom_vl_hw_new", "hub",
                              ["target", "perceiver"], 32),
-    "llava_baseline safetensors": (lambda f: build_baseline(f), "llava_baseline", "official", ["perceiver"], 32),
+    "llava_baseline safetensors": (lambda f: build_baseline(f), "llava_baseline", "official",
+                                   ["target", "perceiver"], 32),
     "llava_baseline pytorch_model.bin": (lambda f: build_baseline(f, "bin"), "llava_baseline", "official",
-                                         ["perceiver"], 32),
+                                         ["target", "perceiver"], 32),
     "official DPA, both head aliases": (lambda f: build_official_dpa(f), OFFICIAL, "official", [], 64),
     "official DPA .bin, heads absent": (lambda f: build_official_dpa(f, "bin", heads=()), OFFICIAL, "official", [], 64),
     "official DPA, one alias, fp32": (lambda f: build_official_dpa(f, heads=HEAD_ALIASES[1:], dtype=torch.float32),

@@ -72,7 +72,8 @@ def _baseline_native(config: Mapping[str, Any]) -> dict[str, Any]:
 LLAVA_BASELINE = Family(
     name="llava_baseline",
     description="The paper's perceiver, official format (remote code not run): the skeleton from vit_path + llm_path",
-    roles=frozenset({Role.PERCEIVER}),
+    # The perceiver; with llm_path Qwen3-4B, the baseline target as it trains (transcription sec. 1.2).
+    roles=frozenset({Role.TARGET, Role.PERCEIVER}),
     layouts=(layout("official", vision="model.vlm.visual", projector="model.vlm.visual.merger",
                     language_model="model.vlm.language_model", lm_head="lm_head"),),  # fmt: skip
     model_types=("llava_baseline",),

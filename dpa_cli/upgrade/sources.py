@@ -170,10 +170,11 @@ class Sources:
 
 
 def _require_role(checkpoint: Checkpoint, role: Role, what: str) -> None:
-    if role not in checkpoint.family.roles:
-        able = "none" if not checkpoint.family.roles else ", ".join(r.value for r in checkpoint.family.roles)
+    family = checkpoint.disk_family  # the roles its own format declares (an official one builds the skeleton)
+    if role not in family.roles:
+        able = "none" if not family.roles else ", ".join(r.value for r in family.roles)
         raise BadInputError(
-            f"{checkpoint.path}: a {checkpoint.family.name} checkpoint cannot be the {what} (it can be: {able})",
+            f"{checkpoint.path}: a {family.name} checkpoint cannot be the {what} (it can be: {able})",
             hint="run `dpa inspect` on it to see what it is",
         )
 
