@@ -14,7 +14,8 @@ from typing import Any
 
 from dpa_cli.checkpoint import CheckpointIndex, TensorInfo, find_truncated_files, read_checkpoint_index
 from dpa_cli.errors import CheckpointError, ModelNotFoundError
-from dpa_cli.families import Component, Family, KeySplit, Role, check_config, count_layers, detect_family, native_config
+from dpa_cli.families import Component, Family, KeySplit, Role, check_config, count_layers, detect_family, located
+from dpa_cli.families import native_config
 from dpa_cli.families.auto_names import auto_names
 from dpa_cli.families.paper import OWN_CLASSES
 from dpa_cli.jsonio import PARSE_ERRORS, parse_json, read_json
@@ -39,11 +40,12 @@ def describe_model(folder: Path) -> dict[str, Any]:
         what = "not a folder" if folder.exists() else "no such folder"
         raise ModelNotFoundError(f"{what}: {folder}", hint="pass a checkpoint folder")
     config = read_config(folder)
-    family = detect_family(config, where=str(folder / "config.json"))
-    native_config(family, config, str(folder / "config.json"))  # the hub configs it names, or an error naming them
+    where = str(folder / "config.json")
+    family = detect_family(config, where=where)
+    native_config(family, config, where)  # the hub configs it names (official formats), or an error naming one
     index = read_checkpoint_index(folder, pickled=family.pickled_weights)
     warnings = _file_warnings(index)
-    parts = describe_parts(family, config, index.tensors, warnings)
+    parts = located(where, describe_parts, family, config, index.tensors, warnings)
     return {
         "path": str(folder),
         "family": family.name,
@@ -232,7 +234,7 @@ def _perceiver(
     candidates = [stripped, {f"model.{k}": v for k, v in stripped.items()}]
     best = max(candidates, key=lambda c: len(c) - len(perceiver.split_keys(c).unmapped))
     own: list[str] = []
-    parts = describe_parts(perceiver, sub_config, best, own)
+    parts = located("config.json", describe_parts, perceiver, sub_config, best, own, within=family.perceiver_config_key)
     warnings.extend(f"perceiver: {message}" for message in own)
     return {
         "family": perceiver.name,

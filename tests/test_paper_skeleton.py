@@ -350,8 +350,10 @@ def test_a_hub_id_the_official_config_names_missing_offline_is_named(official, p
         argv = ["upgrade", target, "--perceiver", str(folder), "-o", str(tmp_path / "o")]
     else:
         argv = ["upgrade", str(folder), "-o", str(tmp_path / "o")]
-    assert_refused(argv, (f"{key} {repo!r}", "not in the local Hugging Face cache", f"hf download {repo}"),
-                   folder, tmp_path, env=env)  # fmt: skip
+    nested = "perceiver_config." if fmt.startswith("official") and key != "thinker_name_or_path" else ""
+    needles = (f"{folder}/config.json: {nested}{key} {repo!r}", "not in the local Hugging Face cache",
+               f"hf download {repo}")  # fmt: skip
+    assert_refused(argv, needles, folder, tmp_path, env=env)
 
 
 def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(official, paper_hub, tiny_checkpoint,
@@ -359,7 +361,7 @@ def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(offic
     folder = copy_checkpoint(official["llava_baseline safetensors"], tmp_path / "lb")
     edit_json(folder / "config.json", lambda config: config.update(head_dim=8))
     argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "-o", str(tmp_path / "o")]
-    needles = ("config.json: its rotary dimension 8", "head_dim 16", "Qwen/Qwen3-0.6B")
+    needles = ("config.json: head_dim 8 (the perceiver's rotary size", "the head_dim 16 of llm_path Qwen/Qwen3-0.6B")
     assert_refused(argv, needles, tmp_path, env=paper_hub)
 
 

@@ -86,14 +86,18 @@ def native_config(family: Family, config: Mapping[str, Any], where: str) -> dict
     return located(where, family.native_config, config)
 
 
-def located(where: str, read: Callable[..., Any], *args: Any) -> Any:
-    """`read(*args)`, with `config.json` in its error messages replaced by `where` (the file's path)."""
+def located(where: str, read: Callable[..., Any], *args: Any, within: str | None = None) -> Any:
+    """`read(*args)`, with `config.json` in its error messages replaced by `where` (the file's path); `within`
+    names the sub-config that was read (`config.json: vit_path ...` -> `WHERE: perceiver_config.vit_path ...`)."""
     try:
         return read(*args)
     except BadInputError as err:
         if not err.message.startswith("config.json"):
             raise
-        raise type(err)(where + err.message[len("config.json") :], hint=err.hint) from None
+        rest = err.message[len("config.json") :]
+        if within and rest.startswith(": "):
+            rest = f": {within}.{rest[2:]}"
+        raise type(err)(where + rest, hint=err.hint) from None
 
 
 def get_family(name: str) -> Family:

@@ -61,8 +61,8 @@ def _baseline_native(config: Mapping[str, Any]) -> dict[str, Any]:
     rotary = config.get("head_dim") or (width // heads if width and heads else QWEN2_ROTARY_DIM)
     if rotary != text["head_dim"]:
         raise CheckpointError(
-            f"config.json: its rotary dimension {rotary} (head_dim, or hidden_size / num_attention_heads) is not "
-            f"the head_dim {text['head_dim']} of llm_path {config.get('llm_path', LLM_PATH)}",
+            f"config.json: head_dim {rotary} (the perceiver's rotary size; hidden_size / num_attention_heads when "
+            f"absent) is not the head_dim {text['head_dim']} of llm_path {config.get('llm_path', LLM_PATH)}",
             hint="the perceiver's RoPE is built from this config (official modeling_llava_baseline.py:552): fix it",
         )
     tie = bool(lm.get("tie_word_embeddings", False))

@@ -57,7 +57,7 @@ def official_sources(checkpoint: Checkpoint) -> Sources:
     baseline = get_family("llava_baseline")
     thinker = located(where, thinker_config, config)
     thinker = {k: v for k, v in thinker.items() if k not in ("architectures", "auto_map")}
-    skeleton = native_config(baseline, perceiver_config, f"{where} perceiver_config")
+    skeleton = located(where, native_config, baseline, perceiver_config, "config.json", within="perceiver_config")
     disk = (config, checkpoint.family)
     own_processor = all((checkpoint.path / name).is_file() for name in PROCESSOR_FILES)
     processor = checkpoint.path if own_processor else _files(config, "p_processor_name_or_path", VIT_PATH, where)
