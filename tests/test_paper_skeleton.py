@@ -525,3 +525,15 @@ def test_an_official_dpa_checkpoint_that_cannot_be_renamed_as_is_is_refused(offi
 def test_a_target_that_is_not_an_official_dpa_checkpoint_needs_a_perceiver(tiny_checkpoint, tmp_path, target):
     argv = ["upgrade", str(tiny_checkpoint(target)), "-o", str(tmp_path / "ws")]
     assert_refused(argv, ("--perceiver is missing", "only an official DPA checkpoint"), tmp_path)
+
+
+def test_an_official_dpa_checkpoint_without_processor_files_takes_the_one_its_config_names(official, paper_hub,
+                                                                                          tmp_path):  # fmt: skip
+    folder = copy_checkpoint(official["official DPA .bin, heads absent"], tmp_path / "official")
+    for name in ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    upgrade_json([str(folder), "-o", str(tmp_path / "ws"), "--no-verify-load"], paper_hub)
+    processor = loading.load_processor(tmp_path / "ws" / "model")  # the folder has none: p_processor_name_or_path's
+    assert processor.perceiver_tokenizer.get_vocab() == loading.load_tokenizer(_snapshot(paper_hub, VIT)).get_vocab()
+    assert "<think>" in processor.tokenizer.get_vocab()  # the thinker's: t_tokenizer_name_or_path (Qwen3)
+    assert "<think>" not in processor.perceiver_tokenizer.get_vocab()  # Qwen2.5-VL's has no think tokens
