@@ -35,17 +35,18 @@ class Qwen2_5_VLQwen3TextConfig(Qwen3Config):
             )
 
     def convert_rope_params_to_dict(self, **kwargs):
-        # Qwen2.5-VL configs say `rope_scaling: {type: "mrope" | "default", mrope_section: [...]}`; "mrope" is
-        # plain RoPE frequencies recomposed per section, i.e. rope_type "default" (as Qwen2_5_VLTextConfig reads it).
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        self.rope_parameters = dict(rope_scaling or self.rope_parameters or {})
-        self.rope_parameters.setdefault("rope_theta", kwargs.pop("rope_theta", 1_000_000.0))
+        # Qwen2.5-VL configs say `rope_scaling: {type: "mrope" | "default", mrope_section: [...]}`: "mrope" is plain
+        # RoPE frequencies recomposed per section, i.e. rope_type "default" (as Qwen2_5_VLTextConfig reads it).
+        # Theta and the rest are then read as Qwen3Config reads them.
+        rope = dict(kwargs.pop("rope_scaling", None) or self.rope_parameters or {})
+        kind = rope.pop("type", None)
+        rope.setdefault("rope_type", kind or "default")
+        if rope["rope_type"] == "mrope":
+            rope["rope_type"] = "default"
         # Qwen2.5-VL's sections for head_dim 128 (its rotary's default too); any other head_dim must name its own.
-        self.rope_parameters.setdefault("mrope_section", [16, 24, 24])
-        if self.rope_parameters.get("rope_type", self.rope_parameters.get("type")) == "mrope":
-            self.rope_parameters["rope_type"] = "default"
-        self.standardize_rope_params()
-        return kwargs
+        rope.setdefault("mrope_section", [16, 24, 24])
+        self.rope_parameters = rope
+        return super().convert_rope_params_to_dict(**kwargs)
 
 
 class Qwen2_5_VLQwen3Config(Qwen2_5_VLConfig):
