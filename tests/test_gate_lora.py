@@ -175,14 +175,14 @@ def test_lora_zero3_resume_reproduces_every_trained_tensor(base, data, tmp_path)
                 "--nproc", "2", "--deepspeed", "zero3"]  # fmt: skip
 
     straight = copy_of(base, tmp_path / "straight")
-    done = subprocess.run(command(straight), capture_output=True, text=True, timeout=300, env=ENV)
+    done = subprocess.run(command(straight), capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert changed_parts(straight / "stage1" / "model", straight / "stage2" / "model") == {"phi", "phi_p"}
     resumed = copy_of(straight, tmp_path / "resumed")
     as_killed_after(resumed, 2, (base / "dpa.yaml").read_bytes())
     assert [p.name for p in checkpoints(resumed)] == ["checkpoint-2"]
     assert (resumed / "stage2" / "checkpoint-2" / TRAINED_IN_FULL).is_file()
-    done = subprocess.run(command(resumed, "--resume"), capture_output=True, text=True, timeout=300, env=ENV)
+    done = subprocess.run(command(resumed, "--resume"), capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {resumed / 'stage2' / 'checkpoint-2'}" in done.stdout.replace("\n", "")
     assert_same_run(straight, resumed)
@@ -209,7 +209,7 @@ def fresh_logits(snippets: dict[str, str], probe: Path, work: Path) -> tuple[dic
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(work / "modules")
     done = subprocess.run([sys.executable, "-c", FRESH, json.dumps(snippets), str(probe), str(work / "logits.st")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(work / "logits.st"), json.loads(done.stdout.strip().splitlines()[-1])
 
