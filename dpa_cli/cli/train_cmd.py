@@ -75,9 +75,21 @@ def train(
     from dpa_cli.train.run import run_stage
 
     main = int(os.environ.get("RANK", "0")) == 0
-    summary = run_stage(request, reporter=RichReporter(quiet=json_ or not main))
+    try:
+        summary = run_stage(request, reporter=RichReporter(quiet=json_ or not main))
+    finally:
+        _leave_process_group()
     if json_ and main:
         print_json(summary)
+
+
+def _leave_process_group() -> None:
+    """Shut the process group down before the interpreter exits: left to process teardown, gloo's threads can
+    abort a worker that has finished (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _print_plan(plan: dict[str, Any]) -> None:
