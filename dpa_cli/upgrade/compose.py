@@ -57,8 +57,10 @@ def dpa_config(
     perceiver_image: Placeholder,
     markers: list[int],
     options: Any,
+    target_markers: list[int] | None = None,
 ) -> Any:
-    """The DPAConfig of the upgraded model."""
+    """The DPAConfig of the upgraded model. `target_markers`: the target's start and end marker ids that are
+    image slots with `image+markers` (dpa_cli.upgrade.encoding.target_markers)."""
     from dpa_cli.model import DPAConfig
 
     if options.feature_span == "image+markers" and not markers:
@@ -73,6 +75,8 @@ def dpa_config(
         projector_type=options.projector,
         feature_span=options.feature_span,
         early_fusion=options.early_fusion,
+        encoding=getattr(options, "encoding", "dpa"),
+        target_marker_token_ids=list(target_markers or []),
         image_token_id=image.id,
         perceiver_image_token_id=perceiver_image.id,
         perceiver_marker_token_ids=markers,
