@@ -251,7 +251,8 @@ def check_dataset(
         "id": shown["sample_id"], "tokens": len(shown["labels"]),
         "supervised_tokens": int((shown["labels"] != IGNORE_INDEX).sum()),
         "segments": [list(s) for s in supervised_segments(processor, shown)],
-        "perceiver": [[list(s) for s in image] for image in perceiver_segments(processor, shown)],
+        "perceiver": [{"features": count, "segments": [list(s) for s in segments]} for count, segments in
+                      zip(processor.feature_counts(shown), perceiver_segments(processor, shown))],
     }  # fmt: skip
     result["mode"] = "fast" if fast else "decode"
     result["seconds"], result["cpu_seconds"] = round(seconds, 3), round(cpu_seconds, 3)

@@ -52,8 +52,12 @@ def perceiver_segments(processor: Any, features: dict[str, Any]) -> list[list[tu
     return images
 
 
-def render_segments(segments: list, title: str, max_chars: int = 4000) -> Any:
-    """A rich panel of (text, kind) segments: what is learned highlighted, the prompt dimmed."""
+TARGET_LEGEND = (("learned", "supervised"), ("masked prompt", "prompt"), ("image slots", "image"))
+
+
+def render_segments(segments: list, title: str, max_chars: int = 4000, legend: tuple = TARGET_LEGEND) -> Any:
+    """A rich panel of (text, kind) segments: what is learned highlighted, the prompt dimmed; `legend` names
+    the kinds shown, as (words, kind) pairs."""
     from rich.panel import Panel
     from rich.text import Text
 
@@ -65,10 +69,9 @@ def render_segments(segments: list, title: str, max_chars: int = 4000) -> Any:
             break
         text.append(segment, style=STYLES[kind])
         shown += len(segment)
-    legend = Text.assemble(("learned", STYLES["supervised"]), "  ", ("masked prompt", STYLES["prompt"]), "  ",
-                           ("image slots", STYLES["image"]))  # fmt: skip
+    key = Text("  ").join(Text(words, style=STYLES[kind]) for words, kind in legend)
     # The title quotes a sample id from the data: plain Text, so brackets in it are not read as markup.
-    return Panel(text, title=Text(title), title_align="left", subtitle=legend, subtitle_align="right")
+    return Panel(text, title=Text(title), title_align="left", subtitle=key, subtitle_align="right")
 
 
 def render_supervised(processor: Any, features: dict[str, Any], max_chars: int = 4000) -> Any:
