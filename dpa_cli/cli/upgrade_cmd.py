@@ -115,6 +115,9 @@ def render_plan(summary: dict[str, Any], workspace: Path) -> None:
     what = perceiver.get("spec") if perceiver["kind"] == "composed" else perceiver["path"]
     out.print(f"perceiver {what} ({perceiver['family']}, {perceiver['kind']})")
     out.print(f"phi       {dims['phi']} (perceiver width -> target width)")
+    config = summary["config"]
+    out.print(f"features  {config['feature_span']}; encoding {config['encoding']}"
+              f"{'; early fusion' if config['early_fusion'] else ''}")  # fmt: skip
     table = Table("part", "from", "tensors", "params", title="kept", title_justify="left")
     for name, part in summary["kept"].items():
         table.add_row(name, ", ".join(part["from"]), str(part["tensors"]), human_count(part["params"]))

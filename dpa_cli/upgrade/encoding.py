@@ -60,15 +60,29 @@ def check_paper(sources: Any, tokenizers: dict[str, Any]) -> None:
             )
 
 
-def target_markers(sources: Any, tokenizers: dict[str, Any], options: Any) -> list[int]:
-    """The target's start and end marker ids that become image slots: with `image+markers` only, the paper's
-    markers by name, else those a Qwen-VL target's config names (its template wraps each image in them, so
-    N+2 pads between them would make N+4 positions); none for targets whose template has no markers."""
+def template_markers(tokenizer: Any, image_id: int) -> list[int]:
+    """The two special tokens the target's chat template writes right around an image placeholder (Qwen's
+    `<|vision_start|>`/`<|vision_end|>`), or none (LLaVA's `<image>\\n`, or a template that drops images)."""
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    try:
+        ids = tokenizer(tokenizer.apply_chat_template(probe, tokenize=False), add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001  no template, or one that needs more than a user turn: no markers known
+        return []
+    if ids.count(image_id) != 1 or ids.index(image_id) in (0, len(ids) - 1):
+        return []
+    index = ids.index(image_id)
+    around = [ids[index - 1], ids[index + 1]]
+    specials = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return around if all(i in specials for i in around) else []
+
+
+def target_markers(sources: Any, tokenizers: dict[str, Any], options: Any, image_id: int) -> list[int]:
+    """The target's start and end marker ids that become image slots, with `image+markers` only: the paper's by
+    name; else those the target's template wraps each image in (with N+2 pads between them an image would take
+    N+4 positions); none when it has none, and the N+2 features fill N+2 pads."""
     if options.feature_span != "image+markers":
         return []
     if options.encoding == "paper":
         check_paper(sources, tokenizers)
         return [single_token_id(tokenizers["target"], token) for token in MARKERS]
-    target = sources.target
-    markers = list(target.family.marker_token_ids(target.config))
-    return markers if len(markers) == 2 else []
+    return template_markers(tokenizers["target"], image_id)

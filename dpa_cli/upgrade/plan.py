@@ -299,7 +299,7 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     options = resolve_options(options)
     placeholders, tokenizers = _placeholders(sources)
     _check_vocab(sources, tokenizers, placeholders)
-    markers = target_markers(sources, tokenizers, options)
+    markers = target_markers(sources, tokenizers, options, placeholders["target"].id)
     try:
         config = build_config(sources, options, placeholders, markers)
         _check_perceiver_depth(config, options)
