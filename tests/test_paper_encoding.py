@@ -141,6 +141,47 @@ def test_a_two_turn_sample_is_the_official_encoding_token_for_token(processor, i
     assert processor.feature_counts(features) == [6]  # N + 2: <|vision_start|>, 4 pads, <|vision_end|>
 
 
+LAYOUTS = [  # user turns as (kind, text) blocks; "I" an image. Each image's perceiver frame: its turn up to it.
+    [[("T", "Compare"), ("I", ""), ("I", ""), ("T", "these.")]],
+    [[("I", ""), ("T", "What is it?")], [("T", "And this one?"), ("I", "")]],
+    [[("I", ""), ("I", "")]],
+    [[("T", "First"), ("I", ""), ("T", "then"), ("I", "")], [("I", ""), ("T", "last")]],
+    [[("T", "Look closely,\nplease."), ("I", "")]],
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=range(len(LAYOUTS)))
+def test_each_image_reads_its_turn_up_to_it_in_training_and_inference(processor, layout):
+    sizes = iter([(56, 56), (28, 56), (56, 28), (28, 28), (84, 28)])
+    images, messages, heads = [], [], []
+    for turn in layout:
+        content, before = [], []
+        for kind, text in turn:
+            if kind == "T":
+                content.append({"type": "text", "text": text})
+                before.append(text)
+                continue
+            images.append(picture(*next(sizes), seed=len(images)))
+            content.append({"type": "image"})
+            heads.append("<|im_start|>user\n" + "".join(f"{t}\n" for t in before))
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "Ok."}]}]
+    trained = SampleEncoder(processor, 2, 4096)(Sample("s", [ImageRef(image=i) for i in images], messages))
+    counter = iter(images)  # the same conversation as chat messages carrying the images, up to the last answer
+    live = [{**m, "content": [{**b, "image": next(counter)} if b["type"] == "image" else b for b in m["content"]]}
+            for m in messages[:-1]]  # fmt: skip
+    prompted = processor.apply_chat_template(live, add_generation_prompt=True, tokenize=True, return_dict=True)
+    for inputs in (trained, prompted):
+        rows = inputs["perceiver_input_ids"], inputs["perceiver_attention_mask"].bool()
+        texts = [processor.perceiver_tokenizer.decode(row[mask]) for row, mask in zip(*rows)]
+        assert [text.split(VISION_START)[0] for text in texts] == heads
+        assert [text.count(VISION_START) for text in texts] == [1] * len(images)
+        counts = processor.feature_counts(inputs)
+        pads = [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]
+        assert counts == [n + 2 for n in pads]
+        ids = torch.as_tensor(inputs["input_ids"]).flatten()
+        assert int(torch.isin(ids, torch.tensor(processor.image_slot_token_ids)).sum()) == sum(counts)
+
+
 def test_stage_1_learns_the_caption_and_its_im_end(processor, image_file):
     sample = _record("llava", ("", "Describe it.", "A blue square.", "Why?", "No."), image_file)
     sample.messages = sample.messages[:2]

@@ -497,9 +497,8 @@ class DPAProcessor(ProcessorMixin):
                 if index > 0:  # the text after the previous image: drop that image's end marker and joiner
                     piece = piece.removeprefix(end).removeprefix("\n")
                 opened = piece.rfind(TURN_OPEN)
-                turn = piece[opened:] if opened >= 0 else turn + piece
-                head = turn.removesuffix(start)
-                heads.append(head if head.startswith(TURN_OPEN) else PAPER_PERCEIVER_FRAME + head)
+                turn = (piece[opened:] if opened >= 0 else turn + piece).removesuffix(start)
+                heads.append(turn if turn.startswith(TURN_OPEN) else PAPER_PERCEIVER_FRAME + turn)
         return heads
 
     def _perceiver_inputs(
