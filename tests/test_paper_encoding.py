@@ -116,15 +116,15 @@ def _record(spelling: str, turns: tuple, image: Path) -> Sample:
     if spelling.startswith("llava"):
         human, gpt = ("human", "gpt") if spelling == "llava" else ("user", "assistant")
         turns_ = [(human, first), (gpt, a1), (human, q2), (gpt, a2)]
-        return from_llava({"id": "s", "image": image.name, "conversations": [{"from": r, "value": v} for r, v in turns_]},
-                          0, image.parent)  # fmt: skip
+        conversations = [{"from": role, "value": value} for role, value in turns_]
+        return from_llava({"id": "s", "image": image.name, "conversations": conversations}, 0, image.parent)
     if spelling == "chat-blocks":
         blocks = [{"type": "text", "text": before}] if before else []
         blocks += [{"type": "image"}] + ([{"type": "text", "text": q1}] if q1 else [])
     else:
         blocks = first
     messages = [{"role": "user", "content": blocks}, {"role": "assistant", "content": a1},
-                {"role": "user", "content": q2}, {"role": "assistant", "content": [{"type": "text", "text": a2}]}]  # fmt: skip
+                {"role": "user", "content": q2}, {"role": "assistant", "content": [{"type": "text", "text": a2}]}]
     return from_chat({"id": "s", "images": [image.name], "messages": messages}, 0, image.parent)
 
 
@@ -141,6 +141,7 @@ def test_a_two_turn_sample_is_the_official_encoding_token_for_token(processor, i
     assert processor.feature_counts(features) == [6]  # N + 2: <|vision_start|>, 4 pads, <|vision_end|>
 
 
+ANSWER = {"role": "assistant", "content": [{"type": "text", "text": "Ok."}]}
 LAYOUTS = [  # user turns as (kind, text) blocks; "I" an image. Each image's perceiver frame: its turn up to it.
     [[("T", "Compare"), ("I", ""), ("I", ""), ("T", "these.")]],
     [[("I", ""), ("T", "What is it?")], [("T", "And this one?"), ("I", "")]],
@@ -164,7 +165,7 @@ def test_each_image_reads_its_turn_up_to_it_in_training_and_inference(processor,
             images.append(picture(*next(sizes), seed=len(images)))
             content.append({"type": "image"})
             heads.append("<|im_start|>user\n" + "".join(f"{t}\n" for t in before))
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "Ok."}]}]
+        messages += [{"role": "user", "content": content}, ANSWER]
     trained = SampleEncoder(processor, 2, 4096)(Sample("s", [ImageRef(image=i) for i in images], messages))
     counter = iter(images)  # the same conversation as chat messages carrying the images, up to the last answer
     live = [{**m, "content": [{**b, "image": next(counter)} if b["type"] == "image" else b for b in m["content"]]}
@@ -201,11 +202,12 @@ def test_n_plus_2_features_fill_the_start_pad_and_end_slots(processor, model, si
     slots = torch.isin(ids, torch.tensor(model.config.image_slot_token_ids))
     assert ids[slots].tolist() == [start] + [processor.image_token_id] * n + [end]
     seen = {}
-    model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    hook = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
     with torch.no_grad():
         out = model(**inputs)
         perceiver = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         states = model.model.get_image_features(**perceiver).last_hidden_state[0]
+    hook.remove()
     embeds = seen["inputs_embeds"][0]
     # The official features: phi of the perceiver's final-norm states start..end inclusive (FVT:450-480).
     p_ids = inputs["perceiver_input_ids"][0].tolist()
@@ -256,8 +258,8 @@ def test_the_generation_prompt_is_the_training_text_up_to_the_think_opener(proce
 
 
 def test_a_chat_history_keeps_its_think_blocks_and_the_prompt_ends_with_the_opener(processor):
-    messages = [user_turn("What is it?", [picture(56, 56)]),
-                {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}, user_turn("Sure?", [])]  # fmt: skip
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}
+    messages = [user_turn("What is it?", [picture(56, 56)]), answer, user_turn("Sure?", [])]
     prompt = processor.tokenizer.decode(build_inputs(processor, messages)["input_ids"][0])
     assert prompt.endswith(f"<|im_start|>assistant\n{THINK}A square.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n"
                            "<|im_start|>assistant\n<think>\n\n")  # fmt: skip

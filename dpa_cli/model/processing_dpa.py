@@ -221,8 +221,8 @@ def _turn_texts(conversations: list[list[dict]], bare_images: bool = False) -> l
         if isinstance(content, str):
             continue
         turn = "\n".join(block["text"] for block in content if block.get("type") == "text")
-        images = [b for b in content if b.get("type") == "image" and (bare_images or any(k in b for k in _IMAGE_BLOCK_KEYS))]
-        texts += [turn] * len(images)
+        images = [b for b in content if b.get("type") == "image"]
+        texts += [turn] * sum(1 for b in images if bare_images or any(k in b for k in _IMAGE_BLOCK_KEYS))
     return texts
 
 
