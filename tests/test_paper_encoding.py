@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,32 @@ def test_an_encoding_that_cannot_be_written_is_refused_and_nothing_is_written(ti
     assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
     assert lines and lines[0].startswith("error:") and len(lines) <= 2 and needle in lines[0], result.stderr
     assert tree_hash(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+# --- a hand-edited processor_config.json -------------------------------------------------------------------
+def _edits() -> list[tuple[str, object]]:
+    bad = [("encoding", v) for v in ("Paper", "official", "", None, 3, ["paper"])]
+    bad += [("feature_span", v) for v in ("image", "markers", None)]  # paper needs image+markers
+    bad += [("target_marker_tokens", v) for v in (["<|vision_start|>"], [], ["<|vision_start|>"] * 3)]
+    return bad
+
+
+@pytest.mark.parametrize("command", ["data", "generate"])
+@pytest.mark.parametrize("key, value", _edits(), ids=[f"{k}={v!r}" for k, v in _edits()])
+def test_a_processor_config_the_encoding_cannot_run_is_refused_in_one_line(paper, image_file, tmp_path, command,
+                                                                          key, value):  # fmt: skip
+    workspace = Path(shutil.copytree(paper, tmp_path / "ws"))
+    settings = workspace / "model" / "processor_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), key: value}))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"image": image_file.name, "conversations": [
+        {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yes."}]}]))  # fmt: skip
+    argv = {"data": ["data", "check", str(data), "--image-root", str(image_file.parent), "-w", str(workspace)],
+            "generate": ["generate", str(workspace), "--image", str(image_file), "--prompt", "Hi"]}[command]  # fmt: skip
+    before = tree_hash(workspace, image_file.parent)
+    result = runner.invoke(app, argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines and lines[0].startswith("error:") and len(lines) <= 2, result.stderr
+    assert "cannot load its processor" in lines[0] and str(workspace / "model") in lines[0]
+    assert tree_hash(workspace, image_file.parent) == before
