@@ -64,10 +64,11 @@ def dpa_config(
     from dpa_cli.model import DPAConfig
 
     if options.feature_span == "image+markers" and not markers:
+        paper = getattr(options, "encoding", "dpa") == "paper"
         raise BadInputError(
-            f"--feature-span image+markers: this perceiver ({perceiver_config.get('model_type')}) has no image "
-            "marker tokens",
-            hint="use --feature-span image",
+            f"{'--encoding paper' if paper else '--feature-span image+markers'}: this perceiver "
+            f"({perceiver_config.get('model_type')}) has no image marker tokens",
+            hint="use a Qwen-VL-family perceiver, or --encoding dpa" if paper else "use --feature-span image",
         )
     return DPAConfig(
         perceiver_config=perceiver_config,

@@ -42,9 +42,9 @@ def _missing(tokenizer: Any, tokens: tuple[str, ...]) -> list[str]:
 
 def check_paper(sources: Any, tokenizers: dict[str, Any]) -> None:
     """Refuse a pair the paper encoding cannot write: it is Qwen's ChatML and Qwen-VL's image markers."""
-    perceiver = sources.perceiver
-    if perceiver is None or not perceiver.family.marker_token_ids(perceiver.config):
-        kind = perceiver.family.name if perceiver is not None else "composed"
+    perceiver = sources.perceiver or sources.vit  # a composed perceiver lays images out as its ViT source does
+    if not perceiver.family.marker_token_ids(perceiver.config):
+        kind = perceiver.family.name + ("" if sources.perceiver is not None else ", composed")
         raise BadInputError(
             f"--encoding paper: this perceiver ({kind}) has no image start/end marker tokens, whose states the "
             "paper feeds the target",
