@@ -18,6 +18,7 @@ from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.families import Component
 from dpa_cli.upgrade.compose import composed_perceiver_config, dpa_config, text_config
+from dpa_cli.upgrade.encoding import resolve_options, target_markers
 from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
 from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, ensure_pad_token, existing_placeholder, load_tokenizer
@@ -37,12 +38,13 @@ COMPOSED_NEW = ("model.perceiver.multi_modal_projector.", "model.perceiver.image
 @dataclass(frozen=True)
 class Options:
     projector: str = "mlp2x_relu"
-    feature_span: str = "image"
+    feature_span: str | None = "image"  # None: the encoding's own (image+markers for paper, else image)
     early_fusion: bool = False
     dtype: str = "auto"
     seed: int = 0
     shard_size: int = 5_000_000_000
     perceiver_layers: int | None = None  # keep only the perceiver's first N language blocks (0: ViT-only ablation)
+    encoding: str = "dpa"  # dpa (the target's chat template) or paper (the official DPA code's encoding)
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,9 @@ def _keep_blocks(perceiver_config: dict[str, Any], blocks: int) -> dict[str, Any
     return {**perceiver_config, "text_config": text} if nested else {**perceiver_config, **text}
 
 
-def build_config(sources: Sources, options: Options, placeholders: dict[str, Placeholder]) -> Any:
+def build_config(
+    sources: Sources, options: Options, placeholders: dict[str, Placeholder], target_markers: list[int] = ()
+) -> Any:
     target_text = text_config(sources.target, _vocab(sources.target, placeholders["target"]))
     if sources.perceiver is not None:
         perceiver_config = {k: v for k, v in sources.perceiver.config.items() if k != "architectures"}
@@ -180,7 +184,8 @@ def build_config(sources: Sources, options: Options, placeholders: dict[str, Pla
     if options.perceiver_layers is not None:
         perceiver_config = _keep_blocks(perceiver_config, options.perceiver_layers)
     return dpa_config(
-        perceiver_config, target_text, placeholders["target"], placeholders["perceiver"], markers, options
+        perceiver_config, target_text, placeholders["target"], placeholders["perceiver"], markers, options,
+        list(target_markers),
     )
 
 
@@ -291,10 +296,12 @@ def dropped_parts(sources: Sources, plan: list[TensorPlan]) -> dict[str, dict[st
 
 def build_plan(sources: Sources, options: Options) -> UpgradePlan:
     """Check that the upgrade can work and decide every output tensor; reads configs and headers only."""
+    options = resolve_options(options)
     placeholders, tokenizers = _placeholders(sources)
     _check_vocab(sources, tokenizers, placeholders)
+    markers = target_markers(sources, tokenizers, options, placeholders["target"].id)
     try:
-        config = build_config(sources, options, placeholders)
+        config = build_config(sources, options, placeholders, markers)
         _check_perceiver_depth(config, options)
         expected = meta_state(meta_model("AutoModelForImageTextToText", config))
     except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:  # e.g. 0 ** -x of 0 heads
