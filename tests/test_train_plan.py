@@ -14,9 +14,15 @@ from typer.testing import CliRunner
 from dpa_cli.cli.app import app
 from dpa_cli.train.trainer import DPATrainer
 from tests.fault_kit import tree_hash
-from tests.test_gate_stages import SMALL, data, finished, own  # noqa: F401  (module fixtures reused)
+from tests.finished_stage import SMALL, own
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(stage_data: Path) -> Path:
+    """The captions and images of tests.finished_stage (the data `finished` was trained on)."""
+    return stage_data
 
 
 def dry_run(ws: Path, data: Path, *extra: str):
