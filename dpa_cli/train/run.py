@@ -136,7 +136,7 @@ def prepare(request: TrainRequest) -> Prepared:
     run = plan_run_folder(request)
     if run.resume_from is not None:
         check_checkpoint(run.resume_from)
-    notes: list[str] = []
+    notes: list[str] = list(recipe.notes)
     args = training_arguments(recipe, request, run.folder, notes)
     samples = open_data(request)
     if args.deepspeed and world_size() > 1:
