@@ -150,14 +150,14 @@ def as_text(messages: list[dict], image: str) -> list[dict]:
 
 
 @pytest.mark.parametrize(("kind", "content", "shape", "prompt"), CONVERSATIONS,
-                         ids=[f"{k}-{c}-{s}-{'prompt' if p else 'no-prompt'}" for k, c, s, p in CONVERSATIONS])  # fmt: skip
+                         ids=[f"{k}-{c}-{s}-{'prompt' if p else 'bare'}" for k, c, s, p in CONVERSATIONS])  # fmt: skip
 def test_the_workspace_renders_images_inside_the_lm_own_template(processors, kind, content, shape, prompt):
     processor = processors(kind)
     messages = _turns(shape, USER_CONTENTS[content])
     rendered = processor.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
     # The LM's own template, on the same conversation written as text: what the wrapped one must give.
-    expected = processor.tokenizer.apply_chat_template(as_text(messages, REAL[kind][2]), chat_template=real_template(kind),
-                                                       add_generation_prompt=prompt, tokenize=False)  # fmt: skip
+    expected = processor.tokenizer.apply_chat_template(as_text(messages, REAL[kind][2]), tokenize=False,
+                                                       chat_template=real_template(kind), add_generation_prompt=prompt)
     assert rendered == expected
     images = sum(item == IMAGE for item in USER_CONTENTS[content]) if not isinstance(USER_CONTENTS[content], str) else 0
     assert rendered.count(processor.image_token) == images
@@ -166,23 +166,26 @@ def test_the_workspace_renders_images_inside_the_lm_own_template(processors, kin
 GOLDEN = [
     ("qwen3", [{"role": "user", "content": [IMAGE, _text("What is it?")]}], {"add_generation_prompt": True},
      "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"),
-    ("qwen3", [{"role": "user", "content": [_text("Q1"), IMAGE]}], {"add_generation_prompt": True, "enable_thinking": False},
-     "<|im_start|>user\nQ1\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
-     "<think>\n\n</think>\n\n"),
+    ("qwen3", [{"role": "user", "content": [_text("Q1"), IMAGE]}],
+     {"add_generation_prompt": True, "enable_thinking": False},
+     ("<|im_start|>user\nQ1\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+      "<think>\n\n</think>\n\n")),
     ("qwen3", _turns("multi-turn", [IMAGE, _text("Q1")]), {},
-     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
-     "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nA2<|im_end|>\n"),
+     ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nQ1<|im_end|>\n"
+      "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+      "<|im_start|>assistant\n<think>\n\n</think>\n\nA2<|im_end|>\n")),
     ("llama3", [{"role": "user", "content": [IMAGE, _text("What is it?")]}], {"add_generation_prompt": True},
-     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+     ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\n")),
     ("llama3", _turns("multi-turn", [_text("Q1"), IMAGE]), {},
-     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ1\n<image><|eot_id|><|start_header_id|>assistant"
-     "<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>"),
+     ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ1\n<image><|eot_id|><|start_header_id|>assistant"
+      "<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>")),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("kind", "messages", "kwargs", "expected"), GOLDEN, ids=[f"{g[0]}-{i}" for i, g in enumerate(GOLDEN)])
+@pytest.mark.parametrize(("kind", "messages", "kwargs", "expected"), GOLDEN,
+                         ids=[f"{g[0]}-{i}" for i, g in enumerate(GOLDEN)])  # fmt: skip
 def test_known_renderings_of_the_real_templates(processors, kind, messages, kwargs, expected):
     assert processors(kind).apply_chat_template(messages, tokenize=False, **kwargs) == expected
 
@@ -279,12 +282,12 @@ OFFICIAL = {
                "lr_scheduler_type": "warmup_stable_decay", "warmup_steps": 440,
                "lr_scheduler_kwargs": {"num_decay_steps": 1170}, "max_steps": 2180, "max_length": 2048,
                "save_steps": 200, "learning_rates": {},
-               "trainable": {"vit": "frozen", "phi_p": "frozen", "perceiver_lm": "frozen", "phi": "full", "llm": "frozen"}},
-    "stage2-full": {**COMMON, "learning_rate": 1e-5, "learning_rates": {"vit": 2e-6, "phi_p": 2e-6, "phi": 1e-5},
+               "trainable": {**dict.fromkeys(ALL, "frozen"), "phi": "full"}},
+    "stage2-full": {**COMMON, "learning_rate": 1e-5, "learning_rates": {"vit": 2e-6, "phi_p": 2e-6},
                     "global_batch_size": 256, "per_device_train_batch_size": 2, "lr_scheduler_type": "cosine",
                     "warmup_steps": 500, "max_steps": 8000, "max_length": 8192, "save_steps": 1000,
                     "trainable": dict.fromkeys(ALL, "full")},
-    "stage2-lora": {**COMMON, "learning_rate": 2e-4, "learning_rates": {"vit": 4e-5, "phi_p": 4e-5, "phi": 2e-4},
+    "stage2-lora": {**COMMON, "learning_rate": 2e-4, "learning_rates": {"vit": 4e-5, "phi_p": 4e-5},
                     "global_batch_size": 256, "per_device_train_batch_size": 4, "lr_scheduler_type": "cosine",
                     "warmup_steps": 500, "max_steps": 8000, "max_length": 8192, "save_steps": 1000,
                     "trainable": dict.fromkeys(ALL, "lora"), "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.0,
@@ -331,7 +334,9 @@ def wsd(step: int, warmup: int, stable: int, decay: int) -> float:
         return step / max(1, warmup)
     if step < warmup + stable:
         return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup - stable) / max(1, decay))) if step < warmup + stable + decay else 0.0
+    if step >= warmup + stable + decay:
+        return 0.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup - stable) / max(1, decay)))
 
 
 def cosine(step: int, warmup: int, total: int) -> float:
@@ -405,7 +410,8 @@ CLI_CASES = [  # (arguments, stage, needles): one of each class through the comm
     (["--set", "lr_scheduler_type=cosine"], "1", ("lr_scheduler_kwargs holds num_decay_steps", "cosine")),
     (["--set", "max_steps=10", "--set", "warmup_steps=8", "--set", 'lr_scheduler_kwargs={"num_decay_steps": 5}'], "1",
      ("the schedule does not fit the run", "13 steps")),
-    (["--from", "model", "--lora", "--lora-targets", LLM_ONLY], "2", ("trainable.vit=lora", "adapts none of its layers")),
+    (["--from", "model", "--lora", "--lora-targets", LLM_ONLY], "2",
+     ("trainable.vit=lora", "adapts none of its layers")),
 ]  # fmt: skip
 
 
@@ -426,7 +432,8 @@ def trained(workspaces, images, tmp_path_factory) -> Path:
     workspace = Path(shutil.copytree(workspaces("qwen3"), root / "ws"))
     colours = ("red", "green", "blue")
     captions = [{"id": f"c-{name}", "image": f"{name}.png", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": f"A {name} square."}]} for name in colours]
+        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": f"A {name} square."}]}
+        for name in colours]
     instructions = [{"id": f"i-{name}", "image": f"{name}.png", "conversations": [
         {"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": f"It is {name}."},
         {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]} for name in colours]  # fmt: skip
@@ -434,8 +441,9 @@ def trained(workspaces, images, tmp_path_factory) -> Path:
     (root / "2.json").write_text(json.dumps(instructions))
 
     def train(stage: int, *extra: str) -> None:
-        result = runner.invoke(app, ["train", "--stage", str(stage), "-w", str(workspace), "--data", str(root / f"{stage}.json"),
-                                     "--image-root", str(images), *SMALL, *extra, "--json"])  # fmt: skip
+        result = runner.invoke(app, ["train", "--stage", str(stage), "-w", str(workspace), "--data",
+                                     str(root / f"{stage}.json"), "--image-root", str(images), *SMALL, *extra,
+                                     "--json"])  # fmt: skip
         assert result.exit_code == 0, result.output[-3000:]
 
     train(1, "--max-steps", "12")
@@ -487,7 +495,8 @@ def test_the_trained_plain_lm_workspace_generates_and_exports(trained, images, t
     result = runner.invoke(app, ["export", "-w", str(trained), "-o", str(tmp_path / "export"), "--json"])
     assert result.exit_code == 0, result.output[-2000:]
     assert json.loads(result.stdout)["verified"] is True
-    assert (tmp_path / "export" / "chat_template.jinja").read_text() == (trained / "model" / "chat_template.jinja").read_text()
+    template = (trained / "model" / "chat_template.jinja").read_text()
+    assert (tmp_path / "export" / "chat_template.jinja").read_text() == template
 
 
 def test_lora_targets_must_reach_every_part_set_to_lora(workspaces):

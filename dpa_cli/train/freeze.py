@@ -88,7 +88,7 @@ def check_lora_targets(model: torch.nn.Module, targets: str, trainable: dict[str
 
 
 def trainable_table(model: torch.nn.Module, trainable: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Per part: its mode, its parameters, and how many of them train (LoRA adapters counted with the part they adapt)."""
+    """Per part: its mode, its parameters, and how many of them train (LoRA adapters counted with their part)."""
     family = perceiver_family(model.config)
     table = {part: {"mode": trainable[part], "params": 0, "trainable": 0} for part in PARTS}
     seen: set[int] = set()

@@ -20,9 +20,8 @@ import jinja2
 QWEN_MARKERS = ("<|vision_start|>", "<|vision_end|>")
 QWEN_PAD = "<|image_pad|>"
 PROBE_TEXT = "dpa probe text"
-# Only a template of dpa's own starts with this comment: a workspace exported and upgraded again is not wrapped
-# twice (the probe would keep it anyway; the comment says to a reader what the prelude is).
-BANNER = "{#- dpa: list content is flattened to text (image items -> the image placeholder), then the LM's own template runs -#}"
+# The first line of a wrapped template: what the prelude is, for a reader of chat_template.jinja.
+BANNER = "{#- dpa: list content flattened to text, image items as the image placeholder; then the LM's template -#}"
 # The prelude. An image item is set off from neighbouring items by a newline, as LLaVA data writes `<image>\n`
 # (dpa's data reader gives that newline back to the marker). Items other than text and image carry nothing the
 # DPA processor reads, so they are left out. `dict(message, content=...)` keeps every other key of the message
@@ -30,17 +29,16 @@ BANNER = "{#- dpa: list content is flattened to text (image items -> the image p
 _PRELUDE = BANNER + """
 {%- set dpa_ns = namespace(messages=[]) -%}
 {%- for message in messages -%}
-{%- if message.content is string or message.content is none or message.content is mapping -%}
+{%- set content = message.content if message.content is defined else none -%}
+{%- if content is string or content is none or content is mapping -%}
 {%- set dpa_ns.messages = dpa_ns.messages + [message] -%}
 {%- else -%}
 {%- set dpa_text = namespace(text='', last='') -%}
-{%- for item in message.content -%}
-{%- set kind = item.type if item is mapping else 'text' -%}
-{%- if kind == 'image' or (kind == 'text' and item is mapping and item.text is string) -%}
-{%- if dpa_text.last and (kind == 'image' or dpa_text.last == 'image') -%}{%- set dpa_text.text = dpa_text.text + '\\n' -%}{%- endif -%}
-{%- set dpa_text.text = dpa_text.text + (IMAGE_TEXT if kind == 'image' else item.text) -%}
-{%- set dpa_text.last = kind -%}
-{%- endif -%}
+{%- for item in content
+    if item is mapping and (item.type == 'image' or (item.type == 'text' and item.text is string)) -%}
+{%- set separator = '\\n' if not loop.first and 'image' in (item.type, dpa_text.last) else '' -%}
+{%- set dpa_text.text = dpa_text.text + separator + (IMAGE_TEXT if item.type == 'image' else item.text) -%}
+{%- set dpa_text.last = item.type -%}
 {%- endfor -%}
 {%- set dpa_ns.messages = dpa_ns.messages + [dict(message, content=dpa_text.text)] -%}
 {%- endif -%}
@@ -60,8 +58,8 @@ class WorkspaceTemplate:
 
     def note(self) -> str | None:
         if not self.renders_images:
-            return (f"the target's chat template does not render a user turn's text and images, even flattened to "
-                    f"text: chat with images will be refused; fix its chat_template.jinja")  # fmt: skip
+            return ("the target's chat template does not render a user turn's text and images, even flattened to "
+                    "text: chat with images will be refused; fix its chat_template.jinja")  # fmt: skip
         if self.wrapped:
             return (f"the target's chat template renders only text: wrapped so that an image item renders as "
                     f"{self.image_text} inside it")  # fmt: skip
@@ -78,7 +76,8 @@ def image_text(tokenizer: Any, image_token: str) -> str:
 
 def _is_single_token(tokenizer: Any, token: str) -> bool:
     token_id = tokenizer.convert_tokens_to_ids(token)
-    return token_id is not None and token_id != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(token_id) == token
+    known = token_id is not None and token_id != tokenizer.unk_token_id
+    return known and tokenizer.convert_ids_to_tokens(token_id) == token
 
 
 def wrap(template: str, image: str) -> str:
@@ -97,7 +96,8 @@ def _probe() -> list[dict[str, Any]]:
 def renders_images(tokenizer: Any, template: str, image_token: str) -> bool:
     """Whether `template` renders the probe's two image items as the placeholder and keeps its text."""
     try:
-        text = tokenizer.apply_chat_template(_probe(), chat_template=template, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(_probe(), chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError):
         return False  # a template that cannot render list content at all
     return isinstance(text, str) and text.count(image_token) == 2 and PROBE_TEXT in text
