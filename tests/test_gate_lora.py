@@ -39,9 +39,11 @@ from tests.trained_workspace import add_stage1, upgraded
 
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
-# LoRA on the LLM, phi (the recipe) and phi_p (a perceiver part) trained in full; one sample per device, two per
-# step, in file order; a high rate so phi moves far more than the tolerance.
-LORA = ["--lora", "--set", "trainable.phi_p=full", "--set", "lora_r=4", "--set", "lora_alpha=8",
+# LoRA on the LLM, phi and phi_p (a perceiver part) trained in full, the rest frozen (the recipe adapts every part:
+# these runs keep parts in full beside the adapter); one sample per device, two per step, in file order; one high
+# rate for every part so phi moves far more than the tolerance.
+LORA = ["--lora", "--set", "trainable.phi_p=full", "--set", "trainable.phi=full", "--set", "trainable.vit=frozen",
+        "--set", "trainable.perceiver_lm=frozen", "--set", "learning_rates={}", "--set", "lora_r=4", "--set", "lora_alpha=8",
         "--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "logging_steps=1",
         "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--set", "learning_rate=1e-2",
         "--set", "train_sampling_strategy=sequential", "--set", "save_steps=2"]  # fmt: skip

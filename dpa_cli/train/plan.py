@@ -125,7 +125,7 @@ def plan_stage(request: TrainRequest, processes: int | None = None) -> StagePlan
     run = plan_run_folder(request)
     if run.resume_from is not None:
         check_checkpoint(run.resume_from)
-    notes: list[str] = []
+    notes: list[str] = list(recipe.notes)  # e.g. the schedule scaled to the run's length
     processes = processes or world_size()
     args = training_arguments(recipe, request, run.folder, notes, processes)
     samples = open_data(request)

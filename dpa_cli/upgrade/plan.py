@@ -17,6 +17,7 @@ from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.families import Component
+from dpa_cli.upgrade.chat_template import WorkspaceTemplate, workspace_template
 from dpa_cli.upgrade.compose import composed_perceiver_config, dpa_config, text_config
 from dpa_cli.upgrade.encoding import resolve_options, target_markers
 from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
@@ -74,6 +75,7 @@ class UpgradePlan:
     placeholders: dict[str, Placeholder]
     tokenizers: dict[str, Any]  # "target", "perceiver": tokenizer objects (with any added token)
     notes: list[str] = field(default_factory=list)
+    chat_template: WorkspaceTemplate | None = None  # the workspace's (the target's, wrapped when it renders no images)
 
     @property
     def output_bytes(self) -> int:
@@ -315,9 +317,12 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
         notes.append("phi_p is freshly initialised: stage 1 trains it together with phi")
     if options.perceiver_layers == 0:
         notes.append("ablation: the perceiver keeps no language blocks (ViT only), the paper's weakest variant")
+    chat_template = workspace_template(tokenizers["target"], placeholders["target"].token)
+    notes += [chat_template.note()] if chat_template.note() else []
     for role, placeholder in placeholders.items():
         if placeholder.added:
             notes.append(f"the {role} tokenizer had no image token: {placeholder.token} added as id {placeholder.id}")
         if (pad := ensure_pad_token(tokenizers[role])) is not None:
             notes.append(f"the {role} tokenizer had no pad token: {pad} pads batches")
-    return UpgradePlan(sources, options, config, tensors, dropped_parts(sources, tensors), placeholders, tokenizers, notes)
+    dropped = dropped_parts(sources, tensors)
+    return UpgradePlan(sources, options, config, tensors, dropped, placeholders, tokenizers, notes, chat_template)
