@@ -2,7 +2,8 @@
 
 MODEL is a workspace (its latest stage, or `--stage N`, with a LoRA adapter applied unmerged as trained),
 a stage folder, an export or any DPA checkpoint. Decoding is greedy unless a temperature is given, so the
-same model and prompt always give the same tokens.
+same model and prompt always give the same tokens. Under the paper encoding the prompt ends inside an open
+think block, as the official `chat()` prompt does: the answer is what follows the model's `</think>`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dpa_cli.errors import BadInputError
 from dpa_cli.export.stages import StageResult, find_runnable, load_as_trained, load_processor
 
 DEVICES = ("cpu", "cuda")
+THINK_CLOSE = "</think>"  # dpa_cli.model.processing_dpa.THINK_CLOSE
 
 
 @dataclass
@@ -98,18 +100,44 @@ def build_inputs(processor: Any, messages: list[dict[str, Any]]) -> Any:
     content = messages[0]["content"]
     images = [block["image"] for block in content if block["type"] == "image"]
     prompt = content[-1]["text"]
-    early_fusion = getattr(processor, "early_fusion", False) and images
-    fusion = {"perceiver_text": [prompt] * len(images)} if early_fusion else {}
+    texts = processor.perceiver_texts(messages) if images and hasattr(processor, "perceiver_texts") else None
+    fusion = {} if texts is None else {"perceiver_text": texts}
     text = "".join(f"{processor.image_token}\n" for _ in images) + prompt
     return processor(images=images or None, text=[text], return_tensors="pt", **fusion)
 
 
-def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
-    """transformers' TextStreamer, handing each finished piece of text to `on_text` instead of printing it."""
+def opens_thinking(processor: Any) -> bool:
+    """Whether the processor's generation prompt ends inside an open think block (the paper encoding)."""
+    return getattr(processor, "encoding", "dpa") == "paper"
+
+
+def answer_text(processor: Any, text: str) -> str:
+    """The answer in a decoded reply: after an opened think block, what follows the last `</think>` (all of it
+    when the block was never closed), newlines stripped, as the official chat() does (FVT:292-315); else the
+    text as decoded."""
+    if not opens_thinking(processor):
+        return text
+    return text.rsplit(THINK_CLOSE, 1)[-1].strip("\n")
+
+
+def _streamer(tokenizer: Any, on_text: Callable[[str], None], after_think: bool = False) -> Any:
+    """transformers' TextStreamer, handing each finished piece of text to `on_text` instead of printing it;
+    with `after_think`, only what follows the `</think>` (all of it, at the end, if none came)."""
     from transformers import TextStreamer
 
     class CallbackStreamer(TextStreamer):
+        held: str | None = "" if after_think else None  # reasoning held back until the block closes
+        started = not after_think  # the answer's leading newlines are dropped
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if self.held is not None:
+                self.held += text
+                if THINK_CLOSE not in self.held and not stream_end:
+                    return
+                text, self.held = self.held.rsplit(THINK_CLOSE, 1)[-1], None
+            if not self.started:
+                text = text.lstrip("\n")
+                self.started = bool(text)
             if text:
                 on_text(text)
 
@@ -135,11 +163,12 @@ def reply(
         raise BadInputError(f"the processor refuses the images or the prompt ({reason})") from None
     inputs = inputs.to(device=runnable.device, dtype=dtype)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    streamer = _streamer(tokenizer, on_text) if on_text else None
+    streamer = _streamer(tokenizer, on_text, opens_thinking(runnable.processor)) if on_text else None
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **sampling)
     new = output[0, inputs["input_ids"].shape[1] :]
-    return {"text": tokenizer.decode(new, skip_special_tokens=True), "token_ids": new.tolist()}
+    text = answer_text(runnable.processor, tokenizer.decode(new, skip_special_tokens=True))
+    return {"text": text, "token_ids": new.tolist()}
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli.describe import check_json_files
-from dpa_cli.errors import BadInputError
+from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.trust import Verdict, examine
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,14 @@ def load_model(folder: str | Path, allow_code: bool = False, auto_class: str = "
 
 
 def load_processor(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
-    return _from_pretrained("AutoProcessor", folder, allow_code, kwargs)
+    """The folder's processor; settings it refuses (a DPA processor's `encoding`, `feature_span`, marker tokens
+    in a hand-edited processor_config.json) are one line naming the folder, not a traceback."""
+    try:
+        return _from_pretrained("AutoProcessor", folder, allow_code, kwargs)
+    except (ValueError, TypeError) as err:
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        hint = "restore processor_config.json from dpa's output, or run `dpa upgrade` again"
+        raise CheckpointError(f"{folder}: cannot load its processor ({said})", hint=hint) from None
 
 
 def load_tokenizer(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:

@@ -42,10 +42,12 @@ _PART = Record({"from": ListOf(Str()), "tensors": Int(minimum=0), "params": Int(
                required=("tensors", "params"))  # fmt: skip
 _NEW = _every({"shapes": MapOf(ListOf(Int(minimum=0))), "params": Int(minimum=0), "init": ListOf(Str()), "seed": Int()})
 _TOKEN = _every({"token": Str(), "id": Int(minimum=0), "added": Bool()})
-_CONFIG = _every({
+# `encoding` is optional: workspaces made before it existed have none (they are `dpa`).
+_CONFIG = Record({
     "projector_type": Str(), "feature_span": Str(), "early_fusion": Bool(), "tie_word_embeddings": Bool(),
-    "image_token": _TOKEN, "perceiver_image_token": _TOKEN,
-})  # fmt: skip
+    "image_token": _TOKEN, "perceiver_image_token": _TOKEN, "encoding": Str(choices=("dpa", "paper")),
+}, required=("projector_type", "feature_span", "early_fusion", "tie_word_embeddings", "image_token",
+             "perceiver_image_token"))  # fmt: skip
 _DIMENSIONS = _every({"perceiver_width": Int(minimum=1), "target_width": Int(minimum=1), "phi": Str()})
 _PLAN_ALWAYS = _every({
     "target": _SOURCE, "perceiver": _PERCEIVER, "dimensions": _DIMENSIONS, "kept": MapOf(_PART),
@@ -55,10 +57,12 @@ _PLAN_ALWAYS = _every({
 })  # fmt: skip
 # `converted` (an official DPA checkpoint renamed) is newer than the first workspaces: optional.
 _PLAN = Record({**_PLAN_ALWAYS.fields, "converted": Bool()}, required=_PLAN_ALWAYS.required)
-_OPTIONS = _every({
+_OPTIONS = Record({  # `encoding` optional, as in _CONFIG
     "projector": Str(), "feature_span": Str(), "early_fusion": Bool(), "dtype": Str(), "seed": Int(),
     "shard_size": Int(minimum=1), "perceiver_layers": Int(minimum=0, nullable=True),
-})  # fmt: skip
+    "encoding": Str(choices=("dpa", "paper")),
+}, required=("projector", "feature_span", "early_fusion", "dtype", "seed", "shard_size",
+             "perceiver_layers"))  # fmt: skip
 _UPGRADE = Record({
     "seconds": Number(minimum=0),
     "written": _every({"keys": Int(minimum=0), "shards": Int(minimum=0), "bytes": Int(minimum=0)}),

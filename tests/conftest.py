@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.factories import build  # noqa: E402
+from tests.finished_stage import finished, stage_data  # noqa: E402,F401  (module fixtures: a trained stage 1)
 
 TinyCheckpoint = Callable[..., Path]
 

@@ -542,11 +542,11 @@ def test_every_kind_of_json_or_yaml_file_nested_too_deeply_is_one_line(checkpoin
 def _deepspeed_refusal(path: Path) -> str | None:
     """--deepspeed FILE is read when the training arguments are made (after gate 3a's own checks of the flag)."""
     from dpa_cli.errors import BadInputError
-    from dpa_cli.train.run import deepspeed_config
+    from dpa_cli.train.plan import deepspeed_config
 
     path.write_text(_deep())
     try:
-        deepspeed_config(str(path), 1, 1)
+        deepspeed_config(str(path))
     except BadInputError as err:
         return None if "ds.json: nested too deeply" in err.message else err.message
     return "--deepspeed with a 100k-deep file was accepted"

@@ -260,7 +260,7 @@ def test_the_real_command_line(tiny_checkpoint, tmp_path):
     command = [sys.executable, "-m", "dpa_cli", "inspect"]
     runs = [subprocess.Popen([*command, str(folder), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for folder, flags in ((tiny_checkpoint("qwen3_vl"), ["--json"]), (broken, []))]
-    (ok_out, ok_err), (bad_out, bad_err) = (run.communicate(timeout=120) for run in runs)
+    (ok_out, ok_err), (bad_out, bad_err) = (run.communicate(timeout=300) for run in runs)
     assert runs[0].returncode == 0, ok_err
     assert json.loads(ok_out)["family"] == "qwen3_vl"
     _assert_clean_refusal(runs[1].returncode, bad_out, bad_err, "no config.json")
@@ -279,7 +279,7 @@ def test_inspect_imports_neither_torch_nor_transformers(tiny_checkpoint):
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint("llava_next"))],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout[: result.stdout.rindex("}") + 1])["family"] == "llava_next"
     assert result.stdout.strip().splitlines()[-1] == "[]"

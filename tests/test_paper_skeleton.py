@@ -403,6 +403,7 @@ def test_an_official_dpa_checkpoint_becomes_a_workspace_by_renaming_only(officia
     # Linear-ReLU-Linear with bias.
     assert (config["feature_span"], config["projector_type"], config["text_config"]["model_type"]) == (
         "image+markers", "mlp2x_relu", "qwen3")  # fmt: skip
+    assert config["encoding"] == "paper" and config["target_marker_token_ids"] == [323, 324]  # start, end slots
     assert result["upgrade"]["loaded"]["image_features"] == 4 + 2
 
 
@@ -418,7 +419,7 @@ def _caption_data(root: Path) -> tuple[Path, Path]:
 
 TRAIN_SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "save_steps=1000",
                "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--max-steps", "1",
-               "--set", "warmup_steps=0", "--set", "lr_scheduler_type=constant"]  # fmt: skip
+               "--set", "warmup_steps=0", "--set", "lr_scheduler_type=constant", "--set", "lr_scheduler_kwargs={}"]
 
 
 def test_an_official_dpa_workspace_trains_and_exports_to_plain_transformers(official, paper_hub, tmp_path):
@@ -506,6 +507,7 @@ CONVERSION_REFUSALS = {
     "--perceiver given as a folder": (None, ["-p", "{tiny:qwen2_5_vl}"], ("already has its perceiver",)),
     "--projector other than phi's": (None, ["--projector", "linear"], ("--projector linear", "mlp2x_relu")),
     "--perceiver-layers": (None, ["--perceiver-layers", "1"], ("--perceiver-layers does not apply",)),
+    "--feature-span image": (None, ["--feature-span", "image"], ("--feature-span image: an official DPA",)),
 }  # fmt: skip
 
 

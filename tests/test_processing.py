@@ -199,7 +199,7 @@ def test_early_fusion_feeds_each_images_user_turn_to_the_perceiver(dpa, perceive
     inputs = processor.apply_chat_template(_conversations(images), **kwargs)
     decoded = processor.perceiver_tokenizer.batch_decode(inputs["perceiver_input_ids"])
     assert QUESTION in decoded[0] and all("Compare\nthese." in d for d in decoded[1:])
-    # The text follows the image: the same features per image, so the same target sequence.
+    # The text comes before the image; each image keeps its feature count, so the target sequence is the same.
     without = plain.apply_chat_template(_conversations(images), **kwargs)
     assert QUESTION not in plain.perceiver_tokenizer.decode(without["perceiver_input_ids"][0])
     assert torch.equal(inputs["input_ids"], without["input_ids"])

@@ -109,15 +109,18 @@ def test_stage2_full_changes_perceiver_phi_and_llm_and_starts_from_stage1(worksp
         "vit", "phi_p", "perceiver_lm", "phi", "llm"}  # fmt: skip
 
 
-def test_stage2_lora_adapts_only_the_target_llm(workspace, data):
+def test_stage2_lora_adapts_every_part_as_the_official_script(workspace, data):
+    """ms-swift's all-linear with nothing frozen (SFT_DPA_4node_lora.sh): adapters on every linear layer of the
+    ViT, phi_p, the perceiver LM, phi and the LLM; no base weight trains."""
     assert train(workspace, data, 1, "--max-steps", "1").exit_code == 0
     result = train(workspace, data, 2, "--lora", "--max-steps", "3", "--set", "learning_rate=1e-2")
     assert result.exit_code == 0, result.stderr
-    adapter = workspace / "stage2" / "adapter"
-    lora_keys = load_file(adapter / "adapter_model.safetensors").keys()
-    assert lora_keys and all(".language_model." in k and "perceiver" not in k for k in lora_keys)
-    assert any(float(t.abs().sum()) > 0 for k, t in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k)
-    assert changed_parts(workspace / "stage1" / "model", workspace / "stage2" / "model") == {"phi"}
+    adapter = load_file(workspace / "stage2" / "adapter" / "adapter_model.safetensors")
+    family = perceiver_family(json.loads((workspace / "model" / "config.json").read_text()))
+    modules = {key.split(".lora_")[0].removeprefix("base_model.model.") for key in adapter}
+    assert {part_of(f"{module}.weight", family) for module in modules} == {"vit", "phi_p", "perceiver_lm", "phi", "llm"}
+    assert any(float(t.abs().sum()) > 0 for k, t in adapter.items() if "lora_B" in k)
+    assert changed_parts(workspace / "stage1" / "model", workspace / "stage2" / "model") == set()
 
 
 def test_freeze_perceiver_keeps_it_bit_for_bit(workspace, data):

@@ -25,12 +25,14 @@ def check(
     fast: Annotated[bool, typer.Option("--fast", help="Read image headers only (size, mode) instead of decoding images.")] = False,
     stage: Annotated[int, typer.Option(min=1, max=2, help="1: captions (the caption is supervised); 2: instructions.")] = 2,
     max_length: Annotated[int | None, typer.Option(min=1, help="Longest sample in target tokens (default: the stage recipe's, 2048 / 8192).")] = None,
+    preview: Annotated[bool, typer.Option("--preview", help="Also show what the perceiver reads for each image of the sample shown.")] = False,
     json_: JsonFlag = False,
 ) -> None:
     """Check a dataset before training: images, markers, turns, supervised tokens, lengths, duplicate ids.
 
-    Prints one sample with what is learned highlighted, then the problems by kind with the first sample ids,
-    then token statistics. Errors (exit code 2): missing, unreadable, truncated or oversized images, image
+    Prints one sample with what is learned highlighted (with --preview also the perceiver text of each of its
+    images, the feature positions highlighted), then the problems by kind with the first sample ids, then token
+    statistics. Errors (exit code 2): missing, unreadable, truncated or oversized images, image
     paths leaving --image-root, <image> markers vs. images, markers in assistant turns, empty conversations,
     nothing to supervise, samples over --max-length, duplicate ids. Warnings (exit 0): images converted from
     CMYK, alpha, grayscale or 16-bit.
@@ -39,6 +41,7 @@ def check(
       dpa data check llava_v1_5_mix665k.json --image-root data/
       dpa data check captions.jsonl --image-root images/ --stage 1 --fast
       dpa data check ./my_hf_dataset --limit 1000 --json
+      dpa data check instruct.json --limit 1 --preview
     """
     from dpa_cli.data.check import check_dataset
     from dpa_cli.workspace import find_workspace
@@ -50,7 +53,7 @@ def check(
     if json_:
         print_json(result)
     else:
-        show(result)
+        show(result, preview)
     if result["errors"]:
         raise typer.Exit(2)
 
@@ -77,13 +80,21 @@ class _progress:
             self.bar.stop()
 
 
-def show(result: dict[str, Any]) -> None:
+PERCEIVER_LEGEND = (("read before the image", "prompt"), ("features", "image"))
+
+
+def show(result: dict[str, Any], preview: bool = False) -> None:
     from dpa_cli.data.render import render_segments
 
     sample = result["sample"]
     if sample is not None:
         title = f"sample {sample['id']}: {sample['supervised_tokens']} of {sample['tokens']} tokens learned"
         out.print(render_segments(sample["segments"], title))
+        for index, image in enumerate(sample["perceiver"] if preview else []):
+            title = f"perceiver input of image {index + 1}: {image['features']} features"
+            out.print(render_segments(image["segments"], title, legend=PERCEIVER_LEGEND))
+    elif preview:
+        out.print("no sample to preview: none was encoded without an error")
     if result["problems"]:
         table = Table(Column("kind", no_wrap=True), "severity", Column("count", justify="right"),
                       Column("first samples", overflow="fold"), Column("example", overflow="fold", ratio=1),

@@ -104,7 +104,8 @@ def human_count(n: int) -> str:
 
 
 def human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+    """Decimal units, as `--shard-size 5GB` reads them (5GB prints as 5.0 GB, not 4.7)."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"

@@ -23,10 +23,10 @@ def train(
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace (default: found like git finds a repo).")] = None,
     image_root: Annotated[Path | None, typer.Option(help="Folder the data's image paths are relative to.")] = None,
     recipe: Annotated[str | None, typer.Option(help="stage1, stage2-full, stage2-lora or a YAML file (default: by stage).")] = None,
-    lora: Annotated[bool, typer.Option("--lora", help="LoRA on the target LLM (stage2-lora).")] = False,
+    lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters (stage2-lora: every linear layer of every part).")] = False,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning of the target LLM (stage2-full).")] = False,
     freeze_perceiver: Annotated[bool, typer.Option("--freeze-perceiver", help="Keep the whole perceiver frozen.")] = False,
-    lora_targets: Annotated[str | None, typer.Option(help="Regex over module names for LoRA adapters.")] = None,
+    lora_targets: Annotated[str | None, typer.Option(help="Regex over module names for LoRA adapters, or all-linear.")] = None,
     deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3 or a DeepSpeed JSON file.")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this node (relaunches under torchrun).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the stage from its latest checkpoint.")] = False,
@@ -35,6 +35,7 @@ def train(
     from_model: Annotated[str | None, typer.Option("--from", help="Start from: model (the upgrade), stage1, or a folder.")] = None,
     on_bad_sample: Annotated[str, typer.Option(help="fail (before training starts) or skip (counted, reported).")] = "fail",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything and print the plan; load and write nothing.")] = False,
     json_: JsonFlag = False,
 ) -> None:
     """Train stage 1 or 2 of the DPA recipe; the result lands in WORKSPACE/stageN/ for the next command.
@@ -49,14 +50,14 @@ def train(
       dpa train --stage 1 --data captions.json --image-root images/
       dpa train --stage 2 --data instruct.json --image-root images/ --deepspeed zero3 --nproc 8
       dpa train --stage 2 --data instruct.json --lora --set learning_rate=1e-4 --resume
+      dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run
     """
     from dpa_cli.workspace import find_workspace
 
     _check_flags(stage, lora, full, resume, restart, on_bad_sample)
-    if nproc > 1:  # before the heavy imports below: the launcher itself does not train
+    if nproc > 1 and not dry_run:  # before the heavy imports below: the launcher itself does not train
         raise typer.Exit(_relaunch(nproc, find_workspace(workspace), stage))
 
-    from dpa_cli.train.run import run_stage
     from dpa_cli.train.stage import TrainRequest
 
     request = TrainRequest(
@@ -65,10 +66,57 @@ def train(
         freeze_perceiver=freeze_perceiver, lora_targets=lora_targets, deepspeed=deepspeed, resume=resume,
         restart=restart, max_steps=max_steps, from_model=from_model, on_bad_sample=on_bad_sample,
     )  # fmt: skip
+    if dry_run:
+        from dpa_cli.train.plan import dry_run as plan_only
+
+        plan = plan_only(request, processes=nproc)
+        print_json(plan) if json_ else _print_plan(plan)
+        return
+    from dpa_cli.train.run import run_stage
+
     main = int(os.environ.get("RANK", "0")) == 0
-    summary = run_stage(request, reporter=RichReporter(quiet=json_ or not main))
+    try:
+        summary = run_stage(request, reporter=RichReporter(quiet=json_ or not main))
+    finally:
+        _leave_process_group()
     if json_ and main:
         print_json(summary)
+
+
+def _leave_process_group() -> None:
+    """Shut the process group down before the interpreter exits: left to process teardown, gloo's threads can
+    abort a worker that has finished (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    """`dpa train --dry-run` for people: where from and to, the recipe after flags and --set, what trains."""
+    recipe = plan["recipe"]
+    out.print(f"[bold]stage {plan['stage']}[/] from {plan['source']} -> {plan['output']} (recipe {recipe['name']})")
+    if plan["builds_in"] != plan["output"]:
+        out.print(f"built in {plan['builds_in']}, put in place when finished (the old stage stays until then)")
+    out.print(f"resume from: {plan['resume_from'] or 'no (a fresh run)'}")
+    out.print(f"data: {plan['data']} ({plan['samples'] if plan['samples'] is not None else 'streamed'} samples)")
+    out.print(f"{plan['world_size']} process(es), gradient accumulation {plan['gradient_accumulation_steps']}, "
+              f"DeepSpeed {plan['deepspeed'] or 'off'}")  # fmt: skip
+    values = Table("key", "value", title="recipe (after flags and --set)", title_justify="left")
+    for key, value in recipe.items():
+        values.add_row(key, str(value))
+    out.print(values)
+    _trainable_table(plan["trainable"])
+    for note in plan["notes"]:
+        out.print(f"[yellow]note:[/] {note}")
+    out.print("dry run: nothing was loaded or written")
+
+
+def _trainable_table(trainable: dict[str, dict[str, Any]]) -> None:
+    table = Table("part", "mode", "params", "trainable", title="trainable parameters", title_justify="left")
+    for part, row in trainable.items():
+        table.add_row(part, row["mode"], human_count(row["params"]), human_count(row["trainable"]))
+    out.print(table)
 
 
 def _check_flags(stage: int, lora: bool, full: bool, resume: bool, restart: bool, on_bad_sample: str) -> None:
@@ -150,10 +198,7 @@ class RichReporter:
         out.print(f"[bold]stage {recipe['stage']}[/] from {info['source']} (recipe {recipe['name']}, "
                   f"{info['world_size']} process(es))")  # fmt: skip
         out.print(info["sample"])
-        table = Table("part", "mode", "params", "trainable", title="trainable parameters", title_justify="left")
-        for part, row in info["trainable"].items():
-            table.add_row(part, row["mode"], human_count(row["params"]), human_count(row["trainable"]))
-        out.print(table)
+        _trainable_table(info["trainable"])
         for note in info["notes"]:
             out.print(f"[yellow]note:[/] {note}")
         if info["resume_from"]:

@@ -19,8 +19,9 @@ def upgrade(
     perceiver: Annotated[str | None, typer.Option("--perceiver", "-p", help="A small VLM (folder, repo id, alias) or vit=<target|source>,lm=<text model>; none for an official DPA checkpoint.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Workspace folder to create (default: ./<target>-dpa-<perceiver>).")] = None,
     projector: Annotated[str, typer.Option(help="phi: mlp2x_relu (the paper's), mlp2x_gelu (LLaVA's) or linear.")] = "mlp2x_relu",
-    feature_span: Annotated[str, typer.Option(help="Perceiver positions fed to the target: image, or image+markers (N+2).")] = "image",
-    early_fusion: Annotated[bool, typer.Option("--early-fusion", help="Also feed the user's turn text to the perceiver.")] = False,
+    feature_span: Annotated[str | None, typer.Option(help="Perceiver positions fed to the target: image, or image+markers (N+2). Default: the encoding's (image; paper: image+markers).", show_default=False)] = None,
+    early_fusion: Annotated[bool, typer.Option("--early-fusion", help="Also feed the user's turn text to the perceiver, before the image.")] = False,
+    encoding: Annotated[str, typer.Option(help="Text encoding: dpa (the target's chat template) or paper (the official DPA code's, token for token).")] = "dpa",
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the target's), bf16, fp16 or fp32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the new projector weights (same seed, same bytes).")] = 0,
     perceiver_layers: Annotated[int | None, typer.Option(min=0, help="Keep only the perceiver's first N language blocks (0: the ViT-only ablation).")] = None,
@@ -44,13 +45,14 @@ def upgrade(
       dpa upgrade llava-next-qwen3-4b --perceiver qwen3-0.6b-vl
       dpa upgrade ./my-llava --perceiver Qwen/Qwen2.5-VL-3B-Instruct -o ws --dry-run
       dpa upgrade ./my-llava --perceiver vit=target,lm=./Qwen3-0.6B --dtype bf16 --json
+      dpa upgrade ./Qwen3-4B --perceiver ./paper-perceiver --encoding paper -o ws
       dpa upgrade team6013/DPA-4B-init -o ws        # an official DPA checkpoint, renamed into a workspace
     """
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import check_output, default_workspace, plan_upgrade, run_upgrade
     from dpa_cli.upgrade.summary import plan_summary
 
-    options = Options(projector, feature_span, early_fusion, dtype, seed, shard_size, perceiver_layers)
+    options = Options(projector, feature_span, early_fusion, dtype, seed, shard_size, perceiver_layers, encoding)
     _check_choices(options)
     plan = plan_upgrade(target, perceiver, options)
     summary = plan_summary(plan)
@@ -72,6 +74,7 @@ def upgrade(
 CHOICES = {
     "projector": ("mlp2x_relu", "mlp2x_gelu", "linear"),
     "feature_span": ("image", "image+markers"),
+    "encoding": ("dpa", "paper"),
     "dtype": ("auto", "bf16", "fp16", "fp32"),
 }
 
@@ -81,7 +84,7 @@ def _check_choices(options: Any) -> None:
 
     for name, allowed in CHOICES.items():
         value = getattr(options, name)
-        if value not in allowed:
+        if value is not None and value not in allowed:
             flag = "--" + name.replace("_", "-")
             raise BadInputError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
@@ -113,6 +116,9 @@ def render_plan(summary: dict[str, Any], workspace: Path) -> None:
     what = perceiver.get("spec") if perceiver["kind"] == "composed" else perceiver["path"]
     out.print(f"perceiver {what} ({perceiver['family']}, {perceiver['kind']})")
     out.print(f"phi       {dims['phi']} (perceiver width -> target width)")
+    config = summary["config"]
+    out.print(f"features  {config['feature_span']}; encoding {config['encoding']}"
+              f"{'; early fusion' if config['early_fusion'] else ''}")  # fmt: skip
     table = Table("part", "from", "tensors", "params", title="kept", title_justify="left")
     for name, part in summary["kept"].items():
         table.add_row(name, ", ".join(part["from"]), str(part["tensors"]), human_count(part["params"]))

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli import loading
-from dpa_cli.data.encode import IGNORE_INDEX, SampleEncoder, feature_counts
+from dpa_cli.data.encode import IGNORE_INDEX, SampleEncoder, expand
 from dpa_cli.data.formats import open_samples
-from dpa_cli.data.images import ImageError, load_image, probe_image
-from dpa_cli.data.render import supervised_segments
+from dpa_cli.data.images import ImageError, capped_size, load_image, probe_image
+from dpa_cli.data.render import perceiver_segments, supervised_segments
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import BadInputError
 
@@ -81,13 +81,14 @@ class FeatureCounter:
             self.rule = None
         calibration = (56, 56)
         self._inputs = self._run(calibration)
-        self.extra = 0 if self.rule is None else feature_counts(processor, self._inputs)[0] - self.rule(calibration)
+        self.extra = 0 if self.rule is None else processor.feature_counts(self._inputs)[0] - self.rule(calibration)
 
     def _run(self, size: tuple[int, int]) -> Any:
         from PIL import Image
 
         processor = self.processor
-        kwargs = {"perceiver_text": [""]} if processor.early_fusion else {}
+        texts = processor.perceiver_texts([{"role": "user", "content": [{"type": "image"}]}])
+        kwargs = {} if texts is None else {"perceiver_text": texts}
         return processor(images=[Image.new("RGB", size)], text=processor.image_token, add_special_tokens=False,
                          return_tensors="pt", **kwargs)  # fmt: skip
 
@@ -101,10 +102,10 @@ class FeatureCounter:
         return self._tokens(inputs, 0).count(self.processor.perceiver_image_token)
 
     def __call__(self, size: tuple[int, int]) -> int:
-        """Features of an image of `size` = (width, height)."""
+        """Features of an image of `size` = (width, height), after the encoding's training cap if it has one."""
         if size not in self.cache:
-            rule = self.rule
-            self.cache[size] = rule(size) + self.extra if rule else feature_counts(self.processor, self._run(size))[0]
+            rule, fed = self.rule, capped_size(size, self.processor.train_max_pixels)
+            self.cache[size] = rule(fed) + self.extra if rule else self.processor.feature_counts(self._run(fed))[0]
         return self.cache[size]
 
 
@@ -184,15 +185,14 @@ class Checker:
     def _encoded(self, sample: Sample, images: list[Any], sizes: list[tuple[int, int]]) -> tuple[int, int, int]:
         """(length, supervised tokens, image slots): from the processor by default, from image sizes with `fast`."""
         if self.fast and self.shown is not None:
-            layout = self.encoder.layout(sample)
-            image_tokens = sum(self.counter(size) for size in sizes)
-            answer = sum(layout.supervised)
-            return len(layout.ids) - len(sizes) + image_tokens, answer, image_tokens
+            counts = [self.counter(size) for size in sizes]
+            ids, labels = expand(self.processor, self.encoder.layout(sample), counts)
+            return len(ids), sum(label != IGNORE_INDEX for label in labels), sum(counts)
         features = self.encoder.encode(sample, None if self.fast else images)
         if self.shown is None:
             self.shown = features
-        ids, labels = features["input_ids"], features["labels"]
-        return len(ids), int((labels != IGNORE_INDEX).sum()), int((ids == self.encoder.image_token_id).sum())
+        ids, labels = features["input_ids"].tolist(), features["labels"]
+        return len(ids), int((labels != IGNORE_INDEX).sum()), sum(i in self.encoder.slot_ids for i in ids)
 
     def check(self, sample: Sample) -> None:
         report = self.report
@@ -228,7 +228,8 @@ def check_dataset(
     progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """The `dpa data check` result: `samples`, `problems` (`kind`, `severity`, `count`, `examples`, ...), `stats`,
-    `errors` / `warnings` (findings by severity), the rendered `sample`, and the measured rates (per wall-clock
+    `errors` / `warnings` (findings by severity), the rendered `sample` (its target text and each image's
+    perceiver text, as segments), and the measured rates (per wall-clock
     second, and per CPU-second of this process: the per-core figure)."""
     processor = load_processor(workspace_or_processor)
     max_length = max_length or DEFAULT_MAX_LENGTH.get(stage, 8192)
@@ -250,6 +251,8 @@ def check_dataset(
         "id": shown["sample_id"], "tokens": len(shown["labels"]),
         "supervised_tokens": int((shown["labels"] != IGNORE_INDEX).sum()),
         "segments": [list(s) for s in supervised_segments(processor, shown)],
+        "perceiver": [{"features": count, "segments": [list(s) for s in segments]} for count, segments in
+                      zip(processor.feature_counts(shown), perceiver_segments(processor, shown))],
     }  # fmt: skip
     result["mode"] = "fast" if fast else "decode"
     result["seconds"], result["cpu_seconds"] = round(seconds, 3), round(cpu_seconds, 3)

@@ -1,9 +1,11 @@
 """A sample -> the DPA model's features: target ids with labels, and one perceiver sequence per image.
 
 The DPA processor does the image work (perceiver inputs, each image's feature count, the target's image token
-expanded to exactly that many slots). Labels come from `TemplateMasker` on the unexpanded text and are expanded
-alongside: expansion only inserts image slots, which are always -100. The encoder checks that its ids equal the
-processor's, so labels can never drift from the tokens they label.
+expanded to exactly its slots) and is the one place these rules live: the encoder asks it for the counts and the
+expansion. Labels come from `TemplateMasker` on the unexpanded text and are expanded alongside: expansion only
+inserts image slots, which are always -100. The encoder checks that its ids equal the processor's, so labels can
+never drift from the tokens they label. With the paper encoding, images are first scaled down to the official
+training cap (`processor.train_max_pixels`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from typing import Any
 
 import torch
 
-from dpa_cli.data.images import ImageError, load_image
+from dpa_cli.data.images import ImageError, cap_pixels, load_image
 from dpa_cli.data.masking import Layout, TemplateMasker
-from dpa_cli.data.samples import BadSampleError, Sample, image_blocks, message_text, structural_problems
+from dpa_cli.data.samples import BadSampleError, Sample, structural_problems
 from dpa_cli.errors import BadInputError, DpaError
 
 IGNORE_INDEX = -100
@@ -22,34 +24,14 @@ TARGET_KEYS = ("input_ids", "attention_mask", "labels")
 META_KEYS = ("sample_id",)
 
 
-def perceiver_texts(sample: Sample) -> list[str]:
-    """Early fusion: each image's perceiver text is the text of the user turn holding it."""
-    texts = []
-    for message in sample.messages:
-        texts += [message_text(message)] * image_blocks(message)
-    return texts
-
-
-def feature_counts(processor: Any, inputs: Any) -> list[int]:
-    """Per image: the positions of its perceiver sequence the model turns into features (as the processor counts)."""
-    if "perceiver_input_ids" not in inputs:
-        return []
-    ids, mask = inputs["perceiver_input_ids"], inputs["perceiver_attention_mask"]
-    features = torch.isin(ids, torch.tensor(processor.feature_token_ids)) & mask.bool()
-    return features.sum(-1).tolist()
-
-
-def expand(layout: Layout, counts: list[int], image_token_id: int) -> tuple[list[int], list[int]]:
-    """Target ids with image `i`'s token repeated counts[i] times, and labels (-100 where not supervised)."""
-    ids, labels, image = [], [], 0
-    for token_id, supervised in zip(layout.ids, layout.supervised):
-        if token_id == image_token_id:
-            ids += [token_id] * counts[image]
-            labels += [IGNORE_INDEX] * counts[image]
-            image += 1
-        else:
-            ids.append(token_id)
-            labels.append(token_id if supervised else IGNORE_INDEX)
+def expand(processor: Any, layout: Layout, counts: list[int]) -> tuple[list[int], list[int]]:
+    """Target ids with image `i`'s marker expanded to its slots (the processor's rule), and labels (-100 where not
+    supervised; image slots never are)."""
+    ids, labels = [], []
+    for token_id, source in processor.expand_ids(layout.ids, counts):
+        ids.append(token_id)
+        supervised = source is not None and layout.supervised[source] and token_id != processor.image_token_id
+        labels.append(token_id if supervised else IGNORE_INDEX)
     return ids, labels
 
 
@@ -69,6 +51,7 @@ class SampleEncoder:
         self.processor, self.stage, self.max_length, self.strict = processor, stage, max_length, strict
         self.masker = TemplateMasker(processor, stage)
         self.image_token_id = processor.image_token_id
+        self.slot_ids = set(processor.image_slot_token_ids)
 
     def layout(self, sample: Sample) -> Layout:
         """The sample's rendered text and supervised tokens, after its structural checks (no image read)."""
@@ -101,14 +84,15 @@ class SampleEncoder:
         """Features of one sample; `images` are its decoded images when the caller has loaded them already."""
         layout = self.layout(sample)
         images = self.load_images(sample) if images is None else images
-        kwargs = {"perceiver_text": perceiver_texts(sample)} if images and self.processor.early_fusion else {}
+        images = [cap_pixels(image, self.processor.train_max_pixels) for image in images]
+        texts = self.processor.perceiver_texts(sample.messages)
+        kwargs = {"perceiver_text": texts} if images and texts is not None else {}
         try:
             inputs = self.processor(images=images or None, text=layout.text, add_special_tokens=False,
                                     return_tensors="pt", **kwargs)  # fmt: skip
         except ValueError as err:  # e.g. an image too thin for the perceiver's patch grid
             raise BadSampleError(sample.id, "processor_error", f"the DPA processor refuses it ({err})") from None
-        counts = feature_counts(self.processor, inputs)
-        ids, labels = expand(layout, counts, self.image_token_id)
+        ids, labels = expand(self.processor, layout, self.processor.feature_counts(inputs))
         if ids != inputs["input_ids"][0].tolist():
             raise DpaError(
                 f"sample {sample.id}: the processor's target ids differ from the masked layout's",
@@ -130,7 +114,7 @@ class SampleEncoder:
         where = f"{len(ids)} tokens (image slots included), over max_length {self.max_length}"
         if self.strict:
             raise BadSampleError(sample.id, "too_long", where)
-        if self.image_token_id in ids[self.max_length :]:
+        if not self.slot_ids.isdisjoint(ids[self.max_length :]):
             raise BadSampleError(sample.id, "too_long", f"{where}; cutting it would split an image's slots")
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):

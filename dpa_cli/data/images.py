@@ -8,12 +8,13 @@ generate, chat) comes through here.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Any
 
 from dpa_cli.data.image_refs import ImageError, ImageRef, check_ref
 
-__all__ = ["ImageError", "MAX_IMAGE_PIXELS", "load_image", "probe_image"]
+__all__ = ["ImageError", "MAX_IMAGE_PIXELS", "cap_pixels", "capped_size", "load_image", "probe_image"]
 
 # PIL's own decompression-bomb threshold (about 89.5 megapixels, a 0.25 GiB RGB image). Images above it are
 # refused from their header, before any pixel is decoded; the perceivers resize far below it anyway.
@@ -127,3 +128,24 @@ def load_image(ref: ImageRef) -> tuple[Any, list[tuple[str, str]]]:
         raise ImageError("unreadable_image", f"{ref.describe()}: unreadable ({_reason(err)})") from None
     warnings_ = [(conversion[0], f"{ref.describe()}: {conversion[1]}")] if conversion else []
     return _to_rgb(image), warnings_
+
+
+def capped_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) scaled down proportionally to at most `max_pixels`, as the official DPA training does
+    before its processor (ms-swift `rescale_image`, vision_utils.py:89-99: height sqrt(max / ratio) and width
+    height * ratio, each truncated); unchanged when within the cap or without one."""
+    width, height = size
+    if not max_pixels or width * height <= max_pixels:
+        return size
+    ratio = width / height
+    scaled_height = math.sqrt(max_pixels / ratio)
+    return int(scaled_height * ratio), int(scaled_height)
+
+
+def cap_pixels(image: Any, max_pixels: int | None) -> Any:
+    """The image resized to `capped_size` with bilinear filtering (torchvision's `Resize` on a PIL image, the
+    official call, is PIL's bilinear resize); the image processor then snaps it to its patch grid."""
+    from PIL import Image
+
+    size = capped_size(image.size, max_pixels)
+    return image if size == image.size else image.resize(size, Image.BILINEAR)

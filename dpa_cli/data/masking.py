@@ -4,8 +4,10 @@ The conversation is rendered once with the template. Each assistant turn's start
 conversation up to that turn with the generation prompt (the template's own assistant header), and its
 content is located from there, so whatever the template inserts between header and content (Qwen3's empty
 `<think>\\n\\n</think>\\n\\n`) stays masked. The text is tokenized once with character offsets, so spans map
-exactly onto tokens. Stage 2 also supervises the end-of-turn token (the special token the template writes
-right after the content: `<|im_end|>`, `<|eot_id|>`, `<end_of_utterance>`); stage 1 supervises the caption only.
+exactly onto tokens. Stage 2 also supervises the end-of-turn token of every assistant turn (the special token
+the template writes right after the content: `<|im_end|>`, `<|eot_id|>`, `<end_of_utterance>`), not what follows
+it; stage 1 supervises the caption only, except under the paper encoding, whose official loss learns the
+`<|im_end|>` of the caption too (its template suffix, ms-swift loss scale `default`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class TemplateMasker:
         if getattr(self.tokenizer, "backend_tokenizer", None) is None:
             raise DpaError("the target tokenizer is not a fast (tokenizers) tokenizer: dpa needs its character offsets")
         self.stage = stage
+        self.end_of_turn = stage != 1 or getattr(processor, "encoding", "dpa") == "paper"
         self.image_token_id = processor.image_token_id
         decoder = getattr(self.tokenizer, "added_tokens_decoder", {})
         self.end_of_turn_ids = {i for i, token in decoder.items() if token.special} - {self.image_token_id}
@@ -138,7 +141,7 @@ class TemplateMasker:
                 supervised = _overlapping(encoding.offsets, spans)
                 break
             supervised[first : last + 1] = [True] * (last + 1 - first)
-        if self.stage != 1:
+        if self.end_of_turn:
             for _, end in spans:
                 self._end_of_turn(text, ids, encoding, end, supervised)
         return Layout(text, ids, supervised, answers)

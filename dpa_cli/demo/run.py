@@ -87,7 +87,8 @@ def _train_and_export(dpa: Driver, workspace: Path, data: dict[str, Path], budge
     dpa("train", "--stage", 1, "--workspace", workspace, "--data", data["captions"], "--image-root", data["images"],
         *flags, "--max-steps", budget.stage1_steps, "--set", "learning_rate=2e-3")  # fmt: skip
     dpa("train", "--stage", 2, "--workspace", workspace, "--data", data["instruct"], "--image-root", data["images"],
-        *flags, "--max-steps", budget.stage2_steps, "--set", "learning_rate=1e-3", "--set", "learning_rates.vit=1e-3")  # fmt: skip
+        *flags, "--max-steps", budget.stage2_steps, "--set", "learning_rate=1e-3", "--set", "learning_rates.vit=1e-3",
+        "--set", "learning_rates.phi_p=1e-3")  # fmt: skip
     dpa("export", "--workspace", workspace)
     return workspace / "export"
 

@@ -73,8 +73,12 @@ def _conversation(runnable: Any, text: str, image: Any) -> list[dict[str, Any]]:
     return [user_turn(text, [image] if image is not None else [])]
 
 
-def batch_inputs(runnable: Any, texts: list[str], images: list[Any]) -> Any:
-    """Left-padded model inputs for one batch of prompts (`images[i]` is None for a text-only prompt)."""
+def batch_inputs(runnable: Any, texts: list[str], images: list[Any], answer_next: bool = False) -> Any:
+    """Left-padded model inputs for one batch of prompts (`images[i]` is None for a text-only prompt).
+    `answer_next`: the answer's first token comes next, so a prompt that opens a think block (the paper
+    encoding) also closes it, as the official benchmark prompt does (EV:130-132)."""
+    from dpa_cli.generate import opens_thinking
+
     processor, tokenizer = runnable.processor, tokenizer_of(runnable)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -85,8 +89,9 @@ def batch_inputs(runnable: Any, texts: list[str], images: list[Any]) -> Any:
     if processor.chat_template:
         conversations = [_conversation(runnable, text, image) for text, image in zip(texts, images)]
         padding = {"processor_kwargs": {"padding": True}} if is_vision(runnable) else {"padding": True}
+        closed = {"enable_thinking": False} if answer_next and opens_thinking(processor) else {}
         inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt", **padding)  # fmt: skip
+                                               return_dict=True, return_tensors="pt", **padding, **closed)  # fmt: skip
     elif is_vision(runnable):
         marker = f"{processor.image_token}\n"
         prompts = [(marker if image is not None else "") + text for text, image in zip(texts, images)]
@@ -108,8 +113,11 @@ def generate_answers(runnable: Any, texts: list[str], images: list[Any], max_new
     with torch.no_grad():
         output = runnable.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    from dpa_cli.generate import answer_text
+
     new = output[:, inputs["input_ids"].shape[1] :]
-    return [_THINK.sub("", text).strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [_THINK.sub("", answer_text(runnable.processor, text)).strip() for text in texts]
 
 
 def letter_token_ids(runnable: Any, count: int) -> list[int]:
@@ -130,7 +138,7 @@ def letter_logprobs(runnable: Any, texts: list[str], images: list[Any], counts: 
 
     if not runnable.processor.chat_template:
         texts = [f"{text}\nAnswer:" for text in texts]
-    inputs = batch_inputs(runnable, texts, images)
+    inputs = batch_inputs(runnable, texts, images, answer_next=True)
     with torch.no_grad():
         logits = runnable.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :]  # [batch, vocab]
     logprobs = torch.log_softmax(logits.float(), dim=-1)

@@ -30,7 +30,8 @@ def _sources(plan: dict[str, Any]) -> list[str]:
     dims = plan.get("dimensions") or {}
     config = plan.get("config") or {}
     rows += ["", f"Projector phi: {dims.get('phi', '?')}; features: {config.get('feature_span', 'image')}; "
-                 f"early fusion: {'on' if config.get('early_fusion') else 'off'}."]  # fmt: skip
+                 f"early fusion: {'on' if config.get('early_fusion') else 'off'}; "
+                 f"encoding: {config.get('encoding', 'dpa')}."]  # fmt: skip
     return rows
 
 

@@ -26,7 +26,7 @@ BUILD_SIZES = (
     "max_position_embeddings", "image_seq_length", "num_channels", "in_channels", "spatial_merge_size",
     "temporal_patch_size", "projection_dim", "window_size", "scale_factor", "num_position_embeddings",
 )  # fmt: skip
-TOKEN_LISTS = ("perceiver_marker_token_ids",)
+TOKEN_LISTS = ("perceiver_marker_token_ids", "target_marker_token_ids")
 EXTRA_TOKENS = ("video_token_id", "video_token_index", "perceiver_image_token_id")
 GENERATION_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 

@@ -175,13 +175,13 @@ class DPAModel(DPAPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=list(per_image))
 
     def image_slot_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
-        """Where the target sequence holds image-token slots, `[batch, seq]`."""
+        """Where the target sequence holds image slots, `[batch, seq]`: the image token, plus the target's start
+        and end markers when the features include the perceiver's (the official code writes N+2 features there)."""
+        slot_ids = torch.tensor(self.config.image_slot_token_ids, dtype=torch.long, device=inputs_embeds.device)
         if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_embed = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
-        )
-        return (inputs_embeds == image_embed).all(-1)
+            return torch.isin(input_ids, slot_ids)
+        slot_embeds = self.get_input_embeddings()(slot_ids)  # [slots, hidden]
+        return (inputs_embeds.unsqueeze(-2) == slot_embeds).all(-1).any(-1)
 
     def embed_text(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Embed the target tokens; image slots get a placeholder row that the features overwrite."""
@@ -197,7 +197,7 @@ class DPAModel(DPAPreTrainedModel):
         if n_slots != features.shape[0]:
             raise DPAFeatureMismatchError(
                 f"The perceiver produced {features.shape[0]} image features for {num_images} image(s), but the "
-                f"target input holds {n_slots} image-token slots (image_token_id={self.config.image_token_id}). "
+                f"target input holds {n_slots} image-token slots (token ids {self.config.image_slot_token_ids}). "
                 "Each image must expand to exactly its perceiver feature count: use the DPA processor."
             )
         features = features.to(inputs_embeds.device, inputs_embeds.dtype)

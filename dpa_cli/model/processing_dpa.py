@@ -17,12 +17,50 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import is_valid_image
 
-from .configuration_dpa import FEATURE_SPANS
+from .configuration_dpa import ENCODINGS, FEATURE_SPANS
+
 # The keys that carry an image in a chat content block, as ProcessorMixin.apply_chat_template reads them.
 _IMAGE_BLOCK_KEYS = ("image", "url", "path", "base64")
 
 # (image processor output for all images, image index) -> that image's tokens in the perceiver's vocabulary.
 ImageTokens = Callable[[dict, int], str]
+
+# --- the `paper` encoding: the official DPA code's text, token for token -----------------------------------
+# Official ids (transcription sec. 5.1) are looked up by these strings in whatever tokenizer is given.
+TURN_OPEN, TURN_CLOSE = "<|im_start|>", "<|im_end|>"
+PAPER_PERCEIVER_FRAME = TURN_OPEN + "user\n"  # the user-turn frame the official perceiver reads before an image
+# Every assistant turn opens with an empty think block (ms-swift ThinkingTemplate, TU:45-56), masked from the
+# loss; the generation prompt ends with its opener, as the official chat() does (FVT:249-259).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+PAPER_THINK = THINK_OPEN + "\n\n" + THINK_CLOSE + "\n\n"
+# The official training resizes every image to at most this many pixels before the processor (PT/SFT/LORA:14
+# MAX_PIXELS; ms-swift vision_utils.py:89-99). Training only: the official chat() and benchmark do not cap.
+PAPER_TRAIN_MAX_PIXELS = 262_144
+
+
+def paper_chat_template(image: str) -> str:
+    """The target text of the official DPA code (ms-swift's `qwen3` template, QWT:61-65; TB:1107-1163): ChatML
+    without a default system turn, messages joined by one newline, no newline after the last `<|im_end|>`, the
+    empty think block at the head of every assistant turn (unless its text already opens one), and a message's
+    parts joined by newlines, so LLaVA's `<image>\\nQuestion` renders as it does there. `image` is the image's
+    text (its markers and placeholder). The generation prompt ends with `<think>\\n\\n`; with
+    `enable_thinking=False` it closes the block, as the official benchmark prompt does (EV:130-132)."""
+    image = image.replace("'", "\\'")
+    return (
+        "{%- macro render(content) -%}{%- if content is string -%}{{- content -}}{%- else -%}"
+        "{%- for part in content -%}{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+        "{%- if part.type == 'image' -%}{{- '" + image + "' -}}"
+        "{%- elif part.type == 'text' -%}{{- part.text -}}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+        "{%- for message in messages -%}{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+        "{%- set content = render(message.content) -%}"
+        "{%- if message.role == 'assistant' and not content.startswith('" + THINK_OPEN + "') -%}"
+        "{%- set content = '" + PAPER_THINK.replace("\n", "\\n") + "' + content -%}{%- endif -%}"
+        "{{- '" + TURN_OPEN + "' + message.role + '\\n' + content + '" + TURN_CLOSE + "' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '\\n" + TURN_OPEN + "assistant\\n" + THINK_OPEN + "\\n\\n' -}}"
+        "{%- if enable_thinking is defined and enable_thinking is false -%}"
+        "{{- '" + THINK_CLOSE + "\\n\\n' -}}{%- endif -%}{%- endif -%}"
+    )
 
 
 # --- how each perceiver family lays out one image --------------------------------------------------------
@@ -175,16 +213,17 @@ def _token_of_id(tokenizer: Any, token_id: int | None, name: str) -> str:
     return token
 
 
-def _turn_texts(conversations: list[list[dict]]) -> list[str]:
-    """Early fusion's perceiver text of each image (that carries data), in order: its message's text parts."""
+def _turn_texts(conversations: list[list[dict]], bare_images: bool = False) -> list[str]:
+    """Early fusion's perceiver text of each image (that carries data, or any with `bare_images`), in order: the
+    text parts of its message, joined by newlines, which the perceiver reads before the image."""
     texts = []
     for message in (message for conversation in conversations for message in conversation):
         content = message.get("content") or []
         if isinstance(content, str):
             continue
         turn = "\n".join(block["text"] for block in content if block.get("type") == "text")
-        images = [b for b in content if b.get("type") == "image" and any(k in b for k in _IMAGE_BLOCK_KEYS)]
-        texts += [turn] * len(images)
+        images = [b for b in content if b.get("type") == "image"]
+        texts += [turn] * sum(1 for b in images if bare_images or any(k in b for k in _IMAGE_BLOCK_KEYS))
     return texts
 
 
@@ -201,7 +240,12 @@ class DPAProcessor(ProcessorMixin):
     perceiver_image_token (`str`), perceiver_marker_tokens (`list[str]`): the perceiver's image token and image
         marker tokens; default to the family's (e.g. `<|image_pad|>`, `<|vision_start|>`/`<|vision_end|>`).
     feature_span (`str`): `image` (features at the image tokens) or `image+markers` (also at the markers).
-    early_fusion (`bool`): also feed each image's user turn text to the perceiver, after the image.
+    early_fusion (`bool`): also feed each image's user turn text to the perceiver, before the image (a causal
+        perceiver's image states never see text that follows the image).
+    encoding (`str`): `dpa` or `paper` (the official DPA code's text: see `paper_chat_template`; the perceiver
+        reads the user-turn frame before each image, `<|im_start|>user\\n` + the turn's text before the image).
+    target_marker_tokens (`list[str]`): the target's image start and end markers; with `image+markers` they are
+        image slots too, so an image's N+2 features fill its start, N pads and end.
     perceiver_processor_kwargs (`dict`): the family processor's settings that its layout reads (the keys in
         PerceiverFamily.settings; others are dropped), e.g. `patch_size` and `vision_feature_select_strategy` for
         LLaVA, `image_seq_len` for Idefics3.
@@ -222,6 +266,8 @@ class DPAProcessor(ProcessorMixin):
         feature_span: str = "image",
         early_fusion: bool = False,
         perceiver_processor_kwargs: dict[str, Any] | None = None,
+        encoding: str = "dpa",
+        target_marker_tokens: list[str] | None = None,
     ):
         chat_template = chat_template or tokenizer.chat_template  # the target's template renders the conversation
         super().__init__(image_processor, perceiver_tokenizer, tokenizer, chat_template=chat_template)
@@ -233,6 +279,8 @@ class DPAProcessor(ProcessorMixin):
         self.perceiver_marker_tokens = list(markers)
         self.feature_span = feature_span
         self.early_fusion = early_fusion
+        self.encoding = encoding
+        self.target_marker_tokens = list(target_marker_tokens or [])
         given = perceiver_processor_kwargs or {}  # may be the perceiver's whole processor_config.json
         self.perceiver_processor_kwargs = {key: given[key] for key in family.settings if key in given}
         self._check_settings(family)
@@ -241,17 +289,31 @@ class DPAProcessor(ProcessorMixin):
             perceiver_tokenizer, self.perceiver_image_token, "The perceiver image token"
         )
         self.feature_token_ids = [self.perceiver_image_token_id]
+        self.marker_slots: list[int] = []  # the target's start and end marker ids, when they are image slots
         if feature_span == "image+markers":
             self.feature_token_ids += [
                 _single_token_id(perceiver_tokenizer, marker, "The perceiver marker")
                 for marker in self.perceiver_marker_tokens
             ]
+            self.marker_slots = [
+                _single_token_id(tokenizer, marker, "The target marker") for marker in self.target_marker_tokens
+            ]
+        # Target token ids the model overwrites with features (DPAConfig.image_slot_token_ids), in reading order.
+        self.image_slot_token_ids = [self.image_token_id, *self.marker_slots]
+        if encoding == "paper":
+            _single_token_id(perceiver_tokenizer, TURN_OPEN, "The paper encoding's perceiver turn opener")
 
     def _check_settings(self, family: PerceiverFamily) -> None:
         if self.feature_span not in FEATURE_SPANS:
             raise ValueError(f"feature_span={self.feature_span!r} is not one of {', '.join(FEATURE_SPANS)}.")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding={self.encoding!r} is not one of {', '.join(ENCODINGS)}.")
         if self.feature_span == "image+markers" and not self.perceiver_marker_tokens:
             raise ValueError("feature_span='image+markers' needs perceiver_marker_tokens; this perceiver has none.")
+        if len(self.target_marker_tokens) not in (0, 2):
+            raise ValueError("target_marker_tokens holds an image's start and end markers: two, or none.")
+        if self.encoding == "paper" and (self.feature_span != "image+markers" or not self.target_marker_tokens):
+            raise ValueError("encoding='paper' needs feature_span='image+markers' and two target_marker_tokens.")
         missing = [key for key in family.required if key not in self.perceiver_processor_kwargs]
         if missing:
             raise ValueError(
@@ -293,12 +355,21 @@ class DPAProcessor(ProcessorMixin):
             _token_of_id(perceiver_tokenizer, token_id, "perceiver_marker_token_ids")
             for token_id in config.perceiver_marker_token_ids
         ]
+        target_markers = [
+            _token_of_id(tokenizer, token_id, "target_marker_token_ids")
+            for token_id in getattr(config, "target_marker_token_ids", None) or []
+        ]
+        encoding = getattr(config, "encoding", "dpa")
+        image_token = _token_of_id(tokenizer, config.image_token_id, "image_token_id")
+        # The paper encoding brings its own template: the official text, whatever the target's template does.
+        wrapped = image_token.join(target_markers) if target_markers else image_token
         return cls(
             image_processor,
             perceiver_tokenizer,
             tokenizer,
+            chat_template=paper_chat_template(wrapped) if encoding == "paper" else None,
             perceiver_model_type=config.perceiver_config.model_type,
-            image_token=_token_of_id(tokenizer, config.image_token_id, "image_token_id"),
+            image_token=image_token,
             perceiver_image_token=_token_of_id(
                 perceiver_tokenizer, config.perceiver_image_token_id, "perceiver_image_token_id"
             ),
@@ -306,6 +377,8 @@ class DPAProcessor(ProcessorMixin):
             feature_span=config.feature_span,
             early_fusion=config.early_fusion,
             perceiver_processor_kwargs=perceiver_processor_config,
+            encoding=encoding,
+            target_marker_tokens=target_markers or None,
         )
 
     @property
@@ -331,9 +404,9 @@ class DPAProcessor(ProcessorMixin):
         """Model inputs for `text` (rendered by the target's chat template, one image marker per image) and `images`
         (one image, a list in reading order, or one list per sample).
 
-        `perceiver_text` (early fusion only): one string per image, the user's text of the turn holding it;
-        `apply_chat_template` derives it from the messages. Other keyword arguments go to the target tokenizer or
-        the image processor as in any transformers processor.
+        `perceiver_text` (early fusion only): one string per image, the user's text of the turn holding it, which
+        the perceiver reads before the image; `apply_chat_template` derives it from the messages. Other keyword
+        arguments go to the target tokenizer or the image processor as in any transformers processor.
 
         Returns `input_ids`, `attention_mask` `[batch, seq]` and, when there are images, `perceiver_input_ids`,
         `perceiver_attention_mask` `[num_images, perceiver_seq]`, the image processor's tensors and, for Qwen-VL
@@ -349,10 +422,15 @@ class DPAProcessor(ProcessorMixin):
         merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, padding=padding, **kwargs)
         data, counts = {}, []
         if images:
-            perceiver_texts = self._perceiver_texts(perceiver_text, len(images))
-            data, counts = self._perceiver_inputs(images, perceiver_texts, merged["images_kwargs"])
+            heads = self._perceiver_heads(perceiver_text, texts, len(images))
+            data, counts = self._perceiver_inputs(images, heads, merged["images_kwargs"])
         data.update(self._target_inputs(texts, counts, merged["text_kwargs"]))
         return BatchFeature(data, tensor_type=return_tensors)
+
+    @property
+    def train_max_pixels(self) -> int | None:
+        """The most pixels a training image may have before the image processor sees it (None: its own cap)."""
+        return PAPER_TRAIN_MAX_PIXELS if self.encoding == "paper" else None
 
     def _images_per_sample(self, images: Any, texts: list[str]) -> list[list[Any]]:
         """Images grouped by sample, checked against each sample's count of image markers."""
@@ -383,62 +461,143 @@ class DPAProcessor(ProcessorMixin):
                 )
         return [self.image_processor.fetch_images(sample) for sample in nested]
 
-    def _perceiver_texts(self, perceiver_text: str | list[str] | None, num_images: int) -> list[str] | None:
+    def _perceiver_heads(self, perceiver_text: str | list[str] | None, texts: list[str], num_images: int) -> list[str]:
+        """Per image, what its perceiver sequence holds before the image's own tokens.
+
+        The perceiver is causal: an image's states depend only on what comes before it, so text after the image
+        (the rest of the conversation, which the official code also feeds) is left out, exactly. `dpa`: nothing,
+        or with early fusion the turn's text. `paper`: the user-turn frame as training renders it, read from the
+        target text (`<|im_start|>user\\n` + the turn's text before the image), or with early fusion the frame and
+        the whole turn's text, the question before the image as in the official instruction-context variant.
+        """
         if not self.early_fusion:
             if perceiver_text is not None:
                 raise ValueError("`perceiver_text` is read with early_fusion=True only; this processor has it off.")
-            return None
+            return self._turn_heads(texts) if self.encoding == "paper" else [""] * num_images
         if perceiver_text is None:
             raise ValueError(
                 "early_fusion=True feeds each image's user turn to the perceiver: pass `perceiver_text`, one string "
                 "per image, or use apply_chat_template, which takes it from the messages."
             )
-        texts = [perceiver_text] if isinstance(perceiver_text, str) else list(perceiver_text)
-        if len(texts) != num_images:
-            raise ValueError(f"Got {len(texts)} perceiver_text entries for {num_images} images; give one per image.")
-        return texts
+        turns = [perceiver_text] if isinstance(perceiver_text, str) else list(perceiver_text)
+        if len(turns) != num_images:
+            raise ValueError(f"Got {len(turns)} perceiver_text entries for {num_images} images; give one per image.")
+        frame = PAPER_PERCEIVER_FRAME if self.encoding == "paper" else ""
+        return [frame + (f"{turn}\n" if turn else "") for turn in turns]
+
+    def _turn_heads(self, texts: list[str]) -> list[str]:
+        """Paper: per image, its turn of the target text up to the image, from the turn's `<|im_start|>` (the
+        frame alone when no turn opens before it). An earlier image of the same turn is left out with the newline
+        that joins it, since this sequence has no pixels for it (the official perceiver sees it)."""
+        start, end = self.target_marker_tokens
+        heads = []
+        for text in texts:
+            pieces = text.split(self.image_token)
+            turn = ""
+            for index, piece in enumerate(pieces[:-1]):
+                if index > 0:  # the text after the previous image: drop that image's end marker and joiner
+                    piece = piece.removeprefix(end).removeprefix("\n")
+                opened = piece.rfind(TURN_OPEN)
+                turn = (piece[opened:] if opened >= 0 else turn + piece).removesuffix(start)
+                heads.append(turn if turn.startswith(TURN_OPEN) else PAPER_PERCEIVER_FRAME + turn)
+        return heads
 
     def _perceiver_inputs(
-        self, images: list[Any], perceiver_texts: list[str] | None, images_kwargs: dict
+        self, images: list[Any], heads: list[str], images_kwargs: dict
     ) -> tuple[dict[str, Any], list[int]]:
-        """One perceiver sequence per image, the image processor's tensors, and each image's feature count."""
+        """One perceiver sequence per image (its head, then the image), the image processor's tensors, and each
+        image's feature count."""
         family = self.family
         batch = [[image] for image in images] if family.one_sample_per_image else images
         image_inputs = self.image_processor(batch, **{**images_kwargs, **family.images_kwargs, "return_tensors": "pt"})
         image_tokens = family.layout(self)
-        sequences = [family.template.replace("{image}", image_tokens(image_inputs, i)) for i in range(len(images))]
-        if perceiver_texts is not None:
-            sequences = [f"{sequence}\n{text}" for sequence, text in zip(sequences, perceiver_texts)]
+        sequences = [
+            head + family.template.replace("{image}", image_tokens(image_inputs, i)) for i, head in enumerate(heads)
+        ]
         encoded = self.perceiver_tokenizer(sequences, padding=True, return_tensors="pt", return_token_type_ids=False)
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        # Exactly the positions the model turns into features (DPAModel.feature_mask), so the counts agree.
-        features = torch.isin(ids, torch.tensor(self.feature_token_ids)) & mask.bool()
-        data = {"perceiver_input_ids": ids, "perceiver_attention_mask": mask}
+        data = {"perceiver_input_ids": encoded["input_ids"], "perceiver_attention_mask": encoded["attention_mask"]}
         if family.mm_token_type_ids:
-            data["perceiver_mm_token_type_ids"] = (ids == self.perceiver_image_token_id).long()
+            data["perceiver_mm_token_type_ids"] = (encoded["input_ids"] == self.perceiver_image_token_id).long()
         data.update({k: v for k, v in image_inputs.items() if k not in family.unused_outputs})
-        return data, features.sum(-1).tolist()
+        return data, self.feature_counts(data)
+
+    def feature_mask(self, perceiver_input_ids: Any, perceiver_attention_mask: Any) -> Any:
+        """The perceiver positions the model turns into features, `[num_images, perceiver_seq]`: exactly those of
+        DPAModel.feature_mask (its config's feature_token_ids), outside the padding."""
+        ids = torch.as_tensor(perceiver_input_ids)
+        return torch.isin(ids, torch.tensor(self.feature_token_ids)) & torch.as_tensor(perceiver_attention_mask).bool()
+
+    def feature_counts(self, inputs: Any) -> list[int]:
+        """Per image: its number of features (the image slots its target marker expands to), from this
+        processor's outputs; the one count every caller uses."""
+        if "perceiver_input_ids" not in inputs:
+            return []
+        return self.feature_mask(inputs["perceiver_input_ids"], inputs["perceiver_attention_mask"]).sum(-1).tolist()
+
+    def image_slots(self, count: int, wrapped: bool) -> tuple[list[str], int, list[str]]:
+        """What one image marker of the target text becomes for an image of `count` features: (tokens to insert
+        before it, how many image tokens, tokens to insert after). With marker slots the target's start and end
+        markers take the first and last feature; `wrapped`: the text already has them around the marker."""
+        if not self.marker_slots:
+            return [], count, []
+        if wrapped:
+            return [], count - 2, []
+        start, end = self.target_marker_tokens
+        return [start], count - 2, [end]
+
+    def expand_ids(self, ids: list[int], counts: list[int]) -> list[tuple[int, int | None]]:
+        """Token ids of a target text with each image marker expanded to its image's slots (`image_slots`), as
+        (id, index in `ids` it stands for, None for an inserted marker); equal to tokenizing the expanded text."""
+        out: list[tuple[int, int | None]] = []
+        start, end = (self.marker_slots or [None, None])[:2]
+        images = iter(counts)
+        for index, token_id in enumerate(ids):
+            if token_id != self.image_token_id:
+                out.append((token_id, index))
+                continue
+            wrapped = 0 < index < len(ids) - 1 and ids[index - 1] == start and ids[index + 1] == end
+            before, pads, after = self.image_slots(next(images), wrapped)
+            out += [(start, None)] * len(before) + [(token_id, index)] * pads + [(end, None)] * len(after)
+        return out
 
     def _target_inputs(self, texts: list[str], counts: list[int], text_kwargs: dict) -> dict[str, Any]:
-        """Tokenize the target texts with each image marker expanded to its image's feature count."""
+        """Tokenize the target texts with each image marker expanded to its image's slots."""
         counts_left = iter(counts)
         expanded, expected = [], []
+        start, end = (self.target_marker_tokens or [None, None])[:2]
         for text in texts:
             first, *rest = text.split(self.image_token)
-            sample_counts = [next(counts_left) for _ in rest]
-            expanded.append(first + "".join(self.image_token * n + part for n, part in zip(sample_counts, rest)))
-            expected.append(sum(sample_counts))
+            pieces, before_text = [first], first
+            for part in rest:
+                count = next(counts_left)
+                wrapped = bool(self.marker_slots) and before_text.endswith(start) and part.startswith(end)
+                before, pads, after = self.image_slots(count, wrapped)
+                pieces.append("".join(before) + self.image_token * pads + "".join(after) + part)
+                before_text = part
+                expected.append(count)
+            expanded.append("".join(pieces))
         encoded = self.tokenizer(expanded, **{**text_kwargs, "return_tensors": None})
-        for index, (ids, want) in enumerate(zip(encoded["input_ids"], expected)):
-            if ids.count(self.image_token_id) != want:
+        wanted = iter(expected)
+        slots = set(self.image_slot_token_ids)
+        for index, (text, ids) in enumerate(zip(texts, encoded["input_ids"])):
+            want = sum(next(wanted) for _ in range(text.count(self.image_token)))
+            have = sum(1 for token_id in ids if token_id in slots)
+            if have != want:
                 raise ValueError(
-                    f"Sample {index}: the target sequence holds {ids.count(self.image_token_id)} image slots but its "
-                    f"images have {want} features (truncated by max_length, or {self.image_token!r} in the text?)."
+                    f"Sample {index}: the target sequence holds {have} image slots but its images have {want} "
+                    f"features (truncated by max_length, or {self.image_token!r} in the text?)."
                 )
         return dict(encoded)
 
+    def perceiver_texts(self, messages: list[dict], bare_images: bool = True) -> list[str] | None:
+        """Early fusion's `perceiver_text` for a conversation (one string per image), or None when the processor
+        reads none. `bare_images`: also count `{"type": "image"}` blocks that carry no image (training samples)."""
+        if not self.early_fusion:
+            return None
+        return _turn_texts([messages], bare_images)
+
     def apply_chat_template(self, conversation: list, *args: Any, **kwargs: Any) -> Any:
-        """The target's chat template (ProcessorMixin's). With early fusion and `tokenize=True`, each image's
+        """The processor's chat template (ProcessorMixin's). With early fusion and `tokenize=True`, each image's
         perceiver text is the text of the message holding it."""
         if self.early_fusion and kwargs.get("tokenize"):
             conversations = conversation if isinstance(conversation[0], (list, tuple)) else [conversation]
@@ -448,4 +607,4 @@ class DPAProcessor(ProcessorMixin):
         return super().apply_chat_template(conversation, *args, **kwargs)
 
 
-__all__ = ["DPAProcessor", "PERCEIVER_FAMILIES", "PerceiverFamily", "onevision_feature_count"]
+__all__ = ["DPAProcessor", "PERCEIVER_FAMILIES", "PerceiverFamily", "onevision_feature_count", "paper_chat_template"]

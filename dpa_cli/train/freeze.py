@@ -11,16 +11,19 @@ from dpa_cli.errors import BadInputError
 from dpa_cli.parts import PARTS, part_of, perceiver_family
 from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
 
+# ms-swift's (and PEFT's) name for "every linear layer": here, of the parts whose mode is `lora`.
+ALL_LINEAR = "all-linear"
+
 
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dict[str, Any] | None = None):
     """Set requires_grad per part, wrapping the LoRA part with PEFT adapters; returns (model, table).
 
-    `lora`: r, alpha, dropout, `targets` (a regex over module names; by default the target LLM's linears) and
-    the `seed` its A matrices are drawn from.
+    `lora`: r, alpha, dropout, `targets` (a regex over module names, by default the target LLM's linears, or
+    `all-linear`: every linear layer of the parts set to `lora`) and the `seed` its A matrices are drawn from.
     """
     family = perceiver_family(model.config)
     if lora is not None:
-        model = _add_adapters(model, lora)
+        model = _add_adapters(model, lora, trainable)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
@@ -29,12 +32,14 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dic
     return model, trainable_table(model, trainable)
 
 
-def _add_adapters(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module:
+def _add_adapters(model: torch.nn.Module, lora: dict[str, Any], trainable: dict[str, str]) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = lora["targets"]
-    check_lora_targets(model, targets)
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets)
+    check_lora_targets(model, targets, trainable)
+    # PEFT reads a string as a regex over module names: all-linear goes to it as the names it stands for.
+    modules = targets if targets != ALL_LINEAR else [name for name, _ in lora_modules(model, targets, trainable)]
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=modules)
     try:
         # LoRA A starts random: drawn from the run's seed, so a run repeats exactly (an interrupted one resumes
         # to the same weights) and every process of a distributed run starts from the same adapter.
@@ -45,22 +50,45 @@ def _add_adapters(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Modu
         raise BadInputError(f"lora_targets {targets!r}: PEFT refuses them ({' '.join(str(err).split())})") from None
 
 
-def check_lora_targets(model: torch.nn.Module, targets: str) -> None:
-    """The regex must match (PEFT: the whole module name) linear layers only, at least one of them in the
+def lora_modules(model: torch.nn.Module, targets: str, trainable: dict[str, str]) -> list[tuple[str, torch.nn.Module]]:
+    """The modules `targets` names: the regex's full matches (PEFT's rule), or with `all-linear` every linear
+    layer of a part in `lora` mode except the LM head (the vocabulary projection, tied to the embeddings in many
+    LLMs), as ms-swift's `all-linear` leaves it out."""
+    if targets != ALL_LINEAR:
+        return [(name, module) for name, module in model.named_modules() if name and re.fullmatch(targets, name)]
+    family, head = perceiver_family(model.config), model.get_output_embeddings()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+            and trainable.get(part_of(f"{name}.weight", family)) == "lora"]  # fmt: skip
+
+
+def check_lora_targets(model: torch.nn.Module, targets: str, trainable: dict[str, str]) -> None:
+    """The targets must name (PEFT: the whole module name) linear layers only, at least one of them in the
     target LLM. Checked on the loaded model, before any adapter is added or the stage folder is touched."""
     family = perceiver_family(model.config)
-    matched = [(name, module) for name, module in model.named_modules() if name and re.fullmatch(targets, name)]
+    matched = lora_modules(model, targets, trainable)
     hint = f"set --lora-targets to a regex over the LLM's linear layers, e.g. {DEFAULT_LORA_TARGETS!r}"
     for name, module in matched:
         if not isinstance(module, torch.nn.Linear):
             kind = type(module).__name__
             raise BadInputError(f"lora_targets {targets!r} matches {name}, a {kind}, not a linear layer", hint=hint)
     if not any(part_of(f"{name}.weight", family) == "llm" for name, _ in matched):
+        if targets == ALL_LINEAR:
+            hint = "all-linear adapts the parts set to lora: set trainable.llm=lora (--lora), or give a regex"
         raise BadInputError(f"lora_targets {targets!r} matches no linear layer of the target LLM", hint=hint)
+    adapted = {part_of(f"{name}.weight", family) for name, _ in matched}
+    linear = {part_of(f"{name}.weight", family) for name, _ in lora_modules(model, ALL_LINEAR, trainable)}
+    for part, mode in trainable.items():  # a part in lora mode without adapters would silently not train
+        if mode == "lora" and part in linear and part not in adapted:
+            raise BadInputError(
+                f"trainable.{part}=lora, but lora_targets {targets!r} adapts none of its layers",
+                hint=f"widen lora_targets (all-linear adapts every part set to lora), or set trainable.{part} to "
+                "full or frozen",
+            )
 
 
 def trainable_table(model: torch.nn.Module, trainable: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Per part: its mode, its parameters, and how many of them train (LoRA adapters counted with the LLM)."""
+    """Per part: its mode, its parameters, and how many of them train (LoRA adapters counted with their part)."""
     family = perceiver_family(model.config)
     table = {part: {"mode": trainable[part], "params": 0, "trainable": 0} for part in PARTS}
     seen: set[int] = set()

@@ -33,6 +33,16 @@ class QuietReporter:
         pass
 
 
+def part_rates(optimizer: Any) -> dict[str, float]:
+    """Each part's current learning rate, from the optimizer's groups (named by train/freeze.parameter_groups)."""
+    rates: dict[str, float] = {}
+    for group in getattr(optimizer, "param_groups", None) or []:
+        name = group.get("name")
+        if isinstance(name, str):
+            rates.setdefault(name.removesuffix(" (no decay)"), float(group["lr"]))
+    return rates
+
+
 class MetricsCallback(TrainerCallback):
     """Appends one JSON line per log to metrics.jsonl (main process only) with tokens/s, and reports it."""
 
@@ -43,6 +53,11 @@ class MetricsCallback(TrainerCallback):
         self.flops_per_token = flops_per_token
         self.last: tuple[float, int] | None = None
         self.final_loss: float | None = None
+        self.rates: dict[str, float] = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # The rates this step used: the Trainer steps the scheduler after this, and logs `learning_rate` the same way.
+        self.rates = part_rates(optimizer)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), state.num_input_tokens_seen)
@@ -52,6 +67,8 @@ class MetricsCallback(TrainerCallback):
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         metrics = {"step": state.global_step, "epoch": state.epoch, **logs, "tokens_seen": tokens}
+        if "learning_rate" in logs and self.rates:  # `learning_rate` is the first group's: each part's too
+            metrics["learning_rates"] = self.rates
         if self.last is not None and now > self.last[0] and tokens > self.last[1]:
             rate = (tokens - self.last[1]) / (now - self.last[0])
             metrics["tokens_per_second"] = rate

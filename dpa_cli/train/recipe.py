@@ -18,6 +18,7 @@ import yaml
 from dpa_cli.errors import BadInputError
 from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_yaml, reason
 from dpa_cli.train.arguments import FIXED
+from dpa_cli.train.schedule import rescale, schedule_note
 from dpa_cli.train.validate import check_recipe, stage_number, training_fields
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -56,6 +57,7 @@ class Recipe:
     lora_dropout: float = 0.05
     lora_targets: str = DEFAULT_LORA_TARGETS
     training_args: dict[str, Any] = field(default_factory=dict)  # TrainingArguments fields
+    notes: tuple[str, ...] = ()  # what resolving the recipe changed (a schedule scaled to the run's length)
 
     @property
     def uses_lora(self) -> bool:
@@ -134,11 +136,11 @@ def _unknown(key: str, known: set[str]) -> BadInputError:
 def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a BadInputError naming the key."""
     path = recipe_path(name_or_file)
-    data = read_yaml(path, hint="fix the recipe file", loader=_RecipeLoader) or {}
-    if not isinstance(data, dict):
+    written = read_yaml(path, hint="fix the recipe file", loader=_RecipeLoader) or {}
+    if not isinstance(written, dict):
         raise BadInputError(f"{path}: a recipe is a mapping of keys to values")
     parsed, texts = _parse_overrides(overrides or [])
-    data = _apply(data, parsed)
+    data = _apply(written, parsed)
     known = set(OWN_FIELDS) | set(training_fields())
     for key in data:
         if key in MANAGED:
@@ -148,10 +150,13 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe
     stage = data.get("stage")
     if stage_number(stage) not in (1, 2):
         raise BadInputError(f"{path}: stage must be 1 or 2, not {stage!r}")
+    data, scaled_from = rescale(written, data, set(parsed))
     data = check_recipe(data, texts)
     own = {k: data[k] for k in OWN_FIELDS if k in data and k not in NESTED + ("stage",)}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}
-    return Recipe(path.stem, data["stage"], data["trainable"], data["learning_rates"], **own, training_args=training)
+    notes = tuple(note for note in [schedule_note(scaled_from)] if note)
+    return Recipe(path.stem, data["stage"], data["trainable"], data["learning_rates"], **own, training_args=training,
+                  notes=notes)  # fmt: skip
 
 
 def gradient_accumulation(global_batch: int, per_device: int, world_size: int) -> int:

@@ -12,7 +12,7 @@ from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import Recipe, load_recipe
-from dpa_cli.workspace import MODEL_DIR, check_model_folder, latest_checkpoint, read_manifest
+from dpa_cli.workspace import MODEL_DIR, check_model_folder, latest_checkpoint
 
 PERCEIVER_PARTS = ("vit", "phi_p", "perceiver_lm")
 
@@ -42,8 +42,8 @@ def stage_dir(workspace: Path, stage: int) -> Path:
     return Path(workspace) / f"stage{stage}"
 
 
-def source_model(request: TrainRequest) -> Path:
-    """Stage 1 starts from the upgraded model, stage 2 from stage 1's result (or --from)."""
+def source_model(request: TrainRequest, manifest: dict[str, Any]) -> Path:
+    """Stage 1 starts from the upgraded model, stage 2 from stage 1's result (or --from); `manifest` is dpa.yaml."""
     workspace = Path(request.workspace)
     if request.from_model is not None:
         named = {"model": workspace / MODEL_DIR, "stage1": workspace / "stage1" / MODEL_DIR}
@@ -60,11 +60,11 @@ def source_model(request: TrainRequest) -> Path:
     if not (source / "config.json").is_file():
         raise BadInputError(f"{source} is not a model folder (no config.json)", hint="check the workspace or --from")
     if request.from_model in (None, "model", "stage1"):  # the workspace's own folders: the model dpa.yaml describes
-        check_model_folder(source, read_manifest(workspace))
+        check_model_folder(source, manifest)
     else:  # any folder: it must hold this workspace's DPA model (another stage of it, a copy, an export)
         hint = "training starts from a DPA model: pass --from model or stage1, or upgrade that folder with `dpa upgrade`"
         check_json_files(source)  # every JSON file read as dpa reads user files, before transformers does
-        check_model_folder(source, read_manifest(workspace), hint=hint, what="--from ")
+        check_model_folder(source, manifest, hint=hint, what="--from ")
         _check_same_tensors(source, workspace / MODEL_DIR)
     return source
 
@@ -199,9 +199,8 @@ def _flag_overrides(request: TrainRequest, manifest: dict[str, Any]) -> list[str
     return flags + list(request.overrides)
 
 
-def resolve_recipe(request: TrainRequest) -> Recipe:
+def resolve_recipe(request: TrainRequest, manifest: dict[str, Any]) -> Recipe:
     """The recipe the run uses: by name or file, else the stage's default, with flags and --set applied."""
-    manifest = read_manifest(request.workspace)
     name = request.recipe or ("stage1" if request.stage == 1 else "stage2-lora" if request.lora else "stage2-full")
     recipe = load_recipe(name, _flag_overrides(request, manifest))
     if recipe.stage != request.stage:

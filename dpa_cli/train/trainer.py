@@ -22,6 +22,7 @@ from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.errors import DpaError
 from dpa_cli.train.freeze import parameter_groups
 from dpa_cli.train.lora_state import restore_trained_in_full, save_trained_in_full
+from dpa_cli.train.schedule import build_scheduler
 
 STAGING = ".saving"
 
@@ -45,6 +46,14 @@ class DPATrainer(Trainer):
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The recipe's schedule with its phase fractions resolved for this run's length (train/schedule.py); the
+        DeepSpeed path of the Trainer comes here too."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(self.args, optimizer or self.optimizer, num_training_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)

@@ -23,6 +23,7 @@ from dpa_cli.errors import BadInputError
 from dpa_cli.parts import PARTS
 from dpa_cli.train.arguments import RENAMED, trainer_kwargs
 from dpa_cli.train.fieldtypes import Mismatch, choice, coerce, only_text
+from dpa_cli.train.schedule import build_scheduler, check_phases
 
 MODES = ("frozen", "full", "lora")
 OWN_TYPES: dict[str, Any] = {
@@ -83,6 +84,7 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "ddp_timeout": POSITIVE, "ddp_bucket_cap_mb": POSITIVE,
     "global_batch_size": AT_LEAST_1, "max_length": AT_LEAST_1,
     "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION, "lora_targets": _regex,
+    "lr_scheduler_kwargs": check_phases,
 }  # fmt: skip
 NO_EVAL = "dpa train has no evaluation set; evaluate with `dpa eval`"
 # Trainer features dpa train does not use: (the values that work, why).
@@ -248,9 +250,10 @@ COMPANIONS = {"optim": "optim_args", "lr_scheduler_type": "lr_scheduler_kwargs"}
 
 
 def dry_run(training: dict[str, Any]) -> None:
-    """Build TrainingArguments, the optimizer class and the scheduler as the run will, on a dummy parameter."""
+    """Build TrainingArguments, the optimizer class and the scheduler as the run will, on a dummy parameter (over
+    max_steps when the recipe sets it: the schedule's phases must fit the run)."""
     import torch
-    from transformers import Trainer, TrainingArguments, get_scheduler
+    from transformers import Trainer, TrainingArguments
 
     kwargs = trainer_kwargs(training, notes=[])
     step = "TrainingArguments"
@@ -261,8 +264,8 @@ def dry_run(training: dict[str, Any]) -> None:
         Trainer.get_optimizer_cls_and_kwargs(args)
         step = "lr_scheduler_type"
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-        get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(100),
-                      num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)  # fmt: skip
+        known = args.max_steps > 0  # else epochs decide: the trainer checks the fit once it knows the length
+        build_scheduler(args, optimizer, args.max_steps if known else 100, known_total=known)
     except REFUSALS as err:
         raise _refused_by_transformers(step, err, training, kwargs) from None
 

@@ -133,15 +133,18 @@ def dpa_config(
     perceiver_image: Placeholder,
     markers: list[int],
     options: Any,
+    target_markers: list[int] | None = None,
 ) -> Any:
-    """The DPAConfig of the upgraded model."""
+    """The DPAConfig of the upgraded model. `target_markers`: the target's start and end marker ids that are
+    image slots with `image+markers` (dpa_cli.upgrade.encoding.target_markers)."""
     from dpa_cli.model import DPAConfig
 
     if options.feature_span == "image+markers" and not markers:
+        paper = getattr(options, "encoding", "dpa") == "paper"
         raise BadInputError(
-            f"--feature-span image+markers: this perceiver ({perceiver_config.get('model_type')}) has no image "
-            "marker tokens",
-            hint="use --feature-span image",
+            f"{'--encoding paper' if paper else '--feature-span image+markers'}: this perceiver "
+            f"({perceiver_config.get('model_type')}) has no image marker tokens",
+            hint="use a Qwen-VL-family perceiver, or --encoding dpa" if paper else "use --feature-span image",
         )
     return DPAConfig(
         perceiver_config=perceiver_config,
@@ -149,6 +152,8 @@ def dpa_config(
         projector_type=options.projector,
         feature_span=options.feature_span,
         early_fusion=options.early_fusion,
+        encoding=getattr(options, "encoding", "dpa"),
+        target_marker_token_ids=list(target_markers or []),
         image_token_id=image.id,
         perceiver_image_token_id=perceiver_image.id,
         perceiver_marker_token_ids=markers,

@@ -90,12 +90,17 @@ def check_heads(checkpoint: Checkpoint, tied: bool) -> None:
 
 
 def conversion_options(options: Any) -> Any:
-    """The official forward: phi `mlp2x_relu`, features from `<|vision_start|>` to `<|vision_end|>` inclusive
-    (FVT:474; N+2 per image). The encoding preset, where dpa has one, is the paper's."""
+    """The official forward and text: phi `mlp2x_relu`, features from `<|vision_start|>` to `<|vision_end|>`
+    inclusive (FVT:474; N+2 per image) in the start, pad and end slots, the `paper` encoding (the text the
+    checkpoint was trained on). Options that would change what is copied are refused, not ignored."""
     if options.perceiver_layers is not None:
         raise BadInputError("--perceiver-layers does not apply to an official DPA checkpoint: it is copied as trained")
     if options.projector != "mlp2x_relu":
         raise BadInputError(f"--projector {options.projector}: an official DPA checkpoint's phi is mlp2x_relu (copied)")
-    # TODO(p15 B): set the paper encoding preset once DPAConfig has it (`encoding="paper"`).
-    paper = {"encoding": "paper"} if hasattr(options, "encoding") else {}
-    return replace(options, feature_span="image+markers", **paper)
+    if options.feature_span not in (None, "image+markers"):
+        raise BadInputError(
+            f"--feature-span {options.feature_span}: an official DPA checkpoint feeds its thinker the N+2 perceiver "
+            "states <|vision_start|>..<|vision_end|> (image+markers)",
+            hint="drop --feature-span",
+        )
+    return replace(options, feature_span="image+markers", encoding="paper")

@@ -18,7 +18,9 @@ from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.families import Component, detect_family
+from dpa_cli.upgrade.chat_template import WorkspaceTemplate, workspace_template
 from dpa_cli.upgrade.compose import composed_perceiver_config, composition, dpa_config, text_config
+from dpa_cli.upgrade.encoding import resolve_options, target_markers
 from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
 from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, ensure_pad_token, existing_placeholder, load_tokenizer
@@ -36,12 +38,13 @@ PHI = "model.multi_modal_projector."
 @dataclass(frozen=True)
 class Options:
     projector: str = "mlp2x_relu"
-    feature_span: str = "image"
+    feature_span: str | None = "image"  # None: the encoding's own (image+markers for paper, else image)
     early_fusion: bool = False
     dtype: str = "auto"
     seed: int = 0
     shard_size: int = 5_000_000_000
     perceiver_layers: int | None = None  # keep only the perceiver's first N language blocks (0: ViT-only ablation)
+    encoding: str = "dpa"  # dpa (the target's chat template) or paper (the official DPA code's encoding)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class UpgradePlan:
     placeholders: dict[str, Placeholder]
     tokenizers: dict[str, Any]  # "target", "perceiver": tokenizer objects (with any added token)
     notes: list[str] = field(default_factory=list)
+    chat_template: WorkspaceTemplate | None = None  # the workspace's (the target's, wrapped when it renders no images)
 
     @property
     def output_bytes(self) -> int:
@@ -170,7 +174,11 @@ def _keep_blocks(perceiver_config: dict[str, Any], blocks: int) -> dict[str, Any
 
 
 def build_config(
-    sources: Sources, options: Options, placeholders: dict[str, Placeholder], tokenizers: dict[str, Any]
+    sources: Sources,
+    options: Options,
+    placeholders: dict[str, Placeholder],
+    tokenizers: dict[str, Any],
+    target_markers: list[int] = (),
 ) -> Any:
     target_text = text_config(sources.target, _vocab(sources.target, placeholders["target"]))
     if sources.perceiver is not None:
@@ -184,7 +192,8 @@ def build_config(
     if options.perceiver_layers is not None:
         perceiver_config = _keep_blocks(perceiver_config, options.perceiver_layers)
     return dpa_config(
-        perceiver_config, target_text, placeholders["target"], placeholders["perceiver"], markers, options
+        perceiver_config, target_text, placeholders["target"], placeholders["perceiver"], markers, options,
+        list(target_markers),
     )
 
 
@@ -329,10 +338,12 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
         from dpa_cli.upgrade.official import conversion_options
 
         options = conversion_options(options)
+    options = resolve_options(options)
     placeholders, tokenizers = _placeholders(sources)
     _check_vocab(sources, tokenizers, placeholders)
+    markers = target_markers(sources, tokenizers, options, placeholders["target"].id)
     try:
-        config = build_config(sources, options, placeholders, tokenizers)
+        config = build_config(sources, options, placeholders, tokenizers, markers)
         _check_perceiver_depth(config, options)
         expected = meta_state(meta_model("AutoModelForImageTextToText", config))
     except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:  # e.g. 0 ** -x of 0 heads
@@ -348,9 +359,12 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
         notes.append(f"an official DPA checkpoint, renamed: all {len(tensors)} tensors copied unchanged, none new")
     if options.perceiver_layers == 0:
         notes.append("ablation: the perceiver keeps no language blocks (ViT only), the paper's weakest variant")
+    chat_template = workspace_template(tokenizers["target"], placeholders["target"].token)
+    notes += [chat_template.note()] if chat_template.note() else []
     for role, placeholder in placeholders.items():
         if placeholder.added:
             notes.append(f"the {role} tokenizer had no image token: {placeholder.token} added as id {placeholder.id}")
         if (pad := ensure_pad_token(tokenizers[role])) is not None:
             notes.append(f"the {role} tokenizer had no pad token: {pad} pads batches")
-    return UpgradePlan(sources, options, config, tensors, dropped_parts(sources, tensors), placeholders, tokenizers, notes)
+    dropped = dropped_parts(sources, tensors)
+    return UpgradePlan(sources, options, config, tensors, dropped, placeholders, tokenizers, notes, chat_template)

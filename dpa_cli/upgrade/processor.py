@@ -1,4 +1,5 @@
-"""The processor of an upgraded checkpoint: the perceiver's image processor and tokenizer, the target's tokenizer."""
+"""The processor of an upgraded checkpoint: the perceiver's image processor and tokenizer, the target's tokenizer,
+and the chat template the plan chose (the target's, wrapped when it renders no images: upgrade/chat_template.py)."""
 
 from __future__ import annotations
 
@@ -26,4 +27,6 @@ def write_processor(plan: UpgradePlan, folder: Path) -> None:
     settings = read_json(settings_file, error=CheckpointError) if settings_file.is_file() else None
     tokenizers = plan.tokenizers
     processor = DPAProcessor.from_parts(image_processor, tokenizers["perceiver"], tokenizers["target"], plan.config, settings)
+    if plan.chat_template is not None and plan.chat_template.wrapped:
+        processor.chat_template = plan.chat_template.template  # saved as chat_template.jinja: the tokenizer's too
     processor.save_pretrained(folder)

@@ -65,6 +65,7 @@ def plan_summary(plan: UpgradePlan) -> dict[str, Any]:
             "projector_type": config.projector_type,
             "feature_span": config.feature_span,
             "early_fusion": config.early_fusion,
+            "encoding": config.encoding,
             "tie_word_embeddings": config.tie_word_embeddings,
             "image_token": plan.placeholders["target"].as_dict(),
             "perceiver_image_token": plan.placeholders["perceiver"].as_dict(),

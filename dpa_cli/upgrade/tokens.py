@@ -47,7 +47,7 @@ def load_tokenizer(folder: Path) -> Any:
         transformers_logging.set_verbosity(verbosity)
 
 
-def _single_token_id(tokenizer: Any, token: str) -> int | None:
+def single_token_id(tokenizer: Any, token: str) -> int | None:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
         return None
@@ -69,7 +69,7 @@ def existing_placeholder(tokenizer: Any, token_id: int, where: Path) -> Placehol
 def choose_placeholder(tokenizer: Any) -> Placeholder:
     """A token the tokenizer already has from CANDIDATES, else ADDED_TOKEN added as a special token."""
     for token in CANDIDATES:
-        token_id = _single_token_id(tokenizer, token)
+        token_id = single_token_id(tokenizer, token)
         if token_id is not None:
             return Placeholder(token, token_id, added=False)
     # add_tokens keeps the tokenizer's other special tokens (add_special_tokens may replace that list).
@@ -86,7 +86,7 @@ def ensure_pad_token(tokenizer: Any) -> str | None:
     if tokenizer.pad_token is not None:
         return None
     for token in PAD_CANDIDATES:
-        if _single_token_id(tokenizer, token) is not None:
+        if single_token_id(tokenizer, token) is not None:
             tokenizer.pad_token = token
             return token
     if tokenizer.eos_token is None:

@@ -54,10 +54,11 @@ def _load_and_run(folder: Path) -> dict[str, Any]:
     processor = loading.load_processor(folder)
     image = Image.new("RGB", (64, 48), (120, 160, 200))
     prompt = "Describe the image."
-    fusion = {"perceiver_text": [prompt]} if processor.early_fusion else {}  # early fusion: the turn's text too
+    fusion = {"perceiver_text": [prompt]} if processor.early_fusion else {}  # early fusion: the turn's text first
     inputs = processor(images=[image], text=[f"{processor.image_token} {prompt}"], return_tensors="pt", **fusion)
     with torch.no_grad():
         logits = model.eval()(**inputs).logits
     if not torch.isfinite(logits).all():
         raise DpaError(f"{folder}: the upgraded model's forward gives non-finite logits")
-    return {"loaded": True, "forward": "ok", "image_features": int((inputs["input_ids"] == model.config.image_token_id).sum())}
+    slots = torch.isin(inputs["input_ids"], torch.tensor(model.config.image_slot_token_ids))
+    return {"loaded": True, "forward": "ok", "image_features": int(slots.sum())}
