@@ -539,3 +539,26 @@ def test_an_official_dpa_checkpoint_without_processor_files_takes_the_one_its_co
     assert processor.perceiver_tokenizer.get_vocab() == loading.load_tokenizer(_snapshot(paper_hub, VIT)).get_vocab()
     assert "<think>" in processor.tokenizer.get_vocab()  # the thinker's: t_tokenizer_name_or_path (Qwen3)
     assert "<think>" not in processor.perceiver_tokenizer.get_vocab()  # Qwen2.5-VL's has no think tokens
+
+
+# (target, perceiver, extra argv) -> the encoding the upgrade picks when --encoding is not given (or is)
+PAIR_ENCODINGS = {
+    "paper pair, composed": ("causal_lm_qwen3", PAPER_PAIR, [], "paper"),
+    "paper pair, composed, --encoding dpa": ("causal_lm_qwen3", PAPER_PAIR, ["--encoding", "dpa"], "dpa"),
+    "paper pair, existing skeleton": ("causal_lm_qwen3", "{paper_vl}", [], "paper"),
+    "paper baseline + its own ViT composed": ("{paper_vl}", "qwen3-0.6b-vl", [], "paper"),
+    "stock Qwen2.5-VL perceiver": ("causal_lm_qwen3", "{qwen2_5_vl}", [], "dpa"),
+    "skeleton perceiver, Llama target": ("causal_lm_llama", "{paper_vl}", [], "dpa"),
+    "LLaVA-NeXT ViT composed": ("llava_next", "vit=target,lm=Qwen/Qwen3-0.6B", [], "dpa"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", PAIR_ENCODINGS.values(), ids=list(PAIR_ENCODINGS))
+def test_the_papers_pair_gets_the_paper_encoding_unless_told_otherwise(paper_hub, tiny_checkpoint, case):
+    target, perceiver, extra, encoding = case
+    target, perceiver = (str(tiny_checkpoint(s[1:-1])) if s.startswith("{") else s for s in (target, perceiver))
+    target = target if "/" in target else str(tiny_checkpoint(target))
+    result = upgrade_json([target, "--perceiver", perceiver, *extra, "--dry-run"], paper_hub)
+    assert (result["config"]["encoding"], result["config"]["feature_span"]) == (
+        encoding, "image+markers" if encoding == "paper" else "image")  # fmt: skip
+    assert ("the paper's pair: --encoding paper" in " ".join(result["notes"])) == (encoding == "paper" and not extra)

@@ -21,7 +21,7 @@ def upgrade(
     projector: Annotated[str, typer.Option(help="phi: mlp2x_relu (the paper's), mlp2x_gelu (LLaVA's) or linear.")] = "mlp2x_relu",
     feature_span: Annotated[str | None, typer.Option(help="Perceiver positions fed to the target: image, or image+markers (N+2). Default: the encoding's (image; paper: image+markers).", show_default=False)] = None,
     early_fusion: Annotated[bool, typer.Option("--early-fusion", help="Also feed the user's turn text to the perceiver, before the image.")] = False,
-    encoding: Annotated[str, typer.Option(help="Text encoding: dpa (the target's chat template) or paper (the official DPA code's, token for token).")] = "dpa",
+    encoding: Annotated[str | None, typer.Option(help="Text encoding: dpa (the target's chat template) or paper (the official DPA code's, token for token). Default: paper for the paper's pair (a paper-skeleton perceiver, a Qwen3 target), else dpa.", show_default=False)] = None,
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the target's), bf16, fp16 or fp32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the new projector weights (same seed, same bytes).")] = 0,
     perceiver_layers: Annotated[int | None, typer.Option(min=0, help="Keep only the perceiver's first N language blocks (0: the ViT-only ablation).")] = None,

@@ -23,6 +23,10 @@ from dpa_cli.upgrade.tokens import Placeholder
 _PROVENANCE = ("architectures", "auto_map", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
 
 
+PAPER_SKELETON = "qwen2_5_vl_qwen3"  # dpa_cli.families.paper.PAPER_VL
+PAPER_VITS = ("qwen2_5_vl", PAPER_SKELETON)  # ViT sources whose composition is the paper's skeleton
+
+
 @dataclass(frozen=True)
 class Composition:
     """How a ViT source's family composes a perceiver: which of its tensors are kept (in-memory prefix -> DPA
@@ -37,7 +41,7 @@ COMPOSITIONS = {
         {"model.vision_tower.": "model.perceiver.vision_tower."},
         ("model.perceiver.multi_modal_projector.", "model.perceiver.image_newline"))),
     # qwen2_5_vl_qwen3 also stands for the official formats (qwen_custom_vl_hw_new, llava_baseline) it reads.
-    **dict.fromkeys(("qwen2_5_vl", "qwen2_5_vl_qwen3"), Composition(
+    **dict.fromkeys(PAPER_VITS, Composition(
         {"model.visual.": "model.perceiver.visual."}, ("model.perceiver.visual.merger.mlp.",))),
 }  # fmt: skip
 COMPOSABLE_VIT_FAMILIES = tuple(COMPOSITIONS)
@@ -54,6 +58,20 @@ def composition(vit: Checkpoint) -> Composition:
             hint="use an existing small VLM as --perceiver, or vit=<a LLaVA-family or Qwen2.5-VL checkpoint>",
         )
     return COMPOSITIONS[vit.family.name]
+
+
+def pair_encoding(sources: Any) -> str:
+    """The encoding an upgrade gets when --encoding is not given: `paper` for the paper's own pair (a perceiver of
+    the paper's skeleton, existing or composed from a Qwen2.5-VL ViT, and a Qwen3 target LLM: the official DPA
+    model's parts), the text the official code trains them on; `dpa` (the target's chat template) otherwise."""
+    def qwen3(checkpoint: Checkpoint) -> bool:
+        return text_config(checkpoint).get("model_type") == "qwen3"
+
+    if sources.perceiver is not None:
+        paper_perceiver = sources.perceiver.family.name == PAPER_SKELETON
+    else:
+        paper_perceiver = sources.vit.family.name in PAPER_VITS and qwen3(sources.lm)
+    return "paper" if paper_perceiver and qwen3(sources.target) else "dpa"
 
 
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +100,7 @@ def composed_perceiver_config(vit: Checkpoint, lm: Checkpoint, image: Placeholde
     small_lm = text_config(lm, vocab_size)
     # Only the perceiver's base model is kept (no LM head), so there is nothing to tie.
     small_lm["tie_word_embeddings"] = False
-    if vit.family.name in ("qwen2_5_vl", "qwen2_5_vl_qwen3"):
+    if vit.family.name in PAPER_VITS:
         return _paper_perceiver(vit, lm, small_lm, image, tokenizer)
     config = _architecture(vit.config)
     config.pop("image_token_index", None)

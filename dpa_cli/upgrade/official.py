@@ -91,8 +91,9 @@ def check_heads(checkpoint: Checkpoint, tied: bool) -> None:
 
 def conversion_options(options: Any) -> Any:
     """The official forward and text: phi `mlp2x_relu`, features from `<|vision_start|>` to `<|vision_end|>`
-    inclusive (FVT:474; N+2 per image) in the start, pad and end slots, the `paper` encoding (the text the
-    checkpoint was trained on). Options that would change what is copied are refused, not ignored."""
+    inclusive (FVT:474; N+2 per image) in the start, pad and end slots, and unless --encoding says otherwise the
+    `paper` encoding (the text the checkpoint was trained on). Options that would change what is copied are
+    refused, not ignored."""
     if options.perceiver_layers is not None:
         raise BadInputError("--perceiver-layers does not apply to an official DPA checkpoint: it is copied as trained")
     if options.projector != "mlp2x_relu":
@@ -103,4 +104,4 @@ def conversion_options(options: Any) -> Any:
             "states <|vision_start|>..<|vision_end|> (image+markers)",
             hint="drop --feature-span",
         )
-    return replace(options, feature_span="image+markers", encoding="paper")
+    return replace(options, feature_span="image+markers", encoding=options.encoding or "paper")

@@ -7,7 +7,7 @@ plan is checked against exactly what `from_pretrained` will ask for: every key, 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.families import Component, detect_family
 from dpa_cli.upgrade.chat_template import WorkspaceTemplate, workspace_template
-from dpa_cli.upgrade.compose import composed_perceiver_config, composition, dpa_config, text_config
+from dpa_cli.upgrade.compose import composed_perceiver_config, composition, dpa_config, pair_encoding, text_config
 from dpa_cli.upgrade.encoding import resolve_options, target_markers
 from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
@@ -44,7 +44,9 @@ class Options:
     seed: int = 0
     shard_size: int = 5_000_000_000
     perceiver_layers: int | None = None  # keep only the perceiver's first N language blocks (0: ViT-only ablation)
-    encoding: str = "dpa"  # dpa (the target's chat template) or paper (the official DPA code's encoding)
+    # dpa (the target's chat template) or paper (the official DPA code's encoding); None: the pair's own
+    # (paper for the paper's pair, upgrade/compose.pair_encoding), else dpa.
+    encoding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +340,9 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
         from dpa_cli.upgrade.official import conversion_options
 
         options = conversion_options(options)
+    chosen = options.encoding is None and pair_encoding(sources) == "paper"
+    if options.encoding is None:
+        options = replace(options, encoding=pair_encoding(sources))
     options = resolve_options(options)
     placeholders, tokenizers = _placeholders(sources)
     _check_vocab(sources, tokenizers, placeholders)
@@ -357,6 +362,8 @@ def build_plan(sources: Sources, options: Options) -> UpgradePlan:
         notes.append(_composed_note(tensors))
     if sources.converted:
         notes.append(f"an official DPA checkpoint, renamed: all {len(tensors)} tensors copied unchanged, none new")
+    if chosen:
+        notes.append("the paper's pair: --encoding paper, the official DPA text (pass --encoding dpa for the target's)")
     if options.perceiver_layers == 0:
         notes.append("ablation: the perceiver keeps no language blocks (ViT only), the paper's weakest variant")
     chat_template = workspace_template(tokenizers["target"], placeholders["target"].token)
