@@ -288,7 +288,9 @@ def _problem(record: Callable[[Env], dict], root: Callable[[Env], Path] | None =
 
 
 def _long(env: Env) -> dict:
-    return sample(conversations=[QUESTION[0], {"from": "gpt", "value": " ".join(["The quick brown fox."] * 120)}])
+    """Over max_length with the image's slots beyond it: training cannot cut it (a long answer would be cut)."""
+    words = " ".join(["The quick brown fox."] * 120)
+    return sample(conversations=[{"from": "human", "value": f"{words}\n<image>\nWhat is it?"}, QUESTION[1]])
 
 
 def _root(env: Env) -> Path:

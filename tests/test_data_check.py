@@ -41,7 +41,7 @@ def test_each_seeded_problem_is_found_at_its_sample(dpa_workspace, data_files, f
         assert found[kind]["examples"] == ids and found[kind]["count"] == len(ids), kind
         assert found[kind]["severity"] == PROBLEMS[kind][0]
     assert {p["severity"] for p in result["problems"] if p["kind"].startswith("converted_")} == {"warning"}
-    assert result["samples"] == 20 and result["errors"] > 0 and result["warnings"] == 4
+    assert result["samples"] == 21 and result["errors"] > 0 and result["warnings"] == 5  # cut_at_max_length too
     assert result["sample"]["id"] == "clean" and result["mode"] == ("fast" if fast else "decode")
 
 

@@ -24,7 +24,8 @@ def check(
     limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N samples.")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="Read image headers only (size, mode) instead of decoding images.")] = False,
     stage: Annotated[int, typer.Option(min=1, max=2, help="1: captions (the caption is supervised); 2: instructions.")] = 2,
-    max_length: Annotated[int | None, typer.Option(min=1, help="Longest sample in target tokens (default: the stage recipe's, 2048 / 8192).")] = None,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Longest sample in target tokens (default: the recipe's max_length).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="The recipe training will use, for its max_length (default: the stage's).")] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Also show what the perceiver reads for each image of the sample shown.")] = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -34,8 +35,8 @@ def check(
     images, the feature positions highlighted), then the problems by kind with the first sample ids, then token
     statistics. Errors (exit code 2): missing, unreadable, truncated or oversized images, image
     paths leaving --image-root, <image> markers vs. images, markers in assistant turns, empty conversations,
-    nothing to supervise, samples over --max-length, duplicate ids. Warnings (exit 0): images converted from
-    CMYK, alpha, grayscale or 16-bit.
+    nothing to supervise, samples over --max-length that training cannot cut, duplicate ids. Warnings (exit 0):
+    images converted from CMYK, alpha, grayscale or 16-bit; samples training cuts at max_length.
 
     Examples:
       dpa data check llava_v1_5_mix665k.json --image-root data/
@@ -49,7 +50,7 @@ def check(
     folder = find_workspace(workspace)
     with _progress(quiet=json_) as report:
         result = check_dataset(data, folder, image_root=image_root, limit=limit, fast=fast, max_length=max_length,
-                               stage=stage, progress=report)  # fmt: skip
+                               stage=stage, progress=report, recipe=recipe)  # fmt: skip
     if json_:
         print_json(result)
     else:

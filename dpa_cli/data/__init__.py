@@ -4,7 +4,7 @@ Data flows `open_samples` (LLaVA JSON / JSONL, Hugging Face datasets) -> `Sample
 processor + template masking) -> `EncodedDataset` (skip / fail) -> `DPACollator` -> the DPA model's kwargs.
 """
 
-from dpa_cli.data.check import DEFAULT_MAX_LENGTH, PROBLEMS, FeatureCounter, check_dataset, load_processor
+from dpa_cli.data.check import PROBLEMS, FeatureCounter, check_dataset, load_processor
 from dpa_cli.data.collate import DPACollator, LengthGroupedSampler, length_grouped_indices
 from dpa_cli.data.dataset import EncodedDataset, EncodedIterableDataset
 from dpa_cli.data.encode import IGNORE_INDEX, SampleEncoder
@@ -14,7 +14,6 @@ from dpa_cli.data.samples import BadSampleError, ImageRef, Sample
 
 __all__ = [
     "BadSampleError",
-    "DEFAULT_MAX_LENGTH",
     "DPACollator",
     "EncodedDataset",
     "EncodedIterableDataset",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli import loading
-from dpa_cli.data.encode import IGNORE_INDEX, SampleEncoder, expand
+from dpa_cli.data.encode import CUT, IGNORE_INDEX, length_verdict, SampleEncoder, expand
 from dpa_cli.data.formats import open_samples
 from dpa_cli.data.images import ImageError, capped_size, load_image, probe_image
 from dpa_cli.data.render import perceiver_segments, supervised_segments
@@ -37,14 +37,16 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "image_too_large": ("error", "image over the decompression-bomb limit"),
     "processor_error": ("error", "the DPA processor refuses the sample"),
     "no_supervised": ("error", "no supervised token after rendering with the chat template"),
-    "too_long": ("error", "over max_length (image slots included)"),
+    "too_long": ("error", "over max_length (image slots included), and training cannot cut it (it would split an "
+                          "image's slots or leave nothing supervised): dropped"),
+    "cut_at_max_length": ("warning", "over max_length: training cuts it there (after its last image); the rest of "
+                                     "the answer is not learned"),
     "duplicate_id": ("error", "the same id as an earlier sample"),
     "converted_cmyk": ("warning", "CMYK image, converted to RGB"),
     "converted_alpha": ("warning", "image with transparency, composited on white"),
     "converted_grayscale": ("warning", "grayscale image, converted to RGB"),
     "converted_16bit": ("warning", "16-bit image, scaled to 8 bits"),
 }
-DEFAULT_MAX_LENGTH = {1: 2048, 2: 8192}  # the stage recipes' max_length
 EXAMPLES = 5
 
 
@@ -182,17 +184,17 @@ class Checker:
                 self.report.add(sample.id, kind, message)
         return images, sizes, ok
 
-    def _encoded(self, sample: Sample, images: list[Any], sizes: list[tuple[int, int]]) -> tuple[int, int, int]:
-        """(length, supervised tokens, image slots): from the processor by default, from image sizes with `fast`."""
+    def _encoded(self, sample: Sample, images: list[Any], sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
+        """(ids, labels, image slots): from the processor by default, from image sizes with `fast`."""
         if self.fast and self.shown is not None:
             counts = [self.counter(size) for size in sizes]
             ids, labels = expand(self.processor, self.encoder.layout(sample), counts)
-            return len(ids), sum(label != IGNORE_INDEX for label in labels), sum(counts)
+            return list(ids), list(labels), sum(counts)
         features = self.encoder.encode(sample, None if self.fast else images)
         if self.shown is None:
             self.shown = features
-        ids, labels = features["input_ids"].tolist(), features["labels"]
-        return len(ids), int((labels != IGNORE_INDEX).sum()), sum(i in self.encoder.slot_ids for i in ids)
+        ids, labels = features["input_ids"].tolist(), features["labels"].tolist()
+        return ids, labels, sum(i in self.encoder.slot_ids for i in ids)
 
     def check(self, sample: Sample) -> None:
         report = self.report
@@ -207,14 +209,26 @@ class Checker:
             if not images_ok:
                 self.encoder.layout(sample)  # still report what is wrong with the conversation
                 return
-            length, answer, image = self._encoded(sample, images, sizes)
+            ids, labels, image = self._encoded(sample, images, sizes)
         except BadSampleError as err:
             report.add(sample.id, err.kind, err.detail)
             return
-        report.tokens_of(length, answer, image)
-        if length > self.max_length:
-            report.add(sample.id, "too_long", f"{length} tokens (image slots included), over max_length "
-                                              f"{self.max_length}")  # fmt: skip
+        length = len(ids)
+        report.tokens_of(length, sum(label != IGNORE_INDEX for label in labels), image)
+        verdict = length_verdict(ids, labels, self.max_length, self.encoder.slot_ids)
+        if verdict is not None:
+            where = f"{length} tokens (image slots included), over max_length {self.max_length}"
+            if verdict == CUT:
+                report.add(sample.id, "cut_at_max_length", f"{where}: training cuts it there")
+            else:
+                report.add(sample.id, "too_long", f"{where}; {verdict}")
+
+
+def recipe_max_length(stage: int, recipe: str | None = None) -> int:
+    """The `max_length` training will use: the named recipe's, else the stage's default recipe's."""
+    from dpa_cli.train.recipe import default_recipe, load_recipe
+
+    return load_recipe(recipe or default_recipe(stage)).max_length
 
 
 def check_dataset(
@@ -226,13 +240,14 @@ def check_dataset(
     max_length: int | None = None,
     stage: int = 2,
     progress: Callable[[int, int | None], None] | None = None,
+    recipe: str | None = None,
 ) -> dict[str, Any]:
     """The `dpa data check` result: `samples`, `problems` (`kind`, `severity`, `count`, `examples`, ...), `stats`,
     `errors` / `warnings` (findings by severity), the rendered `sample` (its target text and each image's
     perceiver text, as segments), and the measured rates (per wall-clock
     second, and per CPU-second of this process: the per-core figure)."""
     processor = load_processor(workspace_or_processor)
-    max_length = max_length or DEFAULT_MAX_LENGTH.get(stage, 8192)
+    max_length = max_length or recipe_max_length(stage, recipe)
     source = open_samples(data, image_root)
     total = len(source) if limit is None else min(limit, len(source))
     checker = Checker(processor, stage, max_length, fast)

@@ -35,6 +35,22 @@ def expand(processor: Any, layout: Layout, counts: list[int]) -> tuple[list[int]
     return ids, labels
 
 
+CUT = "cut"
+
+
+def length_verdict(ids: list[int], labels: list[int], max_length: int, slot_ids: set[int]) -> str | None:
+    """What training does with a sample of this length: None (it fits), CUT (it is cut at `max_length`, after its
+    last image slot, and something supervised is left), or why it is dropped instead. `dpa data check` asks the
+    same question, so the check and the run agree."""
+    if len(ids) <= max_length:
+        return None
+    if not slot_ids.isdisjoint(ids[max_length:]):
+        return "cutting it would split an image's slots"
+    if all(label == IGNORE_INDEX for label in labels[:max_length]):
+        return "nothing supervised is left within it"
+    return CUT
+
+
 class SampleEncoder:
     """Turns a `Sample` into un-padded model features; one per (processor, stage, max_length).
 
@@ -109,14 +125,10 @@ class SampleEncoder:
         return features
 
     def _fit(self, sample: Sample, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        if len(ids) <= self.max_length:
+        verdict = length_verdict(ids, labels, self.max_length, self.slot_ids)
+        if verdict is None:
             return ids, labels
         where = f"{len(ids)} tokens (image slots included), over max_length {self.max_length}"
-        if self.strict:
-            raise BadSampleError(sample.id, "too_long", where)
-        if not self.slot_ids.isdisjoint(ids[self.max_length :]):
-            raise BadSampleError(sample.id, "too_long", f"{where}; cutting it would split an image's slots")
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            raise BadSampleError(sample.id, "too_long", f"{where}; nothing supervised is left within it")
-        return ids, labels
+        if self.strict or verdict != CUT:
+            raise BadSampleError(sample.id, "too_long", where if verdict == CUT else f"{where}; {verdict}")
+        return ids[: self.max_length], labels[: self.max_length]

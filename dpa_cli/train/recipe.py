@@ -71,6 +71,11 @@ class Recipe:
         return {"name": self.name, **own, **self.training_args}
 
 
+def default_recipe(stage: int, lora: bool | None = None) -> str:
+    """The packaged recipe a stage runs by default (`--lora` picks stage 2's LoRA recipe)."""
+    return "stage1" if stage == 1 else "stage2-lora" if lora else "stage2-full"
+
+
 def recipe_path(name_or_file: str) -> Path:
     """A packaged recipe by name (`stage1`, `stage2-full`, `stage2-lora`) or a YAML file."""
     packaged = RECIPES / f"{name_or_file}.yaml"

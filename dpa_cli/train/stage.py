@@ -11,7 +11,7 @@ from typing import Any
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
-from dpa_cli.train.recipe import Recipe, load_recipe
+from dpa_cli.train.recipe import Recipe, default_recipe, load_recipe
 from dpa_cli.workspace import MODEL_DIR, check_model_folder, latest_checkpoint
 
 PERCEIVER_PARTS = ("vit", "phi_p", "perceiver_lm")
@@ -201,7 +201,7 @@ def _flag_overrides(request: TrainRequest, manifest: dict[str, Any]) -> list[str
 
 def resolve_recipe(request: TrainRequest, manifest: dict[str, Any]) -> Recipe:
     """The recipe the run uses: by name or file, else the stage's default, with flags and --set applied."""
-    name = request.recipe or ("stage1" if request.stage == 1 else "stage2-lora" if request.lora else "stage2-full")
+    name = request.recipe or default_recipe(request.stage, request.lora)
     recipe = load_recipe(name, _flag_overrides(request, manifest))
     if recipe.stage != request.stage:
         raise BadInputError(f"recipe {recipe.name!r} is for stage {recipe.stage}, not stage {request.stage}")
