@@ -95,3 +95,12 @@ def test_the_trainer_methods_dpa_overrides_still_exist_with_the_same_signature(n
     assert original is not None, f"transformers' Trainer has no {name} any more: the override is dead code"
     assert list(inspect.signature(original).parameters) == PINNED[name]
     assert list(inspect.signature(getattr(DPATrainer, name)).parameters) == PINNED[name]
+
+
+def test_the_deepspeed_launcher_rank_argument_is_accepted(finished, data, tmp_path):
+    """`deepspeed --module dpa_cli train ...` runs `python -m dpa_cli --local_rank=N train ...` on each worker."""
+    ws = own(finished, tmp_path)
+    argv = ["--local_rank=0", "train", "--stage", "2", "-w", str(ws), "--data", str(data / "captions.json"),
+            "--image-root", str(data / "images"), *SMALL, "--dry-run", "--json"]  # fmt: skip
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.stderr[-2000:]

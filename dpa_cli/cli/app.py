@@ -32,6 +32,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    # `deepspeed --module dpa_cli train ...` runs `python -m dpa_cli --local_rank=N train ...` on each worker; the
+    # launcher also sets LOCAL_RANK in the environment, which is what torch reads, so the value is not needed.
+    local_rank: int | None = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by launchers."),
 ) -> None:
     """Upgrade a LLaVA-style vision-language model in place with Deep Pre-Alignment (DPA)."""
 
