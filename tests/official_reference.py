@@ -196,8 +196,9 @@ def smart_resize(height: int, width: int) -> tuple[int, int]:
 def training_image(path: Path) -> Image.Image:
     """The training image pipeline before the processor (sec. 3.5): `load_image` converts to RGB (VU:143-149); the
     template scales it down in proportion to at most MAX_PIXELS (TB:278-280, `rescale_image` VU:89-99: torchvision
-    Resize on a PIL image, i.e. PIL bilinear); `fetch_image` snaps it to the 28 grid (QWT:303; qvu:89-95, PIL resize
-    with its default bicubic)."""
+    Resize on a PIL image, i.e. PIL bilinear; as for every sample but a template instance's first, whose
+    `self.max_pixels` is still unset, QWT:586); `fetch_image` snaps it to the 28 grid (QWT:303; qvu:89-95, PIL
+    resize with its default bicubic)."""
     image = Image.open(path)
     image = image if image.mode == "RGB" else image.convert("RGB")
     width, height = image.size
@@ -220,8 +221,25 @@ class Encoded:
     image_grid_thw: torch.Tensor
 
 
-def encode(messages: list[dict[str, str]], images: list[Path], stage: int, perceiver_tokenizer: Any,
-           thinker_tokenizer: Any, image_processor: Any) -> Encoded:  # fmt: skip
+@dataclass(frozen=True)
+class TemplateParts:
+    """What the DPA template encodes with: the processor ms-swift builds from the model folder
+    (`ms-swift/swift/llm/model/register.py:438-443`: the perceiver's tokenizer and image processor) and the thinker
+    template's tokenizer, `Qwen/Qwen3-4B` whatever the config says (QWT:510)."""
+
+    perceiver_tokenizer: Any
+    thinker_tokenizer: Any
+    image_processor: Any
+
+    @classmethod
+    def load(cls, folder: Path, hub: Path) -> TemplateParts:
+        local = {"trust_remote_code": False}  # the folder's auto_map names the official modules: never run them
+        return cls(tf.AutoTokenizer.from_pretrained(folder, **local),
+                   tf.AutoTokenizer.from_pretrained(hub_folder(hub, "Qwen/Qwen3-4B"), **local),
+                   tf.AutoImageProcessor.from_pretrained(folder, **local))  # fmt: skip
+
+
+def encode(messages: list[dict[str, str]], images: list[Path], stage: int, parts: TemplateParts) -> Encoded:
     """The training encode of one LLaVA-style conversation (`<image>` tags in the text, one image file per tag).
 
     Stage 1 (PT:15-16): KEEP_FIRST_TURN_ONLY keeps the first round (`preprocessor/core.py:582-610`) and
@@ -234,18 +252,17 @@ def encode(messages: list[dict[str, str]], images: list[Path], stage: int, perce
                     *messages[1:]]  # fmt: skip
     pictures = [training_image(path) for path in images]
     # `processor.image_processor(images, do_resize=False)` (QWT:633-636, QWT:352): the pixels are already on the grid.
-    pixels = image_processor(images=pictures, do_resize=False, return_tensors="pt")
-    merge = image_processor.merge_size**2
+    pixels = parts.image_processor(images=pictures, do_resize=False, return_tensors="pt")
+    merge = parts.image_processor.merge_size**2
     counts = [int(grid.prod()) // merge for grid in pixels["image_grid_thw"]]
-    p_ids = Ids.of(perceiver_tokenizer)
-    t_ids = Ids.of(thinker_tokenizer)
+    p_ids, t_ids = Ids.of(parts.perceiver_tokenizer), Ids.of(parts.thinker_tokenizer)
     # Perceiver: the parent Qwen2.5-VL template's encode of the whole conversation, labels dropped (QWT:598-601).
-    perceiver, perceiver_labels = _template_encode(perceiver_tokenizer, messages, think=False)
+    perceiver, perceiver_labels = _template_encode(parts.perceiver_tokenizer, messages, think=False)
     perceiver, _ = _expand_pads(perceiver, perceiver_labels, p_ids.image_pad, counts)
     if stage == 1:
         perceiver = perceiver[: perceiver.index(p_ids.vision_end) + 1]
     # Thinker: ms-swift's `qwen3` template on the same messages (QWT:613-615), the same image string (QWT:525).
-    ids, labels = _template_encode(thinker_tokenizer, messages, think=True)
+    ids, labels = _template_encode(parts.thinker_tokenizer, messages, think=True)
     ids, labels = _expand_pads(ids, labels, t_ids.image_pad, counts)
     size = len(t_ids.think)  # the think block is masked where it tokenized to exactly its 4 ids (QWT:689-692)
     for i in range(len(labels) - size + 1):
@@ -254,9 +271,10 @@ def encode(messages: list[dict[str, str]], images: list[Path], stage: int, perce
     return Encoded(perceiver, ids, labels, pixels["pixel_values"], pixels["image_grid_thw"])
 
 
-def collate(samples: list[Encoded], pad: int) -> dict[str, torch.Tensor]:
-    """Training collation: both sequences right-padded, with the template tokenizer's pad id (TB:1623, 1666; QWT:741-766)
-    and masks of 0; labels with -100; pixels and grids concatenated (TB:1731-1750)."""
+def collate(samples: list[Encoded], parts: TemplateParts) -> dict[str, torch.Tensor]:
+    """Training collation: both sequences right-padded with the template tokenizer's pad id, `<|endoftext|>`
+    (TB:1623, 1666; QWT:741-766), masks with 0, labels with -100; pixels and grids concatenated (TB:1731-1750)."""
+    pad = parts.perceiver_tokenizer.pad_token_id
 
     def right(rows: list[list[int]], value: int) -> torch.Tensor:
         length = max(len(row) for row in rows)
@@ -386,7 +404,8 @@ def load_thinker(config: tf.Qwen3Config, tensors: dict[str, torch.Tensor]) -> tf
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """`ForCausalLMLoss` (tf457 `loss/loss_utils.py:45-68`) as FVT:622-628 calls it: float32 logits, labels shifted
-    left (one -100 appended), viewed with the top-level vocab size, token-mean cross-entropy ignoring -100 (sec. 2.7)."""
+    left (one -100 appended), viewed with the top-level vocab size, token-mean cross-entropy ignoring -100
+    (sec. 2.7)."""
     shifted = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]
     return F.cross_entropy(logits.float().reshape(-1, vocab_size), shifted.reshape(-1), ignore_index=IGNORE)
 
@@ -424,7 +443,8 @@ class OfficialDPA(torch.nn.Module):
         model of a `qwen_custom_vl_hw_new` folder (sec. 1.1: keys `model.*` as 4.5x saved them, or
         `model.language_model.*`; no `tie_word_embeddings` means tied, HW:273), and phi as given (a fresh phi has no
         official source). The repository has no builder of DPA-4B-init (sec. 6): this is the forward of these parts."""
-        perceiver = Perceiver(read_json(Path(baseline) / "config.json"), hub, under(read_weights(baseline), "model.vlm."))
+        config = read_json(Path(baseline) / "config.json")
+        perceiver = Perceiver(config, hub, under(read_weights(baseline), "model.vlm."))
         config = read_json(Path(target) / "config.json")
         dropped = ("model_type", "architectures", "_name_or_path", "auto_map", "rope_scaling")
         text = {k: v for k, v in config["text_config"].items() if k not in dropped}
@@ -432,8 +452,8 @@ class OfficialDPA(torch.nn.Module):
         stored = read_weights(target)
         language = under(stored, "model.language_model.") or {
             k: v for k, v in under(stored, "model.").items() if not k.startswith("visual.")}  # fmt: skip
-        thinker = load_thinker(thinker_config, {**{f"model.{k}": v for k, v in language.items()},
-                                                **{k: v for k, v in stored.items() if k == "lm_head.weight"}})  # fmt: skip
+        head = {k: v for k, v in stored.items() if k == "lm_head.weight"}
+        thinker = load_thinker(thinker_config, {**{f"model.{k}": v for k, v in language.items()}, **head})
         ids = Ids.of(tf.AutoTokenizer.from_pretrained(hub_folder(hub, "Qwen/Qwen3-4B")))  # QWT:510
         return cls(perceiver, phi, thinker, ids, thinker_config.vocab_size)
 
