@@ -112,8 +112,8 @@ def upgrade(argv: list[str], hub: Path) -> dict:
 
 # How an official DPA checkpoint may be stored (sec. 1.3: .bin or safetensors, bf16 or fp32, the thinker's tied head
 # under any alias or none), and how its perceiver_config may spell the perceiver's rotary (sec. 6: theta absent means
-# the Qwen2Config default 10000; head_dim given or width / heads; rope_scaling null, absent, or naming sections other
-# than vit_path's, which the official code does not read).
+# the Qwen2Config default 10000; head_dim given or width / heads; rope_scaling null, or naming sections other than
+# vit_path's, which the official code does not read: LB:556-557 takes vit_path's).
 BUILT = "safetensors, both head aliases, bf16"
 CHECKPOINTS = {
     BUILT: (dict(), {}),
@@ -136,20 +136,20 @@ def official(hub, tmp_path_factory):
     def get(case: str) -> tuple[Path, Path]:
         if case not in built:
             storage, perceiver = CHECKPOINTS[case]
-            folder = root / f"official-{len(built)}"
+            number = list(CHECKPOINTS).index(case)
+            folder, workspace = root / f"official-{number}", root / f"ws-{number}"
             if storage is None:
                 copy_checkpoint(get(BUILT)[0], folder)
             else:
                 official_bounds(build_official_dpa(folder, **storage))
 
-            def spell(config: dict) -> None:
+            def spell(config: dict) -> None:  # None: the key absent
                 for key, value in perceiver.items():
                     config["perceiver_config"].pop(key, None)
                     if key != "rope_theta" or value is not None:
                         config["perceiver_config"][key] = value
 
             edit_json(folder / "config.json", spell)
-            workspace = root / f"ws-{len(built)}"
             result = upgrade([str(folder), "-o", str(workspace), "--no-verify-load"], hub)
             config = result["plan"]["config"]
             assert (config["encoding"], config["feature_span"]) == ("paper", "image+markers")
@@ -176,6 +176,7 @@ def dpa_forward(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     """dpa's forward, with what enters phi (the perceiver states at the feature rows) and the LLM (its input
     embeddings) recorded on the way."""
     seen: dict[str, torch.Tensor] = {}
+
     def record_embeds(module, args, kwargs) -> None:
         seen["inputs_embeds"] = kwargs["inputs_embeds"]
 
