@@ -8,6 +8,12 @@ exactly onto tokens. Stage 2 also supervises the end-of-turn token of every assi
 the template writes right after the content: `<|im_end|>`, `<|eot_id|>`, `<end_of_utterance>`), not what follows
 it; stage 1 supervises the caption only, except under the paper encoding, whose official loss learns the
 `<|im_end|>` of the caption too (its template suffix, ms-swift loss scale `default`).
+
+An answer may itself open with the end of the assistant header: the paper template's generation prompt ends with
+`<think>\\n\\n`, and an answer that already carries its empty think block (Qwen3-style data) gets no second one, so
+its `<think>` is the header's. Its search then starts where the header's text stops being the template's. Under the
+paper encoding the empty think block is never learned, wherever it stands (the official code masks its tokens in
+the labels, `template/qwen.py:689-692`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import DpaError
+from dpa_cli.model.processing_dpa import PAPER_THINK
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,10 @@ class TemplateMasker:
         if getattr(self.tokenizer, "backend_tokenizer", None) is None:
             raise DpaError("the target tokenizer is not a fast (tokenizers) tokenizer: dpa needs its character offsets")
         self.stage = stage
-        self.end_of_turn = stage != 1 or getattr(processor, "encoding", "dpa") == "paper"
+        paper = getattr(processor, "encoding", "dpa") == "paper"
+        self.end_of_turn = stage != 1 or paper
+        # The paper's empty think block as the target tokenizes it: its run of tokens is never learned.
+        self.unlearned = self.tokenizer(PAPER_THINK, add_special_tokens=False)["input_ids"] if paper else []
         self.image_token_id = processor.image_token_id
         decoder = getattr(self.tokenizer, "added_tokens_decoder", {})
         self.end_of_turn_ids = {i for i, token in decoder.items() if token.special} - {self.image_token_id}
@@ -95,9 +105,10 @@ class TemplateMasker:
             if message["role"] != "assistant" or not "".join(parts).strip():
                 continue
             if header_ends is not None:
-                start = max(cursor, header_ends[k])
+                start = header_ends[k]
             else:
                 start = self._turn_start(sample.messages, k, text, cursor)
+            start = max(cursor, start - self._header_overlap(parts))
             span = self._locate(text, [p for p in parts if p.strip()], start)
             if span is None:
                 raise BadSampleError(sample.id, "no_supervised", f"the chat template does not render assistant turn "
@@ -106,6 +117,16 @@ class TemplateMasker:
             answers.append(text[span[0] : span[1]])
             cursor = span[1]
         return spans, answers
+
+    def _header_overlap(self, parts: list[str]) -> int:
+        """How many characters at the end of the assistant header the answer writes itself: the longest header
+        suffix, not only whitespace, that the answer (as written, or trimmed) starts with. The paper template's
+        header ends with `<think>\\n\\n`, which an answer holding its own empty think block supplies. Whitespace
+        alone never counts: a template that trims answers (Llama-3's) writes its header's newlines itself."""
+        header = self.header or ""
+        heads = (parts[0], parts[0].lstrip()) if parts else ()
+        sizes = (n for n in range(len(header), 0, -1) if header[-n:].strip())
+        return next((n for n in sizes if any(head.startswith(header[-n:]) for head in heads)), 0)
 
     def _locate(self, text: str, parts: list[str], start: int) -> tuple[int, int] | None:
         """The first place from `start` holding the text blocks in order (as written, else trimmed) and followed
@@ -144,7 +165,16 @@ class TemplateMasker:
         if self.end_of_turn:
             for _, end in spans:
                 self._end_of_turn(text, ids, encoding, end, supervised)
+        self._unlearn(ids, supervised)
         return Layout(text, ids, supervised, answers)
+
+    def _unlearn(self, ids: list[int], supervised: list[bool]) -> None:
+        """Paper encoding: each fully supervised run of the empty think block's tokens is masked (official
+        template/qwen.py:689-692), e.g. the block an answer carries itself."""
+        size = len(self.unlearned)
+        for i in range(len(ids) - size + 1) if size else ():
+            if ids[i : i + size] == self.unlearned and all(supervised[i : i + size]):
+                supervised[i : i + size] = [False] * size
 
     def _end_of_turn(self, text: str, ids: list[int], encoding: Any, end: int, supervised: list[bool]) -> None:
         """Supervise the first special token after a content span, and the whitespace tokens before it, if any."""
