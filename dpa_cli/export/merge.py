@@ -19,7 +19,7 @@ import torch
 from dpa_cli import loading
 from dpa_cli.checkpoint import CheckpointIndex, LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.reader import FileSlice, torch_dtype
-from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
+from dpa_cli.checkpoint.writer import CastSlice, TensorSpec, write_sharded
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.adapter import KEEP, LoraPair, lora_pairs
 
@@ -80,14 +80,14 @@ class _Producer:
     def __init__(self, base: LazyTensorReader, lora: LazyTensorReader | None, targets: dict[str, LoraPair]):
         self.base, self.lora, self.targets = base, lora, targets
 
-    def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice:
+    def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice | CastSlice:
         pair = self.targets.get(spec.name)
         if pair is not None:  # targets are only ever given with their adapter's reader
             tensor = merged(self.base.get(spec.name), self.lora.get(pair.a_key), self.lora.get(pair.b_key), pair.scale)
             return tensor.to(spec.dtype)
-        if torch_dtype(self.base.index.tensors[spec.name].dtype) == spec.dtype:
-            return self.base.slice(spec.name)
-        return self.base.get(spec.name).to(spec.dtype)
+        stored = torch_dtype(self.base.index.tensors[spec.name].dtype)
+        piece = self.base.slice(spec.name)
+        return piece if stored == spec.dtype else CastSlice(piece, stored)
 
 
 def export_weights(
