@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from dpa_cli.bench.measure import copy_seconds, ratios, run_in_child
 from dpa_cli.bench.upgrade import build_inputs
 from dpa_cli.checkpoint import read_checkpoint_index
-from dpa_cli.checkpoint.writer import parse_size
+from dpa_cli.checkpoint.sizes import parse_size
 from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
 from dpa_cli.upgrade.surgery import tensor_seed
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from dpa_cli.bench.measure import copy_seconds, ratios, run_in_child
 from dpa_cli.checkpoint import read_checkpoint_index
-from dpa_cli.checkpoint.writer import parse_size
+from dpa_cli.checkpoint.sizes import parse_size
 from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm, text_config
 
 HIDDEN = 2048

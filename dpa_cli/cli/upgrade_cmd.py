@@ -45,23 +45,29 @@ def upgrade(
       dpa upgrade ./my-llava --perceiver Qwen/Qwen2.5-VL-3B-Instruct -o ws --dry-run
       dpa upgrade ./my-llava --perceiver vit=target,lm=./Qwen3-0.6B --dtype bf16 --json
     """
+    from dpa_cli.upgrade.fingerprint import InputHashes
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import check_output, default_workspace, plan_upgrade, run_upgrade
     from dpa_cli.upgrade.summary import plan_summary
 
     options = Options(projector, feature_span, early_fusion, dtype, seed, shard_size, perceiver_layers)
     _check_choices(options)
-    plan = plan_upgrade(target, perceiver, options)
-    summary = plan_summary(plan)
-    workspace = output or default_workspace(target, perceiver)
-    if dry_run:
-        print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(summary, workspace)
-        return
-    check_output(workspace, plan.sources, force)  # refuse before printing a plan the user must scroll past
-    if not json_:
-        render_plan(summary, workspace)
-    with _progress(plan.output_bytes, quiet=json_) as on_bytes:
-        result = run_upgrade(plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes)
+    inputs = None if dry_run else InputHashes()  # hashed while the plan imports and builds its models
+    try:
+        plan = plan_upgrade(target, perceiver, options, inputs)
+        summary = plan_summary(plan)
+        workspace = output or default_workspace(target, perceiver)
+        if dry_run:
+            print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(summary, workspace)
+            return
+        check_output(workspace, plan.sources, force)  # refuse before printing a plan the user must scroll past
+        if not json_:
+            render_plan(summary, workspace)
+        with _progress(plan.output_bytes, quiet=json_) as on_bytes:
+            result = run_upgrade(plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes, inputs=inputs)
+    finally:
+        if inputs is not None:
+            inputs.cancel()  # a refusal or a failure does not wait for the hashing
     if json_:
         print_json(result)
     else:
