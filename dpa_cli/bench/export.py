@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dpa_cli.bench.measure import breakdown, copy_seconds, import_seconds, process_seconds, ratios, run_in_child
+from dpa_cli.bench.measure import breakdown, copy_seconds, ratios, run_in_child
 from dpa_cli.bench.upgrade import build_inputs
 from dpa_cli.checkpoint import read_checkpoint_index
 from dpa_cli.checkpoint.sizes import parse_size
@@ -36,11 +36,6 @@ def work(base, out, adapter, shard):
     Path(out).mkdir()
     return {"merged_modules": export_weights(Path(base), Path(out), Path(adapter), shard_size=int(shard))["merged_modules"]}
 """
-# The merge end to end: a fresh process that imports only what it needs and merges, timed from the outside.
-_MERGE_END_TO_END = (
-    "import sys; from pathlib import Path; from dpa_cli.export.merge import export_weights; "
-    "Path(sys.argv[2]).mkdir(); export_weights(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), shard_size=int(sys.argv[4]))"
-)
 
 
 def write_adapter(base: Path, folder: Path, rank: int = RANK) -> int:
@@ -77,13 +72,11 @@ def bench_export(workdir: Path, target_bytes: str | int = "1.7GB", shard: str | 
     copy_seconds(base, workdir / "warm", sync=True)
     runs = []
     for i in range(repeats):
-        out, args = workdir / f"export-{i}", (str(base), str(workdir / f"export-{i}"), str(workdir / "adapter"), str(shard))
-        merge = run_in_child(_MERGE, *args)
+        out = workdir / f"export-{i}"
+        merge = run_in_child(_MERGE, str(base), str(out), str(workdir / "adapter"), str(shard))
         merge["largest_shard"] = max(s.size_on_disk for s in read_checkpoint_index(out).shards.values())
         shutil.rmtree(out)
-        merge["end_to_end_s"] = process_seconds("-c", _MERGE_END_TO_END, *args)
-        shutil.rmtree(out)
-        runs.append({"import_s": import_seconds(), "cp_s": copy_seconds(base, workdir / "copy", sync=False),
+        runs.append({"cp_s": copy_seconds(base, workdir / "copy", sync=False),
                      "cp_sync_s": copy_seconds(base, workdir / "copy", sync=True), "merge": merge})  # fmt: skip
     return {"input_bytes": read_checkpoint_index(base).total_bytes, "output_shard_size": shard, "lora_modules": modules,
             "lora_rank": RANK, "repeats": repeats, "ratios": {"merge": ratios(runs, "merge")},

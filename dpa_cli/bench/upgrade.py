@@ -1,9 +1,9 @@
 """`dpa bench upgrade`: surgery time against `cp -r` of the same input, and peak memory against the shard size.
 
 Both sides run in one invocation on the same synthetic checkpoint: a LLaVA-NeXT target with a Qwen3 text
-model sized to `target_bytes`, upgraded with a composed perceiver (its own ViT + a small Qwen3). The work runs
-in a child process that reports its own peak RSS and phases, its imports timed before the work starts; the
-same upgrade then runs end to end as `dpa upgrade` in a fresh process, timed from the outside.
+model sized to `target_bytes`, upgraded with a composed perceiver (its own ViT + a small Qwen3) by the `dpa upgrade`
+command itself, in a child process that imports first what the command imports (timed apart), then runs it
+(`bench/measure.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dpa_cli.bench.measure import breakdown, copy_seconds, import_seconds, process_seconds, ratios, run_in_child
+from dpa_cli.bench.measure import breakdown, copy_seconds, ratios, run_in_child
 from dpa_cli.checkpoint import read_checkpoint_index
 from dpa_cli.checkpoint.sizes import parse_size
 from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm, text_config
@@ -20,44 +20,49 @@ from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm
 HIDDEN = 2048
 VOCAB = 32768
 
+# The command as a user runs it, in-process after the imports it makes anyway (they are timed before the work).
 _UPGRADE = """
-from pathlib import Path
-from dpa_cli.upgrade.fingerprint import InputHashes
-from dpa_cli.upgrade.plan import Options
-import dpa_cli.upgrade.run as run  # called through the module, where the phase probes are
-import dpa_cli.model, transformers, torch  # noqa: F401
+from dpa_cli.cli.app import app
+import dpa_cli.model, dpa_cli.upgrade.run, transformers, torch  # noqa: F401
 
 
 def work(target, perceiver, out, shard, dtype):
-    inputs = InputHashes()  # as `dpa upgrade` does
-    plan = run.plan_upgrade(target, perceiver, Options(dtype=dtype, shard_size=int(shard)), inputs)
-    run.run_upgrade(plan, Path(out), verify_load=False, inputs=inputs)
+    args = ["upgrade", target, "--perceiver", perceiver, "-o", out, "--shard-size", shard, "--dtype", dtype,
+            "--no-verify-load", "--json"]
+    code = app(args, prog_name="dpa", standalone_mode=False)
+    if code:
+        raise SystemExit(f"dpa upgrade exited with {code}")
 """
 
 
-def _layers_for(target_bytes: int) -> int:
-    """Qwen3 blocks of width HIDDEN (bf16) that, with embeddings and LM head, fill about `target_bytes`."""
-    per_layer = 2 * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * 3 * HIDDEN)
-    embeddings = 2 * 2 * VOCAB * HIDDEN
+def _widths(target_bytes: int) -> tuple[int, int]:
+    """(hidden, vocab): HIDDEN x VOCAB from about 1 GB up; both halved below, until the embeddings and LM head take
+    at most a third, so a small `--size` gives a small input (the smoke tests, `dpa bench all --quick`)."""
+    hidden, vocab = HIDDEN, VOCAB
+    while hidden > 256 and 2 * 2 * vocab * hidden > target_bytes / 3:
+        hidden, vocab = hidden // 2, vocab // 2
+    return hidden, vocab
+
+
+def _layers_for(target_bytes: int, hidden: int, vocab: int) -> int:
+    """Qwen3 blocks of width `hidden` (bf16) that, with embeddings and LM head, fill about `target_bytes`."""
+    per_layer = 2 * (4 * hidden * hidden + 3 * hidden * 3 * hidden)
+    embeddings = 2 * 2 * vocab * hidden
     return max(1, round((target_bytes - embeddings) / per_layer))
 
 
 def build_inputs(workdir: Path, target_bytes: int, input_shard: int) -> tuple[Path, Path]:
     """A synthetic LLaVA-NeXT target of about `target_bytes` and a small Qwen3 LM, with tokenizers."""
-    text = text_config(HIDDEN, _layers_for(target_bytes), VOCAB, tie=False)
+    hidden, vocab = _widths(target_bytes)
+    text = text_config(hidden, _layers_for(target_bytes, hidden, vocab), vocab, tie=False)
     target = build_llava_next_target(workdir / "target", text, shard_size=input_shard)
-    lm = build_text_lm(workdir / "small-lm", text_config(512, 4, VOCAB), shard_size=input_shard)
+    lm = build_text_lm(workdir / "small-lm", text_config(min(512, hidden), 4, vocab), shard_size=input_shard)
     return target, lm
 
 
 def _upgrade_run(target: Path, lm: Path, out: Path, shard: int, dtype: str) -> dict[str, Any]:
-    """The work in a probed child, then the same upgrade end to end: `dpa upgrade` in a fresh process."""
-    perceiver = f"vit=target,lm={lm}"
-    run = run_in_child(_UPGRADE, str(target), perceiver, str(out), str(shard), dtype)
+    run = run_in_child(_UPGRADE, str(target), f"vit=target,lm={lm}", str(out), str(shard), dtype)
     run["largest_shard"] = max(s.size_on_disk for s in read_checkpoint_index(out / "model").shards.values())
-    shutil.rmtree(out)
-    run["end_to_end_s"] = process_seconds("-m", "dpa_cli", "upgrade", str(target), "--perceiver", perceiver, "-o", str(out),
-                                          "--shard-size", str(shard), "--dtype", dtype, "--no-verify-load", "--json")  # fmt: skip
     shutil.rmtree(out)
     return run
 
@@ -73,7 +78,6 @@ def bench_upgrade(workdir: Path, target_bytes: str | int = "1.7GB", input_shard:
     runs = []
     for i in range(repeats):
         runs.append({
-            "import_s": import_seconds(),
             "cp_s": copy_seconds(target, workdir / "copy", sync=False),
             "cp_sync_s": copy_seconds(target, workdir / "copy", sync=True),
             "keep_dtype": _upgrade_run(target, lm, workdir / f"ws-{i}", shard, "auto"),
