@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -97,33 +96,20 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 
 class ChunkBuffers:
-    """Reused memory for bytes that pass through user space: one chunk read from the source and two written
-    ones, taken in turn (one is written while the other may still be queued for hashing)."""
+    """Reused memory for bytes that pass through user space: a chunk read from the source and the chunk
+    written. Each written chunk is queued for hashing by range (read back from the page cache), so it is free
+    again at once."""
 
     def __init__(self) -> None:
         self.source = torch.empty(CHUNK, dtype=torch.uint8)
-        self.outputs = [torch.empty(CHUNK, dtype=torch.uint8) for _ in range(2)]
-        self.hashed: list[Future | None] = [None, None]
-        self.turn = 0
-
-    def _output(self) -> torch.Tensor:
-        """The next output chunk, once the hash of what it held last is done."""
-        self.turn ^= 1
-        if self.hashed[self.turn] is not None:
-            self.hashed[self.turn].result()
-        return self.outputs[self.turn]
-
-    def _emit(self, chunk: torch.Tensor, handle: BinaryIO, digest: FileDigest) -> None:
-        data = memoryview(chunk.numpy())
-        handle.write(data)
-        self.hashed[self.turn] = digest.update(data)
+        self.output = torch.empty(CHUNK, dtype=torch.uint8)
 
     def copy(self, src: int, offset: int, count: int, handle: BinaryIO, digest: FileDigest) -> None:
         """Copy bytes verbatim through user space (where the kernel cannot copy them)."""
         for start in range(0, count, CHUNK):
-            chunk = self._output()[: min(CHUNK, count - start)]
+            chunk = self.output[: min(CHUNK, count - start)]
             _pread_into(src, memoryview(chunk.numpy()), offset + start)
-            self._emit(chunk, handle, digest)
+            append(handle, digest, memoryview(chunk.numpy()))
 
     def cast(self, src: int, item: CastSlice, dtype: torch.dtype, handle: BinaryIO, digest: FileDigest) -> None:
         """Write `item`'s values converted to `dtype`, element for element as `tensor.to(dtype)` converts."""
@@ -134,9 +120,19 @@ class ChunkBuffers:
             count = min(per_chunk, total - first)
             raw = self.source[: count * size_in]
             _pread_into(src, memoryview(raw.numpy()), item.piece.offset + first * size_in)
-            out = self._output()[: count * size_out]
+            out = self.output[: count * size_out]
             out.view(dtype).copy_(raw.view(item.dtype))
-            self._emit(out, handle, digest)
+            append(handle, digest, memoryview(out.numpy()))
+
+
+def append(handle: BinaryIO, digest: FileDigest, data: memoryview) -> None:
+    """Write `data` at the end of `handle` and queue its range for hashing (flushed first: the hash reads the
+    file, not our buffer)."""
+    handle.flush()
+    start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
+    handle.write(data)
+    handle.flush()
+    digest.update_range(start, data.nbytes)
 
 
 class Streams:

@@ -1,5 +1,5 @@
-"""sha256 at the speed of the page cache: files hashed through one reused buffer, written ranges straight from
-their mapping, and a per-file hashing thread that keeps pieces in order while the writer moves on.
+"""sha256 at the speed of the page cache: input files hashed through one reused buffer, and what dpa writes
+hashed straight from its mapping in the page cache by a thread per output file, while the writer moves on.
 
 Torch-free, so `dpa verify` and the input fingerprints of `dpa upgrade` never import it.
 """
@@ -38,14 +38,10 @@ def sha256_file(path: Path, chunk: int = CHUNK, stop: threading.Event | None = N
     return digest.hexdigest()
 
 
-def hash_memory(digest: Any, data: Any) -> None:
-    """Feed bytes in our memory to `digest` (a function of its own so `dpa bench` can time it)."""
-    digest.update(data)
-
-
 def hash_written(digest: Any, fd: int, offset: int, length: int) -> None:
     """Feed bytes [offset, offset + length) of our own output `fd` to `digest` from the page cache they were
-    just written to: mapped a chunk at a time and hashed in place, never copied into our memory."""
+    just written to: mapped a chunk at a time and hashed in place, never copied into our memory. (Only our own
+    outputs are mapped: a file someone truncates under a mapping raises SIGBUS, not an error.)"""
     end = offset + length
     while offset < end:
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -63,36 +59,26 @@ def hash_written(digest: Any, fd: int, offset: int, length: int) -> None:
 
 
 class FileDigest:
-    """sha256 of one output file, computed in its own thread as pieces arrive, strictly in order.
+    """sha256 of one output file, computed in its own thread from the page cache, range after range in order.
 
-    In-memory pieces stay alive (held by their task) until hashed; ranges copied by the kernel are read back
-    from the file through a descriptor of its own, so the writer may close its handle first.
+    The writer appends bytes (however it made them), then queues their range: nothing stays alive in our
+    memory for the hash, the writer never waits for it, and the hash of one file may lag behind while the next
+    file is written. The ranges are read through a descriptor of its own, so the writer may close its handle.
     """
 
     def __init__(self, path: Path):
         self.hash = hashlib.sha256()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dpa-sha256")  # one worker: FIFO, order kept
         self.fd = os.open(path, os.O_RDONLY)
-        self.last_memory: Future | None = None
         self.result: Future | None = None  # set by `finish`: the hex digest
 
-    def update(self, data: Any) -> Future:
-        """Hash `data` (bytes or a buffer) after everything queued before; the future says when it is done
-        (and `data` no longer needed)."""
-        self.last_memory = self.pool.submit(hash_memory, self.hash, data)
-        return self.last_memory
-
     def update_range(self, offset: int, length: int) -> None:
-        """Hash bytes the kernel wrote into the file (never in our memory)."""
-        self.pool.submit(hash_written, self.hash, self.fd, offset, length)
-
-    def wait_memory(self) -> None:
-        """Block until the last in-memory piece is hashed (bounds how many pieces are alive at once)."""
-        if self.last_memory is not None:
-            self.last_memory.result()
+        """Hash bytes [offset, offset + length) of the file, once written (flushed to the kernel)."""
+        if length:
+            self.pool.submit(hash_written, self.hash, self.fd, offset, length)
 
     def finish(self) -> Future:
-        """`result`: a future of the hex digest, once every queued piece is hashed (the descriptor is closed then)."""
+        """`result`: a future of the hex digest, once every queued range is hashed (the descriptor is closed then)."""
 
         def done() -> str:
             os.close(self.fd)

@@ -22,7 +22,7 @@ from typing import BinaryIO, Union
 import torch
 
 from dpa_cli.checkpoint.atomic import fsync_path
-from dpa_cli.checkpoint.copying import CastSlice, Streams, extend
+from dpa_cli.checkpoint.copying import CastSlice, Streams, append, extend
 from dpa_cli.checkpoint.hashing import FileDigest
 from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, FileSlice, torch_dtypes
 from dpa_cli.checkpoint.sizes import parse_size
@@ -122,12 +122,8 @@ class _FileWriter:
         if isinstance(item, CastSlice):
             self.streams.cast(item, spec.dtype, self.handle, self.digest)
             return
-        # The tensor's own memory, no bytes copy; kept alive by its hash task until hashed. Waiting for the
-        # previous tensor's hash first keeps at most two tensors alive.
-        data = item.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
-        self.digest.wait_memory()
-        self.handle.write(data)
-        self.digest.update(data)
+        # The tensor's own memory, no bytes copy; hashed from the file, so it is freed as soon as written.
+        append(self.handle, self.digest, item.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     def flush(self) -> None:
         if self.run is not None:
@@ -142,21 +138,12 @@ def _write_file(
     streams: Streams,
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
-    previous: FileDigest | None = None,
 ) -> FileDigest:
-    """Write one safetensors file; its digest's `result` is the future of its sha256, hashed as written.
-
-    `previous`: the file written before, whose last tensor may still be hashing; it is waited for before a
-    new tensor is produced, so two tensors at most are alive across files too.
-    """
+    """Write one safetensors file; its digest's `result` is the future of its sha256, hashed as written."""
     with open(path, "wb") as handle:
         digest = FileDigest(path)
         try:
-            header = _header(specs, metadata or {"format": "pt"})
-            handle.write(header)
-            digest.update(header)
-            if previous is not None:
-                previous.wait_memory()
+            append(handle, digest, memoryview(_header(specs, metadata or {"format": "pt"})))
             writer = _FileWriter(handle, digest, streams)
             for spec in specs:
                 item = produce(spec)
@@ -225,8 +212,7 @@ def write_sharded(
             for path, shard in zip(files, shards):
                 if len(hashing) >= 2:  # at most two files hashing at once: one being written, one finishing
                     hashing[-2].result.result()
-                previous = hashing[-1] if hashing else None
-                hashing.append(_write_file(path, shard, produce, streams, on_bytes=on_bytes, previous=previous))
+                hashing.append(_write_file(path, shard, produce, streams, on_bytes=on_bytes))
                 synced.append(syncer.submit(fsync_path, path))
             for done in synced:
                 done.result()
