@@ -1,8 +1,9 @@
 """Moving tensor bytes into an output file at the speed of the page cache.
 
 Unchanged bytes go through the kernel (`copy_file_range`, as `cp` does: one call per run of consecutive
-tensors, a shared extent where the file system can), casts through a few reused chunk buffers (no allocation
-per tensor, vectorised by torch), and every byte is handed to the file's `FileDigest` as it is written.
+tensors, a shared extent where the file system can), casts through two reused chunk buffers (no allocation
+per tensor, converted by torch's vectorised `copy_`), and every range written is queued to the file's
+`FileDigest`, which hashes it from the page cache.
 """
 
 from __future__ import annotations
