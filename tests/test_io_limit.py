@@ -178,6 +178,46 @@ def test_copies_fall_back_to_user_space_where_the_kernel_cannot(code, after, tmp
     assert _files(tmp_path / "streamed") == _files(tmp_path / "loaded")
 
 
+def _failing_send(code: int, after: int):
+    """sendfile that sends `after` bytes at most (in short pieces), then fails with `code`."""
+    real, done = os.sendfile, [0]
+
+    def send(out_fd, in_fd, offset, count, *args, **kwargs):
+        send.calls += 1
+        if done[0] >= after:
+            raise OSError(code, os.strerror(code))
+        sent = real(out_fd, in_fd, offset, min(count, after - done[0], max(1, count // 2)), *args, **kwargs)
+        done[0] += sent
+        return sent
+
+    send.calls = 0
+    return send
+
+
+@pytest.mark.parametrize("fault", ["no memfd", "sendfile EINVAL", "sendfile ENOSYS after 100 bytes", "sendfile short"])
+def test_bytes_made_in_user_space_fall_back_to_write_where_sendfile_cannot(fault, tmp_path, monkeypatch):
+    rng, index, specs, shard = _case(11, tmp_path, monkeypatch)
+    before = _write(tmp_path / "loaded", index, specs, streamed=False, shard=shard)
+    send = None
+    if fault == "no memfd":
+        monkeypatch.delattr(os, "memfd_create")
+    else:
+        code, after = {"sendfile EINVAL": (errno.EINVAL, 0), "sendfile ENOSYS after 100 bytes": (errno.ENOSYS, 100),
+                       "sendfile short": (errno.EINVAL, 10**12)}[fault]  # fmt: skip
+        monkeypatch.setattr(os, "sendfile", send := _failing_send(code, after))
+    assert _write(tmp_path / "streamed", index, specs, streamed=True, shard=shard) == before
+    assert _files(tmp_path / "streamed") == _files(tmp_path / "loaded")
+    assert send is None or send.calls > 0  # the case did make bytes in user space
+
+
+def test_a_sendfile_error_the_kernel_means_is_raised_not_hidden(tmp_path, monkeypatch):
+    rng, index, specs, shard = _case(11, tmp_path, monkeypatch)
+    monkeypatch.setattr(os, "sendfile", _failing_send(errno.EIO, 0))
+    with pytest.raises(OSError) as failure:
+        _write(tmp_path / "out", index, specs, streamed=True, shard=shard)
+    assert failure.value.errno == errno.EIO
+
+
 def test_written_ranges_are_hashed_by_reading_where_they_cannot_be_mapped(tmp_path, monkeypatch):
     import mmap
 

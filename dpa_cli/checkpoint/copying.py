@@ -1,9 +1,9 @@
 """Moving tensor bytes into an output file at the speed of the page cache.
 
 Unchanged bytes go through the kernel (`copy_file_range`, as `cp` does: one call per run of consecutive
-tensors, a shared extent where the file system can), casts through two reused chunk buffers (no allocation
-per tensor, converted by torch's vectorised `copy_`), and every range written is queued to the file's
-`FileDigest`, which hashes it from the page cache.
+tensors, a shared extent where the file system can), casts and tensors through two reused chunk buffers (no
+allocation per tensor, converted by torch's vectorised `copy_`, handed to the kernel by `OutputChunk`), and
+every range written is queued to the file's `FileDigest`, which hashes it from the page cache.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import BinaryIO
 import torch
 
 from dpa_cli.checkpoint.hashing import CHUNK, FileDigest
+from dpa_cli.checkpoint.outchunk import OutputChunk
 from dpa_cli.checkpoint.reader import FileSlice
 
 # Where copy_file_range cannot work (across file systems, old kernels), bytes go through user space.
@@ -97,20 +98,26 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 
 class ChunkBuffers:
-    """Reused memory for bytes that pass through user space: a chunk read from the source and the chunk
-    written. Each written chunk is queued for hashing by range (read back from the page cache), so it is free
-    again at once."""
+    """Reused memory for bytes that pass through user space: a chunk read from the source, and the chunk written
+    (`OutputChunk`). Each written chunk is queued for hashing by range (read back from the page cache), so it is
+    free again at once."""
 
     def __init__(self) -> None:
         self.source = torch.empty(CHUNK, dtype=torch.uint8)
-        self.output = torch.empty(CHUNK, dtype=torch.uint8)
+        self.output = OutputChunk(CHUNK)
+
+    def _emit(self, count: int, handle: BinaryIO, digest: FileDigest) -> None:
+        handle.flush()
+        start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
+        self.output.emit(count, handle)
+        digest.update_range(start, count)
 
     def copy(self, src: int, offset: int, count: int, handle: BinaryIO, digest: FileDigest) -> None:
         """Copy bytes verbatim through user space (where the kernel cannot copy them)."""
         for start in range(0, count, CHUNK):
-            chunk = self.output[: min(CHUNK, count - start)]
-            _pread_into(src, memoryview(chunk.numpy()), offset + start)
-            append(handle, digest, memoryview(chunk.numpy()))
+            size = min(CHUNK, count - start)
+            _pread_into(src, memoryview(self.output.tensor[:size].numpy()), offset + start)
+            self._emit(size, handle, digest)
 
     def cast(self, src: int, item: CastSlice, dtype: torch.dtype, handle: BinaryIO, digest: FileDigest) -> None:
         """Write `item`'s values converted to `dtype`, element for element as `tensor.to(dtype)` converts."""
@@ -121,14 +128,23 @@ class ChunkBuffers:
             count = min(per_chunk, total - first)
             raw = self.source[: count * size_in]
             _pread_into(src, memoryview(raw.numpy()), item.piece.offset + first * size_in)
-            out = self.output[: count * size_out]
-            out.view(dtype).copy_(raw.view(item.dtype))
-            append(handle, digest, memoryview(out.numpy()))
+            self.output.tensor[: count * size_out].view(dtype).copy_(raw.view(item.dtype))
+            self._emit(count * size_out, handle, digest)
+
+    def write(self, data: torch.Tensor, handle: BinaryIO, digest: FileDigest) -> None:
+        """Write a tensor's bytes (`data`, flat uint8), a chunk at a time through the output chunk."""
+        for start in range(0, data.numel(), CHUNK):
+            size = min(CHUNK, data.numel() - start)
+            self.output.tensor[:size].copy_(data[start : start + size])
+            self._emit(size, handle, digest)
+
+    def close(self) -> None:
+        self.output.close()
 
 
 def append(handle: BinaryIO, digest: FileDigest, data: memoryview) -> None:
-    """Write `data` at the end of `handle` and queue its range for hashing (flushed first: the hash reads the
-    file, not our buffer)."""
+    """Write small `data` (a header) at the end of `handle` and queue its range for hashing (flushed first: the
+    hash reads the file, not our buffer)."""
     handle.flush()
     start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
     handle.write(data)
@@ -166,5 +182,10 @@ class Streams:
     def cast(self, item: CastSlice, dtype: torch.dtype, handle: BinaryIO, digest: FileDigest) -> None:
         self.buffers.cast(self.sources.fd(item.piece.path), item, dtype, handle, digest)
 
+    def write(self, tensor: torch.Tensor, handle: BinaryIO, digest: FileDigest) -> None:
+        self.buffers.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8), handle, digest)
+
     def close(self) -> None:
         self.sources.close()
+        if self._buffers is not None:
+            self._buffers.close()

@@ -122,8 +122,7 @@ class _FileWriter:
         if isinstance(item, CastSlice):
             self.streams.cast(item, spec.dtype, self.handle, self.digest)
             return
-        # The tensor's own memory, no bytes copy; hashed from the file, so it is freed as soon as written.
-        append(self.handle, self.digest, item.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.streams.write(item, self.handle, self.digest)  # hashed from the file: freed as soon as written
 
     def flush(self) -> None:
         if self.run is not None:
