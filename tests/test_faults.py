@@ -148,14 +148,14 @@ def _captions(root: Path, colours: dict) -> Path:
 
 class FullDisk:
     """The file system fills up after `room` more bytes: writes through Python files and the kernel's
-    copy_file_range then fail with ENOSPC, as they would on a real full disk."""
+    copy_file_range and sendfile then fail with ENOSPC, as they would on a real full disk."""
 
     def __init__(self, monkeypatch, room: int):
         import builtins
 
         from dpa_cli.checkpoint import writer
 
-        self.room, real_open, real_copy = room, builtins.open, os.copy_file_range
+        self.room, real_open, real_copy, real_send = room, builtins.open, os.copy_file_range, os.sendfile
 
         def spend(count: int, name) -> None:
             if count > self.room:
@@ -187,9 +187,14 @@ class FullDisk:
             spend(count, None)
             return real_copy(src, dst, count, offset_src, offset_dst)
 
+        def full_send(out_fd, in_fd, offset, count, *args, **kwargs):
+            spend(count, None)
+            return real_send(out_fd, in_fd, offset, count, *args, **kwargs)
+
         for module in (writer, __import__("dpa_cli.checkpoint.atomic", fromlist=["_"])):
             monkeypatch.setattr(module, "open", full_open, raising=False)
         monkeypatch.setattr(os, "copy_file_range", full_copy)
+        monkeypatch.setattr(os, "sendfile", full_send)
         for name in ("write_text", "write_bytes"):  # side files (config.json, index) go through pathlib
             real = getattr(Path, name)
 

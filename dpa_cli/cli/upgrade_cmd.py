@@ -48,23 +48,29 @@ def upgrade(
       dpa upgrade ./Qwen3-4B --perceiver ./paper-perceiver --encoding paper -o ws
       dpa upgrade team6013/DPA-4B-init -o ws        # an official DPA checkpoint, renamed into a workspace
     """
+    from dpa_cli.upgrade.fingerprint import InputHashes
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import check_output, default_workspace, plan_upgrade, run_upgrade
     from dpa_cli.upgrade.summary import plan_summary
 
     options = Options(projector, feature_span, early_fusion, dtype, seed, shard_size, perceiver_layers, encoding)
     _check_choices(options)
-    plan = plan_upgrade(target, perceiver, options)
-    summary = plan_summary(plan)
-    workspace = output or default_workspace(target, perceiver)
-    if dry_run:
-        print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(summary, workspace)
-        return
-    check_output(workspace, plan.sources, force)  # refuse before printing a plan the user must scroll past
-    if not json_:
-        render_plan(summary, workspace)
-    with _progress(plan.output_bytes, quiet=json_) as on_bytes:
-        result = run_upgrade(plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes)
+    inputs = None if dry_run else InputHashes()  # hashed while the plan imports and builds its models
+    try:
+        plan = plan_upgrade(target, perceiver, options, inputs)
+        summary = plan_summary(plan)
+        workspace = output or default_workspace(target, perceiver)
+        if dry_run:
+            print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(summary, workspace)
+            return
+        check_output(workspace, plan.sources, force)  # refuse before printing a plan the user must scroll past
+        if not json_:
+            render_plan(summary, workspace)
+        with _progress(plan.output_bytes, quiet=json_) as on_bytes:
+            result = run_upgrade(plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes, inputs=inputs)
+    finally:
+        if inputs is not None:
+            inputs.cancel()  # a refusal or a failure does not wait for the hashing
     if json_:
         print_json(result)
     else:
