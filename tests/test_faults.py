@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from dpa_cli.checksums import verify_path
 from dpa_cli.cli.app import app
-from dpa_cli.workspace import latest_checkpoint
-from dpa_cli.workspace import read_manifest
+from dpa_cli.workspace.layout import latest_checkpoint
+from dpa_cli.workspace.manifest import read_manifest
 from tests.fault_kit import Runner, leftovers, tree_hash
 
 SEED = int(os.environ.get("DPA_FAULT_SEED", "20260515"))
@@ -245,7 +245,7 @@ def test_a_full_disk_during_export_keeps_the_workspace_and_the_old_export(monkey
 
 
 def test_a_full_disk_while_dpa_yaml_is_replaced_keeps_the_old_one(monkeypatch, inputs, tmp_path):
-    from dpa_cli.workspace import write_manifest
+    from dpa_cli.workspace.manifest import write_manifest
 
     ws = tmp_path / "ws"
     assert CliRunner().invoke(app, ["upgrade", *inputs, "-o", str(ws), "--no-verify-load"]).exit_code == 0

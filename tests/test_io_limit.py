@@ -21,7 +21,7 @@ import torch
 from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint import copying, hashing
 from dpa_cli.checkpoint.hashing import Cancelled
-from dpa_cli.checkpoint.reader import FileSlice, torch_dtype
+from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import CastSlice, TensorSpec, write_sharded
 from dpa_cli.export import products
 

@@ -45,7 +45,7 @@ def check(
       dpa data check instruct.json --limit 1 --preview
     """
     from dpa_cli.data.check import check_dataset
-    from dpa_cli.workspace import find_workspace
+    from dpa_cli.workspace.manifest import find_workspace
 
     folder = find_workspace(workspace)
     with _progress(quiet=json_) as report:

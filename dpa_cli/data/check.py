@@ -19,6 +19,7 @@ from dpa_cli.data.images import ImageError, capped_size, load_image, probe_image
 from dpa_cli.data.render import perceiver_segments, supervised_segments
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import BadInputError
+from dpa_cli.workspace.layout import MODEL_DIR
 
 # kind -> (severity, what it means). Errors make `dpa data check` exit 2; warnings are said, not fatal.
 PROBLEMS: dict[str, tuple[str, str]] = {
@@ -55,7 +56,7 @@ def load_processor(workspace_or_processor: Any) -> Any:
     if not isinstance(workspace_or_processor, (str, Path)):
         return workspace_or_processor
     folder = Path(workspace_or_processor)
-    folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
+    folder = folder / MODEL_DIR if (folder / MODEL_DIR / "config.json").exists() else folder
     if not (folder / "processor_config.json").exists():
         raise BadInputError(f"{folder}: no DPA processor (processor_config.json)", hint="run `dpa upgrade` first")
     return loading.load_processor(folder)

@@ -12,10 +12,9 @@ from typing import Any
 import torch
 
 from dpa_cli.errors import CheckpointError
-from dpa_cli.export.stages import ADAPTER_CONFIG, ADAPTER_DIR
+from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_RECORD
 from dpa_cli.train.save import point_adapter_at
 from dpa_cli.jsonio import read_json
-from dpa_cli.records import EXPORT_RECORD
 from dpa_cli.upgrade.files import AUTO_MAP, GENERATION_KEYS, copy_model_code
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

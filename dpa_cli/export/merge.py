@@ -20,6 +20,7 @@ from dpa_cli import loading
 from dpa_cli.checkpoint import CheckpointIndex, LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.reader import FileSlice, torch_dtype
 from dpa_cli.checkpoint.writer import CastSlice, TensorSpec, write_sharded
+from dpa_cli.defaults import SHARD_SIZE
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.adapter import KEEP, LoraPair, lora_pairs
 from dpa_cli.export.products import merged
@@ -90,7 +91,7 @@ def export_weights(
     out: Path,
     adapter: Path | None = None,
     dtype: torch.dtype | None = None,
-    shard_size: int = 5_000_000_000,
+    shard_size: int = SHARD_SIZE,
     on_bytes: Callable[[int], None] | None = None,
     digests: dict[str, str] | None = None,
 ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dpa_cli.defaults import PartMode
 from dpa_cli.errors import BadInputError
 from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_yaml, reason
 from dpa_cli.train.arguments import FIXED
@@ -61,7 +62,7 @@ class Recipe:
 
     @property
     def uses_lora(self) -> bool:
-        return "lora" in self.trainable.values()
+        return PartMode.LORA in self.trainable.values()
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved recipe, printed before training and stored with the run."""

@@ -19,17 +19,16 @@ from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
+from dpa_cli.defaults import SHARD_SIZE
 from dpa_cli.errors import CheckpointError
 from dpa_cli.jsonio import read_json
-from dpa_cli.train.lora_state import ADAPTER_CONFIG, gathered, trained_in_full
+from dpa_cli.train.lora_state import gathered, trained_in_full
 from dpa_cli.upgrade.files import copy_model_code
-from dpa_cli.workspace import MODEL_DIR
+from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, MODEL_DIR
 
-ADAPTER_DIR = "adapter"
 # What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
 # shipped in the base folder (trust_remote_code=True). peft would otherwise record dpa_cli's class here.
 PLAIN_AUTO_MAPPING = {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
-SHARD_SIZE = 5_000_000_000
 
 
 def _tmp(trainer: Any, folder: Path, name: str) -> Path:

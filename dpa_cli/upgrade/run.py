@@ -21,7 +21,8 @@ from dpa_cli.upgrade.sources import Sources, open_sources
 from dpa_cli.upgrade.summary import plan_summary
 from dpa_cli.upgrade.surgery import write_weights
 from dpa_cli.upgrade.verify import AUTO_VERIFY_BYTES, check_written, load_and_run
-from dpa_cli.workspace import MODEL_DIR, is_workspace, versions, write_manifest
+from dpa_cli.workspace.layout import MODEL_DIR
+from dpa_cli.workspace.manifest import is_workspace, versions, write_manifest
 
 
 def plan_upgrade(target: str, perceiver: str | None, options: Options, inputs: InputHashes | None = None) -> UpgradePlan:
