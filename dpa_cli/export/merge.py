@@ -28,14 +28,14 @@ from dpa_cli.export.products import merged
 
 def _meta_model(folder: Path) -> torch.nn.Module:
     """The checkpoint's model on the meta device: its in-memory names, which the adapter's keys use."""
-    from dpa_cli.upgrade.naming import meta_model
+    from dpa_cli.checkpoint.naming import meta_model
 
     return meta_model("AutoModelForImageTextToText", loading.load_config(folder))
 
 
 def merge_targets(index: CheckpointIndex, adapter: Path, pairs: list[LoraPair]) -> dict[str, LoraPair]:
     """{base key on disk: the LoRA pair merged into it}, names matched the way transformers loads the base."""
-    from dpa_cli.upgrade.naming import rename_to_memory
+    from dpa_cli.checkpoint.naming import rename_to_memory
 
     meta = _meta_model(index.folder)
     on_disk = {memory: key for key, memory in rename_to_memory(meta, index.tensors, index.folder).items()}

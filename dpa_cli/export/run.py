@@ -18,6 +18,7 @@ import torch
 
 from dpa_cli.checkpoint.atomic import check_replaceable, staged_folder
 from dpa_cli.checksums import CHECKSUMS, tree_checksums
+from dpa_cli.checkpoint.side_files import copy_side_files
 from dpa_cli.defaults import SHARD_SIZE, Dtype, ExportLora
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.export import files
@@ -111,7 +112,7 @@ def _write(
     result = plan.result
     merge = result.adapter_dir if plan.lora == ExportLora.MERGED else None
     weights = export_weights(result.model_dir, folder, merge, plan.dtype, plan.request.shard_size, on_bytes, digests)
-    files.copy_side_files(result.model_dir, folder)
+    copy_side_files(result.model_dir, folder)
     files.write_config(result.model_dir, folder, plan.dtype)
     files.ensure_generation_config(folder, [result.workspace / MODEL_DIR])
     if plan.lora == ExportLora.KEPT:

@@ -15,7 +15,7 @@ import torch
 
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.defaults import SHARD_SIZE
-from dpa_cli.upgrade.naming import meta_model, meta_state
+from dpa_cli.checkpoint.naming import meta_model, meta_state
 from dpa_cli.synthetic.tokenizers import tiny_tokenizer
 from dpa_cli.upgrade.surgery import tensor_seed
 

@@ -139,7 +139,7 @@ def preview_trainable(plan: StagePlan) -> dict[str, dict[str, Any]]:
 
     from dpa_cli.loading import load_config
     from dpa_cli.train.freeze import apply_trainable
-    from dpa_cli.upgrade.naming import meta_model
+    from dpa_cli.checkpoint.naming import meta_model
 
     # Making the Trainer's arguments with a ZeRO-3 config told transformers to partition every model it builds
     # from now on; the preview builds on the meta device in this one process, and trains nothing after.

@@ -23,7 +23,7 @@ from dpa_cli.defaults import SHARD_SIZE
 from dpa_cli.errors import CheckpointError
 from dpa_cli.jsonio import read_json
 from dpa_cli.train.lora_state import gathered, trained_in_full
-from dpa_cli.upgrade.files import copy_model_code
+from dpa_cli.checkpoint.side_files import GENERATION_CONFIG, copy_model_code, copy_side_files
 from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, MODEL_DIR
 
 # What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
@@ -42,15 +42,6 @@ def _tmp(trainer: Any, folder: Path, name: str) -> Path:
 
 def _commit(tmp: Path, final: Path) -> None:
     replace_folder(tmp, final)  # an existing result is swapped out in one step, never deleted first
-
-
-def _copy_side_files(source: Path, dest: Path) -> None:
-    """Config, tokenizers, processor and remote code of the source, for a folder that loads on its own."""
-    for item in source.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
-            shutil.copy2(item, dest / item.name)
-        elif item.is_dir() and not item.name.startswith("."):
-            shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
 
 
 def trained_full_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,7 +63,7 @@ def point_adapter_at(adapter: Path, base: Path) -> None:
 
 def write_base_with(source: Path, dest: Path, trained: dict[str, torch.Tensor], meta_model: torch.nn.Module) -> None:
     """Stream `source`'s shards into `dest`, replacing the tensors in `trained` (keys renamed as transformers loads)."""
-    from dpa_cli.upgrade.naming import rename_to_memory
+    from dpa_cli.checkpoint.naming import rename_to_memory
 
     index = read_checkpoint_index(source)
     names = rename_to_memory(meta_model, index.tensors, source)
@@ -84,7 +75,7 @@ def write_base_with(source: Path, dest: Path, trained: dict[str, torch.Tensor], 
             return reader.slice(spec.name) if value is None else value.to(spec.dtype).reshape(spec.shape)
 
         write_sharded(dest, specs, produce, SHARD_SIZE)
-    _copy_side_files(source, dest)
+    copy_side_files(source, dest)
 
 
 def save_stage_result(
@@ -113,8 +104,8 @@ def save_stage_result(
         if trainer.is_world_process_zero():
             (model / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe is in dpa.yaml
             processor.save_pretrained(model)
-            if (source / "generation_config.json").is_file():
-                shutil.copy2(source / "generation_config.json", model / "generation_config.json")
+            if (source / GENERATION_CONFIG).is_file():  # the target's stop tokens, over what save_model derived
+                shutil.copy2(source / GENERATION_CONFIG, model / GENERATION_CONFIG)
             copy_model_code(model)
             _commit(model, folder / MODEL_DIR)
     trainer.accelerator.wait_for_everyone()
@@ -124,7 +115,7 @@ def _meta_like(model: torch.nn.Module) -> torch.nn.Module:
     """A DPA model like `model` on the meta device (for the key names transformers loads with)."""
     from transformers.modeling_utils import set_zero3_state
 
-    from dpa_cli.upgrade.naming import meta_model
+    from dpa_cli.checkpoint.naming import meta_model
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Under ZeRO-3 transformers builds every model inside deepspeed.zero.Init: a collective, which hangs when only

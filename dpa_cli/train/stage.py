@@ -71,7 +71,7 @@ def _check_same_tensors(source: Path, reference: Path) -> None:
     names compared as transformers loads them, so legacy key spellings and tied copies do not matter)."""
     from dpa_cli.checkpoint import read_checkpoint_index
     from dpa_cli.loading import load_config
-    from dpa_cli.upgrade.naming import meta_model, meta_state, rename_to_memory
+    from dpa_cli.checkpoint.naming import meta_model, meta_state, rename_to_memory
 
     model = meta_model("AutoModelForImageTextToText", load_config(reference))
     wanted = {name: tuple(tensor.shape) for name, tensor in meta_state(model).items()}

@@ -22,7 +22,7 @@ from dpa_cli.families import Component, detect_family
 from dpa_cli.upgrade.chat_template import WorkspaceTemplate, workspace_template
 from dpa_cli.upgrade.compose import composed_perceiver_config, composition, dpa_config, pair_encoding, text_config
 from dpa_cli.upgrade.encoding import resolve_options, target_markers
-from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
+from dpa_cli.checkpoint.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
 from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, ensure_pad_token, existing_placeholder, load_tokenizer
 
