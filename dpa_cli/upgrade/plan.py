@@ -31,7 +31,7 @@ VLM_TARGET = {"model.language_model.": "model.language_model.", "lm_head.": "lm_
 TEXT_TARGET = {"model.": "model.language_model.", "lm_head.": "lm_head."}
 PERCEIVER = {"model.": "model.perceiver."}
 SMALL_LM = {"model.": "model.perceiver.language_model."}
-# New tensors: phi always; a composed perceiver's fresh parts (compose.COMPOSITIONS).
+# New tensors: phi always; a composed perceiver's fresh parts (its ViT family's `composition.new`).
 PHI = "model.multi_modal_projector."
 
 
