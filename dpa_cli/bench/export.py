@@ -20,7 +20,7 @@ from dpa_cli.bench.upgrade import build_inputs
 from dpa_cli.checkpoint import read_checkpoint_index
 from dpa_cli.checkpoint.sizes import parse_size
 from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
-from dpa_cli.upgrade.surgery import tensor_seed
+from dpa_cli.checkpoint.seeds import tensor_seed
 
 RANK = 32
 # The goals of issue 19, against the durable copy (`cp -r` + `sync`); memory growth under one output shard.

@@ -14,7 +14,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dpa_cli.workspace.layout import ADAPTER_DIR, EXPORT_RECORD
+from dpa_cli.errors import CheckpointError
+from dpa_cli.jsonio import read_json
+from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_RECORD
 
 # The paper skeleton's files travel too: configuration_dpa / modeling_dpa import them for a paper perceiver.
 MODEL_CODE = (
@@ -28,6 +30,9 @@ AUTO_MAP = {
 }
 GENERATION_CONFIG = "generation_config.json"
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
+# shipped in the base folder (trust_remote_code=True). peft would otherwise record dpa_cli's class here.
+PLAIN_AUTO_MAPPING = {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl")
 _SKIP_NAMES = {"model.safetensors.index.json", "README.md", EXPORT_RECORD, ADAPTER_DIR}
 
@@ -76,3 +81,15 @@ def write_generation_config(dest: Path, sources: Iterable[Path], text_config: Ma
             shutil.copy2(Path(folder) / GENERATION_CONFIG, path)
             return
     write_json(path, {key: text_config[key] for key in GENERATION_KEYS if text_config.get(key) is not None})
+
+
+def point_adapter_at(adapter: Path, base: Path) -> None:
+    """Make `adapter` load with plain peft on `base`, through `PeftModel` on a loaded base or through
+    `AutoPeftModel` from the adapter alone (which builds the base itself), with no dpa_cli import anywhere.
+
+    The path is absolute because peft reads a relative one from the current folder, not the adapter's.
+    """
+    path = Path(adapter) / ADAPTER_CONFIG
+    config = read_json(path, hint="restore the adapter folder, or train the stage again", error=CheckpointError)
+    config.update(base_model_name_or_path=str(Path(base).resolve()), auto_mapping=PLAIN_AUTO_MAPPING)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -13,9 +13,10 @@ import torch
 
 from dpa_cli.errors import CheckpointError
 from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_RECORD
-from dpa_cli.train.save import point_adapter_at
 from dpa_cli.jsonio import read_json
-from dpa_cli.checkpoint.side_files import copy_model_code, remote_code_config, write_generation_config, write_json
+from dpa_cli.checkpoint.side_files import (
+    copy_model_code, point_adapter_at, remote_code_config, write_generation_config, write_json,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

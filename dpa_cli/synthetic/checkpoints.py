@@ -17,7 +17,7 @@ from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.defaults import SHARD_SIZE
 from dpa_cli.checkpoint.naming import meta_model, meta_state
 from dpa_cli.synthetic.tokenizers import tiny_tokenizer
-from dpa_cli.upgrade.surgery import tensor_seed
+from dpa_cli.checkpoint.seeds import tensor_seed
 
 
 def text_config(hidden: int, layers: int, vocab: int, tie: bool = True, **extra: Any) -> dict[str, Any]:

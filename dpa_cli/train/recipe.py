@@ -72,6 +72,11 @@ class Recipe:
         return {"name": self.name, **own, **self.training_args}
 
 
+def recipe_max_length(stage: int, recipe: str | None = None) -> int:
+    """The `max_length` training will use: the named recipe's, else the stage's default recipe's."""
+    return load_recipe(recipe or default_recipe(stage)).max_length
+
+
 def default_recipe(stage: int, lora: bool | None = None) -> str:
     """The packaged recipe a stage runs by default (`--lora` picks stage 2's LoRA recipe)."""
     return "stage1" if stage == 1 else "stage2-lora" if lora else "stage2-full"

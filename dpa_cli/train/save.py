@@ -8,7 +8,6 @@ under temporary names and renamed into place when complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,9 @@ from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.defaults import SHARD_SIZE
-from dpa_cli.errors import CheckpointError
-from dpa_cli.jsonio import read_json
 from dpa_cli.train.lora_state import gathered, trained_in_full
-from dpa_cli.checkpoint.side_files import GENERATION_CONFIG, copy_model_code, copy_side_files
-from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, MODEL_DIR
-
-# What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
-# shipped in the base folder (trust_remote_code=True). peft would otherwise record dpa_cli's class here.
-PLAIN_AUTO_MAPPING = {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
+from dpa_cli.checkpoint.side_files import GENERATION_CONFIG, copy_model_code, copy_side_files, point_adapter_at
+from dpa_cli.workspace.layout import ADAPTER_DIR, MODEL_DIR
 
 
 def _tmp(trainer: Any, folder: Path, name: str) -> Path:
@@ -47,18 +40,6 @@ def _commit(tmp: Path, final: Path) -> None:
 def trained_full_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Base-model name -> value of every parameter trained in full (LoRA adapters excluded)."""
     return {name: gathered(param) for name, param in trained_in_full(model).items()}
-
-
-def point_adapter_at(adapter: Path, base: Path) -> None:
-    """Make `adapter` load with plain peft on `base`, through `PeftModel` on a loaded base or through
-    `AutoPeftModel` from the adapter alone (which builds the base itself), with no dpa_cli import anywhere.
-
-    The path is absolute because peft reads a relative one from the current folder, not the adapter's.
-    """
-    path = Path(adapter) / ADAPTER_CONFIG
-    config = read_json(path, hint="restore the adapter folder, or train the stage again", error=CheckpointError)
-    config.update(base_model_name_or_path=str(Path(base).resolve()), auto_mapping=PLAIN_AUTO_MAPPING)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_base_with(source: Path, dest: Path, trained: dict[str, torch.Tensor], meta_model: torch.nn.Module) -> None:

@@ -7,7 +7,6 @@ plain file reads, never memory-mapped, and the model is never instantiated.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -17,13 +16,9 @@ import torch
 
 from dpa_cli.checkpoint import LazyTensorReader
 from dpa_cli.checkpoint.reader import torch_dtype
+from dpa_cli.checkpoint.seeds import tensor_seed
 from dpa_cli.checkpoint.writer import CastSlice, FileSlice, TensorSpec, write_sharded
 from dpa_cli.upgrade.plan import TensorPlan, UpgradePlan
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A seed per tensor: the same `--seed` gives the same bytes whatever order tensors are written in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
 def init_tensor(plan: TensorPlan, seed: int, fan_in: int) -> torch.Tensor:
