@@ -24,7 +24,7 @@ def train(
     stage: Annotated[int | None, typer.Option("--stage", help="1: align phi on captions; 2: instruction tuning.", show_default=False)] = None,
     data: Annotated[str | None, typer.Option("--data", help="LLaVA JSON/JSONL file or a Hugging Face datasets folder.", show_default=False)] = None,
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace (default: found like git finds a repo).")] = None,
-    image_root: Annotated[Path | None, typer.Option(help="Folder the data's image paths are relative to.")] = None,
+    image_root: Annotated[str | None, typer.Option(metavar="DIR", help="Folder the data's image paths are relative to.")] = None,
     recipe: Annotated[str | None, typer.Option(help="stage1, stage2-full, stage2-lora or a YAML file (default: by stage).")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters (stage2-lora: every linear layer of every part).")] = False,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning of the target LLM (stage2-full).")] = False,
