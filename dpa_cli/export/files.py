@@ -16,7 +16,7 @@ from dpa_cli.export.stages import ADAPTER_CONFIG, ADAPTER_DIR
 from dpa_cli.train.save import point_adapter_at
 from dpa_cli.jsonio import read_json
 from dpa_cli.records import EXPORT_RECORD
-from dpa_cli.upgrade.files import AUTO_MAP, GENERATION_KEYS, copy_model_code
+from dpa_cli.upgrade.files import AUTO_MAP, GENERATION_KEYS, copy_model_code, with_stop_tokens
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Never shipped: weights are written afresh, pickles never (training_args.bin), the card is ours.
@@ -47,16 +47,16 @@ def write_config(source: Path, dest: Path, dtype: torch.dtype | None) -> None:
 
 
 def ensure_generation_config(dest: Path, fallbacks: list[Path]) -> None:
-    """Keep the stage's generation_config.json (the target's stop tokens); else the workspace model's, else
-    one made from the text config's special tokens."""
-    if (dest / "generation_config.json").is_file():
-        return
-    for folder in fallbacks:
-        if (folder / "generation_config.json").is_file():
-            shutil.copy2(folder / "generation_config.json", dest / "generation_config.json")
-            return
-    text = read_json(dest / "config.json").get("text_config") or {}
-    generation = {key: text[key] for key in GENERATION_KEYS if text.get(key) is not None}
+    """The stage's generation_config.json; else the workspace model's, else one made from the text config's
+    special tokens; completed with the tokenizer's stop tokens (end of text, end of turn) and pad token, so a
+    workspace upgraded before dpa wrote them still exports a model whose replies stop."""
+    found = [f / "generation_config.json" for f in (dest, *fallbacks) if (f / "generation_config.json").is_file()]
+    if found:
+        generation = read_json(found[0], hint="restore the stage's model folder", error=CheckpointError)
+    else:
+        text = read_json(dest / "config.json").get("text_config") or {}
+        generation = {key: text[key] for key in GENERATION_KEYS if text.get(key) is not None}
+    generation = with_stop_tokens(generation, dest)
     (dest / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
 
 
