@@ -61,6 +61,8 @@ def read_train_config(path: Path) -> TrainConfig:
         elif key in OPTIONS:
             name, kind = OPTIONS[key]
             config.options[name] = _typed(path, key, value, kind)
+            if key == "nproc" and config.options[name] is not None and config.options[name] < 1:
+                raise BadInputError(f"config file {path}: nproc={value!r} must be >= 1")
         else:
             _add_value(config, key, value)
     for name in PATH_OPTIONS:
@@ -101,10 +103,13 @@ def _add_value(config: TrainConfig, key: str, value: Any) -> None:
 
 
 def _check_recipe_key(path: Path, key: str) -> None:
+    from dpa_cli.parts import PARTS
     from dpa_cli.train.recipe import MANAGED, NESTED, OWN_FIELDS
     from dpa_cli.train.validate import training_fields
 
-    head, dot, _ = key.partition(".")
+    head, dot, part = key.partition(".")
+    if dot and head in NESTED and part not in PARTS:
+        raise BadInputError(f"config file {path}: unknown part {key!r}", hint=f"parts: {', '.join(PARTS)}")
     if key in MANAGED:
         raise BadInputError(f"config file {path}: key {key!r} is set by dpa itself",
                             hint="remove it (dpa trains into WORKSPACE/stageN; name the workspace with `workspace:`)")
