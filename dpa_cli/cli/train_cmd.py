@@ -118,7 +118,8 @@ def _with_config_file(
     from dpa_cli.train.config_file import merged, read_train_config
 
     config = read_train_config(path)
-    explicit = {name for name in given if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)}
+    unsaid = (click.core.ParameterSource.DEFAULT, None)  # a default is no flag: the file's value stands
+    explicit = {name for name in given if ctx.get_parameter_source(name) not in unsaid}
     return merged(given, explicit, config), config.values, config.sets
 
 
@@ -162,7 +163,8 @@ def _check_flags(stage: int | None, data: str | None, lora: bool, full: bool, re
                  on_bad_sample: str) -> None:  # fmt: skip
     for value, flag, key in ((stage, "--stage", "stage"), (data, "--data", "data")):
         if value is None:
-            raise BadInputError(f"missing option {flag}", hint=f"pass {flag}, or write `{key}:` in a config file (dpa train CONFIG.yaml)")
+            hint = f"pass {flag}, or write `{key}:` in a config file (dpa train CONFIG.yaml)"
+            raise BadInputError(f"missing option {flag}", hint=hint)
     if stage not in (1, 2):
         raise BadInputError(f"--stage {stage}: the recipe has stages 1 and 2")
     for a, b, names in ((lora, full, "--lora and --full"), (resume, restart, "--resume and --restart")):
