@@ -15,8 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dpa_cli.cli.app import app
-from tests.factories import build
-from tests.test_bad_inputs import tree_hash
+from tests.test_train_config import refused
 
 runner = CliRunner()
 ASK = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
@@ -30,20 +29,6 @@ def shared(dpa_workspace, tmp_path_factory) -> dict[str, Path]:
     (root / "images").mkdir()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(root / "images" / "red.png")
     return {"ws": Path(shutil.copytree(dpa_workspace("next_qwen"), root / "ws")), "images": root / "images"}
-
-
-def refused(argv: list[str], watched: list[Path], needles: tuple[str, ...]) -> str:
-    """The standard of tests/test_bad_inputs.py: exit 2, one `error:` line (+ a hint), no traceback, the trees
-    of inputs and outputs unchanged, every needle in the message."""
-    before = tree_hash(*watched)
-    result = runner.invoke(app, argv)
-    assert "Traceback" not in result.stderr and result.exit_code == 2, (result.exit_code, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[0].startswith("error:") and len(lines) <= 2, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
-    assert tree_hash(*watched) == before, "an input or output changed"
-    return result.stderr
 
 
 # --- video samples -------------------------------------------------------------------------------------------

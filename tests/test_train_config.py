@@ -5,12 +5,9 @@ that are no mapping: exit 2, one line naming the key and the file, nothing writt
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dpa_cli.cli.app import app
+from dpa_cli.demo.run import _inside as inside  # run in a folder: config paths are relative to it, like flags
 from tests.test_bad_inputs import tree_hash
 
 runner = CliRunner()
@@ -33,17 +31,6 @@ def documented(name: str) -> str:
     found = [text for text, title in blocks if title == name]
     assert len(found) == 1, f"docs/training.md shows no `# {name}` YAML block"
     return found[0]
-
-
-@contextlib.contextmanager
-def inside(folder: Path) -> Iterator[None]:
-    """Run in `folder`: a config file's paths are relative to where dpa runs, like the flags'."""
-    before = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +118,18 @@ def shared(dpa_workspace, tmp_path_factory) -> Path:
     return Path(shutil.copytree(dpa_workspace("next_qwen"), tmp_path_factory.mktemp("gate") / "ws"))
 
 
-def refused(argv: list[str], watched: list[Path], needles: tuple[str, ...]) -> None:
+def refused(argv: list[str], watched: list[Path], needles: tuple[str, ...]) -> str:
+    """The standard of tests/test_bad_inputs.py: exit 2, one `error:` line (+ a hint), no traceback, the trees
+    of inputs and outputs unchanged, every needle in the message (the stderr is returned)."""
     before = tree_hash(*watched)
     result = runner.invoke(app, argv)
     assert "Traceback" not in result.stderr and result.exit_code == 2, (result.exit_code, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert lines and lines[0].startswith("error:") and len(lines) <= 2, result.stderr
     for needle in needles:
-        assert needle in lines[0], (needle, result.stderr)
+        assert needle in result.stderr, (needle, result.stderr)
     assert tree_hash(*watched) == before, "an input or output changed"
+    return result.stderr
 
 
 @pytest.mark.parametrize("content, needles", CASES)

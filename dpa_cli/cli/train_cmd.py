@@ -16,10 +16,11 @@ from dpa_cli.cli.inspect_cmd import human_count
 from dpa_cli.cli.options import JsonFlag
 from dpa_cli.cli.render import err, out, print_json
 from dpa_cli.errors import BadInputError, DpaError
+from dpa_cli.train.config_file import OPTIONS
 
 def train(
     ctx: typer.Context,
-    config_file: Annotated[Path | None, typer.Argument(metavar="[CONFIG]", help="A YAML file holding this command's options and recipe values (flags win).", show_default=False)] = None,
+    config_file: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="A YAML file holding this command's options and recipe values (flags win).", show_default=False)] = None,
     config: Annotated[Path | None, typer.Option("--config", help="The same as CONFIG, as an option.", show_default=False)] = None,
     stage: Annotated[int | None, typer.Option("--stage", help="1: align phi on captions; 2: instruction tuning.", show_default=False)] = None,
     data: Annotated[str | None, typer.Option("--data", help="LLaVA JSON/JSONL file or a Hugging Face datasets folder.", show_default=False)] = None,
@@ -98,9 +99,8 @@ def train(
         print_json(summary)
 
 
-# The options a config file may set (its keys: dpa_cli.train.config_file.OPTIONS).
-TRAIN_OPTIONS = ("stage", "data", "workspace", "image_root", "recipe", "lora", "full", "freeze_perceiver",
-                 "lora_targets", "deepspeed", "nproc", "resume", "restart", "max_steps", "from_model", "on_bad_sample")
+# The parameters a config file may set (its keys map to them: `from` is --from).
+TRAIN_OPTIONS = tuple(name for name, _ in OPTIONS.values())
 
 
 def _with_config_file(
