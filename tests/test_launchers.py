@@ -46,14 +46,17 @@ def finished_with(ws: Path, processes: int) -> dict:
 
 
 def test_deepspeed_launcher_with_a_hostfile_runs_a_stage(workspace, stage_data, tmp_path):
-    """`deepspeed --hostfile FILE --no_ssh --node_rank 0 --module dpa_cli train ...`: the launcher reads the
-    hostfile, starts `python -m dpa_cli --local_rank=0 train ...` with the process group's environment, and the stage trains
-    (the ZeRO engine under a launcher: tests/test_train.py, tests/test_distributed_faults.py)."""
-    hostfile = tmp_path / "hostfile"
+    """`deepspeed --hostfile FILE --no_ssh --node_rank 0 --module dpa_cli train CONFIG ...`: the launcher reads the
+    hostfile and starts `python -m dpa_cli --local_rank=0 train ...` with the process group's environment; the
+    stage trains with the world the launcher made (the config file's `nproc: 2` does not relaunch a worker).
+    The ZeRO engine under a launcher: tests/test_train.py, tests/test_distributed_faults.py."""
+    hostfile, config = tmp_path / "hostfile", tmp_path / "run.yaml"
     hostfile.write_text("localhost slots=1\n")
+    config.write_text(yaml.safe_dump({"stage": 1, "workspace": str(workspace), "data": str(stage_data / "captions.json"),
+                                      "image_root": str(stage_data / "images"), "nproc": 2}))  # fmt: skip
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
                "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "--module", "dpa_cli", *stage_args(workspace, stage_data), "--set", "global_batch_size=1"]  # fmt: skip
+               "--module", "dpa_cli", "train", str(config), *TINY, "--set", "global_batch_size=1"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--local_rank=0" in done.stderr + done.stdout  # the launcher's own line: the worker got the flag

@@ -67,7 +67,9 @@ def train(
     stage, data, nproc = options["stage"], options["data"], options["nproc"]
     _check_flags(stage, data, options["lora"], options["full"], options["resume"], options["restart"],
                  options["on_bad_sample"])  # fmt: skip
-    if nproc > 1 and not dry_run:  # before the heavy imports below: the launcher itself does not train
+    # Before the heavy imports below: the launcher itself does not train. A process a launcher started (LOCAL_RANK
+    # set) never relaunches: a config file's `nproc:` reaches the workers too, which must train, not launch.
+    if nproc > 1 and not dry_run and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(_relaunch(nproc, find_workspace(options["workspace"]), stage))
 
     from dpa_cli.train.stage import TrainRequest
@@ -198,8 +200,7 @@ def _relaunch(nproc: int, workspace: Path, stage: int) -> int:
 
     from dpa_cli.train.stage import resume_hint
 
-    # `--nproc=1` said on the command line: it wins over a config file's `nproc:`, so no worker relaunches again.
-    args = [*without_nproc(sys.argv[1:]), "--nproc=1"]
+    args = without_nproc(sys.argv[1:])
     err.print(f"relaunching under torchrun with {nproc} processes")
     try:
         run(parse_args([f"--nproc_per_node={nproc}", "-m", "dpa_cli", *args]))
