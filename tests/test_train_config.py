@@ -108,6 +108,7 @@ BAD_OPTIONS = [("stage", "two"), ("stage", 1.5), ("lora", "maybe"), ("full", 2),
 CASES = (
     [pytest.param({key: 1}, (repr(key), "unknown"), id=f"unknown-{key}") for key in _misspelled() + FOREIGN]
     + [pytest.param({"set": {key: 1}}, (repr(key),), id=f"under-set-{key}") for key in ("lerning_rate", "dataset")]
+    + [pytest.param({"set": [f"{key}=1"]}, (repr(key),), id=f"set-list-{key}") for key in ("lerning_rate", "cutoff_len")]
     + [pytest.param({key: "x"}, (repr(key), "set by dpa itself"), id=f"managed-{key}") for key in MANAGED]
     + [pytest.param({key: value}, (f"{key}={value!r}",), id=f"option-{key}-{value}") for key, value in BAD_OPTIONS]
 )  # fmt: skip
@@ -156,6 +157,7 @@ def test_missing_or_two_config_files_and_missing_stage_are_refused(shared, tmp_p
     (tmp_path / "a.yaml").write_text("stage: 1\n")
     watched = [tmp_path, shared]
     refused(["train", str(tmp_path / "nope.yaml")], watched, ("nope.yaml", "no such file"))
+    refused(["train", str(tmp_path)], watched, (str(tmp_path), "a folder, not a YAML file"))
     refused(["train", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml")], watched, ("two config files",))
     refused(["train", str(tmp_path / "a.yaml"), "-w", str(shared)], watched, ("missing option --data",))
 

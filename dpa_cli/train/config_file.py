@@ -48,7 +48,8 @@ def read_train_config(path: Path) -> TrainConfig:
     from dpa_cli.train.recipe import _RecipeLoader
 
     if not path.is_file():
-        raise BadInputError(f"config file {path}: no such file", hint="pass a YAML file: dpa train CONFIG.yaml")
+        what = "a folder, not a YAML file" if path.is_dir() else "no such file"
+        raise BadInputError(f"config file {path}: {what}", hint="pass a YAML file: dpa train CONFIG.yaml")
     written = read_yaml(path, hint="fix the config file", loader=_RecipeLoader)
     if not isinstance(written, dict):
         raise BadInputError(f"config file {path}: the top level must be a mapping of keys to values",
@@ -84,6 +85,10 @@ def _read_set(config: TrainConfig, value: Any) -> None:
         for key, item in value.items():
             _add_value(config, str(key), item)
     elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        for item in value:  # `key=value` as --set takes it; the key is judged here, naming the file
+            key, sep, _ = item.partition("=")
+            if sep and key.strip():
+                _check_recipe_key(config.path, key.strip())
         config.sets.extend(value)
     elif value is not None:
         raise BadInputError(f"config file {config.path}: set={value!r} is not a mapping or a list of key=value",
