@@ -74,11 +74,11 @@ def open_image(path: str | Path) -> Any:
     The path is the user's own (not confined to an image root), but it passes the same gate as data images:
     no URL or video, a regular file, its size checked from the header before decoding, truncation caught.
     """
-    from dpa_cli.data.image_refs import ImageRef
+    from dpa_cli.data.image_refs import image_ref
     from dpa_cli.data.images import ImageError, load_image
 
-    try:
-        return load_image(ImageRef(path=os.path.expanduser(str(path))))[0]
+    try:  # the resolver data images go through: a data:image/...;base64, URI is an image too, a URL is refused
+        return load_image(image_ref(os.path.expanduser(str(path)), None))[0]
     except ImageError as err:
         raise BadInputError(err.message) from None
 

@@ -70,17 +70,67 @@ def copy_side_files(source: Path, dest: Path) -> None:
             shutil.copytree(item, Path(dest) / item.name, dirs_exist_ok=True)
 
 
-def write_generation_config(dest: Path, sources: Iterable[Path], text_config: Mapping[str, Any]) -> None:
-    """Keep `dest`'s generation config; else the first of `sources`' (the target's stop tokens); else one made
-    from the text config's special tokens."""
-    path = Path(dest) / GENERATION_CONFIG
-    if path.is_file():
-        return
-    for folder in sources:
-        if (Path(folder) / GENERATION_CONFIG).is_file():
-            shutil.copy2(Path(folder) / GENERATION_CONFIG, path)
-            return
-    write_json(path, {key: text_config[key] for key in GENERATION_KEYS if text_config.get(key) is not None})
+def write_generation_config(dest: Path, sources: Iterable[Path], text_config: Mapping[str, Any],
+                            tokenizer_folder: Path | None = None) -> None:  # fmt: skip
+    """`dest`'s generation config, else the first of `sources`' (the target's), else one made from the text
+    config's special tokens; completed with the stop tokens of the tokenizer in `tokenizer_folder` (end of text,
+    end of turn) and a pad token, so replies stop even where the target shipped none."""
+    found = [Path(f) / GENERATION_CONFIG for f in (dest, *sources) if (Path(f) / GENERATION_CONFIG).is_file()]
+    if found:
+        generation = read_json(found[0], hint="fix or remove that generation_config.json", error=CheckpointError)
+    else:
+        generation = {key: text_config[key] for key in GENERATION_KEYS if text_config.get(key) is not None}
+    if tokenizer_folder is not None:
+        generation = with_stop_tokens(generation, tokenizer_folder)
+    write_json(Path(dest) / GENERATION_CONFIG, generation)
+
+
+def with_stop_tokens(generation: dict[str, Any], tokenizer_folder: Path) -> dict[str, Any]:
+    """`generation` whose `eos_token_id` also holds the tokenizer's end-of-text and the chat template's end of
+    turn (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`), and with a pad token: without them a chat reply runs on
+    to max_new_tokens. Values already there are kept first. A folder without a tokenizer changes nothing."""
+    tokenizer = _tokenizer(tokenizer_folder)
+    if tokenizer is None:
+        return generation
+    given = generation.get("eos_token_id")
+    stops = list(given) if isinstance(given, list) else [] if given is None else [given]
+    for token in (tokenizer.eos_token, _turn_end(tokenizer)):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token else None
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in stops:
+            stops.append(token_id)
+    result = dict(generation)
+    if stops:
+        result["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    if result.get("pad_token_id") is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
+        if pad is not None:
+            result["pad_token_id"] = pad
+    return result
+
+
+def _tokenizer(folder: Path) -> Any:
+    from dpa_cli import loading
+    from dpa_cli.errors import DpaError
+
+    if not any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        return loading.load_tokenizer(folder, local_files_only=True)
+    except (OSError, ValueError, DpaError):  # an unusual tokenizer: the stop tokens stay as the config says
+        return None
+
+
+def _turn_end(tokenizer: Any) -> str | None:
+    """The special token the chat template closes an assistant turn with: rendered once, read after the answer."""
+    answer = "dpa-answer-7f3c"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one that wants other input: no turn token to add
+        return None
+    after = text.split(answer, 1)[-1] if answer in text else ""
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    return next((token for token in specials if token and after.startswith(token)), None)
 
 
 def point_adapter_at(adapter: Path, base: Path) -> None:

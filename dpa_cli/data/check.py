@@ -24,6 +24,8 @@ from dpa_cli.workspace.layout import MODEL_DIR
 # kind -> (severity, what it means). Errors make `dpa data check` exit 2; warnings are said, not fatal.
 PROBLEMS: dict[str, tuple[str, str]] = {
     "bad_record": ("error", "malformed sample (missing fields, wrong types, template refuses it)"),
+    "video_sample": ("error", "a video sample (`video` / `videos` entry, <video> marker, video block): dpa trains on "
+                              "images; extract frames"),
     "empty_conversation": ("error", "no turns"),
     "no_assistant": ("error", "no assistant answer to learn"),
     "marker_mismatch": ("error", "<image> markers differ from the number of images"),

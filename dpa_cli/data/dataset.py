@@ -49,7 +49,8 @@ def precheck(source: Any) -> None:
         return
     summary = "; ".join(f"{len(ids)} {kind} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
                         for kind, ids in found.items())  # fmt: skip
-    raise BadSampleError(first.sample_id, first.kind, f"{first.detail}. Bad samples: {summary}",
+    where = f" (in {source.path})" if getattr(source, "path", None) is not None else ""
+    raise BadSampleError(first.sample_id, first.kind, f"{first.detail}{where}. Bad samples: {summary}",
                          hint="see `dpa data check`, fix the data, or pass --on-bad-sample skip")  # fmt: skip
 
 

@@ -30,9 +30,11 @@ def write_config(source: Path, dest: Path, dtype: torch.dtype | None) -> None:
 
 
 def ensure_generation_config(dest: Path, fallbacks: list[Path]) -> None:
-    """Keep the stage's generation_config.json (the target's stop tokens); else the workspace model's, else
-    one made from the text config's special tokens."""
-    write_generation_config(dest, fallbacks, read_json(dest / "config.json").get("text_config") or {})
+    """The stage's generation_config.json, else the workspace model's, else one made from the text config's
+    special tokens; completed with the tokenizer's stop tokens, so a workspace upgraded before dpa wrote them
+    still exports a model whose replies stop."""
+    text = read_json(dest / "config.json").get("text_config") or {}
+    write_generation_config(dest, fallbacks, text, tokenizer_folder=dest)
 
 
 def copy_adapter(adapter: Path, dest: Path, final: Path) -> None:

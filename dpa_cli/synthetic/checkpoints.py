@@ -123,7 +123,16 @@ def build_llava_next_target(folder: Path, text: dict[str, Any], vit_hidden: int 
     write_random_checkpoint(config, "AutoModelForImageTextToText", folder, shard_size=shard_size, dtype=dtype)
     tokenizer.save_pretrained(folder)
     save_llava_next_image_processor(folder, config)
+    write_stop_tokens(folder)
     return Path(folder)
+
+
+def write_stop_tokens(folder: Path) -> None:
+    """generation_config.json with the tokenizer's end of text and end of turn, as hub checkpoints ship it: a
+    synthetic model's replies stop like a real one's instead of running to max_new_tokens."""
+    from dpa_cli.checkpoint.side_files import write_generation_config
+
+    write_generation_config(folder, [], {}, tokenizer_folder=Path(folder))
 
 
 def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = SHARD_SIZE, tokenizer: Any = None,
@@ -131,4 +140,5 @@ def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = SHARD_SI
     """A Qwen3 causal LM with random weights and its tokenizer (which has `<|image_pad|>`)."""
     write_random_checkpoint(text, "AutoModelForCausalLM", folder, shard_size=shard_size, dtype=dtype)
     (tokenizer or tiny_tokenizer("qwen3")).save_pretrained(folder)
+    write_stop_tokens(folder)
     return Path(folder)

@@ -54,6 +54,7 @@ class StagePlan:
             "resume_from": str(self.run.resume_from) if self.run.resume_from else None,
             "data": str(self.request.data), "samples": _count(self.samples), "recipe": self.recipe.as_dict(),
             "world_size": self.processes, "deepspeed": self.request.deepspeed,
+            "report_to": list(self.args.report_to or ["none"]),
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "notes": list(self.notes),
         }  # fmt: skip
 

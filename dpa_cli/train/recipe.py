@@ -144,14 +144,16 @@ def _unknown(key: str, known: set[str]) -> BadInputError:
     return BadInputError(f"unknown recipe key {key!r}", hint=hint)
 
 
-def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; every problem is a BadInputError naming the key."""
+def load_recipe(name_or_file: str, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem is a BadInputError naming the key. `values` (a
+    config file's recipe keys, already typed) apply over the recipe, `overrides` (flags, `--set`) over both."""
     path = recipe_path(name_or_file)
     written = read_yaml(path, hint="fix the recipe file", loader=_RecipeLoader) or {}
     if not isinstance(written, dict):
         raise BadInputError(f"{path}: a recipe is a mapping of keys to values")
     parsed, texts = _parse_overrides(overrides or [])
-    data = _apply(written, parsed)
+    values = values or {}
+    data = _apply(_apply(written, values), parsed)
     known = set(OWN_FIELDS) | set(training_fields())
     for key in data:
         if key in MANAGED:
@@ -161,7 +163,7 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe
     stage = data.get("stage")
     if stage_number(stage) not in (1, 2):
         raise BadInputError(f"{path}: stage must be 1 or 2, not {stage!r}")
-    data, scaled_from = rescale(written, data, set(parsed))
+    data, scaled_from = rescale(written, data, set(parsed) | set(values))
     data = check_recipe(data, texts)
     own = {k: data[k] for k in OWN_FIELDS if k in data and k not in NESTED + ("stage",)}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}

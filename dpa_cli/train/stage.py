@@ -28,6 +28,7 @@ class TrainRequest:
     image_root: str | None = None
     recipe: str | None = None
     overrides: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)  # recipe values from a config file (typed by YAML)
     lora: bool | None = None  # --lora / --full; None: the recipe decides
     freeze_perceiver: bool = False
     lora_targets: str | None = None
@@ -194,7 +195,7 @@ def _flag_overrides(request: TrainRequest, manifest: dict[str, Any]) -> list[str
 def resolve_recipe(request: TrainRequest, manifest: dict[str, Any]) -> Recipe:
     """The recipe the run uses: by name or file, else the stage's default, with flags and --set applied."""
     name = request.recipe or default_recipe(request.stage, request.lora)
-    recipe = load_recipe(name, _flag_overrides(request, manifest))
+    recipe = load_recipe(name, _flag_overrides(request, manifest), values=request.values)
     if recipe.stage != request.stage:
         raise BadInputError(f"recipe {recipe.name!r} is for stage {recipe.stage}, not stage {request.stage}")
     return recipe

@@ -12,4 +12,5 @@ def write_model_files(plan: UpgradePlan, folder: Path) -> None:
     copy_model_code(folder)
     dtype = str(plan.tensors[0].dtype).removeprefix("torch.")
     write_json(Path(folder) / "config.json", remote_code_config(plan.config.to_diff_dict(), dtype))
-    write_generation_config(folder, [plan.sources.target.files_path], plan.config.text_config.to_dict())
+    target = plan.sources.target.files_path
+    write_generation_config(folder, [target], plan.config.text_config.to_dict(), tokenizer_folder=target)
