@@ -67,7 +67,8 @@ def decodes(monkeypatch) -> list[str]:
     load = ImageFile.ImageFile.load
 
     def counting(self):
-        seen.append(getattr(self, "filename", "?"))
+        if self.tile:  # pixels still to decode (a loaded image has none left)
+            seen.append(getattr(self, "filename", "?"))
         return load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
@@ -120,3 +121,42 @@ def test_data_that_cannot_take_the_cache_caches_under_the_given_folder(dpa_works
     assert len(cached) == 1 and not any((folder / f".data.json{SUFFIX}").iterdir())
     assert not list(folder.glob("*.tmp"))  # no half-written cache left behind
     assert sample_lengths(dataset, cache_dir=tmp_path / "workspace") == lengths
+
+
+def caption_data(root: Path, count: int) -> Path:
+    """`count` captions over a few image sizes; the longest caption alone uses `longest.png`."""
+    rng = random.Random(count)
+    for width, height in SIZES[:4]:
+        Image.new("RGB", (width, height), (200, 40, 40)).save(root / f"{width}x{height}.jpg")
+    Image.new("RGB", (60, 40), (40, 40, 200)).save(root / "longest.png")
+    records = [{"id": f"c{i}", "image": f"{rng.choice(SIZES[:4])[0]}x{rng.choice(SIZES[:4])[1]}.jpg",
+                "conversations": [turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, rng.randint(2, 20)))]}
+               for i in range(count)]  # fmt: skip
+    records = [{**r, "image": r["image"] if (root / r["image"]).exists() else "28x28.jpg"} for r in records]
+    records[count // 2] = {"id": "longest", "image": "longest.png", "conversations": [
+        turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, 60))]}  # fmt: skip
+    (root / "captions.json").write_text(json.dumps(records))
+    return root / "captions.json"
+
+
+GROUPED = ["--set", "train_sampling_strategy=group_by_length", "--set", "global_batch_size=4",
+           "--set", "per_device_train_batch_size=2", "--max-steps", "1", "--set", "save_steps=1000",
+           "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--json"]  # fmt: skip
+
+
+def test_group_by_length_trains_with_dpas_sampler_and_decodes_only_the_batch(dpa_workspace, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dpa_cli.cli.app import app
+
+    workspace = shutil.copytree(dpa_workspace("next_composed"), tmp_path / "ws")
+    data = caption_data(tmp_path, 60)
+    decoded = decodes(monkeypatch)
+    result = CliRunner().invoke(app, ["train", "--stage", "1", "-w", str(workspace), "--data", str(data), *GROUPED])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 1
+    # The first sample, shown before training, one step of 4 samples, and the micro-batch of 2 that accelerate
+    # reads ahead: transformers' own group_by_length decodes all 60 before step 1.
+    assert len(decoded) <= 1 + 4 + 2, decoded
+    # dpa's sampler puts the batch holding the longest sample first (an out-of-memory shows at step 1).
+    assert any(name.endswith("longest.png") for name in decoded), decoded
