@@ -36,6 +36,8 @@ def train(
     on_bad_sample: Annotated[str, typer.Option(help="fail (before training starts) or skip (counted, reported).")] = "fail",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything and print the plan; load and write nothing.")] = False,
+    gpu_memory: Annotated[str | None, typer.Option(help="--dry-run: memory of one GPU, e.g. 80GB, 24GiB [default: 80GB, an A100-80GB].", show_default=False)] = None,
+    gpu_tflops: Annotated[float | None, typer.Option(help="--dry-run: dense bf16 TFLOP/s of one GPU [default: 312, an A100].", show_default=False)] = None,
     json_: JsonFlag = False,
 ) -> None:
     """Train stage 1 or 2 of the DPA recipe; the result lands in WORKSPACE/stageN/ for the next command.
@@ -55,6 +57,9 @@ def train(
     from dpa_cli.workspace import find_workspace
 
     _check_flags(stage, lora, full, resume, restart, on_bad_sample)
+    if not dry_run and (gpu_memory, gpu_tflops) != (None, None):
+        flag = "--gpu-memory" if gpu_memory is not None else "--gpu-tflops"
+        raise BadInputError(f"{flag} is read by --dry-run only", hint="add --dry-run to see whether the run fits")
     if nproc > 1 and not dry_run:  # before the heavy imports below: the launcher itself does not train
         raise typer.Exit(_relaunch(nproc, find_workspace(workspace), stage))
 
@@ -69,7 +74,7 @@ def train(
     if dry_run:
         from dpa_cli.train.plan import dry_run as plan_only
 
-        plan = plan_only(request, processes=nproc)
+        plan = plan_only(request, processes=nproc, gpu=_gpu(gpu_memory, gpu_tflops))
         print_json(plan) if json_ else _print_plan(plan)
         return
     from dpa_cli.train.run import run_stage
@@ -81,6 +86,16 @@ def train(
         _leave_process_group()
     if json_ and main:
         print_json(summary)
+
+
+def _gpu(memory: str | None, tflops: float | None) -> Any:
+    """The GPU a dry run checks the plan against: the flags, else an A100-80GB."""
+    from dpa_cli.train import fit
+
+    named = memory is None and tflops is None
+    memory = fit.parse_memory(fit.DEFAULT_MEMORY if memory is None else memory)
+    tflops = fit.check_tflops(fit.DEFAULT_TFLOPS if tflops is None else tflops)
+    return fit.Gpu(memory, tflops, fit.DEFAULT_GPU if named else "GPU")
 
 
 def _leave_process_group() -> None:
@@ -107,6 +122,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
         values.add_row(key, str(value))
     out.print(values)
     _trainable_table(plan["trainable"])
+    _fit_table(plan["fit"])
     for note in plan["notes"]:
         out.print(f"[yellow]note:[/] {note}")
     out.print("dry run: nothing was loaded or written")
@@ -117,6 +133,23 @@ def _trainable_table(trainable: dict[str, dict[str, Any]]) -> None:
     for part, row in trainable.items():
         table.add_row(part, row["mode"], human_count(row["params"]), human_count(row["trainable"]))
     out.print(table)
+
+
+def _fit_table(fit: dict[str, Any]) -> None:
+    """Per-GPU memory under the chosen ZeRO stage, activations both ways, and the step time at the stated MFU."""
+    chosen = "with" if fit["gradient_checkpointing"] else "without"
+    table = Table("per GPU", "GiB", "how", title=f"will it fit: {fit['gpus']} x {fit['gpu']} ({fit['gpu_memory_gib']} "
+                  f"GiB, {fit['gpu_tflops']:g} TFLOP/s), ZeRO-{fit['zero_stage']}, {fit['dtype']}", title_justify="left")
+    table.add_row("model states", str(fit["model_states_gib"]), fit["model_states_how"])
+    for key, words in (("without_checkpointing", "without"), ("with_checkpointing", "with")):
+        mark = " (this run)" if words == chosen else ""
+        table.add_row(f"activations {words} checkpointing{mark}", str(fit["activations_gib"][key]),
+                      f"micro batch {fit['micro_batch']} x max_length {fit['max_length']}")
+    table.add_row("total", str(fit["total_gib"]), "fits" if fit["fits"] else "does not fit")
+    out.print(table)
+    out.print(f"trainable {human_count(fit['trainable'])}, frozen {human_count(fit['frozen'])} (no gradients or "
+              f"optimizer states); step about {fit['step_seconds']:.2f} s at {fit['mfu']:.0%} MFU "
+              f"({fit['tokens_per_gpu_step']} tokens per GPU per step)")  # fmt: skip
 
 
 def _check_flags(stage: int, lora: bool, full: bool, resume: bool, restart: bool, on_bad_sample: str) -> None:
