@@ -56,7 +56,7 @@ def expected_activations(micro: int, length: int) -> dict[str, int]:
     phi: no gradient reaches the perceiver)."""
     c, tokens = QWEN3_4B, micro * length
     h, q, kv, i = c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"], c["intermediate_size"]
-    layer = 2 * tokens * (4 * h + 2 * q + 2 * kv + 4 * i)
+    layer = tokens * (16 * h + 10 * (q + kv) + 8 * i)  # 2 (4 + 2b) h + (4 + 3b)(q + kv) + 4 b i, b = 2
     logits = (2 + 8) * tokens * c["vocab_size"]
     return {"without_checkpointing": c["num_hidden_layers"] * layer + logits,
             "with_checkpointing": c["num_hidden_layers"] * 2 * tokens * h + layer + logits}  # fmt: skip
@@ -132,3 +132,51 @@ def test_gpu_flags_without_dry_run_are_refused(paper_size):
     result = runner.invoke(app, ["train", "--stage", "1", "-w", str(paper_size), "--data", "x.json",
                                  "--gpu-memory", "24GB"])  # fmt: skip
     assert result.exit_code == 2 and "--gpu-memory is read by --dry-run only" in result.stderr
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward (parameters and shared storages once)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    inputs = model.model.embed_tokens(ids).detach().requires_grad_(True)  # gradients flow, as to phi in stage 1
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(inputs_embeds=inputs, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shape", [(256, 4, 2, 768), (384, 6, 6, 1024)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_activation_formula_is_what_autograd_keeps(shape, checkpointing):
+    """Per layer, the bytes `layer_activation_bytes` counts equal what a bf16 Qwen3 layer under SDPA saves (the
+    per-head log-sum-exp aside); with gradient checkpointing a layer keeps its input only."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dpa_cli.bench.analytic import Stack
+    from dpa_cli.train.fit import layer_activation_bytes
+
+    hidden, heads, kv_heads, intermediate = shape
+    config = Qwen3Config(hidden_size=hidden, num_hidden_layers=3, num_attention_heads=heads, head_dim=64,
+                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=500,
+                         attn_implementation="sdpa")  # fmt: skip
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    ids, layers = torch.randint(0, 500, (2, 64)), list(model.model.layers)
+    kept = []
+    for depth in (1, 3):
+        model.model.layers = torch.nn.ModuleList(layers[:depth])
+        kept.append(saved_bytes(model, ids))
+    per_layer = (kept[1] - kept[0]) / 2
+    tokens = ids.numel()
+    expected = 2 * tokens * hidden if checkpointing else layer_activation_bytes(Stack.from_text_config(config.to_dict()), tokens, 2)
+    assert per_layer == pytest.approx(expected, rel=0.01)

@@ -138,18 +138,18 @@ def _trainable_table(trainable: dict[str, dict[str, Any]]) -> None:
 def _fit_table(fit: dict[str, Any]) -> None:
     """Per-GPU memory under the chosen ZeRO stage, activations both ways, and the step time at the stated MFU."""
     chosen = "with" if fit["gradient_checkpointing"] else "without"
-    table = Table("per GPU", "GiB", "how", title=f"will it fit: {fit['gpus']} x {fit['gpu']} ({fit['gpu_memory_gib']} "
-                  f"GiB, {fit['gpu_tflops']:g} TFLOP/s), ZeRO-{fit['zero_stage']}, {fit['dtype']}", title_justify="left")
-    table.add_row("model states", str(fit["model_states_gib"]), fit["model_states_how"])
+    table = Table("per GPU", "GiB", title=f"will it fit: {fit['gpus']} x {fit['gpu']} ({fit['gpu_memory_gib']} GiB, "
+                  f"{fit['gpu_tflops']:g} TFLOP/s), ZeRO-{fit['zero_stage']}, {fit['dtype']}", title_justify="left")
+    table.add_row("model states", str(fit["model_states_gib"]))
     for key, words in (("without_checkpointing", "without"), ("with_checkpointing", "with")):
         mark = " (this run)" if words == chosen else ""
-        table.add_row(f"activations {words} checkpointing{mark}", str(fit["activations_gib"][key]),
-                      f"micro batch {fit['micro_batch']} x max_length {fit['max_length']}")
-    table.add_row("total", str(fit["total_gib"]), "fits" if fit["fits"] else "does not fit")
+        table.add_row(f"activations {words} checkpointing{mark}", str(fit["activations_gib"][key]))
+    table.add_row("total", f"{fit['total_gib']} ({'fits' if fit['fits'] else 'does not fit'})")
     out.print(table)
-    out.print(f"trainable {human_count(fit['trainable'])}, frozen {human_count(fit['frozen'])} (no gradients or "
-              f"optimizer states); step about {fit['step_seconds']:.2f} s at {fit['mfu']:.0%} MFU "
-              f"({fit['tokens_per_gpu_step']} tokens per GPU per step)")  # fmt: skip
+    out.print(f"model states: {fit['model_states_how']}; trainable {human_count(fit['trainable'])}, frozen "
+              f"{human_count(fit['frozen'])} (no gradients or optimizer states)")  # fmt: skip
+    out.print(f"activations: micro batch {fit['micro_batch']} x max_length {fit['max_length']}; step about "
+              f"{fit['step_seconds']:.3g} s at {fit['mfu']:.0%} MFU ({fit['tokens_per_gpu_step']} tokens per GPU per step)")
 
 
 def _check_flags(stage: int, lora: bool, full: bool, resume: bool, restart: bool, on_bad_sample: str) -> None:

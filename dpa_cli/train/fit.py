@@ -99,12 +99,18 @@ def model_states(params: dict[str, int], stage: int, gpus: int, weight_bytes: in
 
 
 def layer_activation_bytes(stack: Stack, tokens: int, dtype_bytes: int) -> int:
-    """What one decoder layer keeps for backward over `tokens` positions (SDPA / flash attention: no
-    `[heads, seq, seq]` scores kept): per token, the two norm inputs and outputs (4 h), q and the attention output
-    (2 q = 2 heads x head_dim), k and v (2 kv = 2 kv_heads x head_dim), and the SwiGLU MLP's gate, up, activation
-    and product (4 i), each `dtype_bytes`."""
+    """What one decoder layer keeps for backward over `tokens` positions, per token (b = `dtype_bytes`):
+
+    - two RMSNorms, each its fp32 input, the normalised value and its product with the weight: 2 (4 + 2b) h
+    - q (q = heads x head_dim) and k (kv = kv_heads x head_dim): the fp32 input of their per-head norm (Qwen3;
+      LLaMA-style blocks have none, so this over-counts them by (4 + b)(q + kv)), the normalised and the rotated
+      copy; v; the attention output: (4 + 3b) (q + kv)
+    - the SwiGLU MLP: gate, up, the gate's activation and the product, each `i` wide: 4 b i
+    SDPA / flash attention keep no `[heads, seq, seq]` scores (only a per-head log-sum-exp, left out), so the
+    heads enter through q and kv only. Checked against the tensors autograd saves, in tests/test_fit.py."""
     q, kv = stack.heads * stack.head_dim, stack.kv_heads * stack.head_dim
-    return dtype_bytes * tokens * (4 * stack.hidden + 2 * q + 2 * kv + 4 * stack.intermediate)
+    b = dtype_bytes
+    return tokens * (2 * (4 + 2 * b) * stack.hidden + (4 + 3 * b) * (q + kv) + 4 * b * stack.intermediate)
 
 
 def stack_activations(stack: Stack, tokens: int, dtype_bytes: int) -> dict[str, int]:
