@@ -48,11 +48,15 @@ def train(
 
     Before step 1: one sample with its supervised span highlighted and the trainable parameters per part.
 
+    --dry-run also estimates memory per GPU (DeepSpeed's estimators, activations with and without gradient
+    checkpointing) and the step time, and refuses a run that does not fit in --gpu-memory.
+
     Examples:
       dpa train --stage 1 --data captions.json --image-root images/
       dpa train --stage 2 --data instruct.json --image-root images/ --deepspeed zero3 --nproc 8
       dpa train --stage 2 --data instruct.json --lora --set learning_rate=1e-4 --resume
-      dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run
+      dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run --gpu-memory 40GB
+      dpa train --stage 2 --data instruct.json --set train_sampling_strategy=group_by_length
     """
     from dpa_cli.workspace import find_workspace
 
