@@ -75,9 +75,25 @@ def decodes(monkeypatch) -> list[str]:
     return seen
 
 
-@pytest.mark.parametrize("name", list(DPA_WORKSPACES))
-def test_lengths_equal_the_encoders_without_decoding_a_pixel(dpa_workspace, generated, name, monkeypatch):
-    processor = load_processor(dpa_workspace(name))
+@pytest.fixture(scope="module")
+def paper_workspace(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The paper encoding: image+markers slots, the target's markers wrapping each image in the text, a pixel cap."""
+    from typer.testing import CliRunner
+
+    from dpa_cli.cli.app import app
+
+    folder = tmp_path_factory.mktemp("paper") / "ws"
+    result = CliRunner().invoke(app, ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver",
+                                      str(tiny_checkpoint("qwen2_5_vl")), "-o", str(folder), "--encoding", "paper"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.mark.parametrize("name", [*DPA_WORKSPACES, "paper"])
+def test_lengths_equal_the_encoders_without_decoding_a_pixel(dpa_workspace, paper_workspace, generated, name,
+                                                             monkeypatch):  # fmt: skip
+    processor = load_processor(paper_workspace if name == "paper" else dpa_workspace(name))
+    assert name != "paper" or (processor.marker_slots and processor.train_max_pixels)
     rng = random.Random(name)
     for stage, max_length, skip in ((2, 1 << 20, "fail"), (rng.choice((1, 2)), rng.randint(200, 420), "skip")):
         data = generated / "data.json"
