@@ -125,11 +125,16 @@ def activations(config: Any, tokens: int, dtype_bytes: int, perceiver_trains: bo
     an fp32 copy for the loss + its fp32 gradient: (`dtype_bytes` + 8) x vocab per token), and, when a perceiver part
     trains, the perceiver LM's layers over at most as many tokens. The ViT's activations are not counted."""
     text = config.text_config.to_dict()
-    target = stack_activations(Stack.from_text_config(text), tokens, dtype_bytes)
-    logits = (dtype_bytes + 8) * tokens * text["vocab_size"]
+    target = stack_activations(_stack(text), tokens, dtype_bytes)
+    logits = (dtype_bytes + 8) * tokens * (text.get("vocab_size") or getattr(config, "vocab_size", 0))
     perceiver = getattr(config.perceiver_config, "text_config", config.perceiver_config).to_dict()
-    extra = stack_activations(Stack.from_text_config(perceiver), tokens, dtype_bytes) if perceiver_trains else {}
+    extra = stack_activations(_stack(perceiver), tokens, dtype_bytes) if perceiver_trains else {}
     return {key: value + logits + extra.get(key, 0) for key, value in target.items()}
+
+
+def _stack(text: dict[str, Any]) -> Stack:
+    """The layer shapes of a text config (an MLP width it does not name is taken as 4 h, the classic ratio)."""
+    return Stack.from_text_config({**text, "intermediate_size": text.get("intermediate_size") or 4 * text["hidden_size"]})
 
 
 def perceiver_trains(trainable: dict[str, dict[str, Any]]) -> bool:
