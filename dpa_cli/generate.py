@@ -16,7 +16,8 @@ from typing import Any
 
 from dpa_cli import loading
 from dpa_cli.errors import BadInputError
-from dpa_cli.export.stages import StageResult, find_runnable, load_as_trained, load_processor
+from dpa_cli.loading import load_as_trained
+from dpa_cli.workspace.results import StageResult, find_runnable
 
 DEVICES = ("cpu", "cuda")
 THINK_CLOSE = "</think>"  # dpa_cli.model.processing_dpa.THINK_CLOSE
@@ -56,7 +57,7 @@ def open_runnable(
     device = pick_device(device)
     dtype = None if device == "cuda" else torch.float32
     model = load_as_trained(source, dtype=dtype, device=device, allow_code=allow_code)
-    return Runnable(model, load_processor(source, allow_code=allow_code), source, device)
+    return Runnable(model, loading.load_processor(source.model_dir, allow_code), source, device)
 
 
 def check_runnable(spec: str, allow_code: bool = False) -> None:

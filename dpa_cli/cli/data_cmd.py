@@ -45,12 +45,14 @@ def check(
       dpa data check instruct.json --limit 1 --preview
     """
     from dpa_cli.data.check import check_dataset
-    from dpa_cli.workspace import find_workspace
+    from dpa_cli.train.recipe import recipe_max_length
+    from dpa_cli.workspace.manifest import find_workspace
 
     folder = find_workspace(workspace)
+    max_length = max_length or recipe_max_length(stage, recipe)  # what training cuts at
     with _progress(quiet=json_) as report:
         result = check_dataset(data, folder, image_root=image_root, limit=limit, fast=fast, max_length=max_length,
-                               stage=stage, progress=report, recipe=recipe)  # fmt: skip
+                               stage=stage, progress=report)  # fmt: skip
     if json_:
         print_json(result)
     else:

@@ -15,6 +15,7 @@ from rich.table import Table
 from dpa_cli.cli.inspect_cmd import human_count
 from dpa_cli.cli.options import JsonFlag
 from dpa_cli.cli.render import err, out, print_json
+from dpa_cli.defaults import OnBadSample
 from dpa_cli.errors import BadInputError, DpaError
 
 def train(
@@ -58,7 +59,7 @@ def train(
       dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run --gpu-memory 40GB
       dpa train --stage 2 --data instruct.json --set train_sampling_strategy=group_by_length
     """
-    from dpa_cli.workspace import find_workspace
+    from dpa_cli.workspace.manifest import find_workspace
 
     _check_flags(stage, lora, full, resume, restart, on_bad_sample)
     if not dry_run and (gpu_memory, gpu_tflops) != (None, None):
@@ -162,7 +163,7 @@ def _check_flags(stage: int, lora: bool, full: bool, resume: bool, restart: bool
     for a, b, names in ((lora, full, "--lora and --full"), (resume, restart, "--resume and --restart")):
         if a and b:
             raise BadInputError(f"{names} contradict each other", hint="pass one of them")
-    if on_bad_sample not in ("fail", "skip"):
+    if on_bad_sample not in OnBadSample.names():
         raise BadInputError(f"--on-bad-sample {on_bad_sample!r} is not fail or skip")
 
 

@@ -20,6 +20,7 @@ from dpa_cli.data.render import perceiver_segments, supervised_segments
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import BadInputError
 from dpa_cli.model.processing_dpa import FeatureCounter
+from dpa_cli.workspace.layout import MODEL_DIR
 
 # kind -> (severity, what it means). Errors make `dpa data check` exit 2; warnings are said, not fatal.
 PROBLEMS: dict[str, tuple[str, str]] = {
@@ -56,7 +57,7 @@ def load_processor(workspace_or_processor: Any) -> Any:
     if not isinstance(workspace_or_processor, (str, Path)):
         return workspace_or_processor
     folder = Path(workspace_or_processor)
-    folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
+    folder = folder / MODEL_DIR if (folder / MODEL_DIR / "config.json").exists() else folder
     if not (folder / "processor_config.json").exists():
         raise BadInputError(f"{folder}: no DPA processor (processor_config.json)", hint="run `dpa upgrade` first")
     return loading.load_processor(folder)
@@ -175,30 +176,21 @@ class Checker:
                 report.add(sample.id, "too_long", f"{where}; {verdict}")
 
 
-def recipe_max_length(stage: int, recipe: str | None = None) -> int:
-    """The `max_length` training will use: the named recipe's, else the stage's default recipe's."""
-    from dpa_cli.train.recipe import default_recipe, load_recipe
-
-    return load_recipe(recipe or default_recipe(stage)).max_length
-
-
 def check_dataset(
     data: str | Path,
     workspace_or_processor: Any,
+    max_length: int,
     image_root: str | Path | None = None,
     limit: int | None = None,
     fast: bool = False,
-    max_length: int | None = None,
     stage: int = 2,
     progress: Callable[[int, int | None], None] | None = None,
-    recipe: str | None = None,
 ) -> dict[str, Any]:
     """The `dpa data check` result: `samples`, `problems` (`kind`, `severity`, `count`, `examples`, ...), `stats`,
     `errors` / `warnings` (findings by severity), the rendered `sample` (its target text and each image's
     perceiver text, as segments), and the measured rates (per wall-clock
-    second, and per CPU-second of this process: the per-core figure)."""
+    second, and per CPU-second of this process: the per-core figure). `max_length`: the recipe's, training's cut."""
     processor = load_processor(workspace_or_processor)
-    max_length = max_length or recipe_max_length(stage, recipe)
     source = open_samples(data, image_root)
     total = len(source) if limit is None else min(limit, len(source))
     checker = Checker(processor, stage, max_length, fast)

@@ -19,10 +19,10 @@ import torch
 from dpa_cli.data.encode import SampleEncoder
 from dpa_cli.data.image_refs import ImageError, check_ref
 from dpa_cli.data.samples import BadSampleError, Sample, structural_problems
+from dpa_cli.defaults import OnBadSample
 from dpa_cli.errors import BadInputError
 
 logger = logging.getLogger(__name__)
-ON_BAD_SAMPLE = ("fail", "skip")
 
 
 def cheap_problems(sample: Sample) -> list[tuple[str, str]]:
@@ -54,13 +54,13 @@ def precheck(source: Any) -> None:
 
 
 def _check_mode(on_bad_sample: str) -> None:
-    if on_bad_sample not in ON_BAD_SAMPLE:
+    if on_bad_sample not in OnBadSample.names():
         raise BadInputError(f"on_bad_sample {on_bad_sample!r}: use fail or skip")
 
 
 def skippable(err: BadSampleError, encoder: SampleEncoder, on_bad_sample: str) -> bool:
     """Skip (and count) a bad sample: with `skip`, or when it is only too long for a non-strict encoder."""
-    return on_bad_sample == "skip" or (err.kind == "too_long" and not encoder.strict)
+    return on_bad_sample == OnBadSample.SKIP or (err.kind == "too_long" and not encoder.strict)
 
 
 class _Skips:
@@ -107,7 +107,7 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
             raise BadInputError("a streaming source has no random access: use EncodedIterableDataset")
         self.source, self.encoder, self.on_bad_sample = source, encoder, on_bad_sample
         self._skips = _Skips()
-        if on_bad_sample == "fail" and precheck:
+        if on_bad_sample == OnBadSample.FAIL and precheck:
             self.precheck()
 
     def precheck(self) -> None:

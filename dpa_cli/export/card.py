@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli import __version__
+from dpa_cli.defaults import ExportLora, PartMode
 
 PAPER = "Deep Pre-Alignment for VLMs (arXiv 2605.15300, ICML 2026)"
 
@@ -45,7 +46,7 @@ def _short(value: Any) -> str:
 
 def _stage_row(name: str, stage: dict[str, Any]) -> str:
     recipe = stage.get("recipe") or {}
-    trained = ", ".join(f"{part} {mode}" for part, mode in (recipe.get("trainable") or {}).items() if mode != "frozen")
+    trained = ", ".join(f"{part} {mode}" for part, mode in (recipe.get("trainable") or {}).items() if mode != PartMode.FROZEN)
     data = stage.get("data") or {}
     loss = stage.get("final_loss")
     cells = [
@@ -128,7 +129,7 @@ def _front_matter(plan: dict[str, Any]) -> list[str]:
 def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, title: str) -> str:
     """README.md for the export at `path`, from the workspace manifest and the export's own summary."""
     plan = manifest.get("plan") or {}
-    imports, model, needed = _MODEL["adapter" if export.get("lora") == "kept" else "weights"]
+    imports, model, needed = _MODEL["adapter" if export.get("lora") == ExportLora.KEPT else "weights"]
     load = _LOAD.format(path=path, imports=imports, model=model)
     lines = [
         *_front_matter(plan), "", f"# {title}", "",

@@ -189,7 +189,7 @@ PERCEIVER_FAMILIES: dict[str, PerceiverFamily] = {
 }  # fmt: skip
 
 
-def perceiver_family(model_type: str) -> PerceiverFamily:
+def perceiver_image_rules(model_type: str) -> PerceiverFamily:
     """The layout of a perceiver's `model_type`; an unknown one is an error that lists the known ones."""
     if model_type not in PERCEIVER_FAMILIES:
         raise ValueError(
@@ -336,7 +336,7 @@ class DPAProcessor(ProcessorMixin):
     ):
         chat_template = chat_template or tokenizer.chat_template  # the target's template renders the conversation
         super().__init__(image_processor, perceiver_tokenizer, tokenizer, chat_template=chat_template)
-        family = perceiver_family(perceiver_model_type)
+        family = perceiver_image_rules(perceiver_model_type)
         self.perceiver_model_type = perceiver_model_type
         self.image_token = image_token or getattr(tokenizer, "image_token", None) or "<image>"
         self.perceiver_image_token = perceiver_image_token or family.image_token
@@ -448,7 +448,7 @@ class DPAProcessor(ProcessorMixin):
 
     @property
     def family(self) -> PerceiverFamily:
-        return perceiver_family(self.perceiver_model_type)
+        return perceiver_image_rules(self.perceiver_model_type)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.defaults import OnBadSample
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.arguments import check_deepspeed_launch, trainer_kwargs, world_size
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.resume import check_checkpoint
 from dpa_cli.train.stage import RunFolder, TrainRequest, plan_run_folder, resolve_recipe, source_model
-from dpa_cli.workspace import read_manifest
+from dpa_cli.workspace.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def open_data(request: TrainRequest) -> Any:
     from dpa_cli.data.dataset import precheck
 
     samples = open_samples(request.data, request.image_root)
-    if request.on_bad_sample == "fail":  # `skip` drops such samples instead (none of them is ever read)
+    if request.on_bad_sample == OnBadSample.FAIL:  # `skip` drops such samples instead (none of them is ever read)
         precheck(samples)
     return samples
 
@@ -139,7 +140,7 @@ def preview_trainable(plan: StagePlan) -> tuple[Any, dict[str, dict[str, Any]]]:
 
     from dpa_cli.loading import load_config
     from dpa_cli.train.freeze import apply_trainable
-    from dpa_cli.upgrade.naming import meta_model
+    from dpa_cli.checkpoint.naming import meta_model
 
     # Making the Trainer's arguments with a ZeRO-3 config told transformers to partition every model it builds
     # from now on; the preview builds on the meta device in this one process, and trains nothing after.

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dpa_cli.defaults import PartMode
 from dpa_cli.errors import BadInputError
 from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_yaml, reason
 from dpa_cli.train.arguments import FIXED
@@ -61,7 +62,7 @@ class Recipe:
 
     @property
     def uses_lora(self) -> bool:
-        return "lora" in self.trainable.values()
+        return PartMode.LORA in self.trainable.values()
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved recipe, printed before training and stored with the run."""
@@ -69,6 +70,11 @@ class Recipe:
         if not self.uses_lora:
             own = {k: v for k, v in own.items() if not k.startswith("lora_")}
         return {"name": self.name, **own, **self.training_args}
+
+
+def recipe_max_length(stage: int, recipe: str | None = None) -> int:
+    """The `max_length` training will use: the named recipe's, else the stage's default recipe's."""
+    return load_recipe(recipe or default_recipe(stage)).max_length
 
 
 def default_recipe(stage: int, lora: bool | None = None) -> str:

@@ -27,7 +27,7 @@ from dpa_cli.train.stage import (
     start_run_folder,
 )  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
-from dpa_cli.workspace import read_manifest, write_manifest
+from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
 
 def load_model(source: Path, bf16: bool):

@@ -22,6 +22,7 @@ from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.data.collate import LengthGroupedSampler
 from dpa_cli.errors import DpaError
 from dpa_cli.train.freeze import parameter_groups
+from dpa_cli.train.keepalive import KEEPALIVE, PerceiverKeepalive
 from dpa_cli.train.lora_state import restore_trained_in_full, save_trained_in_full
 from dpa_cli.train.schedule import build_scheduler
 
@@ -40,6 +41,7 @@ class DPATrainer(Trainer):
         self._saving = False
         self.tokens_seen_local = 0
         super().__init__(*args, **kwargs)
+        self.keepalive = PerceiverKeepalive(self.model)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -71,6 +73,9 @@ class DPATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)
+        stand_in = inputs.pop(KEEPALIVE, None)
+        if stand_in is not None:  # a batch without images: the perceiver runs on the stand-in all the same
+            self.keepalive.arm(stand_in)
         labels = inputs.get("labels")
         if labels is not None and not (labels != -100).any():
             ids = f" (samples {', '.join(map(str, sample_ids))})" if sample_ids else ""
