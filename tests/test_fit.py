@@ -153,7 +153,7 @@ def saved_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("shape", [(256, 4, 2, 768), (384, 6, 6, 1024)])
+@pytest.mark.parametrize("shape", [(256, 4, 2, 768), (192, 3, 3, 512)])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_activation_formula_is_what_autograd_keeps(shape, checkpointing):
     """Per layer, the bytes `layer_activation_bytes` counts equal what a bf16 Qwen3 layer under SDPA saves (the
