@@ -19,7 +19,7 @@ from tests.conftest import DPA_WORKSPACES
 from tests.fixtures.data import turn
 
 SIZES = [(28, 28), (60, 40), (40, 60), (123, 45), (200, 200), (333, 120), (17, 300), (640, 480)]
-WORDS = "the a cat dog sits on mat red blue big small runs fast slow near far".split()
+WORDS = ["the", "a", "cat", "dog", "sits", "on", "mat", "red", "blue", "big", "small", "runs", "fast", "slow", "near", "far"]
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -113,7 +113,7 @@ def test_the_cache_is_beside_the_data_keyed_and_invalidated(dpa_workspace, gener
     processor = load_processor(dpa_workspace("next_qwen"))
     folder = shutil.copytree(generated, tmp_path / "data", ignore=shutil.ignore_patterns(f"*{SUFFIX}"))
     data, cache = folder / "data.json", folder / f".data.json{SUFFIX}"
-    dataset = lambda stage: EncodedDataset(open_samples(data), SampleEncoder(processor, stage, 4096))  # noqa: E731
+    dataset = lambda stage: EncodedDataset(open_samples(data), SampleEncoder(processor, stage, 4096))
     first = sample_lengths(dataset(2))
     key = json.loads(cache.read_text())["key"]
     assert len(json.loads(cache.read_text())["samples"]) == len(first)

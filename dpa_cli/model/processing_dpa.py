@@ -673,6 +673,11 @@ class DPAProcessor(ProcessorMixin):
 
 
 __all__ = [
-    "DPAProcessor", "FeatureCounter", "PERCEIVER_FAMILIES", "PerceiverFamily", "capped_size", "onevision_feature_count",
+    "PERCEIVER_FAMILIES",
+    "DPAProcessor",
+    "FeatureCounter",
+    "PerceiverFamily",
+    "capped_size",
+    "onevision_feature_count",
     "paper_chat_template",
 ]  # fmt: skip

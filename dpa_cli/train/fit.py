@@ -62,7 +62,7 @@ def zero_settings(ds_config: dict[str, Any] | None) -> tuple[int, bool, bool]:
     if not ds_config:
         return 0, False, False
     zero = ds_config.get("zero_optimization") or {}
-    device = lambda key: (zero.get(key) or {}).get("device") in ("cpu", "nvme")  # noqa: E731
+    device = lambda key: (zero.get(key) or {}).get("device") in ("cpu", "nvme")
     return int(zero.get("stage", 0)), device("offload_optimizer"), device("offload_param")
 
 
