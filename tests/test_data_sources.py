@@ -97,7 +97,7 @@ URLS = ["http://example.com/data.json", "https://example.com/a/b.jsonl?x=1", "HT
 def test_a_url_as_data_or_image_root_is_named_by_every_reader(shared, tmp_path, url):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([_llava("good"), _llava("good2")]))
-    watched, ws, images = [tmp_path, shared["ws"]], str(shared["ws"]), str(shared["images"])
+    watched, ws = [tmp_path, shared["ws"]], str(shared["ws"])
     scheme = url.split("://")[0]
     for argv, flag in (
         (["train", "--stage", "1", "-w", ws, "--data", url, *SMALL], "--data"),

@@ -42,6 +42,8 @@ def train(
     report_to: Annotated[str | None, typer.Option("--report-to", help="tensorboard, wandb, mlflow or none (default: tensorboard when installed; events in WORKSPACE/stageN/runs/).", show_default=False)] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything and print the plan; load and write nothing.")] = False,
+    gpu_memory: Annotated[str | None, typer.Option(help="--dry-run: memory of one GPU, e.g. 80GB, 24GiB [default: 80GB, an A100-80GB].", show_default=False)] = None,
+    gpu_tflops: Annotated[float | None, typer.Option(help="--dry-run: dense bf16 TFLOP/s of one GPU [default: 312, an A100].", show_default=False)] = None,
     json_: JsonFlag = False,
 ) -> None:
     """Train stage 1 or 2 of the DPA recipe; the result lands in WORKSPACE/stageN/ for the next command.
@@ -54,12 +56,16 @@ def train(
 
     CONFIG (or --config FILE) holds the same options and any recipe key, LLaMA-Factory style; flags win.
 
+    --dry-run also estimates memory per GPU (DeepSpeed's estimators, activations with and without gradient
+    checkpointing) and the step time, and refuses a run that does not fit in --gpu-memory.
+
     Examples:
       dpa train --stage 1 --data captions.json --image-root images/
       dpa train stage2.yaml --max-steps 100
       dpa train --stage 2 --data instruct.json --image-root images/ --deepspeed zero3 --nproc 8
       dpa train --stage 2 --data instruct.json --lora --set learning_rate=1e-4 --resume
-      dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run
+      dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run --gpu-memory 40GB
+      dpa train --stage 2 --data instruct.json --set train_sampling_strategy=group_by_length
     """
     from dpa_cli.workspace.manifest import find_workspace
 
@@ -68,6 +74,9 @@ def train(
     stage, data, nproc = options["stage"], options["data"], options["nproc"]
     _check_flags(stage, data, options["lora"], options["full"], options["resume"], options["restart"],
                  options["on_bad_sample"])  # fmt: skip
+    if not dry_run and (gpu_memory, gpu_tflops) != (None, None):
+        flag = "--gpu-memory" if gpu_memory is not None else "--gpu-tflops"
+        raise BadInputError(f"{flag} is read by --dry-run only", hint="add --dry-run to see whether the run fits")
     # Before the heavy imports below: the launcher itself does not train. A process a launcher started (LOCAL_RANK
     # set) never relaunches: a config file's `nproc:` reaches the workers too, which must train, not launch.
     if nproc > 1 and not dry_run and "LOCAL_RANK" not in os.environ:
@@ -88,7 +97,7 @@ def train(
     if dry_run:
         from dpa_cli.train.plan import dry_run as plan_only
 
-        plan = plan_only(request, processes=nproc)
+        plan = plan_only(request, processes=nproc, gpu=_gpu(gpu_memory, gpu_tflops))
         print_json(plan) if json_ else _print_plan(plan)
         return
     from dpa_cli.train.run import run_stage
@@ -126,6 +135,16 @@ def _with_config_file(
     return merged(given, explicit, config), config.values, config.sets
 
 
+def _gpu(memory: str | None, tflops: float | None) -> Any:
+    """The GPU a dry run checks the plan against: the flags, else an A100-80GB."""
+    from dpa_cli.train import fit
+
+    named = memory is None and tflops is None
+    memory = fit.parse_memory(fit.DEFAULT_MEMORY if memory is None else memory)
+    tflops = fit.check_tflops(fit.DEFAULT_TFLOPS if tflops is None else tflops)
+    return fit.Gpu(memory, tflops, fit.DEFAULT_GPU if named else "GPU")
+
+
 def _leave_process_group() -> None:
     """Shut the process group down before the interpreter exits: left to process teardown, gloo's threads can
     abort a worker that has finished (SIGABRT, "terminate called without an active exception")."""
@@ -150,6 +169,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
         values.add_row(key, str(value))
     out.print(values)
     _trainable_table(plan["trainable"])
+    _fit_table(plan["fit"])
     for note in plan["notes"]:
         out.print(f"[yellow]note:[/] {note}")
     out.print("dry run: nothing was loaded or written")
@@ -160,6 +180,23 @@ def _trainable_table(trainable: dict[str, dict[str, Any]]) -> None:
     for part, row in trainable.items():
         table.add_row(part, row["mode"], human_count(row["params"]), human_count(row["trainable"]))
     out.print(table)
+
+
+def _fit_table(fit: dict[str, Any]) -> None:
+    """Per-GPU memory under the chosen ZeRO stage, activations both ways, and the step time at the stated MFU."""
+    chosen = "with" if fit["gradient_checkpointing"] else "without"
+    table = Table("per GPU", "GiB", title=f"will it fit: {fit['gpus']} x {fit['gpu']} ({fit['gpu_memory_gib']} GiB, "
+                  f"{fit['gpu_tflops']:g} TFLOP/s), ZeRO-{fit['zero_stage']}, {fit['dtype']}", title_justify="left")
+    table.add_row("model states", str(fit["model_states_gib"]))
+    for key, words in (("without_checkpointing", "without"), ("with_checkpointing", "with")):
+        mark = " (this run)" if words == chosen else ""
+        table.add_row(f"activations {words} checkpointing{mark}", str(fit["activations_gib"][key]))
+    table.add_row("total", f"{fit['total_gib']} ({'fits' if fit['fits'] else 'does not fit'})")
+    out.print(table)
+    out.print(f"model states: {fit['model_states_how']}; trainable {human_count(fit['trainable'])}, frozen "
+              f"{human_count(fit['frozen'])} (no gradients or optimizer states)")  # fmt: skip
+    out.print(f"activations: micro batch {fit['micro_batch']} x max_length {fit['max_length']}; step about "
+              f"{fit['step_seconds']:.3g} s at {fit['mfu']:.0%} MFU ({fit['tokens_per_gpu_step']} tokens per GPU per step)")
 
 
 def _check_flags(stage: int | None, data: str | None, lora: bool, full: bool, resume: bool, restart: bool,

@@ -59,7 +59,7 @@ def _check_mode(on_bad_sample: str) -> None:
         raise BadInputError(f"on_bad_sample {on_bad_sample!r}: use fail or skip")
 
 
-def _skippable(err: BadSampleError, encoder: SampleEncoder, on_bad_sample: str) -> bool:
+def skippable(err: BadSampleError, encoder: SampleEncoder, on_bad_sample: str) -> bool:
     """Skip (and count) a bad sample: with `skip`, or when it is only too long for a non-strict encoder."""
     return on_bad_sample == OnBadSample.SKIP or (err.kind == "too_long" and not encoder.strict)
 
@@ -127,7 +127,7 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
             try:
                 return self.encoder(self.source[current])
             except BadSampleError as err:
-                if not _skippable(err, self.encoder, self.on_bad_sample):
+                if not skippable(err, self.encoder, self.on_bad_sample):
                     raise
                 self._skips.record(current, err)
         raise BadInputError("every sample of the dataset is bad", hint="run `dpa data check` on it")
@@ -149,6 +149,6 @@ class EncodedIterableDataset(_SkipReport, torch.utils.data.IterableDataset):
             try:
                 yield self.encoder(sample)
             except BadSampleError as err:
-                if not _skippable(err, self.encoder, self.on_bad_sample):
+                if not skippable(err, self.encoder, self.on_bad_sample):
                     raise
                 self._skips.record(position, err)

@@ -134,8 +134,9 @@ def plan_stage(request: TrainRequest, processes: int | None = None) -> StagePlan
     return StagePlan(request, recipe, source, run, samples, args, tuple(notes), processes)
 
 
-def preview_trainable(plan: StagePlan) -> dict[str, dict[str, Any]]:
-    """The trainable parameters per part, on the model built from its config on the meta device (no weights)."""
+def preview_trainable(plan: StagePlan) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The model built from its config on the meta device (no weights) with the stage's parts set trainable, and
+    the trainable parameters per part."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from dpa_cli.loading import load_config
@@ -146,10 +147,17 @@ def preview_trainable(plan: StagePlan) -> dict[str, dict[str, Any]]:
     # from now on; the preview builds on the meta device in this one process, and trains nothing after.
     unset_hf_deepspeed_config()
     model = meta_model("AutoModelForImageTextToText", load_config(plan.source))
-    return apply_trainable(model, plan.recipe.trainable, plan.lora)[1]
+    return apply_trainable(model, plan.recipe.trainable, plan.lora)
 
 
-def dry_run(request: TrainRequest, processes: int = 1) -> dict[str, Any]:
-    """`dpa train --dry-run`: the plan and the trainable parameters per part, with nothing loaded or written."""
+def dry_run(request: TrainRequest, processes: int = 1, gpu: Any = None) -> dict[str, Any]:
+    """`dpa train --dry-run`: the plan, the trainable parameters per part and whether it fits on `gpu` (a
+    `fit.Gpu`; default an A100-80GB), with nothing loaded or written. Refused (exit 2) when it cannot fit."""
+    from dpa_cli.train import fit
+
     plan = plan_stage(request, processes)
-    return {**plan.describe(), "trainable": preview_trainable(plan)}
+    model, trainable = preview_trainable(plan)
+    gpu = gpu or fit.Gpu(fit.parse_memory(fit.DEFAULT_MEMORY), fit.DEFAULT_TFLOPS)
+    estimate = fit.estimate(plan, model, trainable, gpu)
+    fit.refuse_unless_fits(estimate)
+    return {**plan.describe(), "trainable": trainable, "fit": estimate}

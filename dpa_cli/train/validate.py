@@ -94,8 +94,8 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "load_best_model_at_end": ((False,), NO_EVAL), "save_strategy": (("no", "steps", "epoch"), NO_EVAL),
     "push_to_hub": ((False,), "dpa works offline; upload the exported model yourself"),
     "fsdp": ((None, "", False), "dpa shards training with DeepSpeed: use --deepspeed zero3"),
-    "train_sampling_strategy": (("random", "sequential"),
-                                "grouping by length encodes every sample up front; dpa encodes them as it trains"),
+    "train_sampling_strategy": (("random", "sequential", "group_by_length"),
+                                "dpa samples randomly, in order, or grouped by length (group_by_length)"),
 }  # fmt: skip
 # Packages a setting needs when it is on: (import name, pip name); transformers would fail only at Trainer init.
 REQUIRES = {"use_liger_kernel": ("liger_kernel", "liger-kernel")}
