@@ -19,6 +19,10 @@ from dpa_cli.records import EXPORT_RECORD
 from dpa_cli.upgrade.files import AUTO_MAP, GENERATION_KEYS, copy_model_code
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Generic loaders (lmms-eval's `huggingface` model, scripts written for any checkpoint) fall back to AutoModel for
+# a model type transformers does not know: in an export it gives the model that generates. Workspaces keep
+# AutoModel -> DPAModel (the base, as for transformers' own VLMs) for code that wants the hidden states.
+EXPORT_AUTO_MAP = {**AUTO_MAP, "AutoModel": AUTO_MAP["AutoModelForImageTextToText"]}
 # Never shipped: weights are written afresh, pickles never (training_args.bin), the card is ours.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl")
 _SKIP_NAMES = {"model.safetensors.index.json", "README.md", EXPORT_RECORD}
@@ -39,7 +43,7 @@ def write_config(source: Path, dest: Path, dtype: torch.dtype | None) -> None:
     """The source's config, made to load as remote code, with the dtype the weights are written in."""
     path = Path(source) / "config.json"
     config: dict[str, Any] = read_json(path, hint="restore the stage's model folder", error=CheckpointError)
-    config.update(architectures=["DPAForConditionalGeneration"], auto_map=AUTO_MAP)
+    config.update(architectures=["DPAForConditionalGeneration"], auto_map=EXPORT_AUTO_MAP)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     (Path(dest) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

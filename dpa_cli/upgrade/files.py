@@ -18,6 +18,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_dpa.DPAConfig",
     "AutoModel": "modeling_dpa.DPAModel",
     "AutoModelForImageTextToText": "modeling_dpa.DPAForConditionalGeneration",
+    # `transformers serve` loads VLMs with this class (see configuration_dpa._list_with_transformers_serve).
+    "AutoModelForMultimodalLM": "modeling_dpa.DPAForConditionalGeneration",
 }
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
