@@ -129,13 +129,17 @@ def image_feature_counts(processor: Any, images: list[Any]) -> list[int]:
 
 def largest_image_size(processor: Any) -> tuple[int, int]:
     """(width, height) of an image that gets the most features, for vLLM's memory profiling: the largest
-    any-resolution grid, else the image processor's largest size, else its pixel cap."""
+    any-resolution grid, Qwen-VL's pixel cap as a square, else the image processor's largest size."""
     image_processor = processor.image_processor
     pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
     if pinpoints:
         height, width = max(pinpoints, key=lambda hw: hw[0] * hw[1])
         return int(width), int(height)
     size = getattr(image_processor, "size", None) or {}
+    if hasattr(image_processor, "temporal_patch_size"):  # Qwen-VL: `size` holds pixel counts (min/max_pixels)
+        side = int(math.isqrt(int(size.get("longest_edge") or getattr(image_processor, "max_pixels", 0) or 0)))
+        if side:
+            return side, side
     if size.get("longest_edge"):
         return int(size["longest_edge"]), int(size["longest_edge"])
     if size.get("height") and size.get("width"):
