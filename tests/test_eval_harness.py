@@ -153,26 +153,22 @@ def test_visuals_other_than_images_are_refused_by_name(harness, visual):
 
 def test_automodel_loads_the_export_as_the_model_that_generates(tiny_export, reference):
     """Generic loaders (lmms-eval's `huggingface` model) fall back to AutoModel for a model type transformers does
-    not know: the export's AutoModel is the generating class, with the same answers. In a fresh process with
-    transformers alone, as such a harness runs (dpa registers AutoModel -> DPAModel for its own use)."""
-    script = textwrap.dedent(f"""
-        import json, sys, torch
-        from transformers import AutoModel, AutoProcessor
-        model = AutoModel.from_pretrained({str(tiny_export)!r}, trust_remote_code=True, dtype=torch.float32).eval()
-        processor = AutoProcessor.from_pretrained({str(tiny_export)!r}, trust_remote_code=True)
-        content = [{{"type": "text", "text": {DOCS[2]["question"]!r}}}]
-        inputs = processor.apply_chat_template([{{"role": "user", "content": content}}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True, return_tensors="pt")
+    not know: the export's AutoModel is the generating class, with the same answers. The config is the export's
+    own remote class, as in a process without dpa (dpa registers its installed DPAConfig, whose AutoModel is the
+    base DPAModel, and transformers prefers registered code), so AutoModel follows the export's `auto_map`."""
+    from transformers import AutoModel
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config_class = get_class_from_dynamic_module("configuration_dpa.DPAConfig", str(tiny_export))
+    config = config_class.from_pretrained(tiny_export)
+    assert config_class.__module__.startswith("transformers_modules")
+    model = AutoModel.from_pretrained(tiny_export, config=config, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model).__name__ == "DPAForConditionalGeneration" and hasattr(model, "generate")
+    assert type(model).__module__.startswith("transformers_modules")
+    inputs = _inputs(reference[1], DOCS[0])
+    with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        print(json.dumps([type(model).__name__, "dpa_cli" in sys.modules, output[0, inputs["input_ids"].shape[1]:].tolist()]))
-    """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tiny_export.parent, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    name, dpa_imported, ids = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (name, dpa_imported) == ("DPAForConditionalGeneration", False)
-    assert ids == greedy(reference, DOCS[2], 4)[1]
+    assert output[0, inputs["input_ids"].shape[1] :].tolist() == greedy(reference, DOCS[0], 4)[1]
 
 
 def _entry_point() -> str:
