@@ -132,34 +132,33 @@ class DPAForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
                                          mm_token_ids=list(config.image_slot_token_ids))  # fmt: skip
         with self._mark_tower_model(vllm_config, "image"):
             self.encoder = DPAEncoder(config)
-        text_config = type(config.text_config)(**spec.target_hf_config(config))
+        text_config = type(config.text_config).from_dict(spec.target_hf_config(config))
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(vllm_config=vllm_config, hf_config=text_config,
                                                              prefix=maybe_prefix(prefix, "language_model"))  # fmt: skip
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """One image at a time: each image's perceiver sequence without other images' padding, as
-        vllm_spec.image_inputs cuts it, so its features equal the image's transformers features."""
+        """One `[n_features, target_hidden]` tensor per image, one image at a time: its perceiver sequence without
+        the padding other images forced on it (vllm_spec.image_inputs), so its features are the transformers
+        model's for that image alone. Batched fields arrive stacked or as a list per image; Qwen-VL's patches
+        arrive flat, `image_grid_thw` rows per image."""
         fields = {k: v for k, v in kwargs.items() if isinstance(v, (torch.Tensor, list))}
         if "perceiver_input_ids" not in fields:
             return []
-        ids = fields["perceiver_input_ids"]
-        num_images = len(ids)
-        stacked = {k: (torch.cat(v) if isinstance(v, list) and k == "pixel_values" and "image_grid_thw" in fields
-                       else v) for k, v in fields.items()}  # fmt: skip
+        grid = fields.get("image_grid_thw")
+        sizes = None if grid is None else [int(n) for n in torch.stack(list(grid)).reshape(-1, 3).prod(-1)]
+        dtype = next(self.encoder.parameters()).dtype
         features = []
-        for index in range(num_images):
+        for index in range(len(fields["perceiver_input_ids"])):
             one = {}
-            for key, value in stacked.items():
-                if key == "pixel_values" and "image_grid_thw" in stacked:
-                    sizes = [int(n) for n in torch.as_tensor(stacked["image_grid_thw"]).reshape(-1, 3).prod(-1)]
-                    start = sum(sizes[:index])
-                    one[key] = value[start : start + sizes[index]]
+            for key, value in fields.items():
+                if sizes is not None and key == "pixel_values":
+                    flat = torch.cat(list(value)) if isinstance(value, list) else value
+                    one[key] = flat[sum(sizes[:index]) : sum(sizes[: index + 1])]
                 else:
-                    one[key] = value[index].unsqueeze(0) if isinstance(value, torch.Tensor) else value[index][None]
-            one = spec.image_inputs(one, {key: None for key in one}, 0)
-            dtype = next(self.encoder.parameters()).dtype
+                    one[key] = value[index][None]
+            one = spec.image_inputs(one, dict.fromkeys(one), 0)
             one = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in one.items()}
             features.append(self.encoder.get_image_features(**one).pooler_output[0])
         return features
