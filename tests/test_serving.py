@@ -296,3 +296,54 @@ def test_dpa_serve_refuses_clearly_and_writes_nothing(tiny_export, tmp_path, cas
     assert lines[0].startswith("error:") and len(lines) <= 2, result.stderr
     assert all(needle in result.stderr for needle in needles), (needles, result.stderr)
     assert tree_hash(tmp_path, tiny_export) == before
+
+
+VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(not VLLM, reason="vLLM is not installed (it pins its own torch: docs/serving.md)")
+@pytest.mark.parametrize("kind", ["qwen3-tied", "llama-untied"])
+def test_vllm_processor_and_encoder_step_match_transformers(dpa_models, kind):
+    """With vLLM importable (its Python code suffices; no GPU): vLLM's own multimodal processing with the plugin
+    gives DPAProcessor's prompt ids and one placeholder range per image of its feature count, and the encoder
+    step (`embed_multimodal` on the batched kwargs vLLM builds, weights loaded by vllm_spec's names) gives the
+    transformers model's features, image by image."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from dpa_cli.serving.vllm_model import DPAEncoder, DPAForConditionalGeneration
+
+    folder = dpa_models[kind]
+    vllm_plugin.register()
+    config = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32", max_model_len=256)
+    assert config.architectures == [vllm_spec.ARCHITECTURE] and config.is_multimodal_model
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    hf = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    images = [example_image(40, 30), example_image(23, 61)]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+    prompt = hf.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    out = processor(prompt, processor.info.parse_mm_data({"image": images}))
+    expected = hf(images=images, text=[prompt], return_tensors="pt")
+    assert list(out["prompt_token_ids"]) == expected["input_ids"][0].tolist()
+    counts = vllm_spec.image_feature_counts(hf, images)
+    assert [r.length for r in out["mm_placeholders"]["image"]] == counts
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    encoder = DPAEncoder(model.config)
+    weights = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(file))
+    state = {vllm_spec.vllm_weight_name(n)[0].removeprefix("encoder."): t for n, t in weights.items()
+             if vllm_spec.vllm_weight_name(n)[0].startswith("encoder.")}  # fmt: skip
+    encoder.load_state_dict(state, strict=True)
+    host = torch.nn.Module()
+    host.encoder = encoder.eval()
+    with torch.no_grad():
+        features = DPAForConditionalGeneration.embed_multimodal(host, **out["mm_kwargs"].get_data())
+        fields = {k: v for k, v in expected.items() if k not in vllm_spec.TEXT_FIELDS}
+        reference = model.model.get_image_features(**fields).pooler_output
+    assert [f.shape[0] for f in features] == counts
+    for mine, theirs in zip(features, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)

@@ -72,6 +72,11 @@ class DPADummyInputsBuilder(BaseDummyInputsBuilder[DPAProcessingInfo]):
 
 
 class DPAMultiModalProcessor(BaseMultiModalProcessor[DPAProcessingInfo]):
+    def _get_hf_mm_text(self, mm_counts: Mapping[str, int]) -> str | None:
+        """DPAProcessor reads images with text holding one image token per image (vLLM tokenizes the prompt
+        itself and expands its image tokens with `_get_prompt_updates`)."""
+        return self.dummy_inputs.get_dummy_text(mm_counts)
+
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
@@ -148,17 +153,11 @@ class DPAForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
             return []
         grid = fields.get("image_grid_thw")
         sizes = None if grid is None else [int(n) for n in torch.stack(list(grid)).reshape(-1, 3).prod(-1)]
+        layout = {key: sizes if key == "pixel_values" else None for key in fields}
         dtype = next(self.encoder.parameters()).dtype
         features = []
         for index in range(len(fields["perceiver_input_ids"])):
-            one = {}
-            for key, value in fields.items():
-                if sizes is not None and key == "pixel_values":
-                    flat = torch.cat(list(value)) if isinstance(value, list) else value
-                    one[key] = flat[sum(sizes[:index]) : sum(sizes[: index + 1])]
-                else:
-                    one[key] = value[index][None]
-            one = spec.image_inputs(one, dict.fromkeys(one), 0)
+            one = spec.image_inputs(fields, layout, index)
             one = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in one.items()}
             features.append(self.encoder.get_image_features(**one).pooler_output[0])
         return features

@@ -176,13 +176,17 @@ def field_sizes(inputs: Mapping[str, Any], num_images: int) -> dict[str, list[in
 
 def image_inputs(inputs: Mapping[str, Any], layout: Mapping[str, list[int] | None], index: int) -> dict[str, Any]:
     """Image `index`'s own inputs (a batch of one), its perceiver sequence without the padding other images
-    forced on it: what the perceiver reads for that image alone."""
+    forced on it: what the perceiver reads for that image alone. `layout` is field_sizes'."""
     one: dict[str, Any] = {}
     for key, sizes in layout.items():
         value = inputs[key]
-        if sizes is None:
-            one[key] = value[index : index + 1]
+        if sizes is None:  # vLLM hands a batched field over stacked, or as a list when the images' shapes differ
+            one[key] = value[index][None] if isinstance(value, (list, tuple)) else value[index : index + 1]
         else:
+            if isinstance(value, (list, tuple)):
+                import torch
+
+                value = torch.cat(list(value))
             start = sum(sizes[:index])
             one[key] = value[start : start + sizes[index]]
     mask = one.get("perceiver_attention_mask")
