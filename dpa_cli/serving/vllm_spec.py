@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-ARCHITECTURE = "DPAForConditionalGeneration"  # the export's architectures[0]; the name the plugin registers
+from dpa_cli.checkpoint.side_files import ARCHITECTURE  # the export's architectures[0]: the name vLLM registers
 
 # The target LLM's model_type -> vLLM's causal-LM architecture serving it (registry.py, _TEXT_GENERATION_MODELS).
 TARGET_ARCHITECTURES = {
