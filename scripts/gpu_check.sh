@@ -21,8 +21,9 @@ if [ ! -f "$WORK/demo/dpa/export/config.json" ]; then
 fi
 EXPORT="$WORK/demo/dpa/export"
 
-# float32 on both sides, so the comparison is about the model code, not rounding.
-dpa serve "$EXPORT" --port "$PORT" --dtype float32 --max-model-len 2048 --gpu-memory-utilization 0.5 \
+# float32 on both sides, so the comparison is about the model code, not rounding; the demo LLMs hold 1024
+# positions.
+dpa serve "$EXPORT" --port "$PORT" --dtype float32 --max-model-len 1024 --gpu-memory-utilization 0.5 \
   --enforce-eager >"$WORK/vllm.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true' EXIT
