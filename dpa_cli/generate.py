@@ -89,11 +89,14 @@ def user_turn(text: str, images: list[Any]) -> dict[str, Any]:
     return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
 
 
-def build_inputs(processor: Any, messages: list[dict[str, Any]]) -> Any:
-    """Model inputs for the conversation, ending with the assistant's turn to speak."""
+def build_inputs(processor: Any, messages: list[dict[str, Any]], answer_next: bool = False) -> Any:
+    """Model inputs for the conversation, ending with the assistant's turn to speak. `answer_next`: the answer's
+    own tokens come next (scoring a given answer), so a prompt that opens a think block (the paper encoding)
+    closes it, as dpa_cli.evaluation.batch.batch_inputs does."""
     if processor.chat_template:
+        closed = {"enable_thinking": False} if answer_next and opens_thinking(processor) else {}
         return processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **closed
         )
     if len(messages) > 1:
         what = "this model has no chat template, so it cannot hold a conversation"

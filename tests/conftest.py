@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 from tests.factories import build  # noqa: E402
 from tests.finished_stage import finished, stage_data  # noqa: E402,F401  (module fixtures: a trained stage 1)
+from tests.tiny_export import tiny_export  # noqa: E402,F401  (session fixture: the serving and harness tests' export)
 
 TinyCheckpoint = Callable[..., Path]
 

@@ -27,7 +27,13 @@ AUTO_MAP = {
     "AutoConfig": "configuration_dpa.DPAConfig",
     "AutoModel": "modeling_dpa.DPAModel",
     "AutoModelForImageTextToText": "modeling_dpa.DPAForConditionalGeneration",
+    # `transformers serve` loads VLMs with this class (see configuration_dpa._list_with_transformers_serve).
+    "AutoModelForMultimodalLM": "modeling_dpa.DPAForConditionalGeneration",
 }
+# Generic loaders (lmms-eval's `huggingface` model, scripts written for any checkpoint) fall back to AutoModel for
+# a model type transformers does not know: in an export it gives the model that generates. Workspaces keep
+# AutoModel -> DPAModel (the base, as for transformers' own VLMs) for code that wants the hidden states.
+EXPORT_AUTO_MAP = {**AUTO_MAP, "AutoModel": AUTO_MAP["AutoModelForImageTextToText"]}
 GENERATION_CONFIG = "generation_config.json"
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
@@ -46,9 +52,12 @@ def copy_model_code(folder: Path) -> None:
         shutil.copyfile(source / name, Path(folder) / name)
 
 
-def remote_code_config(config: dict[str, Any], dtype: str | None = None) -> dict[str, Any]:
-    """`config` naming dpa's remote code, with the dtype the weights are written in."""
-    config = {**config, "architectures": [ARCHITECTURE], "auto_map": AUTO_MAP}
+def remote_code_config(
+    config: dict[str, Any], dtype: str | None = None, auto_map: Mapping[str, str] = AUTO_MAP
+) -> dict[str, Any]:
+    """`config` naming dpa's remote code (`auto_map`: AUTO_MAP, or EXPORT_AUTO_MAP for an export), with the dtype
+    the weights are written in."""
+    config = {**config, "architectures": [ARCHITECTURE], "auto_map": dict(auto_map)}
     if dtype is not None:
         config["dtype"] = dtype
     return config

@@ -15,7 +15,7 @@ from dpa_cli.errors import CheckpointError
 from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_RECORD
 from dpa_cli.jsonio import read_json
 from dpa_cli.checkpoint.side_files import (
-    copy_model_code, point_adapter_at, remote_code_config, write_generation_config, write_json,
+    EXPORT_AUTO_MAP, copy_model_code, point_adapter_at, remote_code_config, write_generation_config, write_json,
 )
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -25,7 +25,8 @@ def write_config(source: Path, dest: Path, dtype: torch.dtype | None) -> None:
     """The source's config, made to load as remote code, with the dtype the weights are written in."""
     path = Path(source) / "config.json"
     config: dict[str, Any] = read_json(path, hint="restore the stage's model folder", error=CheckpointError)
-    write_json(Path(dest) / "config.json", remote_code_config(config, dtype and str(dtype).removeprefix("torch.")))
+    dtype_name = dtype and str(dtype).removeprefix("torch.")
+    write_json(Path(dest) / "config.json", remote_code_config(config, dtype_name, auto_map=EXPORT_AUTO_MAP))
     copy_model_code(dest)
 
 

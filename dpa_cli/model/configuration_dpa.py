@@ -128,4 +128,27 @@ class DPAConfig(PreTrainedConfig):
         return ids
 
 
+def _list_with_transformers_serve() -> None:
+    """List DPA in the name tables `transformers serve` reads, as transformers lists its own VLMs.
+
+    serve (5.2x) loads a model whose `model_type` is a key of MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES with
+    AutoModelForMultimodalLM (which follows `auto_map` to our class); any other model it looks up as
+    `transformers.<architectures[0]>`, which a remote-code class never is. It then tells a VLM from an LLM by
+    whether the loaded class's name is a value of those tables. The tables have no register() (the Auto
+    classes' register() fills their lazy mappings only), and serve imports this module (AutoConfig, remote
+    code) before it looks, so the entry is made here. Names only: the lazy Auto mappings skip a model type
+    that CONFIG_MAPPING_NAMES lacks, so no Auto class resolves anything differently.
+    """
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # a transformers without the tables serves nothing the way described above
+        return
+    for table in ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"):
+        names = getattr(modeling_auto, table, None)
+        if isinstance(names, dict):
+            names.setdefault(DPAConfig.model_type, "DPAForConditionalGeneration")
+
+
+_list_with_transformers_serve()
+
 __all__ = ["DPAConfig"]
