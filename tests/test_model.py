@@ -249,8 +249,9 @@ def test_config_rejects_unknown_choices():
 
 
 def test_model_files_import_only_torch_and_transformers():
-    """The model files travel as remote code: the standard library, torch and transformers only (never dpa_cli)."""
-    allowed = {"torch", "transformers", *sys.stdlib_module_names}
+    """The model files travel as remote code: the standard library, torch, transformers and Pillow (which every
+    image processor needs) only; never dpa_cli."""
+    allowed = {"torch", "transformers", "PIL", *sys.stdlib_module_names}
     for path in MODEL_DIR.glob("*_dpa.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
