@@ -182,9 +182,6 @@ def test_the_lmms_eval_entry_point_names_the_plugin():
     assert DPA.is_simple is True  # lmms-eval resolves a simple_class_path only for a simple model
 
 
-LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
-
-
 def _task_folder(root: Path) -> Path:
     """A generate_until task over three local docs (images written as files), and its functions."""
     tasks, rows = root / "tasks", []
@@ -232,7 +229,7 @@ def _task_folder(root: Path) -> Path:
     return tasks
 
 
-@pytest.mark.skipif(not LMMS_EVAL, reason="lmms-eval is not installed (it is no dependency of dpa: docs/evaluation.md)")
+@pytest.mark.optional  # needs lmms-eval, no dependency of dpa (docs/evaluation.md)
 def test_lmms_eval_runs_the_plugin_on_a_local_task(harness, tiny_export, tmp_path):
     """`python -m lmms_eval eval --model dpa ...` as docs/evaluation.md shows it; the plugin is found through
     the entry point pyproject.toml declares (written here as an installed distribution's, so a source checkout

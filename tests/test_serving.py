@@ -301,7 +301,7 @@ def test_dpa_serve_refuses_clearly_and_writes_nothing(tiny_export, tmp_path, cas
 
 
 
-@pytest.mark.skipif(not VLLM, reason="vLLM is not installed (it pins its own torch: docs/serving.md)")
+@pytest.mark.optional  # needs vLLM, which pins its own torch (docs/serving.md)
 @pytest.mark.parametrize("kind", ["qwen3-tied", "llama-untied"])
 def test_vllm_processor_and_encoder_step_match_transformers(dpa_models, kind):
     """With vLLM importable (its Python code suffices; no GPU): vLLM's own multimodal processing with the plugin
