@@ -34,6 +34,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (wins over epochs).")] = None,
     from_model: Annotated[str | None, typer.Option("--from", help="Start from: model (the upgrade), stage1, or a folder.")] = None,
     on_bad_sample: Annotated[str, typer.Option(help="fail (before training starts) or skip (counted, reported).")] = "fail",
+    pack: Annotated[bool, typer.Option("--pack", help="Pack several samples per row up to max_length (recipe key pack).")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything and print the plan; load and write nothing.")] = False,
     json_: JsonFlag = False,
@@ -51,6 +52,7 @@ def train(
       dpa train --stage 2 --data instruct.json --image-root images/ --deepspeed zero3 --nproc 8
       dpa train --stage 2 --data instruct.json --lora --set learning_rate=1e-4 --resume
       dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run
+      dpa train --stage 2 --data instruct.json --pack
     """
     from dpa_cli.workspace import find_workspace
 
@@ -65,6 +67,7 @@ def train(
         recipe=recipe, overrides=list(set_ or []), lora=True if lora else (False if full else None),
         freeze_perceiver=freeze_perceiver, lora_targets=lora_targets, deepspeed=deepspeed, resume=resume,
         restart=restart, max_steps=max_steps, from_model=from_model, on_bad_sample=on_bad_sample,
+        pack=pack,
     )  # fmt: skip
     if dry_run:
         from dpa_cli.train.plan import dry_run as plan_only

@@ -35,7 +35,7 @@ _RecipeLoader.add_implicit_resolver(
 
 OWN_FIELDS = (
     "stage", "trainable", "learning_rates", "global_batch_size", "max_length",
-    "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "pack",
 )  # fmt: skip
 NESTED = ("trainable", "learning_rates")  # per-part maps that `--set trainable.vit=full` reaches into
 # Set by dpa itself: the run's folder, the accumulation that keeps the global batch, the data plumbing, the
@@ -56,6 +56,7 @@ class Recipe:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str = DEFAULT_LORA_TARGETS
+    pack: bool = False  # several samples per row up to max_length (data/packing.py)
     training_args: dict[str, Any] = field(default_factory=dict)  # TrainingArguments fields
     notes: tuple[str, ...] = ()  # what resolving the recipe changed (a schedule scaled to the run's length)
 
