@@ -44,7 +44,11 @@ def build_model(workdir: Path) -> Path:
     perceiver (that ViT + a Qwen3 128 x 2). Packing only removes the target LLM's padding; the perceiver's work
     is the same in both modes, so a bench whose perceiver dominates would hide the difference."""
     from dpa_cli.bench.train import VOCAB
-    from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm, text_config
+    from dpa_cli.synthetic.checkpoints import (
+        build_llava_next_target,
+        build_text_lm,
+        text_config,
+    )
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import plan_upgrade, run_upgrade
 
@@ -161,8 +165,8 @@ def bench_pack(model_folder: Path, workdir: Path, samples: int = 96, batch: int 
     run_pass(model, plans["padded"][:1])  # warm-up
     passes: dict[str, list[dict[str, float]]] = {"padded": [], "packed": []}
     for _ in range(repeats):
-        for mode in passes:
-            passes[mode].append(run_pass(model, plans[mode]))
+        for mode, done in passes.items():
+            done.append(run_pass(model, plans[mode]))
     result = {mode: _summary(passes[mode], len(plans[mode]), sum(b["input_ids"].numel() for b in plans[mode]))
               for mode in passes}  # fmt: skip
     counts = {kind: sum(1 for f in features if str(f["sample_id"]).startswith(kind)) for kind, _, _ in MIX}

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dpa_cli.data.dataset import _SkipReport
 from dpa_cli.data.encode import IGNORE_INDEX
 from dpa_cli.errors import BadInputError, DpaError
 
@@ -81,12 +82,13 @@ def uses_mrope(text_config: Any) -> bool:
     return isinstance(rope, dict) and "mrope_section" in rope
 
 
-class PackedDataset(torch.utils.data.Dataset):
+class PackedDataset(_SkipReport, torch.utils.data.Dataset):
     """Item `r` is row `r` of the plan: the encoded samples of `rows[r]` (a skipped bad sample leaves a gap;
     a row left empty gives the next row instead, like the unpacked dataset gives the next good sample)."""
 
     def __init__(self, dataset: Any, rows: list[list[int]], max_length: int):
         self.dataset, self.rows, self.max_length = dataset, rows, max_length
+        self._skips = dataset._skips  # the samples skipped while encoding rows are the inner dataset's
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,14 +110,6 @@ class PackedDataset(torch.utils.data.Dataset):
                 hint="train without --pack (recipe key pack: false), and please report this",
             )
         return row
-
-    @property
-    def skipped(self) -> Any:
-        return self.dataset.skipped
-
-    @property
-    def skipped_ids(self) -> list[str]:
-        return self.dataset.skipped_ids
 
 
 def pack_dataset(dataset: Any, max_length: int) -> PackedDataset:
