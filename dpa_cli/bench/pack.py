@@ -6,7 +6,8 @@ random order, padded to the longest, as `dpa train` runs without `--pack`. Packe
 up to `max_length` tokens, as many rows per step as hold about the same real tokens as a padded step. Each pass
 runs forward and backward over every sample (no optimizer step, so the weights stay the same); passes of the
 two modes alternate. Reported: effective (non-padding) tokens per second of each and their ratio, and the loss
-per supervised token of each (the same samples and weights: the two must agree).
+per supervised token of each (the same samples and weights: the two must agree). Tokens per CPU second (the
+process's CPU time) are reported beside tokens per second: on a shared machine they vary less with the load.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def run_pass(model: torch.nn.Module, batches: list[dict[str, Any]]) -> dict[str,
     from dpa_cli.data.packing import model_inputs
 
     tokens, loss_sum, supervised = 0, 0.0, 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for batch in batches:
         tokens += int(batch["attention_mask"].sum())
         count = int((batch["labels"][:, 1:] != -100).sum())
@@ -131,16 +132,21 @@ def run_pass(model: torch.nn.Module, batches: list[dict[str, Any]]) -> dict[str,
         loss.backward()
         model.zero_grad(set_to_none=True)
         loss_sum, supervised = loss_sum + float(loss.detach()) * count, supervised + count
-    return {"seconds": time.perf_counter() - started, "tokens": tokens, "loss_sum": loss_sum, "supervised": supervised}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started, "tokens": tokens, "loss_sum": loss_sum, "supervised": supervised}
 
 
 def _summary(passes: list[dict[str, float]], steps: int, padded_tokens: int) -> dict[str, Any]:
-    seconds = [p["seconds"] for p in passes]
+    seconds, cpu = [p["seconds"] for p in passes], [p["cpu_seconds"] for p in passes]
     first = passes[0]
     return {"steps": steps, "tokens": first["tokens"], "tokens_with_padding": padded_tokens,
             "padding_share": 1 - first["tokens"] / padded_tokens, "seconds": {"min": min(seconds), "median": statistics.median(seconds)},
             "tokens_per_s": {"best": first["tokens"] / min(seconds), "median": first["tokens"] / statistics.median(seconds)},
+            "tokens_per_cpu_s": {"best": first["tokens"] / min(cpu), "median": first["tokens"] / statistics.median(cpu)},
             "loss_per_token": first["loss_sum"] / first["supervised"], "supervised_tokens": first["supervised"]}  # fmt: skip
+
+
+def _ratio(result: dict[str, Any], key: str) -> dict[str, float]:
+    return {k: result["packed"][key][k] / result["padded"][key][k] for k in ("best", "median")}
 
 
 def bench_pack(model_folder: Path, workdir: Path, samples: int = 96, batch: int = 8, max_length: int = 1024,
@@ -172,7 +178,8 @@ def bench_pack(model_folder: Path, workdir: Path, samples: int = 96, batch: int 
     counts = {kind: sum(1 for f in features if str(f["sample_id"]).startswith(kind)) for kind, _, _ in MIX}
     return {
         **result,
-        "ratio": {k: result["packed"]["tokens_per_s"][k] / result["padded"]["tokens_per_s"][k] for k in ("best", "median")},
+        "ratio": _ratio(result, "tokens_per_s"),
+        "ratio_cpu_time": _ratio(result, "tokens_per_cpu_s"),
         "loss_per_token_difference": abs(result["packed"]["loss_per_token"] - result["padded"]["loss_per_token"]),
         "mix": {"samples": len(features), "by_kind": counts, "kinds": {k: said for k, _, said in MIX},
                 "lengths": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}},

@@ -71,7 +71,8 @@ def infer_markdown(result: dict[str, Any]) -> str:
             + markdown_table(PAPER_COLUMNS, paper_rows(result["paper"])))  # fmt: skip
 
 
-PACK_COLUMNS = ("mode", "steps", "tokens (real / with padding)", "effective tokens/s (best / median)", "loss per token")
+PACK_COLUMNS = ("mode", "steps", "tokens (real / with padding)", "effective tokens/s (best / median)",
+                "effective tokens / CPU s (best / median)", "loss per token")
 
 
 def pack_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -80,8 +81,10 @@ def pack_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     for mode in ("padded", "packed"):
         r = result[mode]
         rows.append((mode, str(r["steps"]), f"{r['tokens']} / {r['tokens_with_padding']}",
-                     f"{r['tokens_per_s']['best']:.0f} / {r['tokens_per_s']['median']:.0f}", f"{r['loss_per_token']:.6f}"))  # fmt: skip
-    rows.append(("packed / padded", "", "", _pair(result["ratio"], 2), f"|diff| {result['loss_per_token_difference']:.1e}"))
+                     f"{r['tokens_per_s']['best']:.0f} / {r['tokens_per_s']['median']:.0f}",
+                     f"{r['tokens_per_cpu_s']['best']:.0f} / {r['tokens_per_cpu_s']['median']:.0f}", f"{r['loss_per_token']:.6f}"))  # fmt: skip
+    rows.append(("packed / padded", "", "", _pair(result["ratio"], 2), _pair(result["ratio_cpu_time"], 2),
+                 f"|diff| {result['loss_per_token_difference']:.1e}"))
     return rows
 
 
