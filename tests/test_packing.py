@@ -287,3 +287,46 @@ def test_the_pack_bench_compares_the_same_samples_packed_and_padded(dpa_workspac
     assert result["loss_per_token_difference"] <= 1e-5 and sum(result["mix"]["by_kind"].values()) == 6
     assert result["ratio"]["best"] > 0 and result["ratio_cpu_time"]["best"] > 0
     assert all(len(row) == len(PACK_COLUMNS) for row in pack_rows(result)) and "max_length 256" in pack_title(result)
+
+
+# --- transformers' packed masks, per text model a target can have ----------------------------------------------
+def _text_configs() -> dict[str, object]:
+    import transformers as tf
+
+    from dpa_cli.model.configuration_paper_dpa import Qwen2_5_VLQwen3TextConfig
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0)  # fmt: skip
+    mrope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    return {
+        "llama": tf.LlamaConfig(**base), "qwen2": tf.Qwen2Config(**base), "qwen3": tf.Qwen3Config(**base),
+        "mistral": tf.MistralConfig(**base, sliding_window=4), "gemma": tf.GemmaConfig(**base),
+        "qwen2_vl_text": tf.Qwen2VLTextConfig(**base, rope_parameters=mrope),
+        "qwen2_5_vl_text": tf.Qwen2_5_VLTextConfig(**base, rope_parameters=mrope),
+        "qwen3_vl_text": tf.Qwen3VLTextConfig(**base, rope_parameters={**mrope, "mrope_interleaved": True}),
+        "qwen2_5_vl_qwen3_text": Qwen2_5_VLQwen3TextConfig(**base, rope_parameters=mrope),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "attention"), [(k, "sdpa") for k in _text_configs()] + [("qwen3", "eager")])
+def test_transformers_keeps_packed_samples_apart_for_every_text_model_kind(kind, attention):
+    """What the packed collator relies on: position ids restarting per sample (the M-RoPE 4-row form where the
+    model reads M-RoPE), no 2-D mask and no cache give each sample exactly its own forward."""
+    from transformers import AutoModel
+
+    from dpa_cli.data.packing import position_ids
+
+    config = _text_configs()[kind]
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    samples = [torch.randint(3, 64, (1, n)) for n in (5, 7, 3)]
+    positions = position_ids([5, 7, 3], 17)[None]  # two tokens of padding, a block of their own
+    if uses_mrope(config):
+        positions = positions.unsqueeze(0).expand(4, -1, -1)
+    ids = torch.cat([*samples, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        packed = model(**model_inputs({"input_ids": ids, "position_ids": positions, PACKED: True})).last_hidden_state
+        alone = torch.cat([model(input_ids=s).last_hidden_state for s in samples], dim=1)
+    assert (packed[:, :15] - alone).abs().max() <= 1e-5
