@@ -14,6 +14,8 @@ from typing import Any
 from dpa_cli.checkpoint import sha256_file
 from dpa_cli.errors import BadInputError
 from dpa_cli.records import CHECKSUMS, EXPORT_RECORD, read_export_record
+from dpa_cli.workspace.layout import ADAPTER_DIR, MANIFEST, MODEL_DIR
+from dpa_cli.workspace.manifest import is_workspace, read_manifest
 
 
 def tree_checksums(folder: Path, prefix: str = "", known: dict[str, str] | None = None) -> dict[str, str]:
@@ -33,7 +35,7 @@ def stage_checksums(recorded: Any, folder: Path, name: str) -> dict[str, str]:
     Trainer-written files are read once more here: seconds, next to the hours the stage took.
     """
     sums = {k: v for k, v in (recorded or {}).items() if not k.startswith(f"{name}/")}
-    for part in ("model", "adapter"):
+    for part in (MODEL_DIR, ADAPTER_DIR):
         if (folder / part).is_dir():
             sums.update(tree_checksums(folder / part, f"{name}/{part}/"))
     return sums
@@ -129,8 +131,6 @@ def verify_export(folder: Path, prefix: str = "", report: VerifyReport | None = 
 
 def verify_workspace(folder: Path) -> VerifyReport:
     """model/ and every stage result against dpa.yaml; an export inside the workspace against its own record."""
-    from dpa_cli.workspace import MANIFEST, read_manifest
-
     expected = _recorded(read_manifest(folder).get(CHECKSUMS), folder / MANIFEST)
     parts = sorted({_part(name) for name in expected})
     report = VerifyReport(folder, "workspace", parts=list(parts))
@@ -142,8 +142,6 @@ def verify_workspace(folder: Path) -> VerifyReport:
 
 def verify_path(path: Path) -> VerifyReport:
     """Re-hash a workspace or an export dpa wrote against the manifest it carries."""
-    from dpa_cli.workspace import MANIFEST, is_workspace
-
     path = Path(path).expanduser()
     if not path.exists():
         raise BadInputError(f"no such folder: {path}")

@@ -16,7 +16,8 @@ from typing import Any
 
 from dpa_cli import loading
 from dpa_cli.errors import BadInputError
-from dpa_cli.export.stages import StageResult, find_runnable, load_as_trained, load_processor
+from dpa_cli.loading import load_as_trained
+from dpa_cli.workspace.results import StageResult, find_runnable
 
 DEVICES = ("cpu", "cuda")
 THINK_CLOSE = "</think>"  # dpa_cli.model.processing_dpa.THINK_CLOSE
@@ -56,7 +57,7 @@ def open_runnable(
     device = pick_device(device)
     dtype = None if device == "cuda" else torch.float32
     model = load_as_trained(source, dtype=dtype, device=device, allow_code=allow_code)
-    return Runnable(model, load_processor(source, allow_code=allow_code), source, device)
+    return Runnable(model, loading.load_processor(source.model_dir, allow_code), source, device)
 
 
 def check_runnable(spec: str, allow_code: bool = False) -> None:
@@ -73,11 +74,11 @@ def open_image(path: str | Path) -> Any:
     The path is the user's own (not confined to an image root), but it passes the same gate as data images:
     no URL or video, a regular file, its size checked from the header before decoding, truncation caught.
     """
-    from dpa_cli.data.image_refs import ImageRef
+    from dpa_cli.data.image_refs import image_ref
     from dpa_cli.data.images import ImageError, load_image
 
-    try:
-        return load_image(ImageRef(path=os.path.expanduser(str(path))))[0]
+    try:  # the resolver data images go through: a data:image/...;base64, URI is an image too, a URL is refused
+        return load_image(image_ref(os.path.expanduser(str(path)), None))[0]
     except ImageError as err:
         raise BadInputError(err.message) from None
 

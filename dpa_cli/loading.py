@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.trust import Verdict, examine
+
+if TYPE_CHECKING:
+    from dpa_cli.workspace.results import StageResult
 
 log = logging.getLogger(__name__)
 # What transformers says when a folder needs its own code and may not run it.
@@ -113,3 +117,30 @@ def load_adapter(model: Any, folder: str | Path) -> Any:
 
     check_json_files(folder)  # adapter_config.json: peft's parser would crash on a damaged one
     return PeftModel.from_pretrained(model, folder)
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu", allow_code: bool = False) -> Any:
+    """A stage result's model in eval mode: the checkpoint, with its LoRA adapter applied unmerged, as training
+    ran it. `dtype`: a torch dtype, or None for the stored one. `allow_code`: --trust-remote-code."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own output says what is loading
+    folder = result.model_dir
+    try:
+        model = load_model(folder, allow_code, dtype=dtype or "auto")
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{folder}: cannot load it ({_first_line(err)})", hint="check it with `dpa inspect`") from None
+    if result.adapter_dir is not None:
+        try:
+            with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a question it has renamed
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                model = load_adapter(model, result.adapter_dir)
+        except (ValueError, KeyError, RuntimeError) as err:
+            hint = "the adapter must come from training this stage's model; restore it or train the stage again"
+            raise CheckpointError(f"{result.adapter_dir}: peft cannot apply it ({_first_line(err)})", hint=hint) from None
+    return model.to(device).eval()

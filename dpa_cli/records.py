@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.defaults import ExportLora
 from dpa_cli.jsonio import read_json
+from dpa_cli.workspace.layout import EXPORT_RECORD
 from dpa_cli.schema import AnyValue, Bool, Context, Int, ListOf, MapOf, Number, Record, RelPath, Sha256, Spec, Str
 from dpa_cli.schema import validate
 
-EXPORT_RECORD = "dpa_export.json"  # the same name as dpa_cli.export.files.EXPORT_RECORD (no import cycle)
 CHECKSUMS = "checksums"
 STAGE_NAME = Str(pattern=r"stage\d+", like="stage1")
 FILES = MapOf(Sha256(), key=RelPath())  # a manifest of files: path inside the folder -> sha256
@@ -83,7 +84,7 @@ WORKSPACE = Record({
     "upgrade": _UPGRADE, "stages": MapOf(_STAGE, key=STAGE_NAME), CHECKSUMS: FILES,
 }, required=("created", "versions", "options", "plan", "upgrade", "stages", CHECKSUMS))  # fmt: skip
 EXPORT = _every({  # all written by every export
-    "path": Str(), "stage": Str(), "source": Str(), "lora": Str(choices=("merged", "kept", "none")),
+    "path": Str(), "stage": Str(), "source": Str(), "lora": Str(choices=ExportLora.names()),
     "dtype": Str(nullable=True), "weights": MapOf(AnyValue()), "created": Str(timestamp=True), "verified": Bool(),
     "max_abs_diff": Number(nullable=True, finite=False), "tolerance": Number(nullable=True), CHECKSUMS: FILES,
 })  # fmt: skip

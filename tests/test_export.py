@@ -19,7 +19,8 @@ from dpa_cli.errors import CheckpointError
 from dpa_cli.export import verify
 from dpa_cli.export.adapter import read_adapter_config
 from dpa_cli.export.merge import export_weights
-from dpa_cli.export.stages import StageResult, load_as_trained, stage_result
+from dpa_cli.loading import load_as_trained
+from dpa_cli.workspace.results import StageResult, stage_result
 from tests.trained_workspace import add_full_stage2, add_lora_stage2, add_stage1, random_lora, upgraded
 
 runner = CliRunner()

@@ -127,3 +127,42 @@ def test_a_layout_refuses_ambiguous_prefixes():
         KeyLayout("bad", {Component.VISION: ("visual",), Component.PROJECTOR: ("visual",)})
     with pytest.raises(UnknownFamilyError, match="known families"):
         get_family("nope")
+
+
+
+@pytest.fixture(scope="module")
+def perceiver_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, str]]:
+    """{perceiver family: (a config.json of it, the model_type a DPA config records for it as perceiver)}: the tiny
+    checkpoints', and the official formats' (whose hub ids resolve through a tiny local hub cache)."""
+    from tests.factories import paper_hub_cache, tiny_config
+    from tests.official_layouts import baseline_config, hw_config
+
+    configs = {}
+    for name, spec in SPECS.items():
+        config = tiny_config(name)
+        configs.setdefault(spec.family, config if isinstance(config, dict) else config.to_dict())
+    configs.update(qwen_custom_vl_hw_new=hw_config(), llava_baseline=baseline_config())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_CACHE", str(paper_hub_cache(tmp_path_factory.mktemp("hub"))))
+        native = {name: FAMILIES[name].native_config for name in configs}
+        return {name: (c, (native[name](c) if native[name] else c)["model_type"]) for name, c in configs.items()}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, f in FAMILIES.items() if Role.PERCEIVER in f.roles))
+def test_every_perceiver_family_has_every_fact_a_perceiver_needs(name, perceiver_configs):
+    """A family that may be a perceiver declares all a perceiver needs: the ViT kept in every key layout, the
+    processor's image rule for the model type its DPA config records (remote code, so the rule lives there),
+    and, when its ViT composes perceivers, kept prefixes inside its ViT; adding a family without one fails here."""
+    from dpa_cli.model.processing_dpa import PERCEIVER_FAMILIES
+
+    family = FAMILIES[name]
+    config, recorded = perceiver_configs[name]
+    assert detect_family(config) is family
+    for key_layout in family.layouts:
+        assert key_layout.prefixes(Component.VISION), f"{name}/{key_layout.name}: no ViT to keep"
+    assert recorded in PERCEIVER_FAMILIES, f"{name}: no processor rule for perceiver model_type {recorded!r}"
+    if family.composition is not None:
+        vit = family.layout("v5").prefixes(Component.VISION)
+        for kept in family.composition.vit:
+            assert any(kept.startswith(prefix) or prefix.startswith(kept) for prefix in vit), (name, kept)
+        assert all(new.startswith("model.perceiver.") for new in family.composition.new)

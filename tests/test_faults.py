@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from dpa_cli.checksums import verify_path
 from dpa_cli.cli.app import app
-from dpa_cli.workspace import latest_checkpoint
-from dpa_cli.workspace import read_manifest
+from dpa_cli.workspace.layout import latest_checkpoint
+from dpa_cli.workspace.manifest import read_manifest
 from tests.fault_kit import Runner, leftovers, tree_hash
 
 SEED = int(os.environ.get("DPA_FAULT_SEED", "20260515"))
@@ -148,14 +148,14 @@ def _captions(root: Path, colours: dict) -> Path:
 
 class FullDisk:
     """The file system fills up after `room` more bytes: writes through Python files and the kernel's
-    copy_file_range then fail with ENOSPC, as they would on a real full disk."""
+    copy_file_range and sendfile then fail with ENOSPC, as they would on a real full disk."""
 
     def __init__(self, monkeypatch, room: int):
         import builtins
 
         from dpa_cli.checkpoint import writer
 
-        self.room, real_open, real_copy = room, builtins.open, os.copy_file_range
+        self.room, real_open, real_copy, real_send = room, builtins.open, os.copy_file_range, os.sendfile
 
         def spend(count: int, name) -> None:
             if count > self.room:
@@ -187,9 +187,14 @@ class FullDisk:
             spend(count, None)
             return real_copy(src, dst, count, offset_src, offset_dst)
 
+        def full_send(out_fd, in_fd, offset, count, *args, **kwargs):
+            spend(count, None)
+            return real_send(out_fd, in_fd, offset, count, *args, **kwargs)
+
         for module in (writer, __import__("dpa_cli.checkpoint.atomic", fromlist=["_"])):
             monkeypatch.setattr(module, "open", full_open, raising=False)
         monkeypatch.setattr(os, "copy_file_range", full_copy)
+        monkeypatch.setattr(os, "sendfile", full_send)
         for name in ("write_text", "write_bytes"):  # side files (config.json, index) go through pathlib
             real = getattr(Path, name)
 
@@ -240,7 +245,7 @@ def test_a_full_disk_during_export_keeps_the_workspace_and_the_old_export(monkey
 
 
 def test_a_full_disk_while_dpa_yaml_is_replaced_keeps_the_old_one(monkeypatch, inputs, tmp_path):
-    from dpa_cli.workspace import write_manifest
+    from dpa_cli.workspace.manifest import write_manifest
 
     ws = tmp_path / "ws"
     assert CliRunner().invoke(app, ["upgrade", *inputs, "-o", str(ws), "--no-verify-load"]).exit_code == 0

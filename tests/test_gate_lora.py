@@ -226,7 +226,8 @@ def card_load_code(readme: str) -> str:
 def loaded(straight, tmp_path_factory) -> dict:
     """The LoRA stage loaded every way: dpa's own, the merged export, and plain peft in one fresh interpreter."""
     from dpa_cli.export.probe_check import probe_inputs
-    from dpa_cli.export.stages import load_as_trained, load_processor, stage_result
+    from dpa_cli.loading import load_as_trained, load_processor
+    from dpa_cli.workspace.results import stage_result
 
     work = tmp_path_factory.mktemp("loaded")
     merged, kept = work / "merged", work / "kept"
@@ -238,7 +239,7 @@ def loaded(straight, tmp_path_factory) -> dict:
     assert printed, result.stdout
 
     stage = stage_result(straight)
-    inputs = probe_inputs(load_processor(stage))
+    inputs = probe_inputs(load_processor(stage.model_dir))
     save_file({k: v.contiguous() for k, v in inputs.items()}, work / "probe.st")
     with torch.no_grad():
         dpa = load_as_trained(stage, dtype=torch.float32)(**inputs).logits

@@ -97,7 +97,7 @@ RANGE_VARIANTS = [
     ("report_to", "[none, no_such_backend]"),
     # Trainer features dpa train does not use, which transformers refuses only once training starts
     ("eval_strategy", "steps"), ("do_eval", "true"), ("load_best_model_at_end", "true"), ("save_strategy", "best"),
-    ("push_to_hub", "true"), ("fsdp", "full_shard"), ("train_sampling_strategy", "group_by_length"),
+    ("push_to_hub", "true"), ("fsdp", "full_shard"), ("train_sampling_strategy", "batch_rebalance"),
     ("learning_rate", "1" + "0" * 400), ("max_steps", "1" + "0" * 30),  # beyond float / 64-bit int
 ]  # fmt: skip
 MISSING = [name for name in ("wandb", "tensorboard", "mlflow") if importlib.util.find_spec(name) is None]

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from dpa_cli.cli.app import app
-from dpa_cli.workspace import latest_checkpoint, read_manifest
+from dpa_cli.workspace.layout import latest_checkpoint
+from dpa_cli.workspace.manifest import read_manifest
 from tests.fault_kit import Runner, tree_hash
 from tests.finished_stage import SMALL, own, train_args
 from tests.test_train import weights

@@ -299,12 +299,24 @@ def test_every_perceiver_family_feeds_the_target(tiny_checkpoint, perceiver):
 
 
 def test_keepalive_runs_the_perceiver_with_zero_weight_and_gives_it_gradients(images):
-    """A text-only batch in distributed training still runs the perceiver (on a stand-in image)."""
+    """A text-only batch in training still runs the perceiver (on a stand-in image), between the text embeddings
+    and the target LLM as an image batch would; the shipped model's forward knows nothing of it."""
+    from dpa_cli.train.keepalive import PerceiverKeepalive
+
     model = tiny_dpa().train()
     text = target_batch([[[5, 6, 7, 8]]], [])
     plain = model(**text, labels=text["input_ids"])
-    kept = model(**text, **perceiver_inputs(images[:1]), perceiver_keepalive=True, labels=text["input_ids"])
+    order = []
+    model.model.perceiver.register_forward_hook(lambda *args: order.append("perceiver"))
+    model.model.language_model.register_forward_hook(lambda *args: order.append("llm"))
+    keepalive = PerceiverKeepalive(model)
+    keepalive.arm(perceiver_inputs(images[:1]))
+    kept = model(**text, labels=text["input_ids"])
+    assert order == ["perceiver", "llm"]
     torch.testing.assert_close(kept.logits, plain.logits)
     kept.loss.backward()
     grad = model.model.perceiver.language_model.layers[0].mlp.up_proj.weight.grad
     assert grad is not None and torch.count_nonzero(grad) == 0
+    order.clear()
+    model(**text)  # disarmed after one forward
+    assert order == ["llm"]

@@ -330,3 +330,10 @@ def test_transformers_keeps_packed_samples_apart_for_every_text_model_kind(kind,
         packed = model(**model_inputs({"input_ids": ids, "position_ids": positions, PACKED: True})).last_hidden_state
         alone = torch.cat([model(input_ids=s).last_hidden_state for s in samples], dim=1)
     assert (packed[:, :15] - alone).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("spelling", [["pack=true", "train_sampling_strategy=group_by_length"],
+                                      ["train_sampling_strategy=group_by_length", "pack=yes"]])  # fmt: skip
+def test_packing_and_length_grouping_together_are_refused(spelling):
+    with pytest.raises(BadInputError, match="pack=true and train_sampling_strategy=group_by_length"):
+        load_recipe("stage2-full", spelling)

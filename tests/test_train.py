@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from dpa_cli.cli.app import app
 from dpa_cli.parts import part_of, perceiver_family
-from dpa_cli.upgrade.naming import meta_model, rename_to_memory
+from dpa_cli.checkpoint.naming import meta_model, rename_to_memory
 
 runner = CliRunner()
 # Small and fast: 4 samples per step, 2 per device, no checkpoints unless a test asks.

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dpa_cli.cli.app import app
 from dpa_cli.model import DPAForConditionalGeneration
 from dpa_cli.upgrade import surgery
-from dpa_cli.workspace import is_workspace
+from dpa_cli.workspace.manifest import is_workspace
 from tests.factories import copy_checkpoint, read_tensors
 from tests.tiny_processors import example_image
 

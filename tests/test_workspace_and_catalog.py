@@ -11,7 +11,7 @@ from dpa_cli.catalog import expand_alias, load_catalog
 from dpa_cli.cli.app import app
 from dpa_cli.errors import BadInputError, ModelNotFoundError
 from dpa_cli.upgrade.sources import ComposedSpec, parse_perceiver_spec
-from dpa_cli.workspace import find_workspace, read_manifest, write_manifest
+from dpa_cli.workspace.manifest import find_workspace, read_manifest, write_manifest
 
 runner = CliRunner()
 

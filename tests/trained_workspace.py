@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 import dpa_cli.model  # noqa: F401  registers the DPA classes
 from dpa_cli.cli.app import app
-from dpa_cli.train.save import point_adapter_at, write_base_with
-from dpa_cli.upgrade.naming import meta_model
-from dpa_cli.workspace import read_manifest, write_manifest
+from dpa_cli.checkpoint.side_files import point_adapter_at
+from dpa_cli.train.save import write_base_with
+from dpa_cli.checkpoint.naming import meta_model
+from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
 LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 PHI = "model.multi_modal_projector."

@@ -69,7 +69,7 @@ def collect(runnable: Any, pairs: list[Pair], on_pair: Callable[[int], None] | N
 
 
 def _workspace_of(source: Any) -> Path | None:
-    from dpa_cli.workspace import is_workspace
+    from dpa_cli.workspace.manifest import is_workspace
 
     if source.workspace is not None:
         return source.workspace
@@ -78,8 +78,8 @@ def _workspace_of(source: Any) -> Path | None:
 
 def default_baseline(model: str) -> tuple[str | None, str]:
     """The original model MODEL was upgraded from, as dpa.yaml records it, and a note saying where it came from."""
-    from dpa_cli.export.stages import find_runnable
-    from dpa_cli.workspace import read_manifest
+    from dpa_cli.workspace.results import find_runnable
+    from dpa_cli.workspace.manifest import read_manifest
 
     workspace = _workspace_of(find_runnable(model))
     if workspace is None:

@@ -24,7 +24,7 @@ from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.flops import flop_counter
 from dpa_cli.generate import Runnable, build_inputs, check_runnable, open_runnable, user_turn
 from dpa_cli.loading import load_config
-from dpa_cli.workspace import read_manifest
+from dpa_cli.workspace.manifest import read_manifest
 
 # The fixed prompt set: one image each, of different shapes so AnyRes-style processors tile them differently.
 PROMPTS = (
@@ -59,7 +59,7 @@ def resolve_baseline(spec: str, baseline: str | None) -> str:
     """--baseline, else the target recorded in the workspace's dpa.yaml, else a clear error."""
     if baseline:
         return baseline
-    from dpa_cli.export.stages import find_runnable
+    from dpa_cli.workspace.results import find_runnable
 
     workspace = find_runnable(spec).workspace
     if workspace is None:
@@ -80,7 +80,7 @@ def _text_shape(config: Any) -> tuple[int, int, int]:
 
 def check_pair(model: str, baseline: str, allow_code: bool = False) -> None:
     """MODEL must be a DPA model and ORIGINAL not, with the same target LLM: checked on configs, before loading."""
-    from dpa_cli.export.stages import find_runnable
+    from dpa_cli.workspace.results import find_runnable
 
     dpa, original = (load_config(find_runnable(spec).model_dir, allow_code) for spec in (model, baseline))
     if dpa.model_type != "dpa":

@@ -1,5 +1,7 @@
-"""Shared measuring for the file-moving benches: work timed in a fresh child process with its resident memory
-sampled every 5 ms, and the `cp -r` baselines it is compared with."""
+"""Shared measuring for the file-moving benches: work in a fresh child process, timed twice. From the outside,
+end to end as a user waits for it (interpreter start and every import included); from the inside, the work
+alone, after its imports (themselves timed: torch + transformers, then the rest), with its resident memory
+sampled every 5 ms and its phases probed (`bench/phases.py`). Then the `cp -r` baselines it is compared with."""
 
 from __future__ import annotations
 
@@ -14,22 +16,32 @@ from typing import Any
 # `work(*argv)` is defined by the caller's snippet; imports happen before the clock and the memory baseline.
 _CHILD = """
 import json, sys, time
+started = time.perf_counter()
+import torch, transformers
+base = time.perf_counter()
 {snippet}
 from dpa_cli.bench.memory import PeakMemory
-
+from dpa_cli.bench.phases import Phases
+imported = time.perf_counter()
+phases = Phases()
 with PeakMemory("cpu") as memory:
-    started = time.perf_counter()
+    begun = time.perf_counter()
     extra = work(*sys.argv[1:]) or {{}}
     done = time.perf_counter()
-print(json.dumps({{"rss_growth": memory.growth, "work_s": done - started, **extra}}))
+print(json.dumps({{"rss_growth": memory.growth, "work_s": done - begun, "import_torch_transformers_s": base - started,
+                  "import_rest_s": imported - base, "phases": phases.seconds, **extra}}))
 """
 
 
 def run_in_child(snippet: str, *args: str) -> dict[str, Any]:
-    """Run `snippet`'s `work(*args)` in a fresh interpreter; returns its seconds, peak RSS growth, extras."""
+    """Run `snippet`'s `work(*args)` in a fresh interpreter; returns its seconds, peak RSS growth, import seconds
+    (torch + transformers, then the rest the snippet imports), the phases' seconds, the snippet's extras, and
+    `end_to_end_s`: the process's wall time from launch to exit."""
+    started = time.perf_counter()
     child = subprocess.run([sys.executable, "-c", _CHILD.format(snippet=snippet), *args],
                            capture_output=True, text=True, check=True)  # fmt: skip
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    seconds = time.perf_counter() - started
+    return {**json.loads(child.stdout.strip().splitlines()[-1]), "end_to_end_s": seconds}
 
 
 def copy_seconds(source: Path, dest: Path, sync: bool) -> float:
@@ -49,9 +61,24 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def ratios(runs: list[dict[str, Any]], mode: str) -> dict[str, dict[str, float]]:
-    """Time against both copies and RSS growth against the largest written shard, over the repeats."""
+    """Over the repeats: the work against both copies; end to end against the durable copy, whole and net of
+    the torch + transformers import; RSS growth against the largest written shard."""
     return {
         "time_over_cp": stats([r[mode]["work_s"] / r["cp_s"] for r in runs]),
         "time_over_cp_sync": stats([r[mode]["work_s"] / r["cp_sync_s"] for r in runs]),
+        "end_to_end_over_cp_sync": stats([r[mode]["end_to_end_s"] / r["cp_sync_s"] for r in runs]),
+        "end_to_end_net_over_cp_sync": stats([(r[mode]["end_to_end_s"] - r[mode]["import_torch_transformers_s"])
+                                              / r["cp_sync_s"] for r in runs]),  # fmt: skip
         "rss_growth_over_shard": stats([r[mode]["rss_growth"] / r[mode]["largest_shard"] for r in runs]),
     }
+
+
+def breakdown(runs: list[dict[str, Any]], mode: str) -> dict[str, float]:
+    """Median seconds per phase over the repeats, imports first, then the probes of `bench/phases.py`."""
+    keys = {"import torch, transformers": "import_torch_transformers_s",
+            "import the rest (transformers' model classes, dpa)": "import_rest_s", "work": "work_s"}  # fmt: skip
+    medians = {label: stats([r[mode][key] for r in runs])["median"] for label, key in keys.items()}
+    for label in runs[0][mode]["phases"]:
+        medians[label] = stats([r[mode]["phases"].get(label, 0.0) for r in runs])["median"]
+    medians["end to end (the process, launch to exit)"] = stats([r[mode]["end_to_end_s"] for r in runs])["median"]
+    return medians

@@ -5,7 +5,6 @@ Headers are parsed by hand so `inspect` never touches tensor bytes; data is read
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 
+from dpa_cli.checkpoint.hashing import sha256_file  # noqa: F401  re-exported: one place hashes files
 from dpa_cli.errors import CheckpointError
 from dpa_cli.jsonio import PARSE_ERRORS, parse_json, reason
 
@@ -411,12 +411,3 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise CheckpointError(f"tensors of dtype {name} cannot be read into torch by dpa")
     return dtypes[name]
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    """Hex SHA-256 of a file, streamed in `chunk`-byte reads so large shards stay out of memory."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,19 +1,17 @@
 """Writing checkpoints: tensors streamed into size-capped safetensors shards, Hugging Face names, an index.
 
 Shards are planned from tensor specs before any data moves, so each header is written first and every
-tensor is produced, written and freed one at a time: peak memory is one tensor, not one shard.
-Each file's sha256 is computed while it is written (in a background thread), for the manifests that
-`dpa verify` checks: no second read pass from disk.
+tensor is produced, written and freed one at a time: peak memory is one tensor (or a few chunks), not one
+shard. Bytes that do not change are copied by the kernel, a run of consecutive tensors in one call
+(`checkpoint/copying.py`). Each file's sha256 is computed while it is written, in a thread of its own, for
+the manifests that `dpa verify` checks: no second pass over the files.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
-import os
-import re
 import struct
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,24 +22,15 @@ from typing import BinaryIO, Union
 import torch
 
 from dpa_cli.checkpoint.atomic import fsync_path
+from dpa_cli.checkpoint.copying import CastSlice, Streams, append, extend
+from dpa_cli.checkpoint.hashing import FileDigest
 from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, FileSlice, torch_dtypes
-from dpa_cli.errors import BadInputError
+from dpa_cli.checkpoint.sizes import parse_size
+
+__all__ = ["CastSlice", "FileSlice", "Producer", "TensorSpec", "parse_size", "plan_shards", "shard_names",
+           "write_safetensors", "write_sharded"]  # fmt: skip
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in torch_dtypes().items()}
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """`"5GB"` -> 5_000_000_000 (decimal units as in transformers; `GiB` for binary), ints pass through."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(text)
-    if not match or float(match.group(1)) <= 0:
-        raise BadInputError(f"bad size {text!r}", hint="write it like 200MB, 5GB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
 
 
 @dataclass(frozen=True)
@@ -61,81 +50,9 @@ class TensorSpec:
         return self.numel * self.dtype.itemsize
 
 
-# Where copy_file_range cannot work (across file systems, old kernels), bytes go through user space.
-_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
-
-
-class _StreamDigest:
-    """sha256 of a file as it is written, hashed in a background thread (hashlib releases the GIL).
-
-    One piece is hashed while the next is produced; each piece stays alive until its turn, so order holds
-    and at most two tensors are in memory.
-    """
-
-    def __init__(self, pool: ThreadPoolExecutor):
-        self.hash, self.pool, self.pending = hashlib.sha256(), pool, None
-
-    def _submit(self, fn: Callable, *args) -> None:
-        self.wait()
-        self.pending = self.pool.submit(fn, *args)
-
-    def update(self, data) -> None:
-        self._submit(self.hash.update, data)
-
-    def update_range(self, fd: int, offset: int, length: int) -> None:
-        """Bytes the kernel copied (never in our memory): read back from the page cache they were just written to."""
-        self._submit(_hash_range, self.hash, fd, offset, length)
-
-    def wait(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.result()
-
-    def hexdigest(self) -> str:
-        self.wait()
-        return self.hash.hexdigest()
-
-
-def _hash_range(digest, fd: int, offset: int, length: int) -> None:
-    while length:
-        chunk = os.pread(fd, min(length, 8 << 20), offset)
-        if not chunk:
-            raise EOFError(f"file descriptor {fd} ended early")
-        digest.update(chunk)
-        offset, length = offset + len(chunk), length - len(chunk)
-
-
-def _copy_slice(piece: FileSlice, handle: BinaryIO, digest: _StreamDigest) -> None:
-    """Copy in the kernel (copy_file_range, as `cp` does); fall back to chunked reads where unsupported."""
-    handle.flush()  # the raw descriptor must be at the buffered position
-    start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
-    with open(piece.path, "rb") as source:
-        offset, left = piece.offset, piece.nbytes
-        try:
-            while left:
-                copied = os.copy_file_range(source.fileno(), handle.fileno(), left, offset)
-                if copied == 0:
-                    raise EOFError(f"{piece.path} ended early")
-                offset, left = offset + copied, left - copied
-        except (AttributeError, OSError) as err:
-            if isinstance(err, OSError) and err.errno not in _NO_COPY_RANGE:
-                raise
-            source.seek(offset)
-            if offset > piece.offset:  # part went through the kernel before it gave up
-                digest.update_range(handle.fileno(), start, offset - piece.offset)
-            while left:
-                chunk = source.read(min(left, 8 << 20))
-                if not chunk:
-                    raise EOFError(f"{piece.path} ended early") from None
-                handle.write(chunk)
-                digest.update(chunk)
-                left -= len(chunk)
-            return
-    digest.update_range(handle.fileno(), start, piece.nbytes)
-
-
-# Given a planned tensor, returns its values, or a FileSlice to copy when the bytes are already right.
-Producer = Callable[[TensorSpec], Union[torch.Tensor, FileSlice]]
+# Given a planned tensor: its values; or a FileSlice to copy when the bytes are already right; or a CastSlice
+# when they only need converting to the planned dtype.
+Producer = Callable[[TensorSpec], Union[torch.Tensor, FileSlice, CastSlice]]
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -174,15 +91,73 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _check(spec: TensorSpec, tensor: torch.Tensor | FileSlice) -> None:
-    if isinstance(tensor, FileSlice):
-        if tensor.nbytes != spec.nbytes:
-            raise ValueError(f"{spec.name}: {tensor.nbytes} bytes to copy, planned {spec.nbytes}")
+def _check(spec: TensorSpec, item: torch.Tensor | FileSlice | CastSlice) -> None:
+    if isinstance(item, (FileSlice, CastSlice)):
+        piece, dtype = (item, spec.dtype) if isinstance(item, FileSlice) else (item.piece, item.dtype)
+        if piece.nbytes != spec.numel * dtype.itemsize:
+            raise ValueError(f"{spec.name}: {piece.nbytes} bytes to copy, planned {spec.numel * dtype.itemsize}")
         return
-    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+    if tuple(item.shape) != spec.shape or item.dtype != spec.dtype:
         raise ValueError(
-            f"{spec.name}: produced {tensor.dtype} {list(tensor.shape)}, planned {spec.dtype} {list(spec.shape)}"
+            f"{spec.name}: produced {item.dtype} {list(item.shape)}, planned {spec.dtype} {list(spec.shape)}"
         )
+
+
+class _FileWriter:
+    """One safetensors file being written: each produced piece appended in order, slices that continue one
+    another merged into one kernel copy, every byte handed to the file's digest."""
+
+    def __init__(self, handle: BinaryIO, digest: FileDigest, streams: Streams):
+        self.handle, self.digest, self.streams = handle, digest, streams
+        self.run: FileSlice | None = None  # bytes still to copy, grown while the next slice continues them
+
+    def add(self, spec: TensorSpec, item: torch.Tensor | FileSlice | CastSlice) -> None:
+        if isinstance(item, FileSlice):
+            grown = extend(self.run, item)
+            if grown is None:
+                self.flush()
+            self.run = grown or item
+            return
+        self.flush()
+        if isinstance(item, CastSlice):
+            self.streams.cast(item, spec.dtype, self.handle, self.digest)
+            return
+        self.streams.write(item, self.handle, self.digest)  # hashed from the file: freed as soon as written
+
+    def flush(self) -> None:
+        if self.run is not None:
+            run, self.run = self.run, None
+            self.streams.copy_run(run, self.handle, self.digest)
+
+
+def _write_file(
+    path: Path,
+    specs: list[TensorSpec],
+    produce: Producer,
+    streams: Streams,
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> FileDigest:
+    """Write one safetensors file; its digest's `result` is the future of its sha256, hashed as written."""
+    with open(path, "wb") as handle:
+        digest = FileDigest(path)
+        try:
+            append(handle, digest, memoryview(_header(specs, metadata or {"format": "pt"})))
+            writer = _FileWriter(handle, digest, streams)
+            for spec in specs:
+                item = produce(spec)
+                _check(spec, item)
+                writer.add(spec, item)
+                del item
+                if on_bytes:
+                    on_bytes(spec.nbytes)
+            writer.flush()
+            handle.flush()
+        except BaseException:
+            digest.abandon()
+            raise
+    digest.finish()
+    return digest
 
 
 def write_safetensors(
@@ -197,28 +172,13 @@ def write_safetensors(
 
     Returns the file's sha256 (hex), computed from the bytes as they were written.
     """
-    # Opened for reading too: bytes the kernel copied are hashed by reading them back (from the page cache).
-    with open(path, "w+b") as handle, ThreadPoolExecutor(1, thread_name_prefix="dpa-sha256") as pool:
-        digest = _StreamDigest(pool)
-        header = _header(specs, metadata or {"format": "pt"})
-        handle.write(header)
-        digest.update(header)
-        for spec in specs:
-            tensor = produce(spec)
-            _check(spec, tensor)
-            if isinstance(tensor, FileSlice):
-                _copy_slice(tensor, handle, digest)
-            else:  # write the tensor's own memory: no bytes copy of the whole tensor
-                data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
-                handle.write(data)
-                digest.update(data)
-            if on_bytes:
-                on_bytes(spec.nbytes)
-            del tensor
-        handle.flush()
-        hexdigest = digest.hexdigest()  # before the file closes: kernel-copied ranges are read back from it
-        if sync:
-            os.fsync(handle.fileno())
+    streams = Streams()
+    try:
+        hexdigest = _write_file(path, specs, produce, streams, metadata, on_bytes).result.result()
+    finally:
+        streams.close()
+    if sync:
+        fsync_path(path)
     return hexdigest
 
 
@@ -240,16 +200,24 @@ def write_sharded(
         raise ValueError(f"tensor {duplicate!r} is planned twice")
     shards = plan_shards(specs, max_shard_bytes)
     files = [Path(folder) / name for name in shard_names(len(shards))]
-    # Each finished shard is flushed to disk in the background while the next one is written; all are
-    # durable before this returns (and so before any caller renames the folder into place).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpa-fsync") as syncer:
-        pending = []
-        found: dict[str, str] = {}
-        for path, shard in zip(files, shards):
-            found[path.name] = write_safetensors(path, shard, produce, on_bytes=on_bytes, sync=False)
-            pending.append(syncer.submit(fsync_path, path))
-        for done in pending:
-            done.result()
+    streams = Streams()
+    hashing: list[FileDigest] = []
+    # Each finished shard is hashed (its own thread) and flushed to disk (one fsync per shard, in the
+    # background) while the next one is written; all are durable before this returns, and so before any
+    # caller renames the folder into place.
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpa-fsync") as syncer:
+            synced = []
+            for path, shard in zip(files, shards):
+                if len(hashing) >= 2:  # at most two files hashing at once: one being written, one finishing
+                    hashing[-2].result.result()
+                hashing.append(_write_file(path, shard, produce, streams, on_bytes=on_bytes))
+                synced.append(syncer.submit(fsync_path, path))
+            for done in synced:
+                done.result()
+    finally:
+        streams.close()
+    found = {path.name: digest.result.result() for path, digest in zip(files, hashing)}
     if len(files) > 1:
         weight_map = {spec.name: path.name for path, shard in zip(files, shards) for spec in shard}
         index = {

@@ -21,7 +21,7 @@ def modality_gap(
     model: RunModelArg,
     data: Annotated[str, typer.Option("--data", "-d", help="Image-text pairs: LLaVA JSON/JSONL, or a Hugging Face datasets folder.", show_default=False)],
     baseline: Annotated[str | None, typer.Option("--baseline", "-b", help="The original model to compare with \\[default: the target recorded in the workspace's dpa.yaml].", show_default=False)] = None,
-    image_root: Annotated[Path | None, typer.Option(help="Folder the data's image paths are relative to (default: the data's folder).")] = None,
+    image_root: Annotated[str | None, typer.Option(metavar="DIR", help="Folder the data's image paths are relative to (default: the data's folder).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for modality_gap.csv and modality_gap.png.")] = Path("modality-gap"),
     limit: Annotated[int, typer.Option(min=1, help="Use the first N samples that hold images.")] = 32,
     device: DeviceOpt = None,

@@ -17,7 +17,7 @@ app = DpaTyper(
     name="dpa",
     help="Upgrade a LLaVA-style vision-language model in place with Deep Pre-Alignment (DPA).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

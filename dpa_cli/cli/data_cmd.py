@@ -19,7 +19,7 @@ data_app = DpaTyper(help="Training data: check a dataset against a workspace bef
 @data_app.command("check", no_args_is_help=True)
 def check(
     data: Annotated[str, typer.Argument(help="LLaVA JSON/JSONL file, or a Hugging Face datasets folder / parquet / arrow file.", show_default=False)],
-    image_root: Annotated[Path | None, typer.Option(help="Folder the data's image paths are relative to (default: the data's folder).")] = None,
+    image_root: Annotated[str | None, typer.Option(metavar="DIR", help="Folder the data's image paths are relative to (default: the data's folder).")] = None,
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace whose processor is used (default: found like git finds a repo).")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N samples.")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="Read image headers only (size, mode) instead of decoding images.")] = False,
@@ -45,12 +45,14 @@ def check(
       dpa data check instruct.json --limit 1 --preview
     """
     from dpa_cli.data.check import check_dataset
-    from dpa_cli.workspace import find_workspace
+    from dpa_cli.train.recipe import recipe_max_length
+    from dpa_cli.workspace.manifest import find_workspace
 
     folder = find_workspace(workspace)
+    max_length = max_length or recipe_max_length(stage, recipe)  # what training cuts at
     with _progress(quiet=json_) as report:
         result = check_dataset(data, folder, image_root=image_root, limit=limit, fast=fast, max_length=max_length,
-                               stage=stage, progress=report, recipe=recipe)  # fmt: skip
+                               stage=stage, progress=report)  # fmt: skip
     if json_:
         print_json(result)
     else:

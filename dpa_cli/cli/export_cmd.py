@@ -10,6 +10,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from dpa_cli.cli.inspect_cmd import human_bytes
 from dpa_cli.cli.options import JsonFlag, SizeOption, TrustRemoteCodeFlag
+from dpa_cli.defaults import SHARD_SIZE_TEXT
 from dpa_cli.cli.render import err, out, print_json
 from dpa_cli.export.card import load_line
 
@@ -27,7 +28,7 @@ def export(
     keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="Ship the LoRA adapter unmerged, in OUT/adapter/.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as trained), bf16, fp16 or fp32.")] = "auto",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload with plain transformers and compare logits.")] = True,
-    shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
+    shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = SHARD_SIZE_TEXT,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     trust_remote_code: TrustRemoteCodeFlag = False,
     json_: JsonFlag = False,
@@ -49,7 +50,7 @@ def export(
     """
     from dpa_cli.export.merge import output_bytes
     from dpa_cli.export.run import ExportRequest, plan_export, run_export
-    from dpa_cli.workspace import find_workspace
+    from dpa_cli.workspace.manifest import find_workspace
 
     request = ExportRequest(
         workspace=find_workspace(workspace), output=output, stage=stage, merge_lora=merge_lora,

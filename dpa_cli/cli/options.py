@@ -28,7 +28,7 @@ TrustRemoteCodeFlag = Annotated[
 def size_value(text: str | int) -> int:
     """A size flag's value (`200MB`, `5GB`, `2GiB`) in bytes. A bad one is a usage error, so the message names
     the flag it was given to (`Invalid value for '--shard-size': bad size 'lots'`)."""
-    from dpa_cli.checkpoint.writer import parse_size  # imports torch: only once a size is parsed
+    from dpa_cli.checkpoint.sizes import parse_size
     from dpa_cli.errors import BadInputError
 
     try:

@@ -12,6 +12,7 @@ from rich.table import Table
 from dpa_cli.cli.inspect_cmd import human_bytes, human_count
 from dpa_cli.cli.options import JsonFlag, SizeOption
 from dpa_cli.cli.render import err, out, print_json
+from dpa_cli.defaults import SHARD_SIZE_TEXT, Dtype
 
 
 def upgrade(
@@ -25,7 +26,7 @@ def upgrade(
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the target's), bf16, fp16 or fp32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the new projector weights (same seed, same bytes).")] = 0,
     perceiver_layers: Annotated[int | None, typer.Option(min=0, help="Keep only the perceiver's first N language blocks (0: the ViT-only ablation).")] = None,
-    shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = "5GB",
+    shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = SHARD_SIZE_TEXT,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing workspace.")] = False,
     verify_load: Annotated[bool | None, typer.Option("--verify-load/--no-verify-load", help="Load and run the result (default: when at most 2 GB).", show_default=False)] = None,
@@ -48,41 +49,42 @@ def upgrade(
       dpa upgrade ./Qwen3-4B --perceiver ./paper-perceiver --encoding paper -o ws
       dpa upgrade team6013/DPA-4B-init -o ws        # an official DPA checkpoint, renamed into a workspace
     """
+    from dpa_cli.upgrade.fingerprint import InputHashes
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import check_output, default_workspace, plan_upgrade, run_upgrade
     from dpa_cli.upgrade.summary import plan_summary
 
     options = Options(projector, feature_span, early_fusion, dtype, seed, shard_size, perceiver_layers, encoding)
     _check_choices(options)
-    plan = plan_upgrade(target, perceiver, options)
-    summary = plan_summary(plan)
-    workspace = output or default_workspace(target, perceiver)
-    if dry_run:
-        print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(summary, workspace)
-        return
-    check_output(workspace, plan.sources, force)  # refuse before printing a plan the user must scroll past
-    if not json_:
-        render_plan(summary, workspace)
-    with _progress(plan.output_bytes, quiet=json_) as on_bytes:
-        result = run_upgrade(plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes)
+    inputs = None if dry_run else InputHashes()  # hashed while the plan imports and builds its models
+    try:
+        plan = plan_upgrade(target, perceiver, options, inputs)
+        summary = plan_summary(plan)
+        workspace = output or default_workspace(target, perceiver)
+        if dry_run:
+            print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(summary, workspace)
+            return
+        check_output(workspace, plan.sources, force)  # refuse before printing a plan the user must scroll past
+        if not json_:
+            render_plan(summary, workspace)
+        with _progress(plan.output_bytes, quiet=json_) as on_bytes:
+            result = run_upgrade(plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes, inputs=inputs)
+    finally:
+        if inputs is not None:
+            inputs.cancel()  # a refusal or a failure does not wait for the hashing
     if json_:
         print_json(result)
     else:
         render_result(result)
 
 
-CHOICES = {
-    "projector": ("mlp2x_relu", "mlp2x_gelu", "linear"),
-    "feature_span": ("image", "image+markers"),
-    "encoding": ("dpa", "paper"),
-    "dtype": ("auto", "bf16", "fp16", "fp32"),
-}
-
-
 def _check_choices(options: Any) -> None:
+    """The flags whose values DPAConfig checks, refused as flags before anything loads."""
     from dpa_cli.errors import BadInputError
+    from dpa_cli.model.configuration_dpa import ENCODINGS, FEATURE_SPANS, PROJECTOR_TYPES
 
-    for name, allowed in CHOICES.items():
+    choices = {"projector": PROJECTOR_TYPES, "feature_span": FEATURE_SPANS, "encoding": ENCODINGS, "dtype": Dtype.names()}
+    for name, allowed in choices.items():
         value = getattr(options, name)
         if value is not None and value not in allowed:
             flag = "--" + name.replace("_", "-")

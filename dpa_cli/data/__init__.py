@@ -9,6 +9,7 @@ from dpa_cli.data.collate import DPACollator, LengthGroupedSampler, length_group
 from dpa_cli.data.dataset import EncodedDataset, EncodedIterableDataset
 from dpa_cli.data.encode import IGNORE_INDEX, SampleEncoder
 from dpa_cli.data.formats import SampleSource, dataset_fingerprint, open_samples
+from dpa_cli.data.lengths import sample_lengths
 from dpa_cli.data.render import render_supervised, supervised_segments
 from dpa_cli.data.samples import BadSampleError, ImageRef, Sample
 
@@ -31,5 +32,6 @@ __all__ = [
     "load_processor",
     "open_samples",
     "render_supervised",
+    "sample_lengths",
     "supervised_segments",
 ]

@@ -15,14 +15,18 @@ from typing import Any
 from dpa_cli import loading
 from dpa_cli.data.encode import CUT, IGNORE_INDEX, length_verdict, SampleEncoder, expand
 from dpa_cli.data.formats import open_samples
-from dpa_cli.data.images import ImageError, capped_size, load_image, probe_image
+from dpa_cli.data.images import ImageError, load_image, probe_image
 from dpa_cli.data.render import perceiver_segments, supervised_segments
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import BadInputError
+from dpa_cli.model.processing_dpa import FeatureCounter
+from dpa_cli.workspace.layout import MODEL_DIR
 
 # kind -> (severity, what it means). Errors make `dpa data check` exit 2; warnings are said, not fatal.
 PROBLEMS: dict[str, tuple[str, str]] = {
     "bad_record": ("error", "malformed sample (missing fields, wrong types, template refuses it)"),
+    "video_sample": ("error", "a video sample (`video` / `videos` entry, <video> marker, video block): dpa trains on "
+                              "images; extract frames"),
     "empty_conversation": ("error", "no turns"),
     "no_assistant": ("error", "no assistant answer to learn"),
     "marker_mismatch": ("error", "<image> markers differ from the number of images"),
@@ -55,60 +59,10 @@ def load_processor(workspace_or_processor: Any) -> Any:
     if not isinstance(workspace_or_processor, (str, Path)):
         return workspace_or_processor
     folder = Path(workspace_or_processor)
-    folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
+    folder = folder / MODEL_DIR if (folder / MODEL_DIR / "config.json").exists() else folder
     if not (folder / "processor_config.json").exists():
         raise BadInputError(f"{folder}: no DPA processor (processor_config.json)", hint="run `dpa upgrade` first")
     return loading.load_processor(folder)
-
-
-class FeatureCounter:
-    """An image's perceiver feature count from its size alone (for `--fast`), equal to the processor's count.
-
-    Qwen-VL perceivers: the image processor's patch count over merge_size^2. LLaVA, LLaVA-NeXT (composed
-    perceivers too) and OneVision: the family's own layout rule fed the image size. Both plus the markers the
-    feature span takes, calibrated once on a real processor run. Other families: the processor run once per
-    distinct size on a blank image.
-    """
-
-    SIZE_RULE = ("llava", "llava_next", "llava_onevision")
-
-    def __init__(self, processor: Any):
-        self.processor, self.cache = processor, {}
-        images = processor.image_processor
-        if processor.family.mm_token_type_ids and hasattr(images, "get_number_of_image_patches"):
-            self.rule = self._qwen_rule
-        elif processor.perceiver_model_type in self.SIZE_RULE:
-            self.rule, self._tokens = self._layout_rule, processor.family.layout(processor)
-        else:
-            self.rule = None
-        calibration = (56, 56)
-        self._inputs = self._run(calibration)
-        self.extra = 0 if self.rule is None else processor.feature_counts(self._inputs)[0] - self.rule(calibration)
-
-    def _run(self, size: tuple[int, int]) -> Any:
-        from PIL import Image
-
-        processor = self.processor
-        texts = processor.perceiver_texts([{"role": "user", "content": [{"type": "image"}]}])
-        kwargs = {} if texts is None else {"perceiver_text": texts}
-        return processor(images=[Image.new("RGB", size)], text=processor.image_token, add_special_tokens=False,
-                         return_tensors="pt", **kwargs)  # fmt: skip
-
-    def _qwen_rule(self, size: tuple[int, int]) -> int:
-        images = self.processor.image_processor
-        return images.get_number_of_image_patches(size[1], size[0], {}) // images.merge_size**2
-
-    def _layout_rule(self, size: tuple[int, int]) -> int:
-        # These layouts read only the image size and the (fixed) crop shape of the processed pixels.
-        inputs = {"image_sizes": [[size[1], size[0]]], "pixel_values": self._inputs["pixel_values"]}
-        return self._tokens(inputs, 0).count(self.processor.perceiver_image_token)
-
-    def __call__(self, size: tuple[int, int]) -> int:
-        """Features of an image of `size` = (width, height), after the encoding's training cap if it has one."""
-        if size not in self.cache:
-            rule, fed = self.rule, capped_size(size, self.processor.train_max_pixels)
-            self.cache[size] = rule(fed) + self.extra if rule else self.processor.feature_counts(self._run(fed))[0]
-        return self.cache[size]
 
 
 class Report:
@@ -224,30 +178,21 @@ class Checker:
                 report.add(sample.id, "too_long", f"{where}; {verdict}")
 
 
-def recipe_max_length(stage: int, recipe: str | None = None) -> int:
-    """The `max_length` training will use: the named recipe's, else the stage's default recipe's."""
-    from dpa_cli.train.recipe import default_recipe, load_recipe
-
-    return load_recipe(recipe or default_recipe(stage)).max_length
-
-
 def check_dataset(
     data: str | Path,
     workspace_or_processor: Any,
+    max_length: int,
     image_root: str | Path | None = None,
     limit: int | None = None,
     fast: bool = False,
-    max_length: int | None = None,
     stage: int = 2,
     progress: Callable[[int, int | None], None] | None = None,
-    recipe: str | None = None,
 ) -> dict[str, Any]:
     """The `dpa data check` result: `samples`, `problems` (`kind`, `severity`, `count`, `examples`, ...), `stats`,
     `errors` / `warnings` (findings by severity), the rendered `sample` (its target text and each image's
     perceiver text, as segments), and the measured rates (per wall-clock
-    second, and per CPU-second of this process: the per-core figure)."""
+    second, and per CPU-second of this process: the per-core figure). `max_length`: the recipe's, training's cut."""
     processor = load_processor(workspace_or_processor)
-    max_length = max_length or recipe_max_length(stage, recipe)
     source = open_samples(data, image_root)
     total = len(source) if limit is None else min(limit, len(source))
     checker = Checker(processor, stage, max_length, fast)

@@ -19,10 +19,10 @@ import torch
 from dpa_cli.data.encode import SampleEncoder
 from dpa_cli.data.image_refs import ImageError, check_ref
 from dpa_cli.data.samples import BadSampleError, Sample, structural_problems
+from dpa_cli.defaults import OnBadSample
 from dpa_cli.errors import BadInputError
 
 logger = logging.getLogger(__name__)
-ON_BAD_SAMPLE = ("fail", "skip")
 
 
 def cheap_problems(sample: Sample) -> list[tuple[str, str]]:
@@ -49,18 +49,19 @@ def precheck(source: Any) -> None:
         return
     summary = "; ".join(f"{len(ids)} {kind} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
                         for kind, ids in found.items())  # fmt: skip
-    raise BadSampleError(first.sample_id, first.kind, f"{first.detail}. Bad samples: {summary}",
+    where = f" (in {source.path})" if getattr(source, "path", None) is not None else ""
+    raise BadSampleError(first.sample_id, first.kind, f"{first.detail}{where}. Bad samples: {summary}",
                          hint="see `dpa data check`, fix the data, or pass --on-bad-sample skip")  # fmt: skip
 
 
 def _check_mode(on_bad_sample: str) -> None:
-    if on_bad_sample not in ON_BAD_SAMPLE:
+    if on_bad_sample not in OnBadSample.names():
         raise BadInputError(f"on_bad_sample {on_bad_sample!r}: use fail or skip")
 
 
-def _skippable(err: BadSampleError, encoder: SampleEncoder, on_bad_sample: str) -> bool:
+def skippable(err: BadSampleError, encoder: SampleEncoder, on_bad_sample: str) -> bool:
     """Skip (and count) a bad sample: with `skip`, or when it is only too long for a non-strict encoder."""
-    return on_bad_sample == "skip" or (err.kind == "too_long" and not encoder.strict)
+    return on_bad_sample == OnBadSample.SKIP or (err.kind == "too_long" and not encoder.strict)
 
 
 class _Skips:
@@ -107,7 +108,7 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
             raise BadInputError("a streaming source has no random access: use EncodedIterableDataset")
         self.source, self.encoder, self.on_bad_sample = source, encoder, on_bad_sample
         self._skips = _Skips()
-        if on_bad_sample == "fail" and precheck:
+        if on_bad_sample == OnBadSample.FAIL and precheck:
             self.precheck()
 
     def precheck(self) -> None:
@@ -133,7 +134,7 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
         try:
             return self.encoder(self.source[index])
         except BadSampleError as err:
-            if not _skippable(err, self.encoder, self.on_bad_sample):
+            if not skippable(err, self.encoder, self.on_bad_sample):
                 raise
             self._skips.record(index, err)
             return None
@@ -155,6 +156,6 @@ class EncodedIterableDataset(_SkipReport, torch.utils.data.IterableDataset):
             try:
                 yield self.encoder(sample)
             except BadSampleError as err:
-                if not _skippable(err, self.encoder, self.on_bad_sample):
+                if not skippable(err, self.encoder, self.on_bad_sample):
                     raise
                 self._skips.record(position, err)

@@ -42,11 +42,19 @@ def length_verdict(ids: list[int], labels: list[int], max_length: int, slot_ids:
     """What training does with a sample of this length: None (it fits), CUT (it is cut at `max_length`, after its
     last image slot, and something supervised is left), or why it is dropped instead. `dpa data check` asks the
     same question, so the check and the run agree."""
-    if len(ids) <= max_length:
+    last_slot = max((i for i, token_id in enumerate(ids) if token_id in slot_ids), default=-1)
+    first_learned = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return verdict_of(len(ids), last_slot, first_learned, max_length)
+
+
+def verdict_of(length: int, last_slot: int, first_learned: int, max_length: int) -> str | None:
+    """`length_verdict` from the positions it reads: the last image slot's (-1: none) and the first supervised
+    token's (`length`: none). Lengths computed without encoding (data/lengths.py) are judged here too."""
+    if length <= max_length:
         return None
-    if not slot_ids.isdisjoint(ids[max_length:]):
+    if last_slot >= max_length:
         return "cutting it would split an image's slots"
-    if all(label == IGNORE_INDEX for label in labels[:max_length]):
+    if first_learned >= max_length:
         return "nothing supervised is left within it"
     return CUT
 
@@ -124,11 +132,16 @@ class SampleEncoder:
         )
         return features
 
+    def refusal(self, sample_id: str, length: int, verdict: str | None) -> BadSampleError | None:
+        """Why a sample of `length` tokens with this `verdict` is not trained (None: it is, cut when over)."""
+        if verdict is None or (verdict == CUT and not self.strict):
+            return None
+        where = f"{length} tokens (image slots included), over max_length {self.max_length}"
+        return BadSampleError(sample_id, "too_long", where if verdict == CUT else f"{where}; {verdict}")
+
     def _fit(self, sample: Sample, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         verdict = length_verdict(ids, labels, self.max_length, self.slot_ids)
-        if verdict is None:
-            return ids, labels
-        where = f"{len(ids)} tokens (image slots included), over max_length {self.max_length}"
-        if self.strict or verdict != CUT:
-            raise BadSampleError(sample.id, "too_long", where if verdict == CUT else f"{where}; {verdict}")
+        refusal = self.refusal(sample.id, len(ids), verdict)
+        if refusal is not None:
+            raise refusal
         return ids[: self.max_length], labels[: self.max_length]

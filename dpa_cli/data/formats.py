@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from dpa_cli.data.image_refs import url_scheme
 from dpa_cli.data.samples import Sample, from_chat, from_llava
 from dpa_cli.errors import BadInputError
 from dpa_cli.jsonio import DECODER, PARSE_ERRORS, parse_json, reason
@@ -323,12 +324,24 @@ def _check_columns(path: Path, dataset: Any) -> None:
         )
 
 
+def refuse_urls(data: str | Path, image_root: str | Path | None) -> None:
+    """`--data` and `--image-root` are local: a URL is named (Path() would fold `https://` to `https:/` and the
+    user would read "no such file"), with what to do instead."""
+    for flag, value in (("--data", data), ("--image-root", image_root)):
+        scheme = url_scheme(str(value)) if value is not None else None
+        if scheme:
+            raise BadInputError(f"{flag} {value}: a URL ({scheme}://); dpa never downloads",
+                                hint="download it first (e.g. `curl -LO URL`, `hf download --repo-type dataset REPO`) "
+                                     "and pass the local file or folder")  # fmt: skip
+
+
 def open_samples(data: str | Path, image_root: str | Path | None = None, streaming: bool = False) -> SampleSource:
     """The samples of `data`: a LLaVA JSON / JSONL file, or a Hugging Face datasets folder / parquet / arrow file.
 
     Image paths in the data are relative to `image_root` (default: the data file's folder) and must stay in it.
     With `streaming`, samples are read one at a time (no length, no indexing).
     """
+    refuse_urls(data, image_root)
     path = Path(data).expanduser()
     if not path.exists():
         raise BadInputError(f"{path}: no such file or folder")

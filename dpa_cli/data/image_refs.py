@@ -34,7 +34,7 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]+={0,2}")
 _SEPARATORS = re.compile(r"[\\/]")
 _URLSAFE = str.maketrans("-_", "+/")
 _DEPTH = 3  # {"type": "image_url", "image_url": {"url": ...}} is two levels; deeper is junk
-URL_FIX = "dpa never downloads: save the image under --image-root and give its relative path"
+URL_FIX = "dpa never downloads: download it first, save it under --image-root and give its relative path"
 VIDEO_FIX = "dpa reads still images: extract frames (e.g. `ffmpeg -i VIDEO -vf fps=1 f%04d.png`) and list them"
 
 
@@ -163,6 +163,12 @@ def _looks_base64(text: str) -> bool:
         return False
 
 
+def url_scheme(text: str) -> str | None:
+    """The scheme of a URL (`https`, `s3`, `hf`), None for anything else (`C://x` is a Windows drive)."""
+    match = _URL.match(text)
+    return match.group(1) if match else None
+
+
 def path_problem(path: str, confined: bool) -> tuple[str, str] | None:
     """What is wrong with a path from its text alone (no file system call): (kind, message), or None.
 
@@ -184,10 +190,11 @@ def path_problem(path: str, confined: bool) -> tuple[str, str] | None:
         if confined:
             return "unsafe_image_path", f"{shown}: a file: URI (paths are relative to the image root)"
         return "unsupported_image", f"{shown}: a file: URI; pass the file's path instead"
-    url = _URL.match(path)
-    if url:
-        fix = URL_FIX if confined else "dpa never downloads: save the image and pass its path"
-        return "unsupported_image", f"{shown}: a URL ({url.group(1)}://); {fix}"
+    scheme = url_scheme(path)
+    if scheme:
+        fix = URL_FIX if confined else "dpa never downloads: download it first (e.g. `curl -o image.png URL`) and " \
+                                       "pass the file's path"
+        return "unsupported_image", f"{shown}: a URL ({scheme}://); {fix}"
     suffix = os.path.splitext(path)[1].lower()
     if suffix in VIDEO_SUFFIXES:
         return "unsupported_image", f"{shown}: a video ({suffix}); {VIDEO_FIX}"

@@ -8,11 +8,11 @@ generate, chat) comes through here.
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from typing import Any
 
 from dpa_cli.data.image_refs import ImageError, ImageRef, check_ref
+from dpa_cli.model.processing_dpa import capped_size  # the processor owns the training cap's size rule
 
 __all__ = ["ImageError", "MAX_IMAGE_PIXELS", "cap_pixels", "capped_size", "load_image", "probe_image"]
 
@@ -128,18 +128,6 @@ def load_image(ref: ImageRef) -> tuple[Any, list[tuple[str, str]]]:
         raise ImageError("unreadable_image", f"{ref.describe()}: unreadable ({_reason(err)})") from None
     warnings_ = [(conversion[0], f"{ref.describe()}: {conversion[1]}")] if conversion else []
     return _to_rgb(image), warnings_
-
-
-def capped_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
-    """(width, height) scaled down proportionally to at most `max_pixels`, as the official DPA training does
-    before its processor (ms-swift `rescale_image`, vision_utils.py:89-99: height sqrt(max / ratio) and width
-    height * ratio, each truncated); unchanged when within the cap or without one."""
-    width, height = size
-    if not max_pixels or width * height <= max_pixels:
-        return size
-    ratio = width / height
-    scaled_height = math.sqrt(max_pixels / ratio)
-    return int(scaled_height * ratio), int(scaled_height)
 
 
 def cap_pixels(image: Any, max_pixels: int | None) -> Any:

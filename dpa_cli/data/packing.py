@@ -112,11 +112,12 @@ class PackedDataset(_SkipReport, torch.utils.data.Dataset):
         return row
 
 
-def pack_dataset(dataset: Any, max_length: int) -> PackedDataset:
-    """The dataset's samples packed into rows, planned from their lengths (`dpa_cli.data.lengths`)."""
+def pack_dataset(dataset: Any, max_length: int, cache_dir: Any = None) -> PackedDataset:
+    """The dataset's samples packed into rows, planned from their lengths (`dpa_cli.data.lengths`, no image
+    decoded; `cache_dir` where the text-token cache goes when the data's folder cannot take it)."""
     from dpa_cli.data.lengths import sample_lengths
 
-    return PackedDataset(dataset, pack_lengths(sample_lengths(dataset), max_length), max_length)
+    return PackedDataset(dataset, pack_lengths(sample_lengths(dataset, cache_dir=cache_dir), max_length), max_length)
 
 
 def position_ids(lengths: list[int], total: int) -> torch.Tensor:

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpa_cli.data.image_refs import ImageRef, image_refs
+from dpa_cli.data.image_refs import VIDEO_FIX, ImageRef, image_refs
 from dpa_cli.errors import BadInputError
 
 IMAGE_MARKER = "<image>"  # LLaVA's marker in the data, whatever the target's own image token is
+VIDEO_MARKER = "<video>"  # LLaVA-Video / ms-swift / LLaMA-Factory write it where a video goes
+VIDEO_KEYS = ("video", "videos")  # ShareGPT (LLaMA-Factory) and ms-swift rows
+VIDEO_BLOCKS = ("video", "video_url")  # transformers / OpenAI content blocks
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "system": "system"}  # fmt: skip
 
@@ -82,11 +85,11 @@ def from_llava(record: Any, index: int, root: Path | None) -> Sample:
     if not isinstance(record, dict):
         return Sample(f"#{index}", [], [], index, [("bad_record", f"a sample is a JSON {type(record).__name__}, "
                                                                   "not an object")])  # fmt: skip
-    problems: list[tuple[str, str]] = []
-    images = image_refs(record.get("image", record.get("images")), root)
     conversation = record.get("conversations")
     if conversation is None and "messages" in record:
         return from_chat(record, index, root)
+    problems = video_problems(record, conversation, index)
+    images = image_refs(record.get("image", record.get("images")), root)
     if not isinstance(conversation, list):
         problems.append(("bad_record", "no `conversations` list"))
         conversation = []
@@ -99,7 +102,7 @@ def from_llava(record: Any, index: int, root: Path | None) -> Sample:
                                            "string `value`"))  # fmt: skip
             continue
         messages.append({"role": role, "content": text_blocks(value)})
-    return Sample(_sample_id(record, index), images, messages, index, problems)
+    return Sample(_sample_id(record, index), images, with_system(record, messages, problems), index, problems)
 
 
 def _chat_blocks(content: Any) -> list[dict] | None:
@@ -124,7 +127,7 @@ def from_chat(record: dict, index: int, root: Path | None) -> Sample:
     """A chat row: `{"id"?, "images" | "image", "messages": [{"role", "content"}, ...]}`."""
     if "messages" not in record and "conversations" in record:
         return from_llava(record, index, root)
-    problems: list[tuple[str, str]] = []
+    problems = video_problems(record, record.get("messages"), index)
     images = image_refs(record.get("images", record.get("image")), root)
     raw = record.get("messages")
     if not isinstance(raw, list):
@@ -139,7 +142,40 @@ def from_chat(record: dict, index: int, root: Path | None) -> Sample:
                                            "content (a string or a list of image/text blocks)"))  # fmt: skip
             continue
         messages.append({"role": role, "content": blocks})
-    return Sample(_sample_id(record, index), images, messages, index, problems)
+    return Sample(_sample_id(record, index), images, with_system(record, messages, problems), index, problems)
+
+
+def video_problems(record: dict, turns: Any, index: int) -> list[tuple[str, str]]:
+    """A video sample, however it is written (a `video` / `videos` entry, a `<video>` marker, a video content
+    block): named with the sample's index, never trained as text with a literal marker."""
+    where = f"sample #{index} is a video sample"
+    for key in VIDEO_KEYS:
+        if record.get(key) not in (None, "", [], ()):
+            return [("video_sample", f"{where} (its `{key}` entry): {VIDEO_FIX}")]
+    for turn_index, turn in enumerate(turns if isinstance(turns, list) else []):
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        blocks = value if isinstance(value, list) else [{"type": "text", "text": value}]
+        for block in blocks:
+            kind = block.get("type") if isinstance(block, dict) else None
+            text = block.get("text") if isinstance(block, dict) else None
+            if kind in VIDEO_BLOCKS or (isinstance(text, str) and VIDEO_MARKER in text.lower()):
+                what = f"a {VIDEO_MARKER} marker" if kind not in VIDEO_BLOCKS else f"a {kind} block"
+                return [("video_sample", f"{where} ({what} in turn {turn_index}): {VIDEO_FIX}")]
+    return []
+
+
+def with_system(record: dict, messages: list[dict], problems: list[tuple[str, str]]) -> list[dict]:
+    """A top-level `system` (ShareGPT, ms-swift) as the conversation's first turn, the template's system turn."""
+    system = record.get("system")
+    if system is None or system == "":
+        return messages
+    if not isinstance(system, str):
+        problems.append(("bad_record", f"`system` is a {type(system).__name__}, not a string"))
+    elif any(m["role"] == "system" for m in messages):
+        problems.append(("bad_record", "a top-level `system` and a system turn in the conversation: keep one"))
+    else:
+        return [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+    return messages
 
 
 def structural_problems(sample: Sample) -> list[tuple[str, str]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli.demo.shapes import QUESTIONS
+from dpa_cli.workspace.layout import METRICS_FILE, stage_dir
 
 
 def _losses(metrics: Path) -> tuple[list[int], list[float]]:
@@ -23,10 +24,10 @@ def plot_losses(workspaces: dict[str, Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for axis, stage in zip(axes, ("stage1", "stage2")):
+    for axis, stage in zip(axes, (1, 2)):
         for label, workspace in workspaces.items():
-            axis.plot(*_losses(workspace / stage / "metrics.jsonl"), label=label)
-        axis.set(title=f"{stage}: training loss", xlabel="step", ylabel="loss (log scale)", yscale="log")
+            axis.plot(*_losses(stage_dir(workspace, stage) / METRICS_FILE), label=label)
+        axis.set(title=f"stage{stage}: training loss", xlabel="step", ylabel="loss (log scale)", yscale="log")
         axis.legend()
     figure.tight_layout()
     figure.savefig(out, dpi=110)

@@ -18,6 +18,7 @@ from typing import Any
 
 from dpa_cli import __version__
 from dpa_cli.errors import DpaError
+from dpa_cli.workspace.layout import METRICS_FILE, stage_dir
 
 # The DPA export must beat chance by this much (absolute accuracy) at full scale. Runs on this budget and
 # close ones scored 0.30-0.54 above chance (colour and count are learned first, shape last); float
@@ -101,7 +102,7 @@ def _three_images(held: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _loss_fell(workspace: Path) -> bool:
-    losses = [json.loads(line).get("loss") for line in (workspace / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line).get("loss") for line in (stage_dir(workspace, 2) / METRICS_FILE).read_text().splitlines()]
     losses = [loss for loss in losses if loss is not None]
     return len(losses) >= 2 and losses[-1] < losses[0]
 

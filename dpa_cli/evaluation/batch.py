@@ -34,7 +34,7 @@ def open_model(spec: str, device: str | None = None, allow_code: bool = False) -
     import torch
 
     from dpa_cli import loading
-    from dpa_cli.export.stages import find_runnable
+    from dpa_cli.workspace.results import find_runnable
     from dpa_cli.generate import Runnable, open_runnable, pick_device
 
     source = find_runnable(spec)

@@ -169,6 +169,9 @@ def _read_dataset(path: Path) -> list[dict]:
 
 
 def load_items(data: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> list[Item]:
+    from dpa_cli.data.formats import refuse_urls
+
+    refuse_urls(data, image_root)
     path = Path(data).expanduser()
     if not path.exists():
         raise BadInputError(f"{path}: no such file or folder")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from dpa_cli import __version__
+from dpa_cli.defaults import ExportLora, PartMode
 
 PAPER = "Deep Pre-Alignment for VLMs (arXiv 2605.15300, ICML 2026)"
 
@@ -45,7 +47,7 @@ def _short(value: Any) -> str:
 
 def _stage_row(name: str, stage: dict[str, Any]) -> str:
     recipe = stage.get("recipe") or {}
-    trained = ", ".join(f"{part} {mode}" for part, mode in (recipe.get("trainable") or {}).items() if mode != "frozen")
+    trained = ", ".join(f"{part} {mode}" for part, mode in (recipe.get("trainable") or {}).items() if mode != PartMode.FROZEN)
     data = stage.get("data") or {}
     loss = stage.get("final_loss")
     cells = [
@@ -113,25 +115,54 @@ def load_line(path: Path, kept_adapter: bool) -> str:
     return f"from {module} import {cls}; model = {cls}.from_pretrained({where}, trust_remote_code=True)"
 
 
-def _front_matter(plan: dict[str, Any]) -> list[str]:
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def source_repo(entry: dict[str, Any] | None) -> str | None:
+    """The Hub repo a source came from: its repo id, else the cache layout of its folder
+    (`.../models--org--name/snapshots/...`), else the repo its config.json names (`_name_or_path`, kept by
+    `save_pretrained` and by downloads), when that is a repo id rather than a local path."""
+    if not entry:
+        return None
+    if entry.get("repo_id"):
+        return entry["repo_id"]
+    path = Path(str(entry.get("path") or ""))
+    for part in path.parts:
+        org, dashes, name = part.removeprefix("models--").partition("--")
+        if part.startswith("models--") and dashes and REPO_ID.fullmatch(f"{org}/{name}"):
+            return f"{org}/{name}"
+    try:
+        named = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):  # the folder moved since the upgrade, or an odd config
+        return None
+    if isinstance(named, str) and REPO_ID.fullmatch(named) and not Path(named).expanduser().exists():
+        return named
+    return None
+
+
+def base_models(plan: dict[str, Any]) -> list[str]:
+    """The repos the export is built from, target first, then the perceiver (its ViT and LM when composed)."""
     perceiver = plan.get("perceiver") or {}
     parts = [perceiver.get("vit"), perceiver.get("lm")] if perceiver.get("kind") == "composed" else [perceiver]
-    sources = [plan.get("target"), *parts]
-    repos = sorted({s["repo_id"] for s in sources if s and s.get("repo_id")})
-    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
-             "tags: [dpa, deep-pre-alignment, vision-language, custom_code]"]  # fmt: skip
-    if repos:
-        lines += ["base_model:", *(f"- {repo}" for repo in repos)]
-    return [*lines, "---"]
+    repos = [source_repo(entry) for entry in (plan.get("target"), *parts)]
+    return list(dict.fromkeys(repo for repo in repos if repo))
+
+
+def _card_data(plan: dict[str, Any]) -> Any:
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
+                         tags=["dpa", "deep-pre-alignment", "vision-language", "custom_code"],
+                         base_model=base_models(plan) or None)  # fmt: skip
 
 
 def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, title: str) -> str:
     """README.md for the export at `path`, from the workspace manifest and the export's own summary."""
     plan = manifest.get("plan") or {}
-    imports, model, needed = _MODEL["adapter" if export.get("lora") == "kept" else "weights"]
+    imports, model, needed = _MODEL["adapter" if export.get("lora") == ExportLora.KEPT else "weights"]
     load = _LOAD.format(path=path, imports=imports, model=model)
     lines = [
-        *_front_matter(plan), "", f"# {title}", "",
+        f"# {title}", "",
         f"A vision-language model upgraded with {PAPER}: the target language model reads the final hidden states "
         "of a small VLM, the perceiver, at the image positions, mapped to its width by the projector phi. "
         f"Exported by dpa {__version__}.", "",
@@ -141,4 +172,6 @@ def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, tit
         "## How to load", "", f"The model code ships in this folder (`trust_remote_code=True`); {needed}.",
         "", load, "",
     ]  # fmt: skip
-    return "\n".join(lines)
+    from huggingface_hub import ModelCard
+
+    return str(ModelCard(f"---\n{_card_data(plan).to_yaml()}\n---\n\n" + "\n".join(lines)))

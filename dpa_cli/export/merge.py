@@ -1,8 +1,8 @@
 """The export's weights: a checkpoint streamed into new shards, LoRA merged in tensor by tensor, cast on the way.
 
-Each tensor is produced, written and freed on its own, so peak memory is the largest tensor (in float32
-while a merge adds `scale * B @ A`) whatever the model size. A tensor whose bytes do not change is copied
-by the kernel and never loaded. A tied LM head is not on disk, so it stays tied and is written once.
+Each tensor is produced, written and freed on its own, so peak memory is the largest merged tensor (in float32
+unless the bf16 fast path of `products.py` applies) whatever the model size. A tensor whose bytes do not change
+is copied by the kernel and never loaded; a cast is converted a chunk at a time while it is written. A tied LM head is not on disk, so it stays tied and is written once.
 `export_weights` takes folders only, so `dpa bench` can time it on its own.
 """
 
@@ -19,21 +19,23 @@ import torch
 from dpa_cli import loading
 from dpa_cli.checkpoint import CheckpointIndex, LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.reader import FileSlice, torch_dtype
-from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
+from dpa_cli.checkpoint.writer import CastSlice, TensorSpec, write_sharded
+from dpa_cli.defaults import SHARD_SIZE
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.adapter import KEEP, LoraPair, lora_pairs
+from dpa_cli.export.products import merged
 
 
 def _meta_model(folder: Path) -> torch.nn.Module:
     """The checkpoint's model on the meta device: its in-memory names, which the adapter's keys use."""
-    from dpa_cli.upgrade.naming import meta_model
+    from dpa_cli.checkpoint.naming import meta_model
 
     return meta_model("AutoModelForImageTextToText", loading.load_config(folder))
 
 
 def merge_targets(index: CheckpointIndex, adapter: Path, pairs: list[LoraPair]) -> dict[str, LoraPair]:
     """{base key on disk: the LoRA pair merged into it}, names matched the way transformers loads the base."""
-    from dpa_cli.upgrade.naming import rename_to_memory
+    from dpa_cli.checkpoint.naming import rename_to_memory
 
     meta = _meta_model(index.folder)
     on_disk = {memory: key for key, memory in rename_to_memory(meta, index.tensors, index.folder).items()}
@@ -63,11 +65,6 @@ def merge_targets(index: CheckpointIndex, adapter: Path, pairs: list[LoraPair]) 
     return targets
 
 
-def merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """`W + scale * B @ A` in float32 (one fused addmm), whatever dtype the weights are stored in."""
-    return weight.float().addmm_(b.float(), a.float(), alpha=scale)
-
-
 def _out_dtype(stored: str, dtype: torch.dtype | None) -> torch.dtype:
     """The requested dtype for floating tensors; integer buffers and `None` (auto) keep their own."""
     source = torch_dtype(stored)
@@ -80,14 +77,13 @@ class _Producer:
     def __init__(self, base: LazyTensorReader, lora: LazyTensorReader | None, targets: dict[str, LoraPair]):
         self.base, self.lora, self.targets = base, lora, targets
 
-    def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice:
+    def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice | CastSlice:
         pair = self.targets.get(spec.name)
         if pair is not None:  # targets are only ever given with their adapter's reader
-            tensor = merged(self.base.get(spec.name), self.lora.get(pair.a_key), self.lora.get(pair.b_key), pair.scale)
-            return tensor.to(spec.dtype)
-        if torch_dtype(self.base.index.tensors[spec.name].dtype) == spec.dtype:
-            return self.base.slice(spec.name)
-        return self.base.get(spec.name).to(spec.dtype)
+            return merged(self.base.get(spec.name), self.lora.get(pair.a_key), self.lora.get(pair.b_key), pair.scale, spec.dtype)
+        stored = torch_dtype(self.base.index.tensors[spec.name].dtype)
+        piece = self.base.slice(spec.name)
+        return piece if stored == spec.dtype else CastSlice(piece, stored)
 
 
 def export_weights(
@@ -95,7 +91,7 @@ def export_weights(
     out: Path,
     adapter: Path | None = None,
     dtype: torch.dtype | None = None,
-    shard_size: int = 5_000_000_000,
+    shard_size: int = SHARD_SIZE,
     on_bytes: Callable[[int], None] | None = None,
     digests: dict[str, str] | None = None,
 ) -> dict[str, Any]:

@@ -18,18 +18,19 @@ import torch
 
 from dpa_cli.checkpoint.atomic import check_replaceable, staged_folder
 from dpa_cli.checksums import CHECKSUMS, tree_checksums
+from dpa_cli.checkpoint.side_files import copy_side_files
+from dpa_cli.defaults import SHARD_SIZE, Dtype, ExportLora
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.export import files
 from dpa_cli.export.card import model_card
 from dpa_cli.export.merge import export_weights
-from dpa_cli.export.stages import StageResult, stage_result
+from dpa_cli.workspace.results import StageResult, stage_result
 from dpa_cli.export.verify import check_export, reference_probe
 from dpa_cli.loading import refuse_carried_code
 from dpa_cli.records import is_export
-from dpa_cli.workspace import MODEL_DIR, read_manifest
+from dpa_cli.workspace.layout import ADAPTER_DIR, EXPORT_DIR, EXPORT_RECORD, MODEL_DIR
+from dpa_cli.workspace.manifest import read_manifest
 
-EXPORT_DIR = "export"
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ExportRequest:
     keep_adapter: bool = False
     dtype: str = "auto"
     verify: bool = True
-    shard_size: int = 5_000_000_000
+    shard_size: int = SHARD_SIZE
     force: bool = False
     allow_code: bool = False  # --trust-remote-code: the stage may carry (and the export ship) code not dpa's
 
@@ -51,8 +52,8 @@ class ExportRequest:
 def check_request(request: ExportRequest) -> None:
     if request.merge_lora and request.keep_adapter:
         raise BadInputError("--merge-lora and --keep-adapter contradict each other", hint="pass one of them")
-    if request.dtype not in DTYPES:
-        raise BadInputError(f"--dtype {request.dtype!r} is not one of {', '.join(DTYPES)}")
+    if request.dtype not in Dtype.names():
+        raise BadInputError(f"--dtype {request.dtype!r} is not one of {', '.join(Dtype.names())}")
 
 
 def _overlap(path: Path, folder: Path) -> bool:
@@ -74,7 +75,7 @@ def check_output(output: Path, result: StageResult, force: bool) -> None:
                 f"the export {output} and the model folder {source} overlap",
                 hint="write the export somewhere else with -o",
             )
-    not_ours = f"--force replaces only an export dpa wrote, and {output} is not one (no {files.EXPORT_RECORD})"
+    not_ours = f"--force replaces only an export dpa wrote, and {output} is not one (no {EXPORT_RECORD})"
     check_replaceable(output, force, is_export(output), "an export", not_ours)
 
 
@@ -100,8 +101,8 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     check_output(output, result, request.force)
     for folder in result.inputs:  # the export copies the stage's side files: its code would ship and run
         refuse_carried_code(folder, request.allow_code, "an export would ship it to be run as the model's code")
-    lora = "none" if result.adapter_dir is None else "kept" if request.keep_adapter else "merged"
-    return ExportPlan(request, result, output, DTYPES[request.dtype], lora)
+    lora = ExportLora.NONE if result.adapter_dir is None else ExportLora.KEPT if request.keep_adapter else ExportLora.MERGED
+    return ExportPlan(request, result, output, Dtype(request.dtype).torch(), lora.value)
 
 
 def _write(
@@ -109,12 +110,12 @@ def _write(
 ) -> dict[str, Any]:
     """Weights (merged unless kept), config, remote code, processor, generation config, adapter."""
     result = plan.result
-    merge = result.adapter_dir if plan.lora == "merged" else None
+    merge = result.adapter_dir if plan.lora == ExportLora.MERGED else None
     weights = export_weights(result.model_dir, folder, merge, plan.dtype, plan.request.shard_size, on_bytes, digests)
-    files.copy_side_files(result.model_dir, folder)
+    copy_side_files(result.model_dir, folder)
     files.write_config(result.model_dir, folder, plan.dtype)
     files.ensure_generation_config(folder, [result.workspace / MODEL_DIR])
-    if plan.lora == "kept":
+    if plan.lora == ExportLora.KEPT:
         if not (result.adapter_dir / files.ADAPTER_WEIGHTS).is_file():
             what = f"{result.adapter_dir}: no {files.ADAPTER_WEIGHTS}"
             raise CheckpointError(what, hint="dpa reads safetensors only")
@@ -149,7 +150,7 @@ def run_export(
         weights = _write(plan, staging, on_bytes, digests)
         if plan.request.verify:
             phase("verifying")
-            adapter = staging / files.ADAPTER_DIR if plan.lora == "kept" else None
+            adapter = staging / ADAPTER_DIR if plan.lora == ExportLora.KEPT else None
             check = check_export(staging, probe, adapter, plan.request.allow_code)
         dtype = weights.pop("dtype")
         summary = {

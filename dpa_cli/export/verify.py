@@ -26,7 +26,8 @@ from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.describe import read_config
 from dpa_cli.errors import DpaError
 from dpa_cli.export import probe_check
-from dpa_cli.export.stages import StageResult, load_as_trained, load_processor
+from dpa_cli.loading import load_as_trained, load_processor
+from dpa_cli.workspace.results import StageResult
 from dpa_cli.loading import may_run_code
 
 FP32_TOLERANCE = 1e-4
@@ -54,7 +55,7 @@ def reference_probe(result: StageResult, path: Path, allow_code: bool = False) -
 
     try:
         model = load_as_trained(result, dtype=torch.float32, allow_code=allow_code)
-        inputs = probe_check.probe_inputs(load_processor(result, allow_code))
+        inputs = probe_check.probe_inputs(load_processor(result.model_dir, allow_code))
         with torch.no_grad():
             logits = model(**inputs).logits
     except DpaError:

@@ -103,6 +103,24 @@ class KeySplit:
         return self.components.get(component, [])
 
 
+@dataclass(frozen=True)
+class Composition:
+    """How a ViT source of a family composes a perceiver (`--perceiver vit=...,lm=...`): which of its tensors are
+    kept (in-memory prefix -> DPA name) and which DPA tensors start fresh (phi_p; a kept part the small LM needs
+    at another width). `paper`: the composition is the DPA paper's skeleton (Qwen3 blocks under M-RoPE)."""
+
+    vit: Mapping[str, str]
+    new: tuple[str, ...]
+    paper: bool = False
+
+
+LLAVA_COMPOSITION = Composition(
+    {"model.vision_tower.": "model.perceiver.vision_tower."},
+    ("model.perceiver.multi_modal_projector.", "model.perceiver.image_newline"),
+)
+PAPER_COMPOSITION = Composition({"model.visual.": "model.perceiver.visual."}, ("model.perceiver.visual.merger.mlp.",), True)
+
+
 @dataclass(frozen=True, eq=False)
 class Family:
     """One checkpoint family, declared as data. See the module docstring.
@@ -150,6 +168,8 @@ class Family:
     # `memory_names` instead: (config, disk keys) -> {disk key: the equivalent transformers in-memory name}.
     auto_class: str | None = "AutoModelForImageTextToText"
     memory_names: Callable[[Mapping[str, Any], Iterable[str]], dict[str, str]] | None = None
+    # Composition: how this family's ViT composes a perceiver with a text model; None: it cannot be the ViT source.
+    composition: Composition | None = None
 
     # --- detection -------------------------------------------------------------------------------
     def detect(self, config: Mapping[str, Any]) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpa_cli.families.base import Family, KeyLayout, Role, layout
+from dpa_cli.families.base import LLAVA_COMPOSITION, Family, KeyLayout, Role, layout
 
 
 def llava_layouts(*extra: str) -> tuple[KeyLayout, KeyLayout]:
@@ -33,6 +33,7 @@ LLAVA = Family(
     name="llava",
     description="LlavaForConditionalGeneration: ViT -> 2-layer MLP -> LLM, one fixed-size image",
     roles=frozenset({Role.TARGET, Role.PERCEIVER}),
+    composition=LLAVA_COMPOSITION,
     layouts=llava_layouts(),
     model_types=("llava",),  # original-repo LLaVA-1.5 also says "llava": llava_original is detected first
     projector_type_key="projector_hidden_act",

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dpa_cli.families.base import VISION_FIELDS, Family, Role, layout, rename_keys
+from dpa_cli.families.base import PAPER_COMPOSITION, VISION_FIELDS, Family, Role, layout, rename_keys
 
 # As in dpa_cli/model/configuration_paper_dpa.py (not imported: that pulls in torch, and `inspect` never needs it).
 MODEL_TYPE = "qwen2_5_vl_qwen3"
@@ -164,6 +164,7 @@ PAPER_VL = Family(
     detector=_qwen2_5_vl_with_qwen3,
     text_config_fn=lambda config: _native(False)(config)["text_config"],
     native_config=_native(False),
+    composition=PAPER_COMPOSITION,
     **_SKELETON,
 )
 QWEN_CUSTOM_VL_HW = Family(

@@ -6,7 +6,7 @@ the longest-prefix rule puts `visual.merger.*` in the projector and the rest of 
 
 from __future__ import annotations
 
-from dpa_cli.families.base import VISION_FIELDS, Family, KeyLayout, Role, layout
+from dpa_cli.families.base import PAPER_COMPOSITION, VISION_FIELDS, Family, KeyLayout, Role, layout
 from dpa_cli.families.paper import qwen3_blocks_under_qwen2_5
 
 _MARKERS = ("vision_start_token_id", "vision_end_token_id")
@@ -62,6 +62,7 @@ QWEN2_5_VL = _qwen(
     # A qwen2_5_vl config whose text config says Qwen3 is the paper skeleton (families/paper.py); one that does not,
     # over Qwen3 weights, would silently become Qwen2.5 blocks: refused by name.
     weights_check=qwen3_blocks_under_qwen2_5,
+    composition=PAPER_COMPOSITION,  # its ViT + a Qwen3 LM: the paper's perceiver
 )
 QWEN3_VL = _qwen(
     "qwen3_vl",

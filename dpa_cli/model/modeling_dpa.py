@@ -218,15 +218,9 @@ class DPAModel(DPAPreTrainedModel):
         pixel_attention_mask: torch.Tensor | None = None,
         perceiver_mm_token_type_ids: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        perceiver_keepalive: bool = False,
         **kwargs,
     ) -> DPAModelOutputWithPast:
-        """`input_ids` `[batch, seq]` -> `last_hidden_state` `[batch, seq, target_hidden]`.
-
-        `perceiver_keepalive`: the batch has no image slots, and the given image is a stand-in that the
-        perceiver runs on with zero weight in the output. In distributed training every process must run
-        the perceiver in every step: ZeRO-3 gathers its weights collectively, DDP expects their gradients.
-        """
+        """`input_ids` `[batch, seq]` -> `last_hidden_state` `[batch, seq, target_hidden]`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         perceiver_extra, kwargs = _split_perceiver_kwargs(kwargs)
@@ -249,11 +243,8 @@ class DPAModel(DPAPreTrainedModel):
         if image_outputs is not None:
             per_image = list(image_outputs.pooler_output)
             image_features = torch.cat(per_image, dim=0)
-            if perceiver_keepalive:
-                inputs_embeds = inputs_embeds + 0.0 * image_features.sum().to(inputs_embeds.dtype)
-            else:
-                slot_mask = self.image_slot_mask(input_ids, inputs_embeds)
-                inputs_embeds = self.merge_image_features(inputs_embeds, slot_mask, image_features, len(per_image))
+            slot_mask = self.image_slot_mask(input_ids, inputs_embeds)
+            inputs_embeds = self.merge_image_features(inputs_embeds, slot_mask, image_features, len(per_image))
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -313,7 +304,6 @@ class DPAForConditionalGeneration(DPAPreTrainedModel, GenerationMixin):
         pixel_attention_mask: torch.Tensor | None = None,
         perceiver_mm_token_type_ids: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        perceiver_keepalive: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> DPACausalLMOutputWithPast:
@@ -332,7 +322,6 @@ class DPAForConditionalGeneration(DPAPreTrainedModel, GenerationMixin):
             pixel_attention_mask=pixel_attention_mask,
             perceiver_mm_token_type_ids=perceiver_mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs,
-            perceiver_keepalive=perceiver_keepalive,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

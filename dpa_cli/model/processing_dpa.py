@@ -8,6 +8,7 @@ image features. Shipped as remote code next to upgraded checkpoints, so it impor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -188,7 +189,7 @@ PERCEIVER_FAMILIES: dict[str, PerceiverFamily] = {
 }  # fmt: skip
 
 
-def perceiver_family(model_type: str) -> PerceiverFamily:
+def perceiver_image_rules(model_type: str) -> PerceiverFamily:
     """The layout of a perceiver's `model_type`; an unknown one is an error that lists the known ones."""
     if model_type not in PERCEIVER_FAMILIES:
         raise ValueError(
@@ -225,6 +226,70 @@ def _turn_texts(conversations: list[list[dict]], bare_images: bool = False) -> l
         images = [b for b in content if b.get("type") == "image"]
         texts += [turn] * sum(1 for b in images if bare_images or any(k in b for k in _IMAGE_BLOCK_KEYS))
     return texts
+
+
+def capped_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) scaled down proportionally to at most `max_pixels`, as the official DPA training does
+    before its processor (ms-swift `rescale_image`, vision_utils.py:89-99: height sqrt(max / ratio) and width
+    height * ratio, each truncated); unchanged when within the cap or without one."""
+    width, height = size
+    if not max_pixels or width * height <= max_pixels:
+        return size
+    ratio = width / height
+    scaled_height = math.sqrt(max_pixels / ratio)
+    return int(scaled_height * ratio), int(scaled_height)
+
+
+class FeatureCounter:
+    """An image's feature count (its target slots) from its size alone, equal to `DPAProcessor.feature_counts` of
+    the processed image: the one size rule `dpa data check --fast`, length grouping and packing use.
+
+    Qwen-VL perceivers: the image processor's patch count over merge_size^2. LLaVA, LLaVA-NeXT (composed
+    perceivers too) and OneVision: the family's own layout rule fed the image size. Both plus the markers the
+    feature span takes, calibrated once on a real processor run (a blank image, nothing decoded). Other families:
+    the processor run once per distinct size on a blank image. Sizes go through the encoding's training cap first.
+    """
+
+    SIZE_RULE = ("llava", "llava_next", "llava_onevision")
+
+    def __init__(self, processor: Any):
+        self.processor, self.cache = processor, {}
+        images = processor.image_processor
+        if processor.family.mm_token_type_ids and hasattr(images, "get_number_of_image_patches"):
+            self.rule = self._qwen_rule
+        elif processor.perceiver_model_type in self.SIZE_RULE:
+            self.rule, self._tokens = self._layout_rule, processor.family.layout(processor)
+        else:
+            self.rule = None
+        calibration = (56, 56)
+        self._inputs = self._run(calibration)
+        self.extra = 0 if self.rule is None else processor.feature_counts(self._inputs)[0] - self.rule(calibration)
+
+    def _run(self, size: tuple[int, int]) -> Any:
+        from PIL import Image
+
+        processor = self.processor
+        texts = processor.perceiver_texts([{"role": "user", "content": [{"type": "image"}]}])
+        kwargs = {} if texts is None else {"perceiver_text": texts}
+        return processor(images=[Image.new("RGB", size)], text=processor.image_token, add_special_tokens=False,
+                         return_tensors="pt", **kwargs)  # fmt: skip
+
+    def _qwen_rule(self, size: tuple[int, int]) -> int:
+        images = self.processor.image_processor
+        return images.get_number_of_image_patches(size[1], size[0], {}) // images.merge_size**2
+
+    def _layout_rule(self, size: tuple[int, int]) -> int:
+        # These layouts read only the image size and the (fixed) crop shape of the processed pixels.
+        inputs = {"image_sizes": [[size[1], size[0]]], "pixel_values": self._inputs["pixel_values"]}
+        return self._tokens(inputs, 0).count(self.processor.perceiver_image_token)
+
+    def __call__(self, size: tuple[int, int]) -> int:
+        """Features of an image of `size` = (width, height), after the encoding's training cap if it has one."""
+        size = tuple(size)
+        if size not in self.cache:
+            rule, fed = self.rule, capped_size(size, self.processor.train_max_pixels)
+            self.cache[size] = rule(fed) + self.extra if rule else self.processor.feature_counts(self._run(fed))[0]
+        return self.cache[size]
 
 
 class DPAProcessor(ProcessorMixin):
@@ -271,7 +336,7 @@ class DPAProcessor(ProcessorMixin):
     ):
         chat_template = chat_template or tokenizer.chat_template  # the target's template renders the conversation
         super().__init__(image_processor, perceiver_tokenizer, tokenizer, chat_template=chat_template)
-        family = perceiver_family(perceiver_model_type)
+        family = perceiver_image_rules(perceiver_model_type)
         self.perceiver_model_type = perceiver_model_type
         self.image_token = image_token or getattr(tokenizer, "image_token", None) or "<image>"
         self.perceiver_image_token = perceiver_image_token or family.image_token
@@ -383,7 +448,7 @@ class DPAProcessor(ProcessorMixin):
 
     @property
     def family(self) -> PerceiverFamily:
-        return perceiver_family(self.perceiver_model_type)
+        return perceiver_image_rules(self.perceiver_model_type)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -607,4 +672,12 @@ class DPAProcessor(ProcessorMixin):
         return super().apply_chat_template(conversation, *args, **kwargs)
 
 
-__all__ = ["DPAProcessor", "PERCEIVER_FAMILIES", "PerceiverFamily", "onevision_feature_count", "paper_chat_template"]
+__all__ = [
+    "PERCEIVER_FAMILIES",
+    "DPAProcessor",
+    "FeatureCounter",
+    "PerceiverFamily",
+    "capped_size",
+    "onevision_feature_count",
+    "paper_chat_template",
+]  # fmt: skip

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
-from dpa_cli.upgrade.naming import meta_model, meta_state
+from dpa_cli.defaults import SHARD_SIZE
+from dpa_cli.checkpoint.naming import meta_model, meta_state
 from dpa_cli.synthetic.tokenizers import tiny_tokenizer
-from dpa_cli.upgrade.surgery import tensor_seed
+from dpa_cli.checkpoint.seeds import tensor_seed
 
 
 def text_config(hidden: int, layers: int, vocab: int, tie: bool = True, **extra: Any) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def write_random_checkpoint(
     folder: Path,
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
-    shard_size: int = 5_000_000_000,
+    shard_size: int = SHARD_SIZE,
     std: float = 0.02,
 ) -> Path:
     """config.json + random weights (norms at 1, like a fresh model) in safetensors shards under `folder`."""
@@ -114,7 +115,7 @@ def save_llava_next_image_processor(folder: Path, config: dict[str, Any]) -> Non
 
 
 def build_llava_next_target(folder: Path, text: dict[str, Any], vit_hidden: int = 256, vit_layers: int = 2,
-                            image_size: int = 56, patch: int = 14, shard_size: int = 5_000_000_000,
+                            image_size: int = 56, patch: int = 14, shard_size: int = SHARD_SIZE,
                             tokenizer: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
     """A LLaVA-NeXT checkpoint with random weights, its tokenizer (Qwen3 template, `<image>`) and image processor."""
     tokenizer = tokenizer or tiny_tokenizer("qwen3_llava")
@@ -122,12 +123,22 @@ def build_llava_next_target(folder: Path, text: dict[str, Any], vit_hidden: int 
     write_random_checkpoint(config, "AutoModelForImageTextToText", folder, shard_size=shard_size, dtype=dtype)
     tokenizer.save_pretrained(folder)
     save_llava_next_image_processor(folder, config)
+    write_stop_tokens(folder)
     return Path(folder)
 
 
-def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = 5_000_000_000, tokenizer: Any = None,
+def write_stop_tokens(folder: Path) -> None:
+    """generation_config.json with the tokenizer's end of text and end of turn, as hub checkpoints ship it: a
+    synthetic model's replies stop like a real one's instead of running to max_new_tokens."""
+    from dpa_cli.checkpoint.side_files import write_generation_config
+
+    write_generation_config(folder, [], {}, tokenizer_folder=Path(folder))
+
+
+def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = SHARD_SIZE, tokenizer: Any = None,
                   dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
     """A Qwen3 causal LM with random weights and its tokenizer (which has `<|image_pad|>`)."""
     write_random_checkpoint(text, "AutoModelForCausalLM", folder, shard_size=shard_size, dtype=dtype)
     (tokenizer or tiny_tokenizer("qwen3")).save_pretrained(folder)
+    write_stop_tokens(folder)
     return Path(folder)

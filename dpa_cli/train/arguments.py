@@ -66,5 +66,13 @@ def trainer_kwargs(training_args: dict[str, Any], notes: list[str]) -> dict[str,
         if world_size() > 1:
             args.setdefault("ddp_backend", "gloo")
     args.setdefault("optim", "adamw_torch")
-    args.setdefault("report_to", "none")
+    args.setdefault("report_to", default_report_to())
     return {**args, **FIXED}
+
+
+def default_report_to() -> str:
+    """TensorBoard when it is installed (the Trainer writes its events under the run's folder, `runs/`), else
+    nothing: a run never needs an account or a server it was not asked to use (wandb, mlflow)."""
+    from transformers.integrations import is_tensorboard_available
+
+    return "tensorboard" if is_tensorboard_available() else "none"

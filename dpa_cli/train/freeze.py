@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from dpa_cli.defaults import PartMode
 from dpa_cli.errors import BadInputError
 from dpa_cli.parts import PARTS, part_of, perceiver_family
 from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
@@ -28,7 +29,7 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dic
         if "lora_" in name:
             param.requires_grad_(True)
         else:
-            param.requires_grad_(trainable[part_of(name, family)] == "full")
+            param.requires_grad_(trainable[part_of(name, family)] == PartMode.FULL)
     return model, trainable_table(model, trainable)
 
 
@@ -59,7 +60,7 @@ def lora_modules(model: torch.nn.Module, targets: str, trainable: dict[str, str]
     family, head = perceiver_family(model.config), model.get_output_embeddings()
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and module is not head
-            and trainable.get(part_of(f"{name}.weight", family)) == "lora"]  # fmt: skip
+            and trainable.get(part_of(f"{name}.weight", family)) == PartMode.LORA]  # fmt: skip
 
 
 def check_lora_targets(model: torch.nn.Module, targets: str, trainable: dict[str, str]) -> None:
@@ -79,7 +80,7 @@ def check_lora_targets(model: torch.nn.Module, targets: str, trainable: dict[str
     adapted = {part_of(f"{name}.weight", family) for name, _ in matched}
     linear = {part_of(f"{name}.weight", family) for name, _ in lora_modules(model, ALL_LINEAR, trainable)}
     for part, mode in trainable.items():  # a part in lora mode without adapters would silently not train
-        if mode == "lora" and part in linear and part not in adapted:
+        if mode == PartMode.LORA and part in linear and part not in adapted:
             raise BadInputError(
                 f"trainable.{part}=lora, but lora_targets {targets!r} adapts none of its layers",
                 hint=f"widen lora_targets (all-linear adapts every part set to lora), or set trainable.{part} to "

@@ -1,7 +1,13 @@
-"""Text-only batches in distributed training: give the perceiver a stand-in image to run on, with zero weight.
+"""Text-only batches in training: the perceiver still runs, on a stand-in image, with zero weight in the loss.
 
 Under ZeRO-3 the perceiver's weights are gathered collectively, and DDP expects gradients for every
-trainable weight, so a process whose batch has no image must still run the perceiver, or the others hang.
+trainable weight, so a process whose batch has no image must still run the perceiver, or the others hang;
+in stage 1 (only perceiver-side parts trainable) a text-only batch would otherwise have no gradient at all.
+
+This lives on the training side, not in the shipped model: the collator hands the stand-in's perceiver
+inputs under `perceiver_keepalive`, the trainer arms `PerceiverKeepalive` with them, and a hook runs the
+perceiver where the model's forward would (after the text embeddings, before the target LLM), so every
+process gathers the same weights in the same order.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from typing import Any
 
 import torch
 
+KEEPALIVE = "perceiver_keepalive"  # the batch key of the stand-in's perceiver inputs
 # Keys the processor gives per image batch; everything else of the stand-in is thrown away.
 _TARGET_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -30,9 +37,35 @@ class KeepaliveCollator:
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         batch = self.collator(features)
         if "pixel_values" not in batch:
-            batch = {**batch, **self.stand_in, "perceiver_keepalive": True}
+            batch = {**batch, KEEPALIVE: self.stand_in}
             self.stand_ins += 1
         return batch
+
+
+class PerceiverKeepalive:
+    """A hook on a DPA model's target LLM: when armed with a stand-in's perceiver inputs, the perceiver runs on
+    them just before the LLM, and its output enters the LLM's input embeddings times zero (same values, a
+    gradient path to every perceiver weight)."""
+
+    def __init__(self, model: torch.nn.Module):
+        dpa = next((m for m in model.modules() if type(m).__name__ == "DPAModel"), None)
+        if dpa is None:
+            raise TypeError(f"{type(model).__name__} holds no DPAModel")
+        self.dpa, self.stand_in = dpa, None
+        self.handle = dpa.language_model.register_forward_pre_hook(self._run, with_kwargs=True)
+
+    def arm(self, stand_in: dict[str, torch.Tensor]) -> None:
+        """Run the perceiver on `stand_in` in the next forward."""
+        self.stand_in = stand_in
+
+    def _run(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        stand_in, self.stand_in = self.stand_in, None
+        if stand_in is None:
+            return None
+        features = self.dpa.get_image_features(**stand_in).pooler_output
+        embeds = kwargs["inputs_embeds"]
+        zero = 0.0 * sum(feature.sum() for feature in features)
+        return args, {**kwargs, "inputs_embeds": embeds + zero.to(embeds.dtype)}
 
 
 def per_process(count: int) -> list[int]:

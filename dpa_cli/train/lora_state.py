@@ -18,9 +18,9 @@ import torch
 from dpa_cli.checkpoint import read_shard, verify_data_size
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.parts import part_of, perceiver_family
+from dpa_cli.workspace.layout import ADAPTER_CONFIG
 
 TRAINED_IN_FULL = "trained_in_full.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 SAME_FLAGS = "resume with the recipe and flags of the interrupted run, or start over with --restart"
 
 

@@ -9,7 +9,8 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
-METRICS_FILE = "metrics.jsonl"
+from dpa_cli.workspace.layout import METRICS_FILE
+
 
 
 class Reporter(Protocol):

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpa_cli.defaults import OnBadSample
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.arguments import check_deepspeed_launch, trainer_kwargs, world_size
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.resume import check_checkpoint
 from dpa_cli.train.stage import RunFolder, TrainRequest, plan_run_folder, resolve_recipe, source_model
-from dpa_cli.workspace import read_manifest
+from dpa_cli.workspace.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class StagePlan:
             "resume_from": str(self.run.resume_from) if self.run.resume_from else None,
             "data": str(self.request.data), "samples": _count(self.samples), "recipe": self.recipe.as_dict(),
             "world_size": self.processes, "deepspeed": self.request.deepspeed,
+            "report_to": list(self.args.report_to or ["none"]),
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "notes": list(self.notes),
         }  # fmt: skip
 
@@ -110,7 +112,7 @@ def open_data(request: TrainRequest) -> Any:
     from dpa_cli.data.dataset import precheck
 
     samples = open_samples(request.data, request.image_root)
-    if request.on_bad_sample == "fail":  # `skip` drops such samples instead (none of them is ever read)
+    if request.on_bad_sample == OnBadSample.FAIL:  # `skip` drops such samples instead (none of them is ever read)
         precheck(samples)
     return samples
 
@@ -132,22 +134,30 @@ def plan_stage(request: TrainRequest, processes: int | None = None) -> StagePlan
     return StagePlan(request, recipe, source, run, samples, args, tuple(notes), processes)
 
 
-def preview_trainable(plan: StagePlan) -> dict[str, dict[str, Any]]:
-    """The trainable parameters per part, on the model built from its config on the meta device (no weights)."""
+def preview_trainable(plan: StagePlan) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The model built from its config on the meta device (no weights) with the stage's parts set trainable, and
+    the trainable parameters per part."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from dpa_cli.loading import load_config
     from dpa_cli.train.freeze import apply_trainable
-    from dpa_cli.upgrade.naming import meta_model
+    from dpa_cli.checkpoint.naming import meta_model
 
     # Making the Trainer's arguments with a ZeRO-3 config told transformers to partition every model it builds
     # from now on; the preview builds on the meta device in this one process, and trains nothing after.
     unset_hf_deepspeed_config()
     model = meta_model("AutoModelForImageTextToText", load_config(plan.source))
-    return apply_trainable(model, plan.recipe.trainable, plan.lora)[1]
+    return apply_trainable(model, plan.recipe.trainable, plan.lora)
 
 
-def dry_run(request: TrainRequest, processes: int = 1) -> dict[str, Any]:
-    """`dpa train --dry-run`: the plan and the trainable parameters per part, with nothing loaded or written."""
+def dry_run(request: TrainRequest, processes: int = 1, gpu: Any = None) -> dict[str, Any]:
+    """`dpa train --dry-run`: the plan, the trainable parameters per part and whether it fits on `gpu` (a
+    `fit.Gpu`; default an A100-80GB), with nothing loaded or written. Refused (exit 2) when it cannot fit."""
+    from dpa_cli.train import fit
+
     plan = plan_stage(request, processes)
-    return {**plan.describe(), "trainable": preview_trainable(plan)}
+    model, trainable = preview_trainable(plan)
+    gpu = gpu or fit.Gpu(fit.parse_memory(fit.DEFAULT_MEMORY), fit.DEFAULT_TFLOPS)
+    estimate = fit.estimate(plan, model, trainable, gpu)
+    fit.refuse_unless_fits(estimate)
+    return {**plan.describe(), "trainable": trainable, "fit": estimate}

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dpa_cli.defaults import PartMode
 from dpa_cli.errors import BadInputError
 from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_yaml, reason
 from dpa_cli.train.arguments import FIXED
@@ -62,7 +63,7 @@ class Recipe:
 
     @property
     def uses_lora(self) -> bool:
-        return "lora" in self.trainable.values()
+        return PartMode.LORA in self.trainable.values()
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved recipe, printed before training and stored with the run."""
@@ -70,6 +71,11 @@ class Recipe:
         if not self.uses_lora:
             own = {k: v for k, v in own.items() if not k.startswith("lora_")}
         return {"name": self.name, **own, **self.training_args}
+
+
+def recipe_max_length(stage: int, recipe: str | None = None) -> int:
+    """The `max_length` training will use: the named recipe's, else the stage's default recipe's."""
+    return load_recipe(recipe or default_recipe(stage)).max_length
 
 
 def default_recipe(stage: int, lora: bool | None = None) -> str:
@@ -139,14 +145,16 @@ def _unknown(key: str, known: set[str]) -> BadInputError:
     return BadInputError(f"unknown recipe key {key!r}", hint=hint)
 
 
-def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; every problem is a BadInputError naming the key."""
+def load_recipe(name_or_file: str, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem is a BadInputError naming the key. `values` (a
+    config file's recipe keys, already typed) apply over the recipe, `overrides` (flags, `--set`) over both."""
     path = recipe_path(name_or_file)
     written = read_yaml(path, hint="fix the recipe file", loader=_RecipeLoader) or {}
     if not isinstance(written, dict):
         raise BadInputError(f"{path}: a recipe is a mapping of keys to values")
     parsed, texts = _parse_overrides(overrides or [])
-    data = _apply(written, parsed)
+    values = values or {}
+    data = _apply(_apply(written, values), parsed)
     known = set(OWN_FIELDS) | set(training_fields())
     for key in data:
         if key in MANAGED:
@@ -156,8 +164,11 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None) -> Recipe
     stage = data.get("stage")
     if stage_number(stage) not in (1, 2):
         raise BadInputError(f"{path}: stage must be 1 or 2, not {stage!r}")
-    data, scaled_from = rescale(written, data, set(parsed))
+    data, scaled_from = rescale(written, data, set(parsed) | set(values))
     data = check_recipe(data, texts)
+    if data.get("pack") and data.get("train_sampling_strategy") == "group_by_length":
+        raise BadInputError("recipe keys pack=true and train_sampling_strategy=group_by_length contradict each other",
+                            hint="packing already fills rows by length: drop one of them")  # fmt: skip
     own = {k: data[k] for k in OWN_FIELDS if k in data and k not in NESTED + ("stage",)}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}
     notes = tuple(note for note in [schedule_note(scaled_from)] if note)

@@ -27,7 +27,7 @@ from dpa_cli.train.stage import (
     start_run_folder,
 )  # fmt: skip
 from dpa_cli.train.trainer import DPATrainer, LossGuard
-from dpa_cli.workspace import read_manifest, write_manifest
+from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
 
 def load_model(source: Path, bf16: bool):
@@ -50,7 +50,7 @@ def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: A
     if not recipe.pack:
         return dataset, DPACollator(processor)
     collator = PackingCollator(DPACollator(processor), mrope=uses_mrope(text_config))
-    return pack_dataset(dataset, recipe.max_length), collator
+    return pack_dataset(dataset, recipe.max_length, cache_dir=request.workspace / ".cache"), collator
 
 
 @dataclass
@@ -64,6 +64,7 @@ class Prepared:
     collator: KeepaliveCollator
     trainable: dict[str, Any]
     shown: Any  # the first sample, rendered with its supervised span
+    lengths: list[int] | None  # every sample's length, when the recipe groups by length
 
 
 def prepare(plan: StagePlan) -> Prepared:
@@ -91,7 +92,17 @@ def prepare(plan: StagePlan) -> Prepared:
         check_checkpoint_weights(run.resume_from, model)
     first = getattr(dataset, "dataset", dataset)[0]  # a packed dataset's rows hold samples of the one inside
     shown = render_supervised(processor, first)  # encodes the first sample: a bad one is refused here
-    return Prepared(plan, model, processor, dataset, collator, table, shown)
+    return Prepared(plan, model, processor, dataset, collator, table, shown, grouping_lengths(plan, dataset))
+
+
+def grouping_lengths(plan: StagePlan, dataset: Any) -> list[int] | None:
+    """Every sample's length when the recipe groups by length: from image headers and the cached text tokens,
+    no image decoded (a data folder that cannot take the cache keeps it under the workspace's `.cache/`)."""
+    if plan.args.train_sampling_strategy != "group_by_length":
+        return None
+    from dpa_cli.data.lengths import sample_lengths
+
+    return sample_lengths(dataset, cache_dir=plan.request.workspace / ".cache")
 
 
 def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -122,7 +133,7 @@ def _train(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
     metrics = MetricsCallback(run.folder, reporter, peak_flops(), flops_per_token_estimate(model))
     trainer = DPATrainer(
         model=model, args=plan.args, train_dataset=prepared.dataset, data_collator=prepared.collator,
-        callbacks=[LossGuard(), metrics], part_lrs=recipe.learning_rates,
+        callbacks=[LossGuard(), metrics], part_lrs=recipe.learning_rates, lengths=prepared.lengths,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the reporter, not stdout
     resume = str(run.resume_from) if run.resume_from else None

@@ -8,7 +8,6 @@ under temporary names and renamed into place when complete.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,10 @@ from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
-from dpa_cli.errors import CheckpointError
-from dpa_cli.jsonio import read_json
-from dpa_cli.train.lora_state import ADAPTER_CONFIG, gathered, trained_in_full
-from dpa_cli.upgrade.files import copy_model_code
-from dpa_cli.workspace import MODEL_DIR
-
-ADAPTER_DIR = "adapter"
-# What peft's AutoPeftModel builds the base with: transformers' own auto class, which then runs the DPA code
-# shipped in the base folder (trust_remote_code=True). peft would otherwise record dpa_cli's class here.
-PLAIN_AUTO_MAPPING = {"base_model_class": "AutoModelForImageTextToText", "parent_library": "transformers"}
-SHARD_SIZE = 5_000_000_000
+from dpa_cli.defaults import SHARD_SIZE
+from dpa_cli.train.lora_state import gathered, trained_in_full
+from dpa_cli.checkpoint.side_files import GENERATION_CONFIG, copy_model_code, copy_side_files, point_adapter_at
+from dpa_cli.workspace.layout import ADAPTER_DIR, MODEL_DIR
 
 
 def _tmp(trainer: Any, folder: Path, name: str) -> Path:
@@ -45,35 +37,14 @@ def _commit(tmp: Path, final: Path) -> None:
     replace_folder(tmp, final)  # an existing result is swapped out in one step, never deleted first
 
 
-def _copy_side_files(source: Path, dest: Path) -> None:
-    """Config, tokenizers, processor and remote code of the source, for a folder that loads on its own."""
-    for item in source.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
-            shutil.copy2(item, dest / item.name)
-        elif item.is_dir() and not item.name.startswith("."):
-            shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
-
-
 def trained_full_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Base-model name -> value of every parameter trained in full (LoRA adapters excluded)."""
     return {name: gathered(param) for name, param in trained_in_full(model).items()}
 
 
-def point_adapter_at(adapter: Path, base: Path) -> None:
-    """Make `adapter` load with plain peft on `base`, through `PeftModel` on a loaded base or through
-    `AutoPeftModel` from the adapter alone (which builds the base itself), with no dpa_cli import anywhere.
-
-    The path is absolute because peft reads a relative one from the current folder, not the adapter's.
-    """
-    path = Path(adapter) / ADAPTER_CONFIG
-    config = read_json(path, hint="restore the adapter folder, or train the stage again", error=CheckpointError)
-    config.update(base_model_name_or_path=str(Path(base).resolve()), auto_mapping=PLAIN_AUTO_MAPPING)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def write_base_with(source: Path, dest: Path, trained: dict[str, torch.Tensor], meta_model: torch.nn.Module) -> None:
     """Stream `source`'s shards into `dest`, replacing the tensors in `trained` (keys renamed as transformers loads)."""
-    from dpa_cli.upgrade.naming import rename_to_memory
+    from dpa_cli.checkpoint.naming import rename_to_memory
 
     index = read_checkpoint_index(source)
     names = rename_to_memory(meta_model, index.tensors, source)
@@ -85,7 +56,7 @@ def write_base_with(source: Path, dest: Path, trained: dict[str, torch.Tensor], 
             return reader.slice(spec.name) if value is None else value.to(spec.dtype).reshape(spec.shape)
 
         write_sharded(dest, specs, produce, SHARD_SIZE)
-    _copy_side_files(source, dest)
+    copy_side_files(source, dest)
 
 
 def save_stage_result(
@@ -114,8 +85,8 @@ def save_stage_result(
         if trainer.is_world_process_zero():
             (model / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe is in dpa.yaml
             processor.save_pretrained(model)
-            if (source / "generation_config.json").is_file():
-                shutil.copy2(source / "generation_config.json", model / "generation_config.json")
+            if (source / GENERATION_CONFIG).is_file():  # the target's stop tokens, over what save_model derived
+                shutil.copy2(source / GENERATION_CONFIG, model / GENERATION_CONFIG)
             copy_model_code(model)
             _commit(model, folder / MODEL_DIR)
     trainer.accelerator.wait_for_everyone()
@@ -125,7 +96,7 @@ def _meta_like(model: torch.nn.Module) -> torch.nn.Module:
     """A DPA model like `model` on the meta device (for the key names transformers loads with)."""
     from transformers.modeling_utils import set_zero3_state
 
-    from dpa_cli.upgrade.naming import meta_model
+    from dpa_cli.checkpoint.naming import meta_model
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Under ZeRO-3 transformers builds every model inside deepspeed.zero.Init: a collective, which hangs when only

@@ -12,7 +12,8 @@ from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import Recipe, default_recipe, load_recipe
-from dpa_cli.workspace import MODEL_DIR, check_model_folder, latest_checkpoint
+from dpa_cli.workspace.layout import MODEL_DIR, latest_checkpoint, restart_dir, stage_dir, stage_model_dir
+from dpa_cli.workspace.manifest import check_model_folder
 
 PERCEIVER_PARTS = ("vit", "phi_p", "perceiver_lm")
 
@@ -27,6 +28,7 @@ class TrainRequest:
     image_root: str | None = None
     recipe: str | None = None
     overrides: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)  # recipe values from a config file (typed by YAML)
     lora: bool | None = None  # --lora / --full; None: the recipe decides
     freeze_perceiver: bool = False
     lora_targets: str | None = None
@@ -39,20 +41,16 @@ class TrainRequest:
     pack: bool = False  # --pack: the recipe key `pack` set to true
 
 
-def stage_dir(workspace: Path, stage: int) -> Path:
-    return Path(workspace) / f"stage{stage}"
-
-
 def source_model(request: TrainRequest, manifest: dict[str, Any]) -> Path:
     """Stage 1 starts from the upgraded model, stage 2 from stage 1's result (or --from); `manifest` is dpa.yaml."""
     workspace = Path(request.workspace)
     if request.from_model is not None:
-        named = {"model": workspace / MODEL_DIR, "stage1": workspace / "stage1" / MODEL_DIR}
+        named = {"model": workspace / MODEL_DIR, "stage1": stage_model_dir(workspace, 1)}
         source = named.get(request.from_model, Path(request.from_model).expanduser())
     elif request.stage == 1:
         source = workspace / MODEL_DIR
     else:
-        source = workspace / "stage1" / MODEL_DIR
+        source = stage_model_dir(workspace, 1)
         if not source.is_dir():
             raise BadInputError(
                 f"stage 1 has not been run in {workspace}",
@@ -75,7 +73,7 @@ def _check_same_tensors(source: Path, reference: Path) -> None:
     names compared as transformers loads them, so legacy key spellings and tied copies do not matter)."""
     from dpa_cli.checkpoint import read_checkpoint_index
     from dpa_cli.loading import load_config
-    from dpa_cli.upgrade.naming import meta_model, meta_state, rename_to_memory
+    from dpa_cli.checkpoint.naming import meta_model, meta_state, rename_to_memory
 
     model = meta_model("AutoModelForImageTextToText", load_config(reference))
     wanted = {name: tuple(tensor.shape) for name, tensor in meta_state(model).items()}
@@ -90,11 +88,6 @@ def _check_same_tensors(source: Path, reference: Path) -> None:
             raise BadInputError(f"--from {source} holds another model than this workspace's: tensor {name!r} has "
                                 f"{have} there, {want} here",
                                 hint="pass --from model or stage1, or a stage result of this workspace")  # fmt: skip
-
-
-def restart_dir(workspace: Path, stage: int) -> Path:
-    """Where a `--restart` builds the stage anew while the old stage folder stays as it was."""
-    return Path(workspace) / f".stage{stage}.restart"
 
 
 @dataclass(frozen=True)
@@ -205,7 +198,7 @@ def _flag_overrides(request: TrainRequest, manifest: dict[str, Any]) -> list[str
 def resolve_recipe(request: TrainRequest, manifest: dict[str, Any]) -> Recipe:
     """The recipe the run uses: by name or file, else the stage's default, with flags and --set applied."""
     name = request.recipe or default_recipe(request.stage, request.lora)
-    recipe = load_recipe(name, _flag_overrides(request, manifest))
+    recipe = load_recipe(name, _flag_overrides(request, manifest), values=request.values)
     if recipe.stage != request.stage:
         raise BadInputError(f"recipe {recipe.name!r} is for stage {recipe.stage}, not stage {request.stage}")
     return recipe

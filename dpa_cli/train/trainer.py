@@ -19,9 +19,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from dpa_cli.checkpoint.atomic import replace_folder
+from dpa_cli.data.collate import LengthGroupedSampler
 from dpa_cli.data.packing import model_inputs
 from dpa_cli.errors import DpaError
 from dpa_cli.train.freeze import parameter_groups
+from dpa_cli.train.keepalive import KEEPALIVE, PerceiverKeepalive
 from dpa_cli.train.lora_state import restore_trained_in_full, save_trained_in_full
 from dpa_cli.train.schedule import build_scheduler
 
@@ -33,11 +35,14 @@ class TrainingStopped(DpaError):
 
 
 class DPATrainer(Trainer):
-    def __init__(self, *args: Any, part_lrs: dict[str, float] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, part_lrs: dict[str, float] | None = None, lengths: list[int] | None = None,
+                 **kwargs: Any):  # fmt: skip
         self.part_lrs = part_lrs or {}
+        self.lengths = lengths  # every sample's length, for group_by_length (data/lengths.py)
         self._saving = False
         self.tokens_seen_local = 0
         super().__init__(*args, **kwargs)
+        self.keepalive = PerceiverKeepalive(self.model)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -47,6 +52,17 @@ class DPATrainer(Trainer):
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`group_by_length` is dpa's own sampler over lengths read without decoding an image (transformers' would
+        encode every sample, images decoded, before step 1). It groups the samples of one optimizer micro-step on
+        all processes (`per_device x world_size`): accelerate then hands each process its consecutive share."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        if self.lengths is None:
+            raise DpaError("group_by_length needs the samples' lengths (dpa_cli.data.lengths.sample_lengths)")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.lengths, self.args.train_batch_size * self.args.world_size, seed)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The recipe's schedule with its phase fractions resolved for this run's length (train/schedule.py); the
@@ -58,6 +74,9 @@ class DPATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs.pop("sample_ids", None)
+        stand_in = inputs.pop(KEEPALIVE, None)
+        if stand_in is not None:  # a batch without images: the perceiver runs on the stand-in all the same
+            self.keepalive.arm(stand_in)
         labels = inputs.get("labels")
         if labels is not None and not (labels != -100).any():
             ids = f" (samples {', '.join(map(str, sample_ids))})" if sample_ids else ""

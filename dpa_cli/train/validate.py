@@ -19,13 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dpa_cli.defaults import PartMode
 from dpa_cli.errors import BadInputError
 from dpa_cli.parts import PARTS
 from dpa_cli.train.arguments import RENAMED, trainer_kwargs
 from dpa_cli.train.fieldtypes import Mismatch, choice, coerce, only_text
 from dpa_cli.train.schedule import build_scheduler, check_phases
 
-MODES = ("frozen", "full", "lora")
+MODES = PartMode.names()
 OWN_TYPES: dict[str, Any] = {
     "stage": int, "global_batch_size": int, "max_length": int,
     "lora_r": int, "lora_alpha": int | float, "lora_dropout": float, "lora_targets": str,
@@ -94,8 +95,8 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "load_best_model_at_end": ((False,), NO_EVAL), "save_strategy": (("no", "steps", "epoch"), NO_EVAL),
     "push_to_hub": ((False,), "dpa works offline; upload the exported model yourself"),
     "fsdp": ((None, "", False), "dpa shards training with DeepSpeed: use --deepspeed zero3"),
-    "train_sampling_strategy": (("random", "sequential"),
-                                "grouping by length encodes every sample up front; dpa encodes them as it trains"),
+    "train_sampling_strategy": (("random", "sequential", "group_by_length"),
+                                "dpa samples randomly, in order, or grouped by length (group_by_length)"),
 }  # fmt: skip
 # Packages a setting needs when it is on: (import name, pip name); transformers would fail only at Trainer init.
 REQUIRES = {"use_liger_kernel": ("liger_kernel", "liger-kernel")}
@@ -178,7 +179,7 @@ def check_recipe(data: dict[str, Any], texts: dict[str, str]) -> dict[str, Any]:
         if key in texts and value is not None and only_text(hint):
             value = texts[key]
         checked[key] = checked_value(key, value, hint, choices)
-    if not any(mode != "frozen" for mode in checked["trainable"].values()):
+    if not any(mode != PartMode.FROZEN for mode in checked["trainable"].values()):
         hint = "set a part to full or lora, e.g. --set trainable.phi=full"
         raise BadInputError("the recipe trains nothing: every part is frozen", hint=hint)
     training = {key: value for key, value in checked.items() if key in fields}

@@ -10,11 +10,12 @@ A composed perceiver (`vit=...,lm=...`) is a small VLM of the ViT source's own f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from dpa_cli.errors import BadInputError
-from dpa_cli.families.paper import DEFAULT_MROPE, TEXT_MODEL_TYPE, plain_qwen3, rope_parameters, skeleton_config
+from dpa_cli.families import FAMILIES
+from dpa_cli.families.base import Composition
+from dpa_cli.families.paper import PAPER_VL, DEFAULT_MROPE, TEXT_MODEL_TYPE, plain_qwen3, rope_parameters, skeleton_config
 from dpa_cli.families.paper import skeleton_text, text_part
 from dpa_cli.upgrade.sources import Checkpoint
 from dpa_cli.upgrade.tokens import Placeholder
@@ -23,41 +24,23 @@ from dpa_cli.upgrade.tokens import Placeholder
 _PROVENANCE = ("architectures", "auto_map", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
 
 
-PAPER_SKELETON = "qwen2_5_vl_qwen3"  # dpa_cli.families.paper.PAPER_VL
-PAPER_VITS = ("qwen2_5_vl", PAPER_SKELETON)  # ViT sources whose composition is the paper's skeleton
 
 
-@dataclass(frozen=True)
-class Composition:
-    """How a ViT source's family composes a perceiver: which of its tensors are kept (in-memory prefix -> DPA
-    name) and which DPA tensors start fresh (phi_p; a kept part the small LM needs at another width)."""
-
-    vit: dict[str, str]
-    new: tuple[str, ...]
-
-
-COMPOSITIONS = {
-    **dict.fromkeys(("llava", "llava_next", "llava_onevision"), Composition(
-        {"model.vision_tower.": "model.perceiver.vision_tower."},
-        ("model.perceiver.multi_modal_projector.", "model.perceiver.image_newline"))),
-    # qwen2_5_vl_qwen3 also stands for the official formats (qwen_custom_vl_hw_new, llava_baseline) it reads.
-    **dict.fromkeys(PAPER_VITS, Composition(
-        {"model.visual.": "model.perceiver.visual."}, ("model.perceiver.visual.merger.mlp.",))),
-}  # fmt: skip
-COMPOSABLE_VIT_FAMILIES = tuple(COMPOSITIONS)
+# The ViT families a perceiver is composed from (`--perceiver vit=...,lm=...`): those that declare how.
+COMPOSABLE_VIT_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.composition is not None)
 PAPER_MARKERS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 PAPER_TOKENS = {**PAPER_MARKERS, "video_token_id": "<|video_pad|>"}
 
 
 def composition(vit: Checkpoint) -> Composition:
     """The composition of `vit`'s family; any other ViT source is refused by name."""
-    if vit.family.name not in COMPOSITIONS:
+    if vit.family.composition is None:
         raise BadInputError(
             f"{vit.path}: composing a perceiver takes its ViT from a {'/'.join(COMPOSABLE_VIT_FAMILIES)} "
             f"checkpoint, but this is {vit.disk_family.name}",
             hint="use an existing small VLM as --perceiver, or vit=<a LLaVA-family or Qwen2.5-VL checkpoint>",
         )
-    return COMPOSITIONS[vit.family.name]
+    return vit.family.composition
 
 
 def pair_encoding(sources: Any) -> str:
@@ -68,9 +51,9 @@ def pair_encoding(sources: Any) -> str:
         return text_config(checkpoint).get("model_type") == "qwen3"
 
     if sources.perceiver is not None:
-        paper_perceiver = sources.perceiver.family.name == PAPER_SKELETON
+        paper_perceiver = sources.perceiver.family is PAPER_VL
     else:
-        paper_perceiver = sources.vit.family.name in PAPER_VITS and qwen3(sources.lm)
+        paper_perceiver = composition(sources.vit).paper and qwen3(sources.lm)
     return "paper" if paper_perceiver and qwen3(sources.target) else "dpa"
 
 
@@ -100,7 +83,7 @@ def composed_perceiver_config(vit: Checkpoint, lm: Checkpoint, image: Placeholde
     small_lm = text_config(lm, vocab_size)
     # Only the perceiver's base model is kept (no LM head), so there is nothing to tie.
     small_lm["tie_word_embeddings"] = False
-    if vit.family.name in PAPER_VITS:
+    if composition(vit).paper:
         return _paper_perceiver(vit, lm, small_lm, image, tokenizer)
     config = _architecture(vit.config)
     config.pop("image_token_index", None)

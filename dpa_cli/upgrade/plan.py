@@ -16,22 +16,22 @@ import torch
 from dpa_cli.checkpoint import TensorInfo
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
+from dpa_cli.defaults import SHARD_SIZE, Dtype
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.families import Component, detect_family
 from dpa_cli.upgrade.chat_template import WorkspaceTemplate, workspace_template
 from dpa_cli.upgrade.compose import composed_perceiver_config, composition, dpa_config, pair_encoding, text_config
 from dpa_cli.upgrade.encoding import resolve_options, target_markers
-from dpa_cli.upgrade.naming import error_summary, meta_model, meta_state
+from dpa_cli.checkpoint.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
 from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, ensure_pad_token, existing_placeholder, load_tokenizer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # In-memory name prefix in a source model -> where it goes in the DPA model. Anything else is dropped.
 VLM_TARGET = {"model.language_model.": "model.language_model.", "lm_head.": "lm_head."}
 TEXT_TARGET = {"model.": "model.language_model.", "lm_head.": "lm_head."}
 PERCEIVER = {"model.": "model.perceiver."}
 SMALL_LM = {"model.": "model.perceiver.language_model."}
-# New tensors: phi always; a composed perceiver's fresh parts (compose.COMPOSITIONS).
+# New tensors: phi always; a composed perceiver's fresh parts (its ViT family's `composition.new`).
 PHI = "model.multi_modal_projector."
 
 
@@ -42,7 +42,7 @@ class Options:
     early_fusion: bool = False
     dtype: str = "auto"
     seed: int = 0
-    shard_size: int = 5_000_000_000
+    shard_size: int = SHARD_SIZE
     perceiver_layers: int | None = None  # keep only the perceiver's first N language blocks (0: ViT-only ablation)
     # dpa (the target's chat template) or paper (the official DPA code's encoding); None: the pair's own
     # (paper for the paper's pair, upgrade/compose.pair_encoding), else dpa.
@@ -201,8 +201,8 @@ def build_config(
 
 def output_dtype(sources: Sources, options: Options) -> torch.dtype:
     """--dtype, or with `auto` the dtype holding most of the target's parameters."""
-    if options.dtype != "auto":
-        return DTYPES[options.dtype]
+    if options.dtype != Dtype.AUTO:
+        return Dtype(options.dtype).torch()
     counts: dict[str, int] = {}
     for info in sources.target.index.tensors.values():
         counts[info.dtype] = counts.get(info.dtype, 0) + info.numel

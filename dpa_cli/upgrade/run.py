@@ -14,20 +14,44 @@ from dpa_cli.checkpoint.atomic import check_replaceable, staged_folder
 from dpa_cli.checksums import CHECKSUMS, tree_checksums
 from dpa_cli.errors import BadInputError
 from dpa_cli.upgrade.files import write_model_files
-from dpa_cli.upgrade.fingerprint import fingerprint_in_background
+from dpa_cli.upgrade.fingerprint import InputHashes
 from dpa_cli.upgrade.plan import Options, UpgradePlan, build_plan
 from dpa_cli.upgrade.processor import write_processor
 from dpa_cli.upgrade.sources import Sources, open_sources
 from dpa_cli.upgrade.summary import plan_summary
 from dpa_cli.upgrade.surgery import write_weights
 from dpa_cli.upgrade.verify import AUTO_VERIFY_BYTES, check_written, load_and_run
-from dpa_cli.workspace import MODEL_DIR, is_workspace, versions, write_manifest
+from dpa_cli.workspace.layout import MODEL_DIR
+from dpa_cli.workspace.manifest import is_workspace, versions, write_manifest
 
 
-def plan_upgrade(target: str, perceiver: str | None, options: Options) -> UpgradePlan:
+def plan_upgrade(target: str, perceiver: str | None, options: Options, inputs: InputHashes | None = None) -> UpgradePlan:
+    """The surgery plan. `inputs`, when given, starts hashing the input folders first: the imports and the
+    meta-device models below keep one core busy for seconds, the hashing takes the other."""
+    if inputs is not None:
+        inputs.start(input_folders(target, perceiver))
     import dpa_cli.model  # noqa: F401  registers the DPA classes the plan is checked against
 
     return build_plan(open_sources(target, perceiver), options)
+
+
+def input_folders(target: str, perceiver: str | None) -> list[Path]:
+    """The folders the specs name, as far as they resolve; `open_sources` reports any that does not."""
+    from dpa_cli.errors import DpaError
+    from dpa_cli.hub import resolve_model
+    from dpa_cli.upgrade.sources import ComposedSpec, parse_perceiver_spec
+
+    folders = []
+    try:
+        folders.append(resolve_model(target).path)
+        if perceiver is None:  # an official DPA checkpoint: the target holds the perceiver
+            return folders
+        parsed = parse_perceiver_spec(perceiver)
+        specs = [parsed.vit, parsed.lm] if isinstance(parsed, ComposedSpec) else [parsed]
+        folders += [resolve_model(spec).path for spec in specs if spec != "target"]
+    except (DpaError, OSError):
+        pass
+    return folders
 
 
 def _slug(spec: str) -> str:
@@ -82,15 +106,19 @@ def run_upgrade(
     force: bool = False,
     verify_load: bool | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    inputs: InputHashes | None = None,
 ) -> dict[str, Any]:
     """Write the planned workspace (model/ + dpa.yaml) through a temporary sibling renamed at the end.
 
-    `verify_load`: None loads and runs the model when it is at most 2 GB on disk.
+    `verify_load`: None loads and runs the model when it is at most 2 GB on disk. `inputs`: the hashing of the
+    input folders, if `plan_upgrade` started it.
     """
     check_output(workspace, plan.sources, force)
     started = time.perf_counter()
     folders = {c.role: c.path for c in plan.sources.all()}
-    pool, hashes = fingerprint_in_background(folders)
+    inputs = inputs or InputHashes()
+    inputs.start(folders.values())
+    done = False
     try:
         with staged_folder(workspace, replace=force) as staging:
             model_dir = staging / MODEL_DIR
@@ -102,11 +130,13 @@ def run_upgrade(
             report = {"written": check_written(plan, model_dir)}
             if verify_load or (verify_load is None and plan.output_bytes <= AUTO_VERIFY_BYTES):
                 report["loaded"] = load_and_run(model_dir)
-            fingerprints = {role: future.result() for role, future in hashes.items()}
+            fingerprints = {role: inputs.result(folder) for role, folder in folders.items()}
             manifest = _manifest(plan, fingerprints, report, time.perf_counter() - started)
             # What was written, file by file, for `dpa verify`; shards were hashed while they were written.
             manifest[CHECKSUMS] = tree_checksums(model_dir, f"{MODEL_DIR}/", digests)
             write_manifest(staging, manifest)
+        done = True
     finally:
-        pool.shutdown(cancel_futures=True)
+        if not done:
+            inputs.cancel()
     return {"workspace": str(workspace.resolve()), "model": str(workspace.resolve() / MODEL_DIR), **manifest}

@@ -18,7 +18,7 @@ from dpa_cli import families
 from dpa_cli.families import Family, Role, detect_family
 from dpa_cli.families.config_check import check_with_transformers
 from dpa_cli.hub import ResolvedModel, resolve_model
-from dpa_cli.upgrade.naming import error_summary, memory_names
+from dpa_cli.checkpoint.naming import error_summary, memory_names
 
 COMPOSED_KEYS = ("vit", "lm")
 

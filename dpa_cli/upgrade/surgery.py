@@ -1,12 +1,12 @@
-"""Streamed surgery: write the planned tensors shard by shard, each read, cast and written on its own.
+"""Streamed surgery: write the planned tensors shard by shard, each copied, cast or made on its own.
 
-Peak memory is one source tensor plus its cast copy, whatever the model size: sources are read with
-plain file reads (one shard open per source), never memory-mapped, and the model is never instantiated.
+Kept tensors are copied by the kernel and casts converted a chunk at a time (`checkpoint/copying.py`), so peak
+memory is a few chunks plus the largest new or padded tensor, whatever the model size: sources are read with
+plain file reads, never memory-mapped, and the model is never instantiated.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -16,13 +16,9 @@ import torch
 
 from dpa_cli.checkpoint import LazyTensorReader
 from dpa_cli.checkpoint.reader import torch_dtype
-from dpa_cli.checkpoint.writer import FileSlice, TensorSpec, write_sharded
+from dpa_cli.checkpoint.seeds import tensor_seed
+from dpa_cli.checkpoint.writer import CastSlice, FileSlice, TensorSpec, write_sharded
 from dpa_cli.upgrade.plan import TensorPlan, UpgradePlan
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A seed per tensor: the same `--seed` gives the same bytes whatever order tensors are written in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
 def init_tensor(plan: TensorPlan, seed: int, fan_in: int) -> torch.Tensor:
@@ -66,17 +62,17 @@ class TensorSource:
         self.seed = plan.options.seed
         self.dtypes = {t.name: _source_dtype(plan, t) for t in plan.tensors if t.key is not None}
 
-    def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice:
+    def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice | CastSlice:
         plan = self.by_name[spec.name]
         if plan.source == "new":
             return init_tensor(plan, self.seed, self.fan_ins[plan.name])
         reader = self.readers[plan.source]
-        if not plan.pad_rows and self.dtypes[plan.name] == plan.dtype:
-            return reader.slice(plan.key)  # unchanged bytes: copied in the kernel, never loaded
-        tensor = reader.get(plan.key)
         if plan.pad_rows:
-            tensor = _pad_vocab(tensor.float(), plan.pad_rows)
-        return tensor.to(plan.dtype)
+            return _pad_vocab(reader.get(plan.key).float(), plan.pad_rows).to(plan.dtype)
+        piece = reader.slice(plan.key)
+        if self.dtypes[plan.name] == plan.dtype:
+            return piece  # unchanged bytes: copied in the kernel, never loaded
+        return CastSlice(piece, self.dtypes[plan.name])  # converted chunk by chunk while written
 
 
 def write_weights(

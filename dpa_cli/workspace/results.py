@@ -1,4 +1,4 @@
-"""Where a trained model lives, and how to load it exactly as training ran it.
+"""Where a trained model lives: a workspace's latest finished stage, or any folder `generate` is pointed at.
 
 In a workspace the latest finished stage is `stage2/model` when it exists, else `stage1/model`, else the
 upgraded `model/`. A LoRA stage is its base folder (the upgraded weights with the trained phi) plus a PEFT
@@ -9,18 +9,23 @@ adapter in `stageN/adapter/`, applied unmerged. An export made with `--keep-adap
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from dpa_cli import loading
-from dpa_cli.errors import BadInputError, CheckpointError
-from dpa_cli.workspace import MODEL_DIR, check_model_folder, is_workspace, latest_checkpoint, read_manifest
+from dpa_cli.errors import BadInputError
+from dpa_cli.workspace.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    MODEL_DIR,
+    STAGES,
+    has_adapter,
+    latest_checkpoint,
+    stage_dir,
+    stage_model_dir,
+    stage_name,
+)
+from dpa_cli.workspace.manifest import check_model_folder, is_workspace, read_manifest
 
-ADAPTER_DIR = "adapter"
-ADAPTER_CONFIG = "adapter_config.json"
-STAGES = (2, 1)  # newest first
 _STAGE_DIR = re.compile(r"^stage\d+$")
 
 
@@ -39,19 +44,15 @@ class StageResult:
         return [self.model_dir, *([self.adapter_dir] if self.adapter_dir else [])]
 
 
-def _has_adapter(folder: Path) -> bool:
-    return (folder / ADAPTER_CONFIG).is_file()
-
-
 def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
     """Stage `stage` of `workspace`, or the latest finished one (the upgraded model when none has run)."""
     workspace = Path(workspace)
     if stage is not None and stage not in STAGES:
         raise BadInputError(f"--stage {stage}: the DPA recipe has stages 1 and 2")
     for number in [stage] if stage is not None else STAGES:
-        model_dir = workspace / f"stage{number}" / MODEL_DIR
+        model_dir = stage_model_dir(workspace, number)
         if (model_dir / "config.json").is_file():
-            return _with_adapter(workspace, f"stage{number}", model_dir)
+            return _with_adapter(workspace, stage_name(number), model_dir)
         if stage is None and _started(workspace, number):
             raise _unfinished(workspace, number)
     if stage is not None:
@@ -68,13 +69,13 @@ def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
 
 def _started(workspace: Path, number: int) -> bool:
     """A stage whose folder exists or that dpa.yaml records: the newest model, once (if ever) it finishes."""
-    recorded = (read_manifest(workspace).get("stages") or {}).get(f"stage{number}")
-    return (workspace / f"stage{number}").exists() or recorded is not None
+    recorded = (read_manifest(workspace).get("stages") or {}).get(stage_name(number))
+    return stage_dir(workspace, number).exists() or recorded is not None
 
 
 def _unfinished(workspace: Path, number: int) -> BadInputError:
     """The latest stage was started but has no result: using the stage before it instead would be silent."""
-    checkpoint = latest_checkpoint(workspace / f"stage{number}")
+    checkpoint = latest_checkpoint(stage_dir(workspace, number))
     if checkpoint is not None:
         finish = f"`dpa train --stage {number} --resume` continues it from {checkpoint.name}"
     else:
@@ -82,7 +83,7 @@ def _unfinished(workspace: Path, number: int) -> BadInputError:
     if number > 1:
         instead = f"pass --stage {number - 1} to use stage {number - 1}"
     else:
-        instead = f"remove {workspace / f'stage{number}'} to use the untrained upgrade"
+        instead = f"remove {stage_dir(workspace, number)} to use the untrained upgrade"
     what = f"stage {number} was started in {workspace} but has not finished (no stage{number}/{MODEL_DIR})"
     return BadInputError(what, hint=f"{finish}, or {instead}")
 
@@ -93,12 +94,12 @@ def _with_adapter(workspace: Path, name: str, model_dir: Path) -> StageResult:
     manifest = read_manifest(workspace)
     check_model_folder(model_dir, manifest)
     recorded = (manifest.get("stages") or {}).get(name) or {}
-    if recorded.get("lora") and not _has_adapter(adapter):
+    if recorded.get("lora") and not has_adapter(adapter):
         raise BadInputError(
             f"{name} was trained with LoRA but {adapter / ADAPTER_CONFIG} is missing",
             hint=f"restore {adapter}, or train the stage again with --restart",
         )
-    return StageResult(name, model_dir, adapter if _has_adapter(adapter) else None, workspace)
+    return StageResult(name, model_dir, adapter if has_adapter(adapter) else None, workspace)
 
 
 def find_runnable(spec: str, stage: int | None = None) -> StageResult:
@@ -120,7 +121,7 @@ def _runnable_folder(spec: str, path: Path, stage: int | None) -> StageResult:
         name = path.parent.name if in_stage else "folder"
         for adapter in (path / ADAPTER_DIR, path.parent / ADAPTER_DIR):
             # An export's own adapter, or the adapter beside a stage's model: the model as trained.
-            if _has_adapter(adapter) and (adapter.parent == path or in_stage):
+            if has_adapter(adapter) and (adapter.parent == path or in_stage):
                 return StageResult(name, path, adapter, None)
         return StageResult(name, path)
     if path.is_dir():
@@ -128,42 +129,3 @@ def _runnable_folder(spec: str, path: Path, stage: int | None) -> StageResult:
     from dpa_cli.hub import resolve_model
 
     return StageResult("folder", resolve_model(spec).path)
-
-
-def _first_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu", allow_code: bool = False) -> Any:
-    """The model in eval mode: the checkpoint, with its LoRA adapter applied unmerged, as training ran it.
-
-    `dtype`: a torch dtype, or None for the dtype the checkpoint is stored in. `allow_code`: run the folder's
-    own model code even when it is not dpa's (--trust-remote-code).
-    """
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # our own output says what is loading
-    folder = result.model_dir
-    try:
-        model = loading.load_model(folder, allow_code, dtype=dtype or "auto")
-    except (ValueError, KeyError, RuntimeError) as err:
-        what = f"{folder}: cannot load it ({_first_line(err)})"
-        raise CheckpointError(what, hint="check it with `dpa inspect`") from None
-    if result.adapter_dir is not None:
-        model = _apply_adapter(model, result.adapter_dir)
-    return model.to(device).eval()
-
-
-def _apply_adapter(model: Any, adapter: Path) -> Any:
-    try:
-        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a question it has renamed
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            return loading.load_adapter(model, adapter)
-    except (ValueError, KeyError, RuntimeError) as err:
-        hint = "the adapter must come from training this stage's model; restore it or train the stage again"
-        raise CheckpointError(f"{adapter}: peft cannot apply it ({_first_line(err)})", hint=hint) from None
-
-
-def load_processor(result: StageResult, allow_code: bool = False) -> Any:
-    return loading.load_processor(result.model_dir, allow_code)

@@ -1,4 +1,4 @@
-"""The workspace: the folder `dpa upgrade` creates, found by later commands the way git finds a repo.
+"""The workspace's record, and finding the workspace the way git finds a repo.
 
 `WORKSPACE/dpa.yaml` records the sources, the plan, the options, the versions and the stages done; it is
 only ever replaced whole (temp + fsync + rename).
@@ -21,20 +21,10 @@ from dpa_cli.describe import check_json_files
 from dpa_cli.families import check_config
 from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_json, reason
 from dpa_cli.records import MANIFEST_HINT, check_manifest
+from dpa_cli.workspace.layout import MANIFEST
 
-MANIFEST = "dpa.yaml"
-MODEL_DIR = "model"
 FORMAT = 1  # bumped when dpa.yaml changes shape
 LIBRARIES = ("torch", "transformers", "safetensors", "peft", "accelerate", "deepspeed", "tokenizers")
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-K` of a stage's run (the trainer's staging leftovers never are)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def is_workspace(folder: Path) -> bool:
