@@ -337,3 +337,14 @@ def test_transformers_keeps_packed_samples_apart_for_every_text_model_kind(kind,
 def test_packing_and_length_grouping_together_are_refused(spelling):
     with pytest.raises(BadInputError, match="pack=true and train_sampling_strategy=group_by_length"):
         load_recipe("stage2-full", spelling)
+
+
+def test_a_row_that_would_overflow_its_plan_stops_naming_its_samples(dpa_workspace, data_files):
+    from dpa_cli.data.packing import PackedDataset
+    from dpa_cli.errors import DpaError
+
+    processor = loading.load_processor(dpa_workspace("next_qwen") / "model")
+    dataset = _dataset(processor, data_files / "clean.json", data_files / "images")
+    wrong = PackedDataset(dataset, pack_lengths([1] * len(dataset), 64), 64)  # planned as 1 token each
+    with pytest.raises(DpaError, match=r"packed row 0 holds \d+ tokens, over max_length 64.*one-image"):
+        wrong[0]
