@@ -158,8 +158,13 @@ def export(
 
 @bench_app.command("train")
 def train(
-    repeats: Annotated[int, typer.Option(min=1, help="Timed steps per model after two warm-up steps.")] = 5,
-    batch: Annotated[int, typer.Option(min=1, help="Samples per step (one image each).")] = 2,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Timed steps per model after two warm-up steps (default 5); "
+                                                            "with --pack, timed passes per mode (default 2).", show_default=False)] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Samples per step (default 2, one image each); with --pack, "
+                                                          "samples per padded step (default 8).", show_default=False)] = None,
+    pack: Annotated[bool, typer.Option("--pack", help="Packed rows against padded batches on a length-skewed mix.")] = False,
+    samples: Annotated[int, typer.Option(min=2, help="With --pack: samples in the mix.")] = 64,
+    max_length: Annotated[int, typer.Option(min=16, help="With --pack: tokens per packed row (and the cut).")] = 1024,
     workdir: Annotated[Path | None, typer.Option(help="Where to build the models (default: a temporary folder).")] = None,
     write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
@@ -170,14 +175,20 @@ def train(
 
     Reports the step-time ratio next to the FLOP ratio counted from one real step of each model.
 
+    With --pack: packed rows against padded batches on a synthetic length-skewed LLaVA-style mix, the same
+    samples and weights: effective (non-padding) tokens/s of each, their ratio, and the loss per token of each.
+
     Examples:
       dpa bench train
       dpa bench train --repeats 10 --json
+      dpa bench train --pack --json
     """
+    if pack:
+        return _train_pack(repeats or 2, batch or 8, samples, max_length, workdir, write_docs, json_)
     from dpa_cli.bench.train import bench_train
 
     with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
-        result = bench_train(Path(tmp), repeats, batch)
+        result = bench_train(Path(tmp), repeats or 5, batch or 2)
     result["machine"] = machine()
     if json_:
         print_json(result)
@@ -185,6 +196,23 @@ def train(
         out.print(train_table(result))
     if write_docs:
         append_doc("dpa bench train", train_markdown(result))
+
+
+def _train_pack(repeats: int, batch: int, samples: int, max_length: int, workdir: Path | None, write_docs: bool,
+                json_: bool) -> None:  # fmt: skip
+    from dpa_cli.bench.pack import bench_pack, build_model
+    from dpa_cli.cli.bench_tables import PACK_COLUMNS, markdown_table, pack_rows, pack_title, rich_table
+
+    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+        model = build_model(Path(tmp))
+        result = bench_pack(model, Path(tmp) / "mix", samples, batch, max_length, repeats)
+    result["machine"] = machine()
+    if json_:
+        print_json(result)
+    else:
+        out.print(rich_table(PACK_COLUMNS, pack_rows(result), pack_title(result)))
+    if write_docs:
+        append_doc("dpa bench train --pack", pack_title(result) + ".\n\n" + markdown_table(PACK_COLUMNS, pack_rows(result)))
 
 
 def _train_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:

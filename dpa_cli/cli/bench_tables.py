@@ -69,3 +69,29 @@ def infer_markdown(result: dict[str, Any]) -> str:
     return (f"{infer_title(result)}; the perceiver ran {calls:g} time(s) per prompt.\n\n"
             + markdown_table(INFER_COLUMNS, infer_rows(result)) + "\n\n" + paper_title(result["paper"]) + ":\n\n"
             + markdown_table(PAPER_COLUMNS, paper_rows(result["paper"])))  # fmt: skip
+
+
+PACK_COLUMNS = ("mode", "steps", "tokens (real / with padding)", "effective tokens/s (best / median)",
+                "effective tokens / CPU s (best / median)", "loss per token")
+
+
+def pack_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """`dpa bench train --pack`: padded and packed passes, then packed / padded."""
+    rows = []
+    for mode in ("padded", "packed"):
+        r = result[mode]
+        rows.append((mode, str(r["steps"]), f"{r['tokens']} / {r['tokens_with_padding']}",
+                     f"{r['tokens_per_s']['best']:.0f} / {r['tokens_per_s']['median']:.0f}",
+                     f"{r['tokens_per_cpu_s']['best']:.0f} / {r['tokens_per_cpu_s']['median']:.0f}", f"{r['loss_per_token']:.6f}"))  # fmt: skip
+    rows.append(("packed / padded", "", "", _pair(result["ratio"], 2), _pair(result["ratio_cpu_time"], 2),
+                 f"|diff| {result['loss_per_token_difference']:.1e}"))
+    return rows
+
+
+def pack_title(result: dict[str, Any]) -> str:
+    mix = result["mix"]
+    kinds = ", ".join(f"{n} {kind}" for kind, n in mix["by_kind"].items())
+    return (f"dpa bench train --pack: {mix['samples']} samples ({kinds}; lengths {mix['lengths']['min']} to "
+            f"{mix['lengths']['max']}, median {mix['lengths']['median']:g}), max_length {result['max_length']}, "
+            f"padded {result['batch']} samples / step, packed {result['rows_per_step']} row(s) / step, "
+            f"{result['repeats']} pass(es) per mode")  # fmt: skip

@@ -39,6 +39,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (wins over epochs).")] = None,
     from_model: Annotated[str | None, typer.Option("--from", help="Start from: model (the upgrade), stage1, or a folder.")] = None,
     on_bad_sample: Annotated[str, typer.Option(help="fail (before training starts) or skip (counted, reported).")] = "fail",
+    pack: Annotated[bool, typer.Option("--pack", help="Pack several samples per row up to max_length (recipe key pack).")] = False,
     report_to: Annotated[str | None, typer.Option("--report-to", help="tensorboard, wandb, mlflow or none (default: tensorboard when installed; events in WORKSPACE/stageN/runs/).", show_default=False)] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything and print the plan; load and write nothing.")] = False,
@@ -66,6 +67,7 @@ def train(
       dpa train --stage 2 --data instruct.json --lora --set learning_rate=1e-4 --resume
       dpa train --stage 2 --data instruct.json --nproc 8 --deepspeed zero3 --dry-run --gpu-memory 40GB
       dpa train --stage 2 --data instruct.json --set train_sampling_strategy=group_by_length
+      dpa train --stage 2 --data instruct.json --pack
     """
     from dpa_cli.workspace.manifest import find_workspace
 
@@ -93,6 +95,7 @@ def train(
         freeze_perceiver=options["freeze_perceiver"], lora_targets=options["lora_targets"],
         deepspeed=options["deepspeed"], resume=options["resume"], restart=options["restart"],
         max_steps=options["max_steps"], from_model=options["from_model"], on_bad_sample=options["on_bad_sample"],
+        pack=pack,
     )  # fmt: skip
     if dry_run:
         from dpa_cli.train.plan import dry_run as plan_only

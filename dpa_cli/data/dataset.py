@@ -121,16 +121,23 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         size = len(self)
         for step in range(size):
-            current = (index + step) % size
-            if current in self._skips.bad:
-                continue
-            try:
-                return self.encoder(self.source[current])
-            except BadSampleError as err:
-                if not skippable(err, self.encoder, self.on_bad_sample):
-                    raise
-                self._skips.record(current, err)
+            features = self.encode_or_skip((index + step) % size)
+            if features is not None:
+                return features
         raise BadInputError("every sample of the dataset is bad", hint="run `dpa data check` on it")
+
+    def encode_or_skip(self, index: int) -> dict[str, Any] | None:
+        """Sample `index` encoded, or None when it is bad and skipped (counted); never another sample in its
+        place, so a packed row holds exactly the samples it was planned with."""
+        if index in self._skips.bad:
+            return None
+        try:
+            return self.encoder(self.source[index])
+        except BadSampleError as err:
+            if not skippable(err, self.encoder, self.on_bad_sample):
+                raise
+            self._skips.record(index, err)
+            return None
 
 
 class EncodedIterableDataset(_SkipReport, torch.utils.data.IterableDataset):

@@ -36,7 +36,7 @@ _RecipeLoader.add_implicit_resolver(
 
 OWN_FIELDS = (
     "stage", "trainable", "learning_rates", "global_batch_size", "max_length",
-    "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "pack",
 )  # fmt: skip
 NESTED = ("trainable", "learning_rates")  # per-part maps that `--set trainable.vit=full` reaches into
 # Set by dpa itself: the run's folder, the accumulation that keeps the global batch, the data plumbing, the
@@ -57,6 +57,7 @@ class Recipe:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str = DEFAULT_LORA_TARGETS
+    pack: bool = False  # several samples per row up to max_length (data/packing.py)
     training_args: dict[str, Any] = field(default_factory=dict)  # TrainingArguments fields
     notes: tuple[str, ...] = ()  # what resolving the recipe changed (a schedule scaled to the run's length)
 
@@ -165,6 +166,9 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None, values: d
         raise BadInputError(f"{path}: stage must be 1 or 2, not {stage!r}")
     data, scaled_from = rescale(written, data, set(parsed) | set(values))
     data = check_recipe(data, texts)
+    if data.get("pack") and data.get("train_sampling_strategy") == "group_by_length":
+        raise BadInputError("recipe keys pack=true and train_sampling_strategy=group_by_length contradict each other",
+                            hint="packing already fills rows by length: drop one of them")  # fmt: skip
     own = {k: data[k] for k in OWN_FIELDS if k in data and k not in NESTED + ("stage",)}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}
     notes = tuple(note for note in [schedule_note(scaled_from)] if note)

@@ -39,12 +39,18 @@ def load_model(source: Path, bf16: bool):
     return loading.load_model(source, dtype=dtype), loading.load_processor(source)
 
 
-def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: Any):
+def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: Any, text_config: Any = None):
+    """The encoded dataset and its collator; with `pack`, rows of several samples planned from their lengths
+    (`text_config`, the target LLM's, says whether its position ids are M-RoPE ones)."""
     from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder
+    from dpa_cli.data.packing import PackingCollator, pack_dataset, uses_mrope
 
     encoder = SampleEncoder(processor, stage=request.stage, max_length=recipe.max_length)
     dataset = EncodedDataset(samples, encoder, on_bad_sample=request.on_bad_sample, precheck=False)  # open_data did
-    return dataset, DPACollator(processor)
+    if not recipe.pack:
+        return dataset, DPACollator(processor)
+    collator = PackingCollator(DPACollator(processor), mrope=uses_mrope(text_config))
+    return pack_dataset(dataset, recipe.max_length, cache_dir=request.workspace / ".cache"), collator
 
 
 @dataclass
@@ -73,7 +79,7 @@ def prepare(plan: StagePlan) -> Prepared:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, processor = load_model(plan.source, args.bf16)
-    dataset, collator = build_data(plan.request, processor, plan.recipe, plan.samples)
+    dataset, collator = build_data(plan.request, processor, plan.recipe, plan.samples, model.config.text_config)
     # A batch without images still runs the perceiver (on a stand-in, with zero weight): with only perceiver-side
     # parts trainable (stage 1) its loss would otherwise have no gradient, and across processes no rank may skip
     # the perceiver's collectives.
@@ -84,7 +90,8 @@ def prepare(plan: StagePlan) -> Prepared:
     if run.resume_from is not None:
         check_resume(model, run.resume_from)  # a LoRA checkpoint must give back the parts trained in full too
         check_checkpoint_weights(run.resume_from, model)
-    shown = render_supervised(processor, dataset[0])  # encodes the first sample: a bad one is refused here
+    first = getattr(dataset, "dataset", dataset)[0]  # a packed dataset's rows hold samples of the one inside
+    shown = render_supervised(processor, first)  # encodes the first sample: a bad one is refused here
     return Prepared(plan, model, processor, dataset, collator, table, shown, grouping_lengths(plan, dataset))
 
 

@@ -38,6 +38,7 @@ class TrainRequest:
     max_steps: int | None = None
     from_model: str | None = None  # --from: "model", "stage1" or a folder
     on_bad_sample: str = "fail"
+    pack: bool = False  # --pack: the recipe key `pack` set to true
 
 
 def source_model(request: TrainRequest, manifest: dict[str, Any]) -> Path:
@@ -189,6 +190,8 @@ def _flag_overrides(request: TrainRequest, manifest: dict[str, Any]) -> list[str
         flags.append(f"lora_targets={request.lora_targets}")
     if request.max_steps is not None:
         flags.append(f"max_steps={request.max_steps}")
+    if request.pack:
+        flags.append("pack=true")
     return flags + list(request.overrides)
 
 

@@ -20,6 +20,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.data.collate import LengthGroupedSampler
+from dpa_cli.data.packing import model_inputs
 from dpa_cli.errors import DpaError
 from dpa_cli.train.freeze import parameter_groups
 from dpa_cli.train.keepalive import KEEPALIVE, PerceiverKeepalive
@@ -84,6 +85,7 @@ class DPATrainer(Trainer):
                 hint="check the data with `dpa data check`; samples need assistant answers within max_length",
             )
         self.tokens_seen_local += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
+        inputs = model_inputs(inputs)  # a packed batch loses its padding mask only now: tokens were counted from it
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # --- atomic checkpoints -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ MODES = PartMode.names()
 OWN_TYPES: dict[str, Any] = {
     "stage": int, "global_batch_size": int, "max_length": int,
     "lora_r": int, "lora_alpha": int | float, "lora_dropout": float, "lora_targets": str,
+    "pack": bool,
 }  # fmt: skip
 # Installable package of a reporting backend, where it is not the backend's own name.
 PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "tensorboard": "tensorboard", "neptune": "neptune"}
