@@ -46,9 +46,16 @@ def upgrade(
     """
     from dpa_cli.bench.upgrade import bench_upgrade
 
-    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+    with _scratch(workdir) as tmp:
         result = bench_upgrade(Path(tmp), size, input_shard, shard_size, repeats)
     _report_ratios("dpa bench upgrade", result, json_, write_docs)
+
+
+def _scratch(workdir: Path | None) -> tempfile.TemporaryDirectory:
+    """A temporary folder for a bench's inputs, inside --workdir (created when missing) or the system's."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir)
 
 
 def _report_ratios(command: str, result: dict[str, Any], json_: bool, write_docs: bool) -> None:
@@ -88,7 +95,13 @@ def _ratio_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
 def _breakdown_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per phase, one column per mode: median seconds (phases a mode never entered are left out)."""
     modes = list(result["breakdown"])
-    labels = list(dict.fromkeys(label for mode in modes for label in result["breakdown"][mode]))
+    labels: list[str] = []
+    for mode in modes:  # a phase only some modes enter goes right after the phase it follows there
+        previous = None
+        for label in result["breakdown"][mode]:
+            if label not in labels:
+                labels.insert(labels.index(previous) + 1 if previous in labels else len(labels), label)
+            previous = label
     return [(label, *(f"{result['breakdown'][mode][label]:.2f}" if label in result["breakdown"][mode] else ""
                       for mode in modes)) for label in labels]  # fmt: skip
 
@@ -151,7 +164,7 @@ def export(
     """
     from dpa_cli.bench.export import bench_export
 
-    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+    with _scratch(workdir) as tmp:
         result = bench_export(Path(tmp), size, shard_size, repeats)
     _report_ratios("dpa bench export", result, json_, write_docs)
 
@@ -187,7 +200,7 @@ def train(
         return _train_pack(repeats or 2, batch or 8, samples, max_length, workdir, write_docs, json_)
     from dpa_cli.bench.train import bench_train
 
-    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+    with _scratch(workdir) as tmp:
         result = bench_train(Path(tmp), repeats or 5, batch or 2)
     result["machine"] = machine()
     if json_:
@@ -203,7 +216,7 @@ def _train_pack(repeats: int, batch: int, samples: int, max_length: int, workdir
     from dpa_cli.bench.pack import bench_pack, build_model
     from dpa_cli.cli.bench_tables import PACK_COLUMNS, markdown_table, pack_rows, pack_title, rich_table
 
-    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+    with _scratch(workdir) as tmp:
         model = build_model(Path(tmp))
         result = bench_pack(model, Path(tmp) / "mix", samples, batch, max_length, repeats)
     result["machine"] = machine()
@@ -277,7 +290,7 @@ def infer(
 
     if model is None and synthetic not in PAIRS:
         raise BadInputError(f"--synthetic {synthetic!r} is not one of {', '.join(PAIRS)}")
-    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+    with _scratch(workdir) as tmp:
         model = model or str(build_pair(Path(tmp), synthetic))
         result = bench_infer(model, baseline, device, max_new_tokens, repeats, prompts, sequential, trust_remote_code)
     result["machine"] = machine()
@@ -343,7 +356,7 @@ def all_(
     if unknown:
         raise BadInputError(f"--only {unknown[0]}: no such bench", hint=f"choose from {', '.join(BENCHES)}")
     names = tuple(name for name in BENCHES if name in (only or BENCHES))
-    with tempfile.TemporaryDirectory(prefix="dpa-bench-", dir=workdir) as tmp:
+    with _scratch(workdir) as tmp:
         result = bench_all(Path(tmp), quick, names, say=lambda line: err.print(line))
     result["machine"] = machine()
     title = f"dpa bench all{' --quick' if quick else ''}: seconds " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items())
