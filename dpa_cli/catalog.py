@@ -61,6 +61,7 @@ def expand_alias(spec: str, catalog: dict[str, Alias] | None = None) -> str:
     if alias.source is None:
         raise ModelNotFoundError(
             f"alias {spec!r} has no public checkpoint: {alias.description}",
-            hint=f"define `{spec}: {{source: /path/or/repo-id}}` under `{alias.kind}s:` in a file named by $DPA_CATALOG",
+            hint=f"define `{spec}: {{source: /path/or/repo-id}}` under `{alias.kind}s:` "
+            "in a file named by $DPA_CATALOG",
         )
     return alias.source

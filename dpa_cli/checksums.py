@@ -59,9 +59,15 @@ class VerifyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "path": str(self.path), "kind": self.kind, "clean": self.clean, "checked": self.checked,
-            "changed": self.changed, "missing": self.missing, "extra": self.extra, "parts": self.parts,
-        }  # fmt: skip
+            "path": str(self.path),
+            "kind": self.kind,
+            "clean": self.clean,
+            "checked": self.checked,
+            "changed": self.changed,
+            "missing": self.missing,
+            "extra": self.extra,
+            "parts": self.parts,
+        }
 
 
 def _part(name: str) -> str:

@@ -14,17 +14,35 @@ from typing import Any
 
 from dpa_cli.checkpoint import CheckpointIndex, TensorInfo, find_truncated_files, read_checkpoint_index
 from dpa_cli.errors import CheckpointError, ModelNotFoundError
-from dpa_cli.families import Component, Family, KeySplit, Role, check_config, count_layers, detect_family, located
-from dpa_cli.families import native_config
+from dpa_cli.families import (
+    Component,
+    Family,
+    KeySplit,
+    Role,
+    check_config,
+    count_layers,
+    detect_family,
+    located,
+    native_config,
+)
 from dpa_cli.families.auto_names import auto_names
 from dpa_cli.families.paper import OWN_CLASSES
 from dpa_cli.jsonio import PARSE_ERRORS, parse_json, read_json
 
 DTYPE_NAMES = {
-    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I8": "int8",
+    "U8": "uint8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
     "BOOL": "bool",
-}  # fmt: skip
+}
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 CONFIGS_WITH_TEMPLATES = ("tokenizer_config.json", "processor_config.json")
 Tensors = Mapping[str, TensorInfo]
@@ -88,8 +106,9 @@ def check_json_files(folder: Path) -> None:
     for path in sorted(Path(folder).rglob("*.json")):
         if path.name not in _RUST_PARSED and path.is_file():
             # NaN may stand in files transformers reads leniently (a trainer_state.json loss): only the shape matters
-            read_json(path, hint="restore the file, or re-download / re-save the model", allow_nan=True,
-                      error=CheckpointError)  # fmt: skip
+            read_json(
+                path, hint="restore the file, or re-download / re-save the model", allow_nan=True, error=CheckpointError
+            )
 
 
 def describe_parts(family: Family, config: Mapping[str, Any], tensors: Tensors, warnings: list[str]) -> dict:
@@ -277,7 +296,7 @@ def _file_warnings(index: CheckpointIndex) -> list[str]:
     return messages
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_class(model_type: str | None) -> str | None:
     """transformers' base-model class for a model_type."""
     if not model_type:

@@ -23,8 +23,10 @@ def flop_counter() -> Any:
         return sdpa_backward_flop_count(grad_out, query, key, value)
 
     aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward}  # fmt: skip
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward,
+    }
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

@@ -46,9 +46,7 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def open_runnable(
-    spec: str, stage: int | None = None, device: str | None = None, allow_code: bool = False
-) -> Runnable:
+def open_runnable(spec: str, stage: int | None = None, device: str | None = None, allow_code: bool = False) -> Runnable:
     """Load MODEL as trained. On a GPU in its stored dtype; on CPU in float32, where 16-bit matmuls are slow.
     `allow_code` (--trust-remote-code) runs the folder's own model code even when it is not dpa's."""
     import torch

@@ -139,8 +139,15 @@ def _read(path: Path, where: str, hint: str | None, error: type[BadInputError]) 
         raise error(f"{where}: cannot read it ({err.strerror or err})", hint=hint) from None
 
 
-def read_json(path: Path | str, where: str | None = None, hint: str | None = None, *, allow_nan: bool = False,
-              max_depth: int | None = MAX_DEPTH, error: type[BadInputError] = BadInputError) -> Any:  # fmt: skip
+def read_json(
+    path: Path | str,
+    where: str | None = None,
+    hint: str | None = None,
+    *,
+    allow_nan: bool = False,
+    max_depth: int | None = MAX_DEPTH,
+    error: type[BadInputError] = BadInputError,
+) -> Any:
     """The JSON value in `path`; anything wrong is `error` (a BadInputError) naming `where` (default: the path)."""
     where = where or str(path)
     raw = _read(Path(path), where, hint, error)
@@ -150,9 +157,15 @@ def read_json(path: Path | str, where: str | None = None, hint: str | None = Non
         raise error(f"{where}: {reason(err)}", hint=hint) from None
 
 
-def read_yaml(path: Path | str, where: str | None = None, hint: str | None = None, *,
-              max_depth: int | None = MAX_DEPTH, error: type[BadInputError] = BadInputError,
-              loader: Any = yaml.SafeLoader) -> Any:  # fmt: skip
+def read_yaml(
+    path: Path | str,
+    where: str | None = None,
+    hint: str | None = None,
+    *,
+    max_depth: int | None = MAX_DEPTH,
+    error: type[BadInputError] = BadInputError,
+    loader: Any = yaml.SafeLoader,
+) -> Any:
     """The YAML value in `path` (a safe loader); anything wrong is `error` naming `where` (default: the path)."""
     where = where or str(path)
     raw = _read(Path(path), where, hint, error)

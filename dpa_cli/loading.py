@@ -55,8 +55,10 @@ def refuse_carried_code(folder: str | Path, allow_code: bool, why: str) -> None:
 def _warn_once(folder: str, foreign: str) -> None:
     log.warning(
         "%s: the model code named in %s is not dpa's own: not run; dpa's installed classes load the folder "
-        "instead (pass --trust-remote-code to run it)", folder, foreign,
-    )  # fmt: skip
+        "instead (pass --trust-remote-code to run it)",
+        folder,
+        foreign,
+    )
 
 
 def _from_pretrained(auto_class: str, folder: str | Path, allow_code: bool, kwargs: dict[str, Any]) -> Any:
@@ -86,8 +88,9 @@ def load_config(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> 
     return _from_pretrained("AutoConfig", folder, allow_code, kwargs)
 
 
-def load_model(folder: str | Path, allow_code: bool = False, auto_class: str = "AutoModelForImageTextToText",
-               **kwargs: Any) -> Any:  # fmt: skip
+def load_model(
+    folder: str | Path, allow_code: bool = False, auto_class: str = "AutoModelForImageTextToText", **kwargs: Any
+) -> Any:
     """The model through `auto_class` (AutoModelForCausalLM for a text-only LLM); kwargs go to from_pretrained."""
     return _from_pretrained(auto_class, folder, allow_code, kwargs)
 
@@ -134,7 +137,9 @@ def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu",
     try:
         model = load_model(folder, allow_code, dtype=dtype or "auto")
     except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{folder}: cannot load it ({_first_line(err)})", hint="check it with `dpa inspect`") from None
+        raise CheckpointError(
+            f"{folder}: cannot load it ({_first_line(err)})", hint="check it with `dpa inspect`"
+        ) from None
     if result.adapter_dir is not None:
         try:
             with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a question it has renamed
@@ -142,5 +147,7 @@ def load_as_trained(result: StageResult, dtype: Any = None, device: str = "cpu",
                 model = load_adapter(model, result.adapter_dir)
         except (ValueError, KeyError, RuntimeError) as err:
             hint = "the adapter must come from training this stage's model; restore it or train the stage again"
-            raise CheckpointError(f"{result.adapter_dir}: peft cannot apply it ({_first_line(err)})", hint=hint) from None
+            raise CheckpointError(
+                f"{result.adapter_dir}: peft cannot apply it ({_first_line(err)})", hint=hint
+            ) from None
     return model.to(device).eval()

@@ -13,9 +13,22 @@ from typing import Any
 
 from dpa_cli.defaults import ExportLora
 from dpa_cli.jsonio import read_json
+from dpa_cli.schema import (
+    AnyValue,
+    Bool,
+    Context,
+    Int,
+    ListOf,
+    MapOf,
+    Number,
+    Record,
+    RelPath,
+    Sha256,
+    Spec,
+    Str,
+    validate,
+)
 from dpa_cli.workspace.layout import EXPORT_RECORD
-from dpa_cli.schema import AnyValue, Bool, Context, Int, ListOf, MapOf, Number, Record, RelPath, Sha256, Spec, Str
-from dpa_cli.schema import validate
 
 CHECKSUMS = "checksums"
 STAGE_NAME = Str(pattern=r"stage\d+", like="stage1")
@@ -29,65 +42,142 @@ def _every(fields: dict[str, Spec]) -> Record:
 
 # What `dpa upgrade` always writes is required (a dpa.yaml without it was edited); what a run writes only
 # sometimes (a composed perceiver's parts, the load check, a library that is installed) is optional.
-_SOURCE_ALWAYS = _every({
-    "spec": Str(), "path": Str(), "repo_id": Str(nullable=True), "revision": Str(nullable=True), "family": Str(),
-    "files": MapOf(Sha256()),
-})  # fmt: skip
+_SOURCE_ALWAYS = _every(
+    {
+        "spec": Str(),
+        "path": Str(),
+        "repo_id": Str(nullable=True),
+        "revision": Str(nullable=True),
+        "family": Str(),
+        "files": MapOf(Sha256()),
+    }
+)
 # `builds`: the family dpa builds from an official-format source (its own family name is `family`).
 _SOURCE = Record({**_SOURCE_ALWAYS.fields, "builds": Str()}, required=_SOURCE_ALWAYS.required)
-_PERCEIVER = Record({
-    **_SOURCE.fields, "kind": Str(choices=("existing", "composed")), "vit": _SOURCE, "lm": _SOURCE,
-    "phi_p_trained": Bool(),
-}, required=("kind", "spec", "family"))  # fmt: skip
-_PART = Record({"from": ListOf(Str()), "tensors": Int(minimum=0), "params": Int(minimum=0)},
-               required=("tensors", "params"))  # fmt: skip
+_PERCEIVER = Record(
+    {
+        **_SOURCE.fields,
+        "kind": Str(choices=("existing", "composed")),
+        "vit": _SOURCE,
+        "lm": _SOURCE,
+        "phi_p_trained": Bool(),
+    },
+    required=("kind", "spec", "family"),
+)
+_PART = Record(
+    {"from": ListOf(Str()), "tensors": Int(minimum=0), "params": Int(minimum=0)}, required=("tensors", "params")
+)
 _NEW = _every({"shapes": MapOf(ListOf(Int(minimum=0))), "params": Int(minimum=0), "init": ListOf(Str()), "seed": Int()})
 _TOKEN = _every({"token": Str(), "id": Int(minimum=0), "added": Bool()})
 # `encoding` is optional: workspaces made before it existed have none (they are `dpa`).
-_CONFIG = Record({
-    "projector_type": Str(), "feature_span": Str(), "early_fusion": Bool(), "tie_word_embeddings": Bool(),
-    "image_token": _TOKEN, "perceiver_image_token": _TOKEN, "encoding": Str(choices=("dpa", "paper")),
-}, required=("projector_type", "feature_span", "early_fusion", "tie_word_embeddings", "image_token",
-             "perceiver_image_token"))  # fmt: skip
+_CONFIG = Record(
+    {
+        "projector_type": Str(),
+        "feature_span": Str(),
+        "early_fusion": Bool(),
+        "tie_word_embeddings": Bool(),
+        "image_token": _TOKEN,
+        "perceiver_image_token": _TOKEN,
+        "encoding": Str(choices=("dpa", "paper")),
+    },
+    required=(
+        "projector_type",
+        "feature_span",
+        "early_fusion",
+        "tie_word_embeddings",
+        "image_token",
+        "perceiver_image_token",
+    ),
+)
 _DIMENSIONS = _every({"perceiver_width": Int(minimum=1), "target_width": Int(minimum=1), "phi": Str()})
-_PLAN_ALWAYS = _every({
-    "target": _SOURCE, "perceiver": _PERCEIVER, "dimensions": _DIMENSIONS, "kept": MapOf(_PART),
-    "dropped": MapOf(_PART), "new": MapOf(_NEW), "config": _CONFIG, "dtype": Str(), "total_params": Int(minimum=0),
-    "trainable_stage1_params": Int(minimum=0), "output_bytes": Int(minimum=0), "num_shards": Int(minimum=1),
-    "shard_size": Int(minimum=1), "notes": ListOf(Str()),
-})  # fmt: skip
+_PLAN_ALWAYS = _every(
+    {
+        "target": _SOURCE,
+        "perceiver": _PERCEIVER,
+        "dimensions": _DIMENSIONS,
+        "kept": MapOf(_PART),
+        "dropped": MapOf(_PART),
+        "new": MapOf(_NEW),
+        "config": _CONFIG,
+        "dtype": Str(),
+        "total_params": Int(minimum=0),
+        "trainable_stage1_params": Int(minimum=0),
+        "output_bytes": Int(minimum=0),
+        "num_shards": Int(minimum=1),
+        "shard_size": Int(minimum=1),
+        "notes": ListOf(Str()),
+    }
+)
 # `converted` (an official DPA checkpoint renamed) is newer than the first workspaces: optional.
 _PLAN = Record({**_PLAN_ALWAYS.fields, "converted": Bool()}, required=_PLAN_ALWAYS.required)
-_OPTIONS = Record({  # `encoding` optional, as in _CONFIG
-    "projector": Str(), "feature_span": Str(), "early_fusion": Bool(), "dtype": Str(), "seed": Int(),
-    "shard_size": Int(minimum=1), "perceiver_layers": Int(minimum=0, nullable=True),
-    "encoding": Str(choices=("dpa", "paper")),
-}, required=("projector", "feature_span", "early_fusion", "dtype", "seed", "shard_size",
-             "perceiver_layers"))  # fmt: skip
-_UPGRADE = Record({
-    "seconds": Number(minimum=0),
-    "written": _every({"keys": Int(minimum=0), "shards": Int(minimum=0), "bytes": Int(minimum=0)}),
-    "loaded": Record({"loaded": Bool(), "forward": Str(), "image_features": Int(minimum=0)}),
-}, required=("seconds", "written"))  # fmt: skip
+_OPTIONS = Record(
+    {  # `encoding` optional, as in _CONFIG
+        "projector": Str(),
+        "feature_span": Str(),
+        "early_fusion": Bool(),
+        "dtype": Str(),
+        "seed": Int(),
+        "shard_size": Int(minimum=1),
+        "perceiver_layers": Int(minimum=0, nullable=True),
+        "encoding": Str(choices=("dpa", "paper")),
+    },
+    required=("projector", "feature_span", "early_fusion", "dtype", "seed", "shard_size", "perceiver_layers"),
+)
+_UPGRADE = Record(
+    {
+        "seconds": Number(minimum=0),
+        "written": _every({"keys": Int(minimum=0), "shards": Int(minimum=0), "bytes": Int(minimum=0)}),
+        "loaded": Record({"loaded": Bool(), "forward": Str(), "image_features": Int(minimum=0)}),
+    },
+    required=("seconds", "written"),
+)
 # Stage records are written by `dpa train` when a stage finishes; every key is typed, none required (records
 # of older runs hold fewer).
-_STAGE = Record({
-    "recipe": Record({"name": Str()}), "source": Str(), "data": Record({"path": Str(), "fingerprint": Str(nullable=True)}),
-    "steps": Int(minimum=0), "final_loss": Number(nullable=True, finite=False),
-    "train_loss": Number(nullable=True, finite=False), "seconds": Number(minimum=0),
-    "tokens_seen": Int(minimum=0), "skipped_samples": Record({"count": Int(minimum=0), "by_kind": MapOf(Int(minimum=0))}),
-    "lora": Bool(), "deepspeed": Str(nullable=True), "world_size": Int(minimum=1), "notes": ListOf(Str()),
-    "text_only_batches": ListOf(Int(minimum=0)),
-})  # fmt: skip
-WORKSPACE = Record({
-    "created": Str(timestamp=True), "versions": MapOf(Str()), "options": _OPTIONS, "plan": _PLAN,
-    "upgrade": _UPGRADE, "stages": MapOf(_STAGE, key=STAGE_NAME), CHECKSUMS: FILES,
-}, required=("created", "versions", "options", "plan", "upgrade", "stages", CHECKSUMS))  # fmt: skip
-EXPORT = _every({  # all written by every export
-    "path": Str(), "stage": Str(), "source": Str(), "lora": Str(choices=ExportLora.names()),
-    "dtype": Str(nullable=True), "weights": MapOf(AnyValue()), "created": Str(timestamp=True), "verified": Bool(),
-    "max_abs_diff": Number(nullable=True, finite=False), "tolerance": Number(nullable=True), CHECKSUMS: FILES,
-})  # fmt: skip
+_STAGE = Record(
+    {
+        "recipe": Record({"name": Str()}),
+        "source": Str(),
+        "data": Record({"path": Str(), "fingerprint": Str(nullable=True)}),
+        "steps": Int(minimum=0),
+        "final_loss": Number(nullable=True, finite=False),
+        "train_loss": Number(nullable=True, finite=False),
+        "seconds": Number(minimum=0),
+        "tokens_seen": Int(minimum=0),
+        "skipped_samples": Record({"count": Int(minimum=0), "by_kind": MapOf(Int(minimum=0))}),
+        "lora": Bool(),
+        "deepspeed": Str(nullable=True),
+        "world_size": Int(minimum=1),
+        "notes": ListOf(Str()),
+        "text_only_batches": ListOf(Int(minimum=0)),
+    }
+)
+WORKSPACE = Record(
+    {
+        "created": Str(timestamp=True),
+        "versions": MapOf(Str()),
+        "options": _OPTIONS,
+        "plan": _PLAN,
+        "upgrade": _UPGRADE,
+        "stages": MapOf(_STAGE, key=STAGE_NAME),
+        CHECKSUMS: FILES,
+    },
+    required=("created", "versions", "options", "plan", "upgrade", "stages", CHECKSUMS),
+)
+EXPORT = _every(
+    {  # all written by every export
+        "path": Str(),
+        "stage": Str(),
+        "source": Str(),
+        "lora": Str(choices=ExportLora.names()),
+        "dtype": Str(nullable=True),
+        "weights": MapOf(AnyValue()),
+        "created": Str(timestamp=True),
+        "verified": Bool(),
+        "max_abs_diff": Number(nullable=True, finite=False),
+        "tolerance": Number(nullable=True),
+        CHECKSUMS: FILES,
+    }
+)
 
 MANIFEST_HINT = "restore it or undo the hand edit, or upgrade again into a new folder with -o"
 EXPORT_HINT = "restore the export's dpa_export.json, or export again"

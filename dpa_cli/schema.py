@@ -86,7 +86,8 @@ class Int(Spec):
         if _is_int(value) and (self.minimum is None or value >= self.minimum):
             return None
         what = {None: "an integer", 0: "an integer >= 0", 1: "a positive integer"}.get(
-            self.minimum, f"an integer >= {self.minimum}")
+            self.minimum, f"an integer >= {self.minimum}"
+        )
         return f"must be {what}{' or null' if self.nullable else ''}, not {show(value)}"
 
 
@@ -237,8 +238,14 @@ def find_problem(value: Any, spec: Spec, ctx: Context | None = None, path: str =
     return None
 
 
-def validate(value: Any, spec: Spec, where: str, hint: str | None = None, ctx: Context | None = None,
-             error: type[BadInputError] = BadInputError) -> Any:  # fmt: skip
+def validate(
+    value: Any,
+    spec: Spec,
+    where: str,
+    hint: str | None = None,
+    ctx: Context | None = None,
+    error: type[BadInputError] = BadInputError,
+) -> Any:
     """`value` when it has the shape `spec`; else `error` saying `WHERE: KEY.PATH must be ...`."""
     found = find_problem(value, spec, ctx)
     if found:

@@ -68,8 +68,19 @@ def dpa_workspace(tiny_checkpoint: TinyCheckpoint, tmp_path_factory: pytest.Temp
             else:
                 perceiver = str(tiny_checkpoint(perceiver))
             folder = root / name
-            result = CliRunner().invoke(app, ["upgrade", str(tiny_checkpoint(target)), "--perceiver", perceiver,
-                                              "-o", str(folder), *extra, "--json"])  # fmt: skip
+            result = CliRunner().invoke(
+                app,
+                [
+                    "upgrade",
+                    str(tiny_checkpoint(target)),
+                    "--perceiver",
+                    perceiver,
+                    "-o",
+                    str(folder),
+                    *extra,
+                    "--json",
+                ],
+            )
             assert result.exit_code == 0, result.output
             built[name] = folder
         return built[name]

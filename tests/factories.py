@@ -69,7 +69,6 @@ from tests.tiny_processors import (
 )
 from tests.tiny_tokenizers import tiny_tokenizer
 
-
 # --- sub-configs: tiny but with every shape constraint of the real ones ---------------------------------
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
@@ -78,11 +77,21 @@ def _text(kind: str, tok: Any, hidden: int = 64, tie: bool = True, **kw: Any) ->
     """A tiny text config dict of `kind` (qwen3, qwen2, llama) sized to the tokenizer's vocab."""
     heads = 4
     cfg = dict(
-        model_type=kind, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2, head_dim=hidden // heads,
-        max_position_embeddings=512, tie_word_embeddings=tie, rope_parameters=dict(_ROPE),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+        model_type=kind,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        rope_parameters=dict(_ROPE),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     cfg.update(kw)
     return cfg
 
@@ -94,8 +103,15 @@ def _mrope(hidden: int, **extra: Any) -> dict[str, Any]:
 
 
 def _vit(model_type: str, **kw: Any) -> dict[str, Any]:
-    cfg = dict(model_type=model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, image_size=28, patch_size=14)  # fmt: skip
+    cfg = dict(
+        model_type=model_type,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+    )
     cfg.update(kw)
     return cfg
 
@@ -106,9 +122,15 @@ def _ids(tok: Any, *tokens: str) -> list[int]:
 
 # --- top-level configs, one function per spec ----------------------------------------------------------
 def _llava(tok: Any, text: str = "qwen3", tie: bool = True) -> dict[str, Any]:
-    return dict(vision_config=_vit("clip_vision_model", projection_dim=32), text_config=_text(text, tok, tie=tie),
-                image_token_index=_ids(tok, "<image>")[0], image_seq_length=4, tie_word_embeddings=tie,
-                vision_feature_select_strategy="default", vision_feature_layer=-2)  # fmt: skip
+    return dict(
+        vision_config=_vit("clip_vision_model", projection_dim=32),
+        text_config=_text(text, tok, tie=tie),
+        image_token_index=_ids(tok, "<image>")[0],
+        image_seq_length=4,
+        tie_word_embeddings=tie,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
 
 
 def _llava_next(tok: Any) -> dict[str, Any]:
@@ -118,9 +140,16 @@ def _llava_next(tok: Any) -> dict[str, Any]:
 def _llava_onevision(tok: Any) -> dict[str, Any]:
     image, video = _ids(tok, "<image>", "<video>")
     vision = _vit("siglip_vision_model", vision_use_head=False)  # OneVision drops SigLIP's pooling head
-    return dict(vision_config=vision, text_config=_text("qwen2", tok, tie=False),
-                image_token_index=image, video_token_index=video, image_grid_pinpoints=PINPOINTS,
-                vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False)  # fmt: skip
+    return dict(
+        vision_config=vision,
+        text_config=_text("qwen2", tok, tie=False),
+        image_token_index=image,
+        video_token_index=video,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
 
 
 def _qwen_tokens(tok: Any) -> dict[str, int]:
@@ -136,15 +165,31 @@ def _qwen2_vl(tok: Any) -> dict[str, Any]:
 
 
 def _qwen2_5_vl(tok: Any) -> dict[str, Any]:
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
-                  window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        out_hidden_size=32,
+        patch_size=14,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
     text = _text("qwen2_5_vl_text", tok, hidden=32, tie=True, rope_parameters=_mrope(32))
     return dict(vision_config=vision, text_config=text, tie_word_embeddings=True, **_qwen_tokens(tok))
 
 
 def _qwen3_vl(tok: Any) -> dict[str, Any]:
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=16,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0])  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        out_hidden_size=32,
+        patch_size=16,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0],
+    )
     text = _text("qwen3_vl_text", tok, hidden=32, tie=True, rope_parameters=_mrope(32, mrope_interleaved=True))
     return dict(vision_config=vision, text_config=text, tie_word_embeddings=True, **_qwen_tokens(tok))
 
@@ -152,8 +197,16 @@ def _qwen3_vl(tok: Any) -> dict[str, Any]:
 def _paper_vl(tok: Any, tie: bool = True) -> dict[str, Any]:
     """The DPA paper's skeleton: Qwen2.5-VL ViT, merger out at the LM width, Qwen3 blocks (head_dim 16 x 4 heads
     != width 32, as Qwen3-0.6B's 128 x 16 != 1024) with M-RoPE sections adding up to head_dim / 2."""
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
-                  window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        out_hidden_size=32,
+        patch_size=14,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
     rope = {**_ROPE, "mrope_section": [2, 3, 3]}
     text = _text("qwen2_5_vl_qwen3_text", tok, hidden=32, tie=tie, head_dim=16, rope_parameters=rope)
     return dict(vision_config=vision, text_config=text, tie_word_embeddings=tie, **_qwen_tokens(tok))
@@ -161,11 +214,17 @@ def _paper_vl(tok: Any, tie: bool = True) -> dict[str, Any]:
 
 def _idefics3(tok: Any, tie: bool = False) -> dict[str, Any]:
     # 56 px tiles of 14 px patches, pixel-shuffled by 2: 4 image tokens per tile.
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=56, patch_size=14)  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14
+    )
     text = _text("llama", tok, hidden=32, tie=tie)
-    return dict(vision_config=vision, text_config=text, image_token_id=_ids(tok, "<image>")[0], scale_factor=2,
-                tie_word_embeddings=tie)  # fmt: skip
+    return dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=_ids(tok, "<image>")[0],
+        scale_factor=2,
+        tie_word_embeddings=tie,
+    )
 
 
 def _causal_lm(kind: str, tie: bool) -> Callable[[Any], dict[str, Any]]:
@@ -205,8 +264,14 @@ def _class(name: str) -> type:
     return getattr(tf, name, None) or getattr(dpa_cli.model, name)
 
 
-def _spec(family: str, tokenizer: str, config: Callable, prefix: str, processor: Callable = tokenizer_only,
-          model: str = "ForConditionalGeneration") -> TinySpec:  # fmt: skip
+def _spec(
+    family: str,
+    tokenizer: str,
+    config: Callable,
+    prefix: str,
+    processor: Callable = tokenizer_only,
+    model: str = "ForConditionalGeneration",
+) -> TinySpec:
     return TinySpec(family, tokenizer, config, prefix, model, processor)
 
 
@@ -273,7 +338,7 @@ def read_keys(folder: Path) -> dict[str, list[int]]:
 def _hub_vit_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """llava-hf repos store the CLIP/SigLIP tower as `vision_tower.vision_model.*`."""
     return {
-        f"vision_tower.vision_model.{k[len('vision_tower.'):]}" if k.startswith("vision_tower.") else k: v
+        f"vision_tower.vision_model.{k[len('vision_tower.') :]}" if k.startswith("vision_tower.") else k: v
         for k, v in tensors.items()
     }
 
@@ -300,12 +365,23 @@ def _original(arch: str, model_type: str, text: str, tower: str, anyres: bool) -
     """Config of an original-repo LLaVA: the LM's fields at the top, the ViT only by hub id."""
 
     def config(tok: Any) -> dict[str, Any]:
-        fields = tf.AutoConfig.for_model(text, **{k: v for k, v in _text(text, tok, tie=False).items()
-                                                  if k != "model_type"}).to_dict()  # fmt: skip
-        mm = dict(mm_vision_tower=tower, mm_hidden_size=32, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
-                  mm_vision_select_feature="patch", mm_use_im_start_end=False, mm_use_im_patch_token=False,
-                  use_mm_proj=True, tune_mm_mlp_adapter=False, freeze_mm_mlp_adapter=False,
-                  image_aspect_ratio="anyres" if anyres else "pad", tokenizer_model_max_length=2048)  # fmt: skip
+        fields = tf.AutoConfig.for_model(
+            text, **{k: v for k, v in _text(text, tok, tie=False).items() if k != "model_type"}
+        ).to_dict()
+        mm = dict(
+            mm_vision_tower=tower,
+            mm_hidden_size=32,
+            mm_projector_type="mlp2x_gelu",
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            mm_use_im_start_end=False,
+            mm_use_im_patch_token=False,
+            use_mm_proj=True,
+            tune_mm_mlp_adapter=False,
+            freeze_mm_mlp_adapter=False,
+            image_aspect_ratio="anyres" if anyres else "pad",
+            tokenizer_model_max_length=2048,
+        )
         if anyres:
             mm.update(mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=PINPOINTS)
         return {**fields, **mm, "model_type": model_type, "architectures": [arch]}
@@ -326,8 +402,9 @@ def _write_original(spec: TinySpec, folder: Path, opts: dict[str, Any]) -> None:
     config, seed = opts["config"], opts["seed"]
     torch.manual_seed(seed)
     text_fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    lm = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(_ORIGINAL_TEXT[config["architectures"][0]],
-                                                                     **text_fields))  # fmt: skip
+    lm = tf.AutoModelForCausalLM.from_config(
+        tf.AutoConfig.for_model(_ORIGINAL_TEXT[config["architectures"][0]], **text_fields)
+    )
     tensors = _unique_state_dict(lm)
     hidden, width = config["hidden_size"], config["mm_hidden_size"]
     projector = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
@@ -346,12 +423,20 @@ def _dpa(tok: Any) -> dict[str, Any]:
     perceiver = tf.Qwen2_5_VLConfig(**_qwen2_5_vl(tok)).to_dict()
     target = tf.Qwen3Config(**{k: v for k, v in _text("qwen3", tok).items() if k != "model_type"}).to_dict()
     qwen = _qwen_tokens(tok)
-    return dict(model_type="dpa", architectures=["DPAForConditionalGeneration"], perceiver_config=perceiver,
-                text_config=target, projector_type="mlp2x_relu", projector_bias=True, feature_span="image",
-                early_fusion=False, image_token_id=_ids(tok, "<image>")[0],
-                perceiver_image_token_id=qwen["image_token_id"],
-                perceiver_marker_token_ids=[qwen["vision_start_token_id"], qwen["vision_end_token_id"]],
-                tie_word_embeddings=target["tie_word_embeddings"])  # fmt: skip
+    return dict(
+        model_type="dpa",
+        architectures=["DPAForConditionalGeneration"],
+        perceiver_config=perceiver,
+        text_config=target,
+        projector_type="mlp2x_relu",
+        projector_bias=True,
+        feature_span="image",
+        early_fusion=False,
+        image_token_id=_ids(tok, "<image>")[0],
+        perceiver_image_token_id=qwen["image_token_id"],
+        perceiver_marker_token_ids=[qwen["vision_start_token_id"], qwen["vision_end_token_id"]],
+        tie_word_embeddings=target["tie_word_embeddings"],
+    )
 
 
 def _write_dpa(spec: TinySpec, folder: Path, opts: dict[str, Any]) -> None:
@@ -382,39 +467,57 @@ _CLIP_ID, _SIGLIP_ID = "openai/clip-vit-large-patch14-336", "google/siglip-so400
 
 # Spec name -> how to build it. Several specs may share a family (LLaVA with Qwen3 or Llama-3 text).
 SPECS: dict[str, TinySpec] = {
-    "llava": _spec("llava", "qwen3_llava", _llava, "Llava",
-                   llava_processor("LlavaProcessor", clip_images)),
-    "llava_llama3": _spec("llava", "llama3", lambda tok: _llava(tok, "llama", tie=False), "Llava",
-                          llava_processor("LlavaProcessor", clip_images)),
-    "llava_next": _spec("llava_next", "qwen3_llava", _llava_next, "LlavaNext",
-                        llava_processor("LlavaNextProcessor", next_images)),
-    "llava_onevision": _spec("llava_onevision", "qwen2_llava", _llava_onevision, "LlavaOnevision",
-                             onevision_processor),
+    "llava": _spec("llava", "qwen3_llava", _llava, "Llava", llava_processor("LlavaProcessor", clip_images)),
+    "llava_llama3": _spec(
+        "llava",
+        "llama3",
+        lambda tok: _llava(tok, "llama", tie=False),
+        "Llava",
+        llava_processor("LlavaProcessor", clip_images),
+    ),
+    "llava_next": _spec(
+        "llava_next", "qwen3_llava", _llava_next, "LlavaNext", llava_processor("LlavaNextProcessor", next_images)
+    ),
+    "llava_onevision": _spec("llava_onevision", "qwen2_llava", _llava_onevision, "LlavaOnevision", onevision_processor),
     "qwen2_vl": _spec("qwen2_vl", "qwen2", _qwen2_vl, "Qwen2VL", qwen_processor("Qwen2VLProcessor", 14)),
-    "qwen2_5_vl": _spec("qwen2_5_vl", "qwen2", _qwen2_5_vl, "Qwen2_5_VL",
-                        qwen_processor("Qwen2_5_VLProcessor", 14)),
+    "qwen2_5_vl": _spec("qwen2_5_vl", "qwen2", _qwen2_5_vl, "Qwen2_5_VL", qwen_processor("Qwen2_5_VLProcessor", 14)),
     "qwen3_vl": _spec("qwen3_vl", "qwen3_vl", _qwen3_vl, "Qwen3VL", qwen_processor("Qwen3VLProcessor", 16)),
-    "paper_vl": _spec("qwen2_5_vl_qwen3", "qwen3", _paper_vl, "Qwen2_5_VLQwen3",
-                      qwen_processor("Qwen2_5_VLProcessor", 14)),
+    "paper_vl": _spec(
+        "qwen2_5_vl_qwen3", "qwen3", _paper_vl, "Qwen2_5_VLQwen3", qwen_processor("Qwen2_5_VLProcessor", 14)
+    ),
     "idefics3": _spec("idefics3", "idefics3", _idefics3, "Idefics3", idefics3_processor),
     "smolvlm": _spec("smolvlm", "smolvlm", lambda tok: _idefics3(tok, tie=True), "SmolVLM", smolvlm_processor),
     "causal_lm_qwen3": _spec("causal_lm", "qwen3", _causal_lm("qwen3", tie=True), "Qwen3", model="ForCausalLM"),
     "causal_lm_llama": _spec("causal_lm", "llama3", _causal_lm("llama", tie=False), "Llama", model="ForCausalLM"),
-    "llava_original_llama": _hand("llava_original", "vicuna", _original(
-        "LlavaLlamaForCausalLM", "llava_llama", "llama", _CLIP_ID, anyres=True), _write_original),
-    "llava_original_qwen": _hand("llava_original", "qwen2_llava", _original(
-        "LlavaQwenForCausalLM", "llava_qwen", "qwen2", _SIGLIP_ID, anyres=True), _write_original),
+    "llava_original_llama": _hand(
+        "llava_original",
+        "vicuna",
+        _original("LlavaLlamaForCausalLM", "llava_llama", "llama", _CLIP_ID, anyres=True),
+        _write_original,
+    ),
+    "llava_original_qwen": _hand(
+        "llava_original",
+        "qwen2_llava",
+        _original("LlavaQwenForCausalLM", "llava_qwen", "qwen2", _SIGLIP_ID, anyres=True),
+        _write_original,
+    ),
     # LLaVA-1.5 repos: model_type "llava", no ViT weights (they load from mm_vision_tower at run time).
-    "llava_v15": _hand("llava_original", "vicuna", _original(
-        "LlavaLlamaForCausalLM", "llava", "llama", _CLIP_ID, anyres=False), _write_original, vision_weights=False),
+    "llava_v15": _hand(
+        "llava_original",
+        "vicuna",
+        _original("LlavaLlamaForCausalLM", "llava", "llama", _CLIP_ID, anyres=False),
+        _write_original,
+        vision_weights=False,
+    ),
     "dpa": _hand("dpa", "qwen3_llava", _dpa, _write_dpa),
-}  # fmt: skip
+}
 
 LAYOUTS = ("hub", "save_pretrained", "v5")
 
 
-def build(name: str, folder: Path, *, layout: str = "hub", max_shard_size: int | str = "5GB", seed: int = 0,
-          **overrides: Any) -> Path:  # fmt: skip
+def build(
+    name: str, folder: Path, *, layout: str = "hub", max_shard_size: int | str = "5GB", seed: int = 0, **overrides: Any
+) -> Path:
     """Write the tiny checkpoint `name` (see SPECS) into `folder`: weights, config, tokenizer, processor."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
@@ -468,13 +571,21 @@ def add_to_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "c0f
 # The hub ids the DPA paper's checkpoints name, as tiny stand-ins: Qwen2.5-VL-3B's text is 64 wide with head_dim
 # 16 so its M-RoPE sections fit the tiny Qwen3s (head_dim 16 x 4 heads, wider than their width as the real ones).
 PAPER_REPOS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Qwen/Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", dict(
-        text_config=dict(hidden_size=64, intermediate_size=128, head_dim=16,
-                         rope_parameters={**_ROPE, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(out_hidden_size=64))),
+    "Qwen/Qwen2.5-VL-3B-Instruct": (
+        "qwen2_5_vl",
+        dict(
+            text_config=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                head_dim=16,
+                rope_parameters={**_ROPE, "mrope_section": [2, 3, 3]},
+            ),
+            vision_config=dict(out_hidden_size=64),
+        ),
+    ),
     "Qwen/Qwen3-0.6B": ("causal_lm_qwen3", dict(hidden_size=32, intermediate_size=64, head_dim=16)),
     "Qwen/Qwen3-4B": ("causal_lm_qwen3", {}),
-}  # fmt: skip
+}
 
 
 def paper_hub_cache(root: Path) -> Path:

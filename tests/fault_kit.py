@@ -19,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRELOAD = [
-    "dpa_cli.cli.app", "dpa_cli.upgrade.run", "dpa_cli.export.run", "dpa_cli.train.run", "dpa_cli.model",
-    "transformers.models.llava_next.modeling_llava_next", "transformers.models.qwen3.modeling_qwen3",
-    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "peft",
-]  # fmt: skip
+    "dpa_cli.cli.app",
+    "dpa_cli.upgrade.run",
+    "dpa_cli.export.run",
+    "dpa_cli.train.run",
+    "dpa_cli.model",
+    "transformers.models.llava_next.modeling_llava_next",
+    "transformers.models.qwen3.modeling_qwen3",
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "peft",
+]
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(PRELOAD)
 

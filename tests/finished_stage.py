@@ -14,16 +14,32 @@ from dpa_cli.cli.app import app
 from tests.test_faults import _captions
 from tests.test_train import COLOURS
 
-SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "logging_steps=1",
-         "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--set", "save_steps=1",
-         "--set", "learning_rate=1e-2"]  # fmt: skip
+SMALL = [
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=1",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "save_steps=1",
+    "--set",
+    "learning_rate=1e-2",
+]
 
 
 def _data(root: Path) -> Path:
     """test_faults' captions, plus captions with text-only samples and captions whose second image is cut short."""
     _captions(root, COLOURS)
     captions = json.loads((root / "captions.json").read_text())[: len(COLOURS)]
-    text_only = {"id": "hello", "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]}
+    text_only = {
+        "id": "hello",
+        "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}],
+    }
     (root / "captions.json").write_text(json.dumps(captions))
     (root / "with_text.json").write_text(json.dumps([text_only, *captions, text_only]))
     (root / "bad_second.json").write_text(json.dumps([captions[0], {**captions[1], "image": "truncated.png"}] * 2))
@@ -32,8 +48,19 @@ def _data(root: Path) -> Path:
 
 
 def train_args(ws: Path, data: Path, *extra: str, file: str = "captions.json") -> list[str]:
-    return ["train", "--stage", "1", "-w", str(ws), "--data", str(data / file), "--image-root", str(data / "images"),
-            *SMALL, *extra]  # fmt: skip
+    return [
+        "train",
+        "--stage",
+        "1",
+        "-w",
+        str(ws),
+        "--data",
+        str(data / file),
+        "--image-root",
+        str(data / "images"),
+        *SMALL,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +73,23 @@ def finished(tiny_checkpoint, stage_data, tmp_path_factory) -> Path:
     """A workspace whose stage 1 finished (3 steps, a checkpoint after each): copy it before changing it."""
     ws = tmp_path_factory.mktemp("finished") / "ws"
     perceiver = f"vit=target,lm={tiny_checkpoint('causal_lm_qwen3')}"
-    assert CliRunner().invoke(app, ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws),
-                               "--no-verify-load"]).exit_code == 0  # fmt: skip
+    assert (
+        CliRunner()
+        .invoke(
+            app,
+            [
+                "upgrade",
+                str(tiny_checkpoint("llava_next")),
+                "--perceiver",
+                perceiver,
+                "-o",
+                str(ws),
+                "--no-verify-load",
+            ],
+        )
+        .exit_code
+        == 0
+    )
     result = CliRunner().invoke(app, train_args(ws, stage_data, "--max-steps", "3"))
     assert result.exit_code == 0, result.stderr
     return ws

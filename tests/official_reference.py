@@ -234,9 +234,11 @@ class TemplateParts:
     @classmethod
     def load(cls, folder: Path, hub: Path) -> TemplateParts:
         local = {"trust_remote_code": False}  # the folder's auto_map names the official modules: never run them
-        return cls(tf.AutoTokenizer.from_pretrained(folder, **local),
-                   tf.AutoTokenizer.from_pretrained(hub_folder(hub, "Qwen/Qwen3-4B"), **local),
-                   tf.AutoImageProcessor.from_pretrained(folder, **local))  # fmt: skip
+        return cls(
+            tf.AutoTokenizer.from_pretrained(folder, **local),
+            tf.AutoTokenizer.from_pretrained(hub_folder(hub, "Qwen/Qwen3-4B"), **local),
+            tf.AutoImageProcessor.from_pretrained(folder, **local),
+        )
 
 
 def encode(messages: list[dict[str, str]], images: list[Path], stage: int, parts: TemplateParts) -> Encoded:
@@ -248,8 +250,10 @@ def encode(messages: list[dict[str, str]], images: list[Path], stage: int, parts
         messages = messages[:2]
     tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
     if tags < len(images):  # `_add_default_tags` (TB:916-944): missing tags go in front of the first message
-        messages = [{**messages[0], "content": IMAGE_TAG * (len(images) - tags) + messages[0]["content"]},
-                    *messages[1:]]  # fmt: skip
+        messages = [
+            {**messages[0], "content": IMAGE_TAG * (len(images) - tags) + messages[0]["content"]},
+            *messages[1:],
+        ]
     pictures = [training_image(path) for path in images]
     # `processor.image_processor(images, do_resize=False)` (QWT:633-636, QWT:352): the pixels are already on the grid.
     pixels = parts.image_processor(images=pictures, do_resize=False, return_tensors="pt")
@@ -353,13 +357,18 @@ class Perceiver(torch.nn.Module):
         merger = self.visual.merger
         if merger.mlp[2].out_features != language.hidden_size:  # LB:559-570: exact GELU, both Linears with bias
             width = merger.hidden_size
-            merger.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
-                                             torch.nn.Linear(width, language.hidden_size))  # fmt: skip
+            merger.mlp = torch.nn.Sequential(
+                torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, language.hidden_size)
+            )
         self.embed_tokens = torch.nn.Embedding(language.vocab_size, language.hidden_size)
         self.layers = torch.nn.ModuleList(Qwen3DecoderLayer(language, i) for i in range(language.num_hidden_layers))
         self.norm = Qwen3RMSNorm(language.hidden_size, eps=language.rms_norm_eps)
-        self.load_state_dict({**{f"visual.{k}": v for k, v in under(tensors, "visual.").items()},
-                              **{k: v for k, v in under(tensors, "language_model.").items()}})  # fmt: skip
+        self.load_state_dict(
+            {
+                **{f"visual.{k}": v for k, v in under(tensors, "visual.").items()},
+                **{k: v for k, v in under(tensors, "language_model.").items()},
+            }
+        )
         # The rotary: a Qwen2Config's fields (LLaVABaselineConfig, LB:518-535), with its defaults when absent
         # (tf457 configuration_qwen2.py: rope_theta 10000, hidden 4096, 32 heads); only the default rope type.
         rope = config.get("rope_scaling") or {}
@@ -373,8 +382,9 @@ class Perceiver(torch.nn.Module):
         self.image_pad, self.merge = vlm.image_token_id, vlm.vision_config.spatial_merge_size
         self.eval()
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor,
-                grids: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor, grids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The last hidden state after the final norm (LB:508-509), `[batch, seq, d_p]`, and the positions used."""
         embeds = self.embed_tokens(ids)  # tf457 :1253-1254
         image = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grids).pooler_output  # tf457 :1159-1173
@@ -414,12 +424,21 @@ class OfficialDPA(torch.nn.Module):
     """`ForwardVisualTokensArchForCausalLM` (FVT:102-136, 396-640): perceiver, phi (`linear_align_dim`,
     Linear -> ReLU -> Linear with bias, FVT:128-136) and the thinker."""
 
-    def __init__(self, perceiver: Perceiver, phi: dict[str, torch.Tensor], thinker: tf.Qwen3ForCausalLM,
-                 ids: Ids, vocab_size: int):  # fmt: skip
+    def __init__(
+        self,
+        perceiver: Perceiver,
+        phi: dict[str, torch.Tensor],
+        thinker: tf.Qwen3ForCausalLM,
+        ids: Ids,
+        vocab_size: int,
+    ):
         super().__init__()
         self.perceiver, self.thinker, self.ids, self.vocab_size = perceiver, thinker, ids, vocab_size
-        self.phi = torch.nn.Sequential(torch.nn.Linear(*phi["0.weight"].shape[::-1]), torch.nn.ReLU(),
-                                       torch.nn.Linear(*phi["2.weight"].shape[::-1]))  # fmt: skip
+        self.phi = torch.nn.Sequential(
+            torch.nn.Linear(*phi["0.weight"].shape[::-1]),
+            torch.nn.ReLU(),
+            torch.nn.Linear(*phi["2.weight"].shape[::-1]),
+        )
         self.phi.load_state_dict(phi)
         self.eval()
 
@@ -451,7 +470,8 @@ class OfficialDPA(torch.nn.Module):
         thinker_config = tf.Qwen3Config(**{**text, "tie_word_embeddings": config.get("tie_word_embeddings", True)})
         stored = read_weights(target)
         language = under(stored, "model.language_model.") or {
-            k: v for k, v in under(stored, "model.").items() if not k.startswith("visual.")}  # fmt: skip
+            k: v for k, v in under(stored, "model.").items() if not k.startswith("visual.")
+        }
         head = {k: v for k, v in stored.items() if k == "lm_head.weight"}
         thinker = load_thinker(thinker_config, {**{f"model.{k}": v for k, v in language.items()}, **head})
         ids = Ids.of(tf.AutoTokenizer.from_pretrained(hub_folder(hub, "Qwen/Qwen3-4B")))  # QWT:510
@@ -463,8 +483,9 @@ class OfficialDPA(torch.nn.Module):
         (`features`), the thinker's input embeddings (`inputs_embeds`), `logits` and `loss`."""
         ids, p_ids = batch["input_ids"], batch["input_ids_of_perceiver"]
         embeds = self.thinker.get_input_embeddings()(ids)  # FVT:399-400
-        run = self.perceiver(p_ids, batch["attention_mask_of_perceiver"], batch["pixel_values"],
-                             batch["image_grid_thw"])  # FVT:433-450  # fmt: skip
+        run = self.perceiver(
+            p_ids, batch["attention_mask_of_perceiver"], batch["pixel_values"], batch["image_grid_thw"]
+        )  # FVT:433-450
         hidden, rows = run["hidden"], []
         for row in range(p_ids.shape[0]):  # every start paired with its end, batch-major (FVT:409-430, 462-476)
             starts = (p_ids[row] == self.ids.vision_start).nonzero()[:, 0].tolist()
@@ -479,5 +500,11 @@ class OfficialDPA(torch.nn.Module):
         # position_ids are None in training (ms-swift drops the collator's, TB:1348-1364), so Qwen3 counts 0..L-1.
         logits = self.thinker(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits  # FVT:507-519
         loss = causal_lm_loss(logits, batch["labels"], self.vocab_size)  # FVT:622-628
-        return {"states": states, "features": features, "inputs_embeds": embeds, "logits": logits, "loss": loss,
-                "perceiver_positions": run["positions"]}  # fmt: skip
+        return {
+            "states": states,
+            "features": features,
+            "inputs_embeds": embeds,
+            "logits": logits,
+            "loss": loss,
+            "perceiver_positions": run["positions"],
+        }

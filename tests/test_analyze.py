@@ -43,16 +43,23 @@ def test_mean_cosine_is_the_mean_over_every_image_text_pair_of_each_sample():
     generator = torch.Generator().manual_seed(1)
     image = [torch.randn(n, 6, generator=generator, dtype=torch.float64) for n in (3, 5)]
     text = [torch.randn(n, 6, generator=generator, dtype=torch.float64) for n in (4, 2)]
-    per_sample = [torch.nn.functional.cosine_similarity(a[:, None], b[None], dim=-1).mean() for a, b in zip(image, text)]
+    per_sample = [
+        torch.nn.functional.cosine_similarity(a[:, None], b[None], dim=-1).mean() for a, b in zip(image, text)
+    ]
     assert math.isclose(mean_cosine(_stats(image), _stats(text)), float(sum(per_sample) / 2), rel_tol=1e-9)
 
 
 def test_linear_cka_matches_the_feature_space_formula_and_its_invariances():
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(10, 6, generator=generator, dtype=torch.float64)
-    y = x @ torch.randn(6, 4, generator=generator, dtype=torch.float64) + 0.3 * torch.randn(10, 4, generator=generator, dtype=torch.float64)
+    y = x @ torch.randn(6, 4, generator=generator, dtype=torch.float64) + 0.3 * torch.randn(
+        10, 4, generator=generator, dtype=torch.float64
+    )
     xc, yc = x - x.mean(0), y - y.mean(0)
-    expected = float(torch.linalg.matrix_norm(yc.T @ xc) ** 2 / (torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)))
+    expected = float(
+        torch.linalg.matrix_norm(yc.T @ xc) ** 2
+        / (torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
+    )
     assert math.isclose(linear_cka(x, y), expected, rel_tol=1e-9)
     rotation, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
     assert math.isclose(linear_cka(x, x), 1.0, rel_tol=1e-12)
@@ -80,10 +87,19 @@ def setup(tiny_checkpoint, tmp_path_factory) -> dict:
     records = []
     for i, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]):
         Image.new("RGB", (30 + 9 * i, 40 - 2 * i), colour).save(root / "images" / f"{i}.png")
-        records.append({"id": f"s{i}", "image": f"images/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the picture?"},
-            {"from": "gpt", "value": f"A plain square of colour number {i}."}]})  # fmt: skip
-    records.insert(1, {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})
+        records.append(
+            {
+                "id": f"s{i}",
+                "image": f"images/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the picture?"},
+                    {"from": "gpt", "value": f"A plain square of colour number {i}."},
+                ],
+            }
+        )
+    records.insert(
+        1, {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    )
     (root / "pairs.json").write_text(json.dumps(records))
     return {"root": root, "ws": ws, "target": tiny_checkpoint("llava_next")}
 
@@ -91,15 +107,18 @@ def setup(tiny_checkpoint, tmp_path_factory) -> dict:
 def test_csv_has_one_row_per_layer_per_model_and_a_png(setup):
     root, ws = setup["root"], setup["ws"]
     out = root / "gap"
-    result = runner.invoke(app, ["analyze", "modality-gap", str(ws), "--data", str(root / "pairs.json"),
-                                 "-o", str(out), "--json"])  # fmt: skip
+    result = runner.invoke(
+        app, ["analyze", "modality-gap", str(ws), "--data", str(root / "pairs.json"), "-o", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
     layers = json.loads((ws / "model" / "config.json").read_text())["text_config"]["num_hidden_layers"] + 1
     with open(out / "modality_gap.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * layers and len(payload["rows"]) == 2 * layers
-    assert [(r["role"], int(r["layer"])) for r in rows] == [(role, i) for role in ("model", "baseline") for i in range(layers)]
+    assert [(r["role"], int(r["layer"])) for r in rows] == [
+        (role, i) for role in ("model", "baseline") for i in range(layers)
+    ]
     assert {r["model_type"] for r in rows if r["role"] == "model"} == {"dpa"}
     assert {r["path"] for r in rows if r["role"] == "baseline"} == {str(setup["target"])}  # from dpa.yaml
     assert all(r["samples"] == "5" and int(r["image_tokens"]) > 0 and int(r["text_tokens"]) > 0 for r in rows)
@@ -117,8 +136,17 @@ def test_csv_has_one_row_per_layer_per_model_and_a_png(setup):
 def test_outside_a_workspace_there_is_no_default_baseline_and_outputs_are_not_overwritten(setup):
     root = setup["root"]
     out = root / "alone"
-    args = ["analyze", "modality-gap", str(setup["target"]), "--data", str(root / "pairs.json"), "-o", str(out),
-            "--limit", "3"]  # fmt: skip
+    args = [
+        "analyze",
+        "modality-gap",
+        str(setup["target"]),
+        "--data",
+        str(root / "pairs.json"),
+        "-o",
+        str(out),
+        "--limit",
+        "3",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert "no baseline" in result.stderr and "--baseline" in result.stderr and "gap model" in result.stdout
@@ -132,8 +160,9 @@ def test_a_bad_image_is_named_before_any_model_loads(setup):
     root = setup["root"]
     bad = [{"id": "broken", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nHi"}]}]
     (root / "bad.json").write_text(json.dumps(bad))
-    result = runner.invoke(app, ["analyze", "modality-gap", str(setup["ws"]), "--data", str(root / "bad.json"),
-                                 "-o", str(root / "bad")])  # fmt: skip
+    result = runner.invoke(
+        app, ["analyze", "modality-gap", str(setup["ws"]), "--data", str(root / "bad.json"), "-o", str(root / "bad")]
+    )
     assert result.exit_code == 2 and "sample broken" in result.stderr and "missing.png" in result.stderr
     assert not (root / "bad").exists()
 

@@ -33,8 +33,20 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 QUESTION = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
-SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "save_steps=1000",
-         "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--max-steps", "1"]  # fmt: skip
+SMALL = [
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=1",
+    "--set",
+    "save_steps=1000",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--max-steps",
+    "1",
+]
 
 
 @dataclass
@@ -115,6 +127,7 @@ def grow_first(header: dict) -> None:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A 60-byte PNG whose header claims `width` x `height` pixels (a decompression bomb, cheaply)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -155,10 +168,22 @@ def check_samples(env: Env, *samples: dict, root: Path | None = None) -> list[st
     return check(env, env.data([clean(), *samples]), "--max-length", "256", root=root)
 
 
-def train(env: Env, data: Path, *extra: str, workspace: Path | None = None, stage: str = "1",
-          root: Path | None = None) -> list[str]:  # fmt: skip
-    return ["train", "--stage", stage, "-w", str(workspace or env.workspace), "--data", str(data),
-            "--image-root", str(root or env.images), *SMALL, *extra]  # fmt: skip
+def train(
+    env: Env, data: Path, *extra: str, workspace: Path | None = None, stage: str = "1", root: Path | None = None
+) -> list[str]:
+    return [
+        "train",
+        "--stage",
+        stage,
+        "-w",
+        str(workspace or env.workspace),
+        "--data",
+        str(data),
+        "--image-root",
+        str(root or env.images),
+        *SMALL,
+        *extra,
+    ]
 
 
 def train_clean(env: Env, *extra: str, **kw) -> list[str]:
@@ -183,8 +208,13 @@ def _unknown_model_type(env: Env) -> list[str]:
 
 
 def _shape_disagreement(env: Env) -> list[str]:
-    return upgrade_target(env, lambda f: edit_json(
-        f / "config.json", lambda c: c["text_config"].update(intermediate_size=c["text_config"]["intermediate_size"] + 8)))
+    return upgrade_target(
+        env,
+        lambda f: edit_json(
+            f / "config.json",
+            lambda c: c["text_config"].update(intermediate_size=c["text_config"]["intermediate_size"] + 8),
+        ),
+    )
 
 
 def _header_gap(env: Env) -> list[str]:
@@ -248,7 +278,9 @@ def _image_token_beyond_tokenizer(env: Env) -> list[str]:
 
 def _config_vocab_over_weights(env: Env) -> list[str]:
     def bigger_vocab(folder: Path) -> None:
-        edit_json(folder / "config.json", lambda c: c["text_config"].update(vocab_size=c["text_config"]["vocab_size"] + 64))
+        edit_json(
+            folder / "config.json", lambda c: c["text_config"].update(vocab_size=c["text_config"]["vocab_size"] + 64)
+        )
 
     return upgrade_target(env, bigger_vocab)
 
@@ -326,8 +358,9 @@ def _empty_data(env: Env) -> list[str]:
 
 
 def _latin1_data(env: Env) -> list[str]:
-    text = json.dumps([sample(conversations=[QUESTION[0], {"from": "gpt", "value": "Un carré rouge."}])],
-                      ensure_ascii=False)
+    text = json.dumps(
+        [sample(conversations=[QUESTION[0], {"from": "gpt", "value": "Un carré rouge."}])], ensure_ascii=False
+    )
     (env.tmp / "data.json").write_bytes(text.encode("latin-1"))
     return check(env, env.tmp / "data.json")
 
@@ -383,7 +416,9 @@ def _restart_with_bad_flag(env: Env) -> list[str]:
     ws = env.own_workspace()
     shutil.copytree(ws / "model", ws / "stage1" / "model")
     edit_json_yaml(ws, lambda m: m.setdefault("stages", {}).update(stage1={"steps": 3, "lora": False}))
-    return train_clean(env, "--restart", "--set", "global_batch_size=3", "--set", "per_device_train_batch_size=2", workspace=ws)
+    return train_clean(
+        env, "--restart", "--set", "global_batch_size=3", "--set", "per_device_train_batch_size=2", workspace=ws
+    )
 
 
 def _broken_catalog(env: Env) -> list[str]:
@@ -488,20 +523,50 @@ CASES = [
     # checkpoints
     Case("ckpt-missing-config", _no_config, ("no config.json",)),
     Case("ckpt-config-not-json", _config_not_json, ("config.json: not valid JSON",)),
-    Case("ckpt-unknown-model-type", _unknown_model_type, ("'llava_xl'", "is not a supported family"), stem="is not a supported family"),
-    Case("ckpt-config-weights-shape", _shape_disagreement, ("has shape", "but the DPA model needs"), stem="but the DPA model needs"),
+    Case(
+        "ckpt-unknown-model-type",
+        _unknown_model_type,
+        ("'llava_xl'", "is not a supported family"),
+        stem="is not a supported family",
+    ),
+    Case(
+        "ckpt-config-weights-shape",
+        _shape_disagreement,
+        ("has shape", "but the DPA model needs"),
+        stem="but the DPA model needs",
+    ),
     Case("ckpt-header-offsets-gap", _header_gap, ("unused bytes before tensor",)),
     Case("ckpt-header-offsets-span", _header_span, ("spans", "bytes but", "needs"), stem="bytes but"),
     Case("ckpt-header-length", _header_length, ("header length", "is impossible"), stem="is impossible for a"),
-    Case("ckpt-truncated-weights", _truncated_weights, ("truncated:", "bytes on disk, the header declares"), stem="bytes on disk, the header declares"),
+    Case(
+        "ckpt-truncated-weights",
+        _truncated_weights,
+        ("truncated:", "bytes on disk, the header declares"),
+        stem="bytes on disk, the header declares",
+    ),
     Case("ckpt-index-shard-absent", _shard_absent, ("weight file is missing",)),
     Case("ckpt-duplicate-keys", _duplicate_keys, ("is also stored in",)),
     Case("ckpt-only-pickled", _only_pickled, ("only pickled weights", "pytorch_model.bin")),
     Case("ckpt-perceiver-no-language-blocks", _no_language_blocks, ("the perceiver has no language blocks",)),
-    Case("ckpt-perceiver-no-image-token", _perceiver_without_image_token, ("config.json: names no image token id",), stem="names no image token id"),
-    Case("ckpt-image-token-beyond-tokenizer", _image_token_beyond_tokenizer, ("names image token id 1000000",), stem="names image token id"),
+    Case(
+        "ckpt-perceiver-no-image-token",
+        _perceiver_without_image_token,
+        ("config.json: names no image token id",),
+        stem="names no image token id",
+    ),
+    Case(
+        "ckpt-image-token-beyond-tokenizer",
+        _image_token_beyond_tokenizer,
+        ("names image token id 1000000",),
+        stem="names image token id",
+    ),
     Case("ckpt-config-vocab-over-weights", _config_vocab_over_weights, ("rows, but config.json says vocab_size",)),
-    Case("ckpt-tokenizer-over-vocab", _tokenizer_over_vocab, ("its tokenizer has", "but config.json vocab_size is"), stem="but config.json vocab_size is"),
+    Case(
+        "ckpt-tokenizer-over-vocab",
+        _tokenizer_over_vocab,
+        ("its tokenizer has", "but config.json vocab_size is"),
+        stem="but config.json vocab_size is",
+    ),
     Case("ckpt-tokenizer-missing", _tokenizer_missing, ("cannot load its tokenizer",)),
     Case("ckpt-no-such-folder", _no_such_target, ("no such folder",)),
     Case("inspect-lying-header", _inspect_lying_header, ("unused bytes before tensor",)),
@@ -515,64 +580,192 @@ CASES = [
     Case("data-path-dotdot", _problem(lambda e: sample("../outside.png")), problem="unsafe_image_path"),
     Case("data-path-absolute", _problem(lambda e: sample(str(e.images / "red.png"))), problem="unsafe_image_path"),
     Case("data-symlink-file-out", _problem(lambda e: sample("escape.png"), _outside_root), problem="unsafe_image_path"),
-    Case("data-symlink-folder-out", _problem(lambda e: sample("sub/outside.png"), _outside_root), problem="unsafe_image_path"),
+    Case(
+        "data-symlink-folder-out",
+        _problem(lambda e: sample("sub/outside.png"), _outside_root),
+        problem="unsafe_image_path",
+    ),
     Case("data-marker-mismatch", _problem(lambda e: sample(["red.png", "green.jpg"])), problem="marker_mismatch"),
-    Case("data-image-in-assistant", _problem(lambda e: sample(conversations=[
-        {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "<image>\nThis."}])), problem="image_in_assistant"),
+    Case(
+        "data-image-in-assistant",
+        _problem(
+            lambda e: sample(
+                conversations=[{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "<image>\nThis."}]
+            )
+        ),
+        problem="image_in_assistant",
+    ),
     Case("data-empty-conversation", _problem(lambda e: sample(conversations=[])), problem="empty_conversation"),
-    Case("data-no-assistant", _problem(lambda e: sample(None, [{"from": "human", "value": "Hi?"}])), problem="no_assistant"),
+    Case(
+        "data-no-assistant",
+        _problem(lambda e: sample(None, [{"from": "human", "value": "Hi?"}])),
+        problem="no_assistant",
+    ),
     Case("data-too-long", _problem(_long), problem="too_long"),
-    Case("data-duplicate-id", _problem(lambda e: sample("green.jpg", sample_id="good")), problem="duplicate_id", sample="good"),
-    Case("data-bad-record", _problem(lambda e: sample(None, [{"speaker": "human", "text": "hi"}])), problem="bad_record"),
+    Case(
+        "data-duplicate-id",
+        _problem(lambda e: sample("green.jpg", sample_id="good")),
+        problem="duplicate_id",
+        sample="good",
+    ),
+    Case(
+        "data-bad-record", _problem(lambda e: sample(None, [{"speaker": "human", "text": "hi"}])), problem="bad_record"
+    ),
     Case("data-processor-refuses", _problem(_processor_refuses, _root), problem="processor_error"),
     # data files
     Case("data-zero-byte-file", _empty_data, ("the file is empty (0 bytes)",)),
     Case("data-not-utf8", _latin1_data, ("not UTF-8 text", "offset"), stem="not UTF-8 text"),
     Case("data-utf16", _utf16_data, ("UTF-16 text, not UTF-8",)),
-    Case("data-dict-not-list", _dict_data, ("the top level is a JSON object", "'samples'"), stem="the top level is a JSON object"),
+    Case(
+        "data-dict-not-list",
+        _dict_data,
+        ("the top level is a JSON object", "'samples'"),
+        stem="the top level is a JSON object",
+    ),
     Case("data-broken-json", _broken_json, ("not valid JSON",)),
     Case("data-no-samples", _no_samples, ("no samples",)),
     Case("data-file-missing", _no_data_file, ("no such file or folder",)),
     Case("data-image-root-not-folder", _image_root_not_folder, ("--image-root", "not a folder"), stem="not a folder"),
     # train: data
-    Case("train-missing-image", _train_bad(sample("nowhere.png")), ("sample bad", "no such file", "dpa data check"), stem="Bad samples:"),
-    Case("train-path-escapes-root", _train_bad(sample("../outside.png")), ("sample bad", "leaves the image root"), stem="leaves the image root"),
+    Case(
+        "train-missing-image",
+        _train_bad(sample("nowhere.png")),
+        ("sample bad", "no such file", "dpa data check"),
+        stem="Bad samples:",
+    ),
+    Case(
+        "train-path-escapes-root",
+        _train_bad(sample("../outside.png")),
+        ("sample bad", "leaves the image root"),
+        stem="leaves the image root",
+    ),
     Case("train-truncated-image", _train_truncated_image, ("sample bad", "truncated"), stem="truncated ("),
     Case("train-truncated-mid-run", _train_truncated_second, ("sample bad", "truncated"), stem="truncated ("),
-    Case("train-restart-refused-keeps-stage", _restart_with_bad_flag, ("global batch 3 is not a multiple",), stem="is not a multiple of per-device batch"),
-    Case("catalog-not-yaml", _broken_catalog, ("catalog.yaml: cannot read the catalog (line 3",), stem="cannot read the catalog"),
+    Case(
+        "train-restart-refused-keeps-stage",
+        _restart_with_bad_flag,
+        ("global batch 3 is not a multiple",),
+        stem="is not a multiple of per-device batch",
+    ),
+    Case(
+        "catalog-not-yaml",
+        _broken_catalog,
+        ("catalog.yaml: cannot read the catalog (line 3",),
+        stem="cannot read the catalog",
+    ),
     Case("train-not-utf8", _train_latin1, ("not UTF-8 text",)),
-    Case("train-dict-not-list", lambda env: train(env, env.data({"data": [clean()]})), ("the top level is a JSON object",)),
+    Case(
+        "train-dict-not-list",
+        lambda env: train(env, env.data({"data": [clean()]})),
+        ("the top level is a JSON object",),
+    ),
     # train: flags and recipes
-    Case("train-unknown-set-key", lambda env: train_clean(env, "--set", "learning_rat=1e-3"), ("unknown recipe key 'learning_rat'", "learning_rate"), stem="unknown recipe key"),
-    Case("train-negative-lr", lambda env: train_clean(env, "--set", "learning_rate=-1e-4"), ("learning_rate=-0.0001", "must be positive"), stem="must be positive"),
-    Case("train-batch-not-divisible", lambda env: train_clean(env, "--set", "global_batch_size=5", "--set", "per_device_train_batch_size=2"), ("global batch 5 is not a multiple",), stem="is not a multiple of per-device batch"),
-    Case("train-stage-3", lambda env: train_clean(env, stage="3"), ("--stage 3", "stages 1 and 2"), stem="the recipe has stages 1 and 2"),
-    Case("train-deepspeed-not-json", _bad_deepspeed, ("--deepspeed", "ds.json", "not valid JSON"), stem="not valid JSON"),
+    Case(
+        "train-unknown-set-key",
+        lambda env: train_clean(env, "--set", "learning_rat=1e-3"),
+        ("unknown recipe key 'learning_rat'", "learning_rate"),
+        stem="unknown recipe key",
+    ),
+    Case(
+        "train-negative-lr",
+        lambda env: train_clean(env, "--set", "learning_rate=-1e-4"),
+        ("learning_rate=-0.0001", "must be positive"),
+        stem="must be positive",
+    ),
+    Case(
+        "train-batch-not-divisible",
+        lambda env: train_clean(env, "--set", "global_batch_size=5", "--set", "per_device_train_batch_size=2"),
+        ("global batch 5 is not a multiple",),
+        stem="is not a multiple of per-device batch",
+    ),
+    Case(
+        "train-stage-3",
+        lambda env: train_clean(env, stage="3"),
+        ("--stage 3", "stages 1 and 2"),
+        stem="the recipe has stages 1 and 2",
+    ),
+    Case(
+        "train-deepspeed-not-json", _bad_deepspeed, ("--deepspeed", "ds.json", "not valid JSON"), stem="not valid JSON"
+    ),
     Case("train-deepspeed-not-object", _deepspeed_list, ("a DeepSpeed config is a JSON object",)),
-    Case("train-deepspeed-missing", lambda env: train_clean(env, "--deepspeed", "zero4"), ("--deepspeed zero4: no such file",), stem="no such file"),
+    Case(
+        "train-deepspeed-missing",
+        lambda env: train_clean(env, "--deepspeed", "zero4"),
+        ("--deepspeed zero4: no such file",),
+        stem="no such file",
+    ),
     Case("train-recipe-not-yaml", _bad_recipe_yaml, ("recipe.yaml", "not valid YAML"), stem="not valid YAML"),
     Case("train-recipe-missing-parts", _recipe_without_parts, ("does not say how to train",)),
-    Case("train-no-such-recipe", lambda env: train_clean(env, "--recipe", "stage9"), ("no recipe 'stage9'",), stem="no recipe"),
+    Case(
+        "train-no-such-recipe",
+        lambda env: train_clean(env, "--recipe", "stage9"),
+        ("no recipe 'stage9'",),
+        stem="no recipe",
+    ),
     Case("train-set-not-key-value", lambda env: train_clean(env, "--set", "learning_rate"), ("is not key=value",)),
-    Case("train-set-managed-key", lambda env: train_clean(env, "--set", "output_dir=/tmp/x"), ("'output_dir' is set by dpa itself",), stem="is set by dpa itself"),
-    Case("train-bad-trainable-mode", lambda env: train_clean(env, "--set", "trainable.vit=half"), ("trainable.vit='half'", "is not one of frozen, full, lora"), stem="is not one of frozen, full, lora"),
+    Case(
+        "train-set-managed-key",
+        lambda env: train_clean(env, "--set", "output_dir=/tmp/x"),
+        ("'output_dir' is set by dpa itself",),
+        stem="is set by dpa itself",
+    ),
+    Case(
+        "train-bad-trainable-mode",
+        lambda env: train_clean(env, "--set", "trainable.vit=half"),
+        ("trainable.vit='half'", "is not one of frozen, full, lora"),
+        stem="is not one of frozen, full, lora",
+    ),
     Case("train-lora-and-full", lambda env: train_clean(env, "--lora", "--full"), ("contradict each other",)),
-    Case("upgrade-bad-projector", lambda env: upgrade(env, env.tiny("llava"), env.tiny("qwen2_5_vl"), "--projector", "mlp9x"), ("--projector 'mlp9x' is not one of",), stem="is not one of"),
-    Case("upgrade-bad-shard-size", lambda env: upgrade(env, env.tiny("llava"), env.tiny("qwen2_5_vl"), "--shard-size", "lots"), ("bad size 'lots'",), stem="bad size"),
-    Case("export-bad-dtype", lambda env: export(env, env.workspace, "--dtype", "fp8"), ("--dtype 'fp8' is not one of",), stem="is not one of"),
+    Case(
+        "upgrade-bad-projector",
+        lambda env: upgrade(env, env.tiny("llava"), env.tiny("qwen2_5_vl"), "--projector", "mlp9x"),
+        ("--projector 'mlp9x' is not one of",),
+        stem="is not one of",
+    ),
+    Case(
+        "upgrade-bad-shard-size",
+        lambda env: upgrade(env, env.tiny("llava"), env.tiny("qwen2_5_vl"), "--shard-size", "lots"),
+        ("bad size 'lots'",),
+        stem="bad size",
+    ),
+    Case(
+        "export-bad-dtype",
+        lambda env: export(env, env.workspace, "--dtype", "fp8"),
+        ("--dtype 'fp8' is not one of",),
+        stem="is not one of",
+    ),
     # workspaces
-    Case("ws-manifest-nonsense", _nonsense_manifest, ("dpa.yaml", "not a dpa workspace manifest"), stem="not a dpa workspace manifest"),
-    Case("ws-manifest-not-yaml", _manifest_not_yaml, ("dpa.yaml: cannot read it (not valid YAML, line 3",), stem="cannot read it (not valid YAML"),
+    Case(
+        "ws-manifest-nonsense",
+        _nonsense_manifest,
+        ("dpa.yaml", "not a dpa workspace manifest"),
+        stem="not a dpa workspace manifest",
+    ),
+    Case(
+        "ws-manifest-not-yaml",
+        _manifest_not_yaml,
+        ("dpa.yaml: cannot read it (not valid YAML, line 3",),
+        stem="cannot read it (not valid YAML",
+    ),
     Case("ws-stage-folder-deleted-train", _stage_deleted_train, ("stage 1 has not been run",)),
-    Case("ws-stage-folder-deleted-export", _stage_deleted_export, ("stage 1 has not finished",), stem="has not finished in"),
-    Case("ws-lora-adapter-deleted", _lora_adapter_deleted, ("was trained with LoRA but", "adapter_config.json is missing"), stem="was trained with LoRA but"),
+    Case(
+        "ws-stage-folder-deleted-export",
+        _stage_deleted_export,
+        ("stage 1 has not finished",),
+        stem="has not finished in",
+    ),
+    Case(
+        "ws-lora-adapter-deleted",
+        _lora_adapter_deleted,
+        ("was trained with LoRA but", "adapter_config.json is missing"),
+        stem="was trained with LoRA but",
+    ),
     Case("ws-model-swapped-train", _model_swapped_train, ("not the DPA model",)),
     Case("ws-model-swapped-export", _model_swapped_export, ("not the DPA model",)),
     Case("ws-model-deleted", _model_deleted, ("is not a model folder (no config.json)",)),
     Case("ws-not-a-workspace", _not_a_workspace, ("is not a dpa workspace",)),
     Case("export-output-exists", _export_exists, ("already exists",)),
-]  # fmt: skip
+]
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -635,7 +828,18 @@ def test_a_target_without_an_image_token_gets_one_chosen_not_refused(tiny_checkp
     `image_token_index`) gets a placeholder its tokenizer already has, or an added one, said in the plan."""
     target = copy_checkpoint(tiny_checkpoint("llava"), tmp_path / "target")
     edit_json(target / "config.json", lambda c: c.pop("image_token_index"))
-    result = runner.invoke(app, ["upgrade", str(target), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")),
-                                 "-o", str(tmp_path / "out"), "--dry-run", "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "upgrade",
+            str(target),
+            "--perceiver",
+            str(tiny_checkpoint("qwen2_5_vl")),
+            "-o",
+            str(tmp_path / "out"),
+            "--dry-run",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert '"<image>"' in result.stdout and not (tmp_path / "out").exists()

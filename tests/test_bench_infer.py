@@ -11,11 +11,20 @@ from typer.testing import CliRunner
 
 from dpa_cli.bench import analytic
 from dpa_cli.bench.infer import FIGURES, count_prefill_flops
-from dpa_cli.flops import flop_counter
 from dpa_cli.cli.app import app
+from dpa_cli.flops import flop_counter
 
-MODEL_KEYS = {"path", "params", "weights_bytes", "memory_growth_bytes", "peak_memory_bytes", "flops_per_image",
-              "prompt_tokens", "encoder_calls_per_prompt", *FIGURES}  # fmt: skip
+MODEL_KEYS = {
+    "path",
+    "params",
+    "weights_bytes",
+    "memory_growth_bytes",
+    "peak_memory_bytes",
+    "flops_per_image",
+    "prompt_tokens",
+    "encoder_calls_per_prompt",
+    *FIGURES,
+}
 
 
 def invoke(*args: str):
@@ -33,8 +42,20 @@ def infer_result(workspace) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = invoke("bench", "infer", str(workspace), "--device", "cpu", "--max-new-tokens", "3", "--repeats", "2",
-                        "--prompts", "2", "--json")  # fmt: skip
+        result = invoke(
+            "bench",
+            "infer",
+            str(workspace),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "3",
+            "--repeats",
+            "2",
+            "--prompts",
+            "2",
+            "--json",
+        )
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
@@ -91,18 +112,29 @@ def test_analytic_flops_match_the_counter_on_a_real_llava_next_and_its_dpa_upgra
     config, tiles, seq = model.config.to_dict(), inputs["pixel_values"].shape[1], inputs["input_ids"].shape[1]
     vit, text = config["vision_config"], config["text_config"]
     patches = tiles * (vit["image_size"] // vit["patch_size"]) ** 2
-    original = (analytic.clip_vit_flops(vit, tiles) + analytic.mlp_flops(patches, vit["hidden_size"], text["hidden_size"],
-                text["hidden_size"]) + analytic.lm_prefill_flops(text, seq))  # fmt: skip
+    original = (
+        analytic.clip_vit_flops(vit, tiles)
+        + analytic.mlp_flops(patches, vit["hidden_size"], text["hidden_size"], text["hidden_size"])
+        + analytic.lm_prefill_flops(text, seq)
+    )
     assert original == pytest.approx(count_prefill_flops(model, inputs), rel=0.03)
 
     model, inputs = _inputs(str(workspace))
     config = model.config.to_dict()
-    perceiver, p_text, text = config["perceiver_config"], config["perceiver_config"]["text_config"], config["text_config"]
+    perceiver, p_text, text = (
+        config["perceiver_config"],
+        config["perceiver_config"]["text_config"],
+        config["text_config"],
+    )
     d_v, d_p, d_t = perceiver["vision_config"]["hidden_size"], p_text["hidden_size"], text["hidden_size"]
     features = int(inputs["input_ids"].eq(config["image_token_id"]).sum())
-    dpa = (analytic.clip_vit_flops(perceiver["vision_config"], tiles) + analytic.mlp_flops(patches, d_v, d_p, d_p)
-           + analytic.Stack.from_text_config(p_text).prefill_flops(inputs["perceiver_input_ids"].shape[1])
-           + analytic.mlp_flops(features, d_p, d_p, d_t) + analytic.lm_prefill_flops(text, seq))  # fmt: skip
+    dpa = (
+        analytic.clip_vit_flops(perceiver["vision_config"], tiles)
+        + analytic.mlp_flops(patches, d_v, d_p, d_p)
+        + analytic.Stack.from_text_config(p_text).prefill_flops(inputs["perceiver_input_ids"].shape[1])
+        + analytic.mlp_flops(features, d_p, d_p, d_t)
+        + analytic.lm_prefill_flops(text, seq)
+    )
     assert dpa == pytest.approx(count_prefill_flops(model, inputs), rel=0.03)
 
 
@@ -111,9 +143,18 @@ def test_analytic_windowed_qwen2_5_vit_matches_the_counter():
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     # Windows of 2x2 merge units (4x4 patches), cut at the edge of a 12 x 10 patch grid; one full-attention block.
-    vision = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4, "out_hidden_size": 40,
-              "patch_size": 14, "window_size": 56, "fullatt_block_indexes": [1], "spatial_merge_size": 2,
-              "temporal_patch_size": 2}  # fmt: skip
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_heads": 4,
+        "out_hidden_size": 40,
+        "patch_size": 14,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     model = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLVisionConfig(**vision)).eval()
     grid = (12, 10)
     pixels = torch.randn(grid[0] * grid[1], 3 * 2 * 14 * 14)

@@ -35,7 +35,9 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize(("text", "expected"), [("5GB", 5 * 10**9), ("200MB", 2 * 10**8), ("2GiB", 2 * 2**30), ("1.5KB", 1500), (7, 7)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("5GB", 5 * 10**9), ("200MB", 2 * 10**8), ("2GiB", 2 * 2**30), ("1.5KB", 1500), (7, 7)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -98,8 +100,16 @@ def test_produced_tensor_must_match_its_plan(tmp_path):
 
 
 def test_transformers_loads_what_the_writer_wrote(tmp_path):
-    config = Qwen3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=8, vocab_size=50, tie_word_embeddings=False)
+    config = Qwen3Config(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=50,
+        tie_word_embeddings=False,
+    )
     model = Qwen3ForCausalLM(config)
     state = model.state_dict()
     config.save_pretrained(tmp_path)

@@ -28,8 +28,15 @@ def check_json(*args: str) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_each_seeded_problem_is_found_at_its_sample(dpa_workspace, data_files, fast):
-    args = [str(data_files / "seeded.json"), "--image-root", str(data_files / "images"), "-w",
-            str(dpa_workspace("next_qwen")), "--max-length", str(SEEDED_MAX_LENGTH)]  # fmt: skip
+    args = [
+        str(data_files / "seeded.json"),
+        "--image-root",
+        str(data_files / "images"),
+        "-w",
+        str(dpa_workspace("next_qwen")),
+        "--max-length",
+        str(SEEDED_MAX_LENGTH),
+    ]
     code, result = check_json(*args, *(["--fast"] if fast else []))
     assert code == 2
     found = {p["kind"]: p for p in result["problems"]}
@@ -76,8 +83,17 @@ def test_warnings_alone_exit_0_and_limit_stops_early(tmp_path, dpa_workspace, da
     turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Gray."}]
     samples = [{"id": f"g{i}", "image": "gray.png", "conversations": turns} for i in range(5)]
     data = write_json(tmp_path / "gray.json", samples)
-    code, result = check_json(str(data), "--image-root", str(data_files / "images"), "-w",
-                              str(dpa_workspace("llama3_qwen")), "--limit", "3", "--stage", "1")  # fmt: skip
+    code, result = check_json(
+        str(data),
+        "--image-root",
+        str(data_files / "images"),
+        "-w",
+        str(dpa_workspace("llama3_qwen")),
+        "--limit",
+        "3",
+        "--stage",
+        "1",
+    )
     assert code == 0 and result["samples"] == 3 and result["total_samples"] == 5
     assert [(p["kind"], p["count"]) for p in result["problems"]] == [("converted_grayscale", 3)]
     assert result["stats"]["max_length"] == 2048 and result["errors"] == 0
@@ -118,8 +134,10 @@ def test_feature_counts_from_image_sizes_equal_the_processors(dpa_workspace, nam
     processor = load_processor(dpa_workspace(name))
     counter = FeatureCounter(processor)
     encoder = SampleEncoder(processor, stage=2, max_length=1 << 20)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "!"}]}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "!"}]},
+    ]
     for size in [(28, 28), (60, 40), (40, 60), (123, 45), (200, 200), (640, 480), (17, 300)]:
         features = encoder(Sample("s", [ImageRef(image=Image.new("RGB", size))], messages))
         assert counter(size) == int((features["input_ids"] == processor.image_token_id).sum()), size

@@ -157,9 +157,11 @@ def test_samples_with_nothing_to_learn_are_bad_samples(processor):
         (sample(("user", [text("Hi")]), ("assistant", [text(" ")])), "no_assistant"),
         (sample(), "empty_conversation"),
         (sample(("user", [IMAGE, text("Hi")]), ("assistant", [text("Yo")])), "marker_mismatch"),
-        (sample(("user", [text("Hi")]), ("assistant", [IMAGE, text("Yo")]), images=(picture(9, 9),)),
-         "image_in_assistant"),
-    ]:  # fmt: skip
+        (
+            sample(("user", [text("Hi")]), ("assistant", [IMAGE, text("Yo")]), images=(picture(9, 9),)),
+            "image_in_assistant",
+        ),
+    ]:
         with pytest.raises(BadSampleError) as caught:
             encoder(bad)
         assert caught.value.kind == kind and caught.value.sample_id == "s"
@@ -195,7 +197,10 @@ def test_early_fusion_feeds_each_image_the_text_of_its_user_turn(processor):
     assert not any("Compare" in t or "this one" in t for t in plain_texts)
     # The turn's text comes before the image: a causal perceiver's image states never see what follows it.
     assert [t.replace("<|endoftext|>", "").split("<|vision_start|>")[0] for t in fused_texts] == [
-        "Compare them.\n", "Compare them.\n", "And this one?\n"]  # fmt: skip
+        "Compare them.\n",
+        "Compare them.\n",
+        "And this one?\n",
+    ]
     # The perceiver sees more text, the target the same number of slots and the same labels.
     assert torch.equal(plain["input_ids"], fused["input_ids"]) and torch.equal(plain["labels"], fused["labels"])
 
@@ -230,8 +235,12 @@ def test_a_cut_that_leaves_nothing_supervised_drops_the_sample(processor):
 
 # --- collation and the model -------------------------------------------------------------------------------
 def batch_samples() -> list[Sample]:
-    one = sample(("user", [IMAGE, text("What is it?")]), ("assistant", [text("A red square.")]),
-                 images=(picture(120, 40),), sample_id="one")  # fmt: skip
+    one = sample(
+        ("user", [IMAGE, text("What is it?")]),
+        ("assistant", [text("A red square.")]),
+        images=(picture(120, 40),),
+        sample_id="one",
+    )
     return [TEXT_ONLY, MULTI_TURN, one]
 
 
@@ -286,14 +295,23 @@ def test_collator_pads_to_a_multiple_and_can_carry_sample_ids(processor):
 # --- datasets: skip / fail ----------------------------------------------------------------------------------
 def bad_source(data_files) -> list[Sample]:
     records = [
-        {"id": "good-1", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                                                {"from": "gpt", "value": "Red."}]},
-        {"id": "gone", "image": "nowhere.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                                                  {"from": "gpt", "value": "?"}]},
-        {"id": "cut", "image": "truncated.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                                                   {"from": "gpt", "value": "?"}]},
+        {
+            "id": "good-1",
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}],
+        },
+        {
+            "id": "gone",
+            "image": "nowhere.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "?"}],
+        },
+        {
+            "id": "cut",
+            "image": "truncated.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "?"}],
+        },
         {"id": "good-2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
-    ]  # fmt: skip
+    ]
     return [from_llava(r, i, data_files / "images") for i, r in enumerate(records)]
 
 
@@ -358,7 +376,8 @@ def test_length_grouped_indices_are_a_seeded_permutation_of_similar_lengths():
     assert sorted(order) == list(range(1000)) and order == length_grouped_indices(lengths, 8, 3)
     assert order != length_grouped_indices(lengths, 8, 4)
     assert lengths[order[0]] == max(lengths)
-    spread = [max(lengths[i] for i in order[b : b + 8]) - min(lengths[i] for i in order[b : b + 8])
-              for b in range(0, 1000, 8)]  # fmt: skip
+    spread = [
+        max(lengths[i] for i in order[b : b + 8]) - min(lengths[i] for i in order[b : b + 8]) for b in range(0, 1000, 8)
+    ]
     assert sum(spread) / len(spread) < 10  # random batches would spread about 80
     assert length_grouped_indices([], 4, 0) == []

@@ -51,8 +51,10 @@ def test_hugging_face_datasets_keep_images_as_bytes_until_loaded(data_files, nam
     assert len(source) == 3
     first, text_only, two = source[0], source[1], source[2]
     assert first.id == "chat-image" and first.images[0].data == (data_files / "images" / "red.png").read_bytes()
-    assert first.messages == [{"role": "user", "content": [IMAGE, TEXT("What is in the picture?")]},
-                              {"role": "assistant", "content": [TEXT("A red square.")]}]  # fmt: skip
+    assert first.messages == [
+        {"role": "user", "content": [IMAGE, TEXT("What is in the picture?")]},
+        {"role": "assistant", "content": [TEXT("A red square.")]},
+    ]
     assert text_only.images == [] and len(two.images) == 2 and len(two.messages) == 4
     assert load_image(first.images[0])[0].size == (60, 40)
     streamed = open_samples(data_files / name, streaming=True)

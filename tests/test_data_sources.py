@@ -43,8 +43,11 @@ def _video_turns(marker: str, turn: int) -> list[dict]:
 
 
 def _chat(sample_id: str, content: list | str, **extra) -> dict:
-    return {"id": sample_id, "messages": [{"role": "user", "content": content},
-                                          {"role": "assistant", "content": "A square."}], **extra}  # fmt: skip
+    return {
+        "id": sample_id,
+        "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "A square."}],
+        **extra,
+    }
 
 
 def video_samples() -> list[dict]:
@@ -53,14 +56,23 @@ def video_samples() -> list[dict]:
     for marker in ("<video>", "<VIDEO>", "<Video>"):
         for turn in (0, 2):
             found.append({"id": f"marker-{marker[1:-1]}-{turn}", "conversations": _video_turns(marker, turn)})
-    for key, value in (("video", "clip.mp4"), ("videos", ["clip.mp4"]), ("videos", "clip.mp4"),
-                       ("video", {"path": "clip.mp4"}), ("videos", ["a.mp4", "b.mp4"])):  # fmt: skip
+    for key, value in (
+        ("video", "clip.mp4"),
+        ("videos", ["clip.mp4"]),
+        ("videos", "clip.mp4"),
+        ("video", {"path": "clip.mp4"}),
+        ("videos", ["a.mp4", "b.mp4"]),
+    ):
         found.append(_llava(f"llava-{key}-{len(found)}", **{key: value}))
         found.append(_chat(f"chat-{key}-{len(found)}", "<image>What is it?", images=["red.png"], **{key: value}))
     found.append(_chat("swift-marker", "<video>What happens?", videos=["clip.mp4"]))
     found.append(_chat("block-video", [{"type": "video", "video": "clip.mp4"}, {"type": "text", "text": "What?"}]))
-    found.append(_chat("block-video-url", [{"type": "video_url", "video_url": {"url": "clip.mp4"}},
-                                           {"type": "text", "text": "What?"}]))  # fmt: skip
+    found.append(
+        _chat(
+            "block-video-url",
+            [{"type": "video_url", "video_url": {"url": "clip.mp4"}}, {"type": "text", "text": "What?"}],
+        )
+    )
     return found
 
 
@@ -70,8 +82,20 @@ VIDEOS = video_samples()
 def test_data_check_lists_every_video_sample_by_kind(shared, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([_llava("good"), *VIDEOS]))
-    result = runner.invoke(app, ["data", "check", str(data), "--image-root", str(shared["images"]),
-                                 "-w", str(shared["ws"]), "--fast", "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "check",
+            str(data),
+            "--image-root",
+            str(shared["images"]),
+            "-w",
+            str(shared["ws"]),
+            "--fast",
+            "--json",
+        ],
+    )
     assert result.exit_code == 2, result.stderr
     found = {p["kind"]: p for p in json.loads(result.stdout)["problems"]}
     assert found["video_sample"]["count"] == len(VIDEOS), found
@@ -82,15 +106,35 @@ def test_data_check_lists_every_video_sample_by_kind(shared, tmp_path):
 def test_train_refuses_a_video_sample_naming_it_and_the_file(shared, tmp_path, sample):
     data = tmp_path / "data.json"
     data.write_text(json.dumps([_llava("good"), sample]))
-    argv = ["train", "--stage", "1", "-w", str(shared["ws"]), "--data", str(data), "--image-root",
-            str(shared["images"]), *SMALL]  # fmt: skip
-    refused(argv, [tmp_path, shared["ws"]], (f"sample {sample['id']}", "sample #1", "video sample", str(data),
-                                             "extract frames"))  # fmt: skip
+    argv = [
+        "train",
+        "--stage",
+        "1",
+        "-w",
+        str(shared["ws"]),
+        "--data",
+        str(data),
+        "--image-root",
+        str(shared["images"]),
+        *SMALL,
+    ]
+    refused(
+        argv,
+        [tmp_path, shared["ws"]],
+        (f"sample {sample['id']}", "sample #1", "video sample", str(data), "extract frames"),
+    )
 
 
 # --- URLs ----------------------------------------------------------------------------------------------------
-URLS = ["http://example.com/data.json", "https://example.com/a/b.jsonl?x=1", "HTTPS://EXAMPLE.COM/D.JSON",
-        "s3://bucket/data.json", "hf://datasets/org/name", "ftp://host/data.json", "gs://bucket/images"]  # fmt: skip
+URLS = [
+    "http://example.com/data.json",
+    "https://example.com/a/b.jsonl?x=1",
+    "HTTPS://EXAMPLE.COM/D.JSON",
+    "s3://bucket/data.json",
+    "hf://datasets/org/name",
+    "ftp://host/data.json",
+    "gs://bucket/images",
+]
 
 
 @pytest.mark.parametrize("url", URLS)
@@ -105,17 +149,22 @@ def test_a_url_as_data_or_image_root_is_named_by_every_reader(shared, tmp_path, 
         (["data", "check", url, "-w", ws], "--data"),
         (["data", "check", str(data), "--image-root", url, "-w", ws], "--image-root"),
         (["eval", ws, "--data", url, "-o", str(tmp_path / "p.jsonl")], "--data"),
-        (["analyze", "modality-gap", ws, "--data", str(data), "--image-root", url, "-o", str(tmp_path / "g")],
-         "--image-root"),
-    ):  # fmt: skip
+        (
+            ["analyze", "modality-gap", ws, "--data", str(data), "--image-root", url, "-o", str(tmp_path / "g")],
+            "--image-root",
+        ),
+    ):
         refused(argv, watched, (f"{flag} {url}: a URL ({scheme}://)", "download it first"))
 
 
 @pytest.mark.parametrize("url", [u.replace("data.json", "cat.png") for u in URLS[:4]] + ["http://x/y.jpg#frag"])
 def test_generate_names_an_image_url_as_given(shared, tmp_path, url):
     """The URL as typed (not folded to `http:/...` by a path), what to do, before any model loads."""
-    stderr = refused(["generate", str(shared["ws"]), "--image", url, "--prompt", "hi"], [tmp_path, shared["ws"]],
-                     (url, "a URL", "download it first"))  # fmt: skip
+    stderr = refused(
+        ["generate", str(shared["ws"]), "--image", url, "--prompt", "hi"],
+        [tmp_path, shared["ws"]],
+        (url, "a URL", "download it first"),
+    )
     assert "no such" not in stderr
 
 
@@ -126,17 +175,24 @@ def test_generate_reads_a_data_uri_as_an_image_and_refuses_other_media(shared, t
 
     png = base64.b64encode((shared["images"] / "red.png").read_bytes()).decode()
     assert open_image(f"data:image/png;base64,{png}").size == (40, 40)
-    refused(["generate", str(shared["ws"]), "--image", "data:text/plain;base64,aGVsbG8=", "--prompt", "hi"],
-            [tmp_path, shared["ws"]], ("data:text/plain", "not an image"))  # fmt: skip
+    refused(
+        ["generate", str(shared["ws"]), "--image", "data:text/plain;base64,aGVsbG8=", "--prompt", "hi"],
+        [tmp_path, shared["ws"]],
+        ("data:text/plain", "not an image"),
+    )
 
 
 # --- a top-level system ---------------------------------------------------------------------------------------
 SYSTEM = "You are a terse assistant who answers in three words."
 SYSTEM_SAMPLES = [
     {"id": "sharegpt", "image": "red.png", "system": SYSTEM, "conversations": ASK},
-    {"id": "swift", "images": ["red.png"], "system": SYSTEM,
-     "messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A square."}]},
-]  # fmt: skip
+    {
+        "id": "swift",
+        "images": ["red.png"],
+        "system": SYSTEM,
+        "messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A square."}],
+    },
+]
 
 
 @pytest.mark.parametrize("record", SYSTEM_SAMPLES, ids=lambda r: r["id"])
@@ -157,15 +213,33 @@ def test_a_top_level_system_is_the_system_turn_and_is_masked(shared, tmp_path, r
     assert "A square." in learned and "terse" not in learned
 
 
-@pytest.mark.parametrize("system, needle", [(["a", "b"], "`system` is a list"), (5, "`system` is a int"),
-                                            ({"text": "x"}, "`system` is a dict")])  # fmt: skip
+@pytest.mark.parametrize(
+    "system, needle",
+    [(["a", "b"], "`system` is a list"), (5, "`system` is a int"), ({"text": "x"}, "`system` is a dict")],
+)
 def test_a_system_that_is_no_text_or_given_twice_is_a_bad_record(shared, tmp_path, system, needle):
-    twice = {"id": "twice", "image": "red.png", "system": SYSTEM,
-             "conversations": [{"from": "system", "value": "Other."}, *ASK]}  # fmt: skip
+    twice = {
+        "id": "twice",
+        "image": "red.png",
+        "system": SYSTEM,
+        "conversations": [{"from": "system", "value": "Other."}, *ASK],
+    }
     data = tmp_path / "data.json"
     data.write_text(json.dumps([_llava("good"), {**_llava("bad"), "system": system}, twice]))
-    result = runner.invoke(app, ["data", "check", str(data), "--image-root", str(shared["images"]),
-                                 "-w", str(shared["ws"]), "--fast", "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "check",
+            str(data),
+            "--image-root",
+            str(shared["images"]),
+            "-w",
+            str(shared["ws"]),
+            "--fast",
+            "--json",
+        ],
+    )
     found = {p["kind"]: p for p in json.loads(result.stdout)["problems"]}
     assert result.exit_code == 2 and found["bad_record"]["count"] == 2, found
     assert found["bad_record"]["examples"] == ["bad", "twice"]
@@ -179,8 +253,12 @@ def test_export_card_names_local_sources_repos_and_generation_stops(tiny_checkpo
     from huggingface_hub import ModelCard
     from transformers import AutoTokenizer
 
-    target = Path(shutil.copytree(tiny_checkpoint("llava_next"),
-                                  tmp_path / "hub" / "models--llava-hf--llava-v1.6-tiny" / "snapshots" / "0123abc"))
+    target = Path(
+        shutil.copytree(
+            tiny_checkpoint("llava_next"),
+            tmp_path / "hub" / "models--llava-hf--llava-v1.6-tiny" / "snapshots" / "0123abc",
+        )
+    )
     (target / "generation_config.json").unlink(missing_ok=True)
     config = json.loads((target / "config.json").read_text())
     for part in (config, config["text_config"]):
@@ -191,8 +269,10 @@ def test_export_card_names_local_sources_repos_and_generation_stops(tiny_checkpo
     config = json.loads((perceiver / "config.json").read_text())
     (perceiver / "config.json").write_text(json.dumps({**config, "_name_or_path": "Qwen/Qwen2.5-VL-3B-Instruct"}))
     ws, out = tmp_path / "ws", tmp_path / "export"
-    for argv in (["upgrade", str(target), "--perceiver", str(perceiver), "-o", str(ws), "--no-verify-load"],
-                 ["export", "-w", str(ws), "-o", str(out), "--no-verify"]):  # fmt: skip
+    for argv in (
+        ["upgrade", str(target), "--perceiver", str(perceiver), "-o", str(ws), "--no-verify-load"],
+        ["export", "-w", str(ws), "-o", str(out), "--no-verify"],
+    ):
         result = runner.invoke(app, argv)
         assert result.exit_code == 0, result.stderr[-2000:]
     card = ModelCard.load(out / "README.md")

@@ -8,8 +8,21 @@ from typer.testing import CliRunner
 
 from dpa_cli.cli.app import app
 
-ORDER = ["inspect", "upgrade", "upgrade", "data", "train", "train", "export", "train", "train", "export",
-         "generate", "generate", "generate"]  # fmt: skip
+ORDER = [
+    "inspect",
+    "upgrade",
+    "upgrade",
+    "data",
+    "train",
+    "train",
+    "export",
+    "train",
+    "train",
+    "export",
+    "generate",
+    "generate",
+    "generate",
+]
 
 
 def test_quick_demo_runs_every_command_and_writes_its_report(tmp_path):
@@ -25,8 +38,14 @@ def test_quick_demo_runs_every_command_and_writes_its_report(tmp_path):
         assert (tmp_path / "demo" / name / "export" / "config.json").is_file()
     instruct = json.loads((tmp_path / "demo" / "data" / "instruct.json").read_text())
     assert instruct[0]["conversations"][0]["value"].startswith("<image>")
-    questions = {turn["value"].removeprefix("<image>\n") for sample in instruct for turn in sample["conversations"][::2]}
-    assert {"What colour are the shapes?", "What kind of shape is in the picture?", "How many shapes are there?"} <= questions
+    questions = {
+        turn["value"].removeprefix("<image>\n") for sample in instruct for turn in sample["conversations"][::2]
+    }
+    assert {
+        "What colour are the shapes?",
+        "What kind of shape is in the picture?",
+        "How many shapes are there?",
+    } <= questions
     assert any("image" not in sample for sample in instruct) and any(len(s["conversations"]) == 4 for s in instruct)
     chance = report["scores"]["chance"]
     assert set(chance["accuracy"]) == {"colour", "shape", "count"} and 0.25 < chance["overall"] < 0.5

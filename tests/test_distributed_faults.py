@@ -27,9 +27,20 @@ from dpa_cli.cli.app import app
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
 # One sample per process per step, no accumulation, data in file order: step k gives rank r sample 2k + r.
-SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "logging_steps=1",
-         "--set", "max_length=512", "--set", "gradient_checkpointing=false",
-         "--set", "train_sampling_strategy=sequential"]  # fmt: skip
+SMALL = [
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=1",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "train_sampling_strategy=sequential",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -41,12 +52,35 @@ def data(tmp_path_factory) -> Path:
     captions, mixed = [], []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (48 + 8 * i, 40), rgb).save(root / "images" / f"{name}.png")
-        captions.append({"id": f"cap-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"A {name} picture."}]})
-        mixed.append({"id": f"text-{name}", "conversations": [
-            {"from": "human", "value": f"Name a {name} fruit."}, {"from": "gpt", "value": "A cherry, perhaps."}]})
-        mixed.append({"id": f"img-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"It is {name}."}]})  # fmt: skip
+        captions.append(
+            {
+                "id": f"cap-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": f"A {name} picture."},
+                ],
+            }
+        )
+        mixed.append(
+            {
+                "id": f"text-{name}",
+                "conversations": [
+                    {"from": "human", "value": f"Name a {name} fruit."},
+                    {"from": "gpt", "value": "A cherry, perhaps."},
+                ],
+            }
+        )
+        mixed.append(
+            {
+                "id": f"img-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": f"It is {name}."},
+                ],
+            }
+        )
     (root / "captions.json").write_text(json.dumps(captions * 4))
     (root / "mixed.json").write_text(json.dumps(mixed))
     return root
@@ -57,22 +91,55 @@ def workspace(tiny_checkpoint, tmp_path_factory) -> Path:
     """One upgrade shared by both tests: test 1 trains stage 2 from the upgrade, test 2 stage 1."""
     ws = tmp_path_factory.mktemp("dist") / "ws"
     perceiver = f"vit=target,lm={tiny_checkpoint('causal_lm_qwen3')}"
-    result = runner.invoke(app, ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws)])
+    result = runner.invoke(
+        app, ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws)]
+    )
     assert result.exit_code == 0, result.stderr
     return ws
 
 
 def dpa_train(ws: Path, data: Path, stage: int, data_file: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dpa_cli", "train", "--stage", str(stage), "--workspace", str(ws),
-            "--data", str(data / data_file), "--image-root", str(data / "images"), *SMALL, "--nproc", "2", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "dpa_cli",
+        "train",
+        "--stage",
+        str(stage),
+        "--workspace",
+        str(ws),
+        "--data",
+        str(data / data_file),
+        "--image-root",
+        str(data / "images"),
+        *SMALL,
+        "--nproc",
+        "2",
+        *extra,
+    ]
 
 
 def test_zero3_rank_with_only_text_batches_does_not_hang(workspace, data):
     done = subprocess.run(
-        dpa_train(workspace, data, 2, "mixed.json", "--from", "model", "--deepspeed", "zero3", "--max-steps", "4",
-                  "--set", "save_steps=1000"),
-        capture_output=True, text=True, timeout=600, env=ENV,
-    )  # fmt: skip
+        dpa_train(
+            workspace,
+            data,
+            2,
+            "mixed.json",
+            "--from",
+            "model",
+            "--deepspeed",
+            "zero3",
+            "--max-steps",
+            "4",
+            "--set",
+            "save_steps=1000",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (workspace / "stage2" / "model" / "config.json").is_file()
     summary = yaml.safe_load((workspace / "dpa.yaml").read_text())["stages"]["stage2"]

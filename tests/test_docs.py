@@ -66,7 +66,9 @@ def test_the_docs_show_commands_of_every_kind():
     assert {"demo", "upgrade", "train", "export", "data", "inspect", "generate", "bench"} <= shown
 
 
-@pytest.mark.parametrize(("doc", "command", "strict"), CASES, ids=[f"{doc}:{command[:60]}" for doc, command, _ in CASES])
+@pytest.mark.parametrize(
+    ("doc", "command", "strict"), CASES, ids=[f"{doc}:{command[:60]}" for doc, command, _ in CASES]
+)
 def test_documented_command_parses(doc, command, strict):
     try:
         parse(command, strict)

@@ -27,9 +27,15 @@ OPTIONS = ["red", "green", "dark green", "blue"]
 # --- metrics ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("text", "normal"),
-    [("The Cat.", "cat"), ("  Two  dogs! ", "2 dogs"), ("3.5 kg", "3.5 kg"), ("1,000", "1000"),
-     ("an apple, a pear", "apple pear"), ("", "")],
-)  # fmt: skip
+    [
+        ("The Cat.", "cat"),
+        ("  Two  dogs! ", "2 dogs"),
+        ("3.5 kg", "3.5 kg"),
+        ("1,000", "1000"),
+        ("an apple, a pear", "apple pear"),
+        ("", ""),
+    ],
+)
 def test_normalize_answer(text, normal):
     assert normalize_answer(text) == normal
 
@@ -65,12 +71,28 @@ def test_anls(prediction, golds, score):
 
 @pytest.mark.parametrize(
     ("reply", "letter"),
-    [("B", "B"), ("(B)", "B"), ("B.", "B"), ("B) green", "B"), (" C: dark green", "C"), ("(D) blue", "D"),
-     ("The answer is B.", "B"), ("answer: (C)", "C"), ("I think the answer is D", "D"),
-     ("It must be (A), the red one", "A"), ("green", "B"), ("It is dark green.", "C"),  # the longer option wins
-     ("A red square", "A"), ("Blue!", "D"), ("B is correct", "B"), ("E", None), ("green or blue", None),
-     ("", None), ("no idea", None)],
-)  # fmt: skip
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("B) green", "B"),
+        (" C: dark green", "C"),
+        ("(D) blue", "D"),
+        ("The answer is B.", "B"),
+        ("answer: (C)", "C"),
+        ("I think the answer is D", "D"),
+        ("It must be (A), the red one", "A"),
+        ("green", "B"),
+        ("It is dark green.", "C"),  # the longer option wins
+        ("A red square", "A"),
+        ("Blue!", "D"),
+        ("B is correct", "B"),
+        ("E", None),
+        ("green or blue", None),
+        ("", None),
+        ("no idea", None),
+    ],
+)
 def test_parse_choice(reply, letter):
     assert parse_choice(reply, OPTIONS) == letter
 
@@ -96,7 +118,13 @@ def test_option_forms_and_gold_forms(tmp_path):
         {"id": "vqa", "question": "Q?", "answers": ["a", "b"], "image": "x.png"},
     ]
     items = {item.id: item for item in load_items(write_jsonl(tmp_path / "items.jsonl", records))}
-    assert [items[k].answers for k in ("list", "dict", "index", "columns", "inline")] == [["B"], ["B"], ["C"], ["C"], ["B"]]
+    assert [items[k].answers for k in ("list", "dict", "index", "columns", "inline")] == [
+        ["B"],
+        ["B"],
+        ["C"],
+        ["C"],
+        ["B"],
+    ]
     assert items["inline"].options == ["cat", "dog"] and items["inline"].question == "Which?"
     assert items["index"].category == "logic" and items["vqa"].answers == ["a", "b"]
     assert items["vqa"].image.path == "x.png" and items["vqa"].image.root == tmp_path
@@ -106,7 +134,11 @@ def test_mmlu_csv_with_and_without_header(tmp_path):
     (tmp_path / "plain.csv").write_text('What is 2+2?,3,4,5,6,B\n"Capital, of France?",Paris,Rome,Berlin,Madrid,A\n')
     (tmp_path / "header.csv").write_text("question,A,B,C,D,answer\nWhat is 2+2?,3,4,5,6,B\n")
     plain = load_items(tmp_path / "plain.csv")
-    assert [(i.question, i.options, i.answers) for i in plain][1] == ("Capital, of France?", ["Paris", "Rome", "Berlin", "Madrid"], ["A"])
+    assert [(i.question, i.options, i.answers) for i in plain][1] == (
+        "Capital, of France?",
+        ["Paris", "Rome", "Berlin", "Madrid"],
+        ["A"],
+    )
     assert load_items(tmp_path / "header.csv")[0].answers == ["B"]
 
 
@@ -119,10 +151,12 @@ def test_a_datasets_folder(tmp_path):
 
 @pytest.mark.parametrize(
     ("record", "message"),
-    [({"id": "x", "question": "Q?"}, "item x has no `answer`"),
-     ({"id": "y", "answer": "a"}, "item y has no `question`"),
-     ({"id": "z", "question": "Q?", "options": ["a", "b"], "answer": "E"}, "item z: answer 'E' is neither")],
-)  # fmt: skip
+    [
+        ({"id": "x", "question": "Q?"}, "item x has no `answer`"),
+        ({"id": "y", "answer": "a"}, "item y has no `question`"),
+        ({"id": "z", "question": "Q?", "options": ["a", "b"], "answer": "E"}, "item z: answer 'E' is neither"),
+    ],
+)
 def test_bad_items_are_named(tmp_path, record, message):
     with pytest.raises(BadInputError, match=message):
         load_items(write_jsonl(tmp_path / "bad.jsonl", [record]))
@@ -157,11 +191,25 @@ def bench(tiny_checkpoint, tmp_path_factory) -> dict:
     for i in range(len(questions)):
         example_image(30 + 11 * i, 40 - 3 * i).save(root / "images" / f"{i}.png")
     runnable = open_runnable(str(ws / "export"), device="cpu")
-    alone = [reply(runnable, [user_turn(f"{q}\nAnswer the question using a single word or phrase.",
-                                        [example_image(30 + 11 * i, 40 - 3 * i)])], max_new_tokens=5)["text"].strip()
-             for i, q in enumerate(questions)]  # fmt: skip
-    return {"root": root, "export": ws / "export", "target": tiny_checkpoint("llava_next"), "questions": questions,
-            "alone": alone}  # fmt: skip
+    alone = [
+        reply(
+            runnable,
+            [
+                user_turn(
+                    f"{q}\nAnswer the question using a single word or phrase.", [example_image(30 + 11 * i, 40 - 3 * i)]
+                )
+            ],
+            max_new_tokens=5,
+        )["text"].strip()
+        for i, q in enumerate(questions)
+    ]
+    return {
+        "root": root,
+        "export": ws / "export",
+        "target": tiny_checkpoint("llava_next"),
+        "questions": questions,
+        "alone": alone,
+    }
 
 
 def run_eval(*args: str) -> dict:
@@ -178,20 +226,36 @@ def test_batched_answers_equal_one_at_a_time_answers_and_known_golds_score_exact
     root, alone = bench["root"], bench["alone"]
     assert len(set(alone)) > 1, "the noisy model must answer prompts differently"
     # Items 0 and 2 have the model's own one-at-a-time answer as gold; 1 and 3 a gold it never says.
-    records = [{"id": f"q{i}", "image": f"{i}.png", "question": q, "answer": alone[i] if i % 2 == 0 else "zebra"}
-               for i, q in enumerate(bench["questions"])]  # fmt: skip
+    records = [
+        {"id": f"q{i}", "image": f"{i}.png", "question": q, "answer": alone[i] if i % 2 == 0 else "zebra"}
+        for i, q in enumerate(bench["questions"])
+    ]
     data = write_jsonl(root / "images" / "vqa.jsonl", records)
     out = root / "vqa.pred.jsonl"
-    result = run_eval(str(bench["export"]), "--data", str(data), "--batch-size", "3", "--max-new-tokens", "5",
-                      "-o", str(out))  # fmt: skip
+    result = run_eval(
+        str(bench["export"]), "--data", str(data), "--batch-size", "3", "--max-new-tokens", "5", "-o", str(out)
+    )
     rows = read_predictions(out)
     assert [row["prediction"] for row in rows] == alone  # left padding changed nothing
     assert result["metric"] == "exact" and result["models"][0]["score"] == 50.0
     assert [row["score"] for row in rows] == [1.0, 0.0, 1.0, 0.0]
     # ANLS over the same items: the score is the metric recomputed from the predictions file.
     anls_out = root / "vqa.anls.jsonl"
-    result = run_eval(str(bench["export"]), "--data", str(data), "--metric", "anls", "--batch-size", "2",
-                      "--max-new-tokens", "5", "--limit", "3", "-o", str(anls_out))  # fmt: skip
+    result = run_eval(
+        str(bench["export"]),
+        "--data",
+        str(data),
+        "--metric",
+        "anls",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--limit",
+        "3",
+        "-o",
+        str(anls_out),
+    )
     rows = read_predictions(anls_out)
     recomputed = [anls(row["prediction"], row["answers"]) for row in rows]
     assert [row["score"] for row in rows] == recomputed
@@ -200,11 +264,25 @@ def test_batched_answers_equal_one_at_a_time_answers_and_known_golds_score_exact
 
 def test_choice_by_letter_likelihood_in_batches_and_alone(bench):
     root = bench["root"]
-    records = [{"id": f"c{i}", "image": f"{i}.png", "question": "Which colour?", "options": OPTIONS, "answer": "A",
-                "category": "colour" if i < 2 else "shade"} for i in range(4)]  # fmt: skip
+    records = [
+        {
+            "id": f"c{i}",
+            "image": f"{i}.png",
+            "question": "Which colour?",
+            "options": OPTIONS,
+            "answer": "A",
+            "category": "colour" if i < 2 else "shade",
+        }
+        for i in range(4)
+    ]
     data = write_jsonl(root / "images" / "choice.jsonl", records)
-    one = read_predictions(Path(run_eval(str(bench["export"]), "--data", str(data), "--batch-size", "1",
-                                         "-o", str(root / "one.jsonl"))["predictions"]))  # fmt: skip
+    one = read_predictions(
+        Path(
+            run_eval(str(bench["export"]), "--data", str(data), "--batch-size", "1", "-o", str(root / "one.jsonl"))[
+                "predictions"
+            ]
+        )
+    )
     # Golds: the model's own choice for c0, c1, c3; another letter for c2: 75% exactly.
     for i, row in enumerate(one):
         records[i]["answer"] = row["choice"] if i in (0, 1, 3) else "ABCD"[("ABCD".index(row["choice"]) + 1) % 4]
@@ -212,7 +290,9 @@ def test_choice_by_letter_likelihood_in_batches_and_alone(bench):
     result = run_eval(str(bench["export"]), "--data", str(data), "--batch-size", "4", "-o", str(root / "four.jsonl"))
     four = read_predictions(root / "four.jsonl")
     for alone, batched in zip(one, four):
-        assert set(batched["logprobs"]) == set("ABCD") and batched["choice"] == max(batched["logprobs"], key=batched["logprobs"].get)
+        assert set(batched["logprobs"]) == set("ABCD") and batched["choice"] == max(
+            batched["logprobs"], key=batched["logprobs"].get
+        )
         assert all(math.isclose(alone["logprobs"][k], batched["logprobs"][k], abs_tol=1e-4) for k in "ABCD")
     model = result["models"][0]
     assert result["metric"] == "choice" and result["scoring"] == "loglik"
@@ -221,11 +301,22 @@ def test_choice_by_letter_likelihood_in_batches_and_alone(bench):
 
 def test_generated_choices_are_parsed_and_scored(bench):
     root = bench["root"]
-    records = [{"id": f"g{i}", "image": f"{i}.png", "question": "Which colour?", "options": OPTIONS, "answer": "B"}
-               for i in range(2)]  # fmt: skip
+    records = [
+        {"id": f"g{i}", "image": f"{i}.png", "question": "Which colour?", "options": OPTIONS, "answer": "B"}
+        for i in range(2)
+    ]
     data = write_jsonl(root / "images" / "gen.jsonl", records)
-    result = run_eval(str(bench["export"]), "--data", str(data), "--scoring", "generate", "--max-new-tokens", "4",
-                      "-o", str(root / "gen.jsonl"))  # fmt: skip
+    result = run_eval(
+        str(bench["export"]),
+        "--data",
+        str(data),
+        "--scoring",
+        "generate",
+        "--max-new-tokens",
+        "4",
+        "-o",
+        str(root / "gen.jsonl"),
+    )
     rows = read_predictions(root / "gen.jsonl")
     assert result["scoring"] == "generate"
     assert [row["choice"] for row in rows] == [parse_choice(row["prediction"], OPTIONS) for row in rows]
@@ -234,19 +325,33 @@ def test_generated_choices_are_parsed_and_scored(bench):
 
 def test_text_only_mmlu_side_by_side_with_the_original(bench):
     root = bench["root"]
-    (root / "mmlu.csv").write_text("What is 2+2?,3,4,5,6,B\nCapital of France?,Paris,Rome,Berlin,Madrid,A\n"
-                                   "Sky colour?,green,blue,red,black,B\n")  # fmt: skip
+    (root / "mmlu.csv").write_text(
+        "What is 2+2?,3,4,5,6,B\nCapital of France?,Paris,Rome,Berlin,Madrid,A\nSky colour?,green,blue,red,black,B\n"
+    )
     out = root / "mmlu.pred.jsonl"
-    result = run_eval(str(bench["export"]), "--data", str(root / "mmlu.csv"), "--baseline", str(bench["target"]),
-                      "-o", str(out))  # fmt: skip
+    result = run_eval(
+        str(bench["export"]), "--data", str(root / "mmlu.csv"), "--baseline", str(bench["target"]), "-o", str(out)
+    )
     rows = read_predictions(out)
     assert [m["role"] for m in result["models"]] == ["model", "baseline"]
     assert [row["model"] for row in rows] == ["model"] * 3 + ["baseline"] * 3
     for model in result["models"]:
         mine = [row for row in rows if row["model"] == model["role"]]
         assert model["score"] == round(100 * sum(row["choice"] == row["answers"][0] for row in mine) / 3, 2)
-    table = runner.invoke(app, ["eval", str(bench["export"]), "--data", str(root / "mmlu.csv"), "--baseline",
-                                str(bench["target"]), "-o", str(out), "--force"])  # fmt: skip
+    table = runner.invoke(
+        app,
+        [
+            "eval",
+            str(bench["export"]),
+            "--data",
+            str(root / "mmlu.csv"),
+            "--baseline",
+            str(bench["target"]),
+            "-o",
+            str(out),
+            "--force",
+        ],
+    )
     assert table.exit_code == 0 and "difference" in table.stdout and "baseline" in table.stdout
 
 

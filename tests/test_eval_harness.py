@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import torch
 
 from dpa_cli.evaluation.lmms_eval_model import DPA
@@ -59,9 +59,17 @@ def reference(tiny_export: Path) -> Any:
 
 
 def _inputs(processor: Any, doc: dict) -> Any:
-    content = [*({"type": "image", "image": image} for image in doc["images"]), {"type": "text", "text": doc["question"]}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+    content = [
+        *({"type": "image", "image": image} for image in doc["images"]),
+        {"type": "text", "text": doc["question"]},
+    ]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
 
 
 def greedy(reference: Any, doc: dict, max_new_tokens: int) -> tuple[str, list[int]]:
@@ -131,8 +139,10 @@ def test_loglikelihood_is_the_continuations_log_probability(harness, reference, 
     doc = DOCS[doc_id]
     _, ids = greedy(reference, doc, 3)
     own = reference[1].tokenizer.decode(ids)
-    requests = [Request((doc["question"], target, visuals, doc_id, TASK, "test"))
-                for target in (own, " zebra crossing", lambda d: d["answer"])]  # fmt: skip
+    requests = [
+        Request((doc["question"], target, visuals, doc_id, TASK, "test"))
+        for target in (own, " zebra crossing", lambda d: d["answer"])
+    ]
     results = harness.loglikelihood(requests)
     for (score, _), continuation in zip(results, (own, " zebra crossing", doc["answer"])):
         assert score == pytest.approx(logprob(reference, doc, continuation), abs=1e-4) and score < 0
@@ -141,8 +151,9 @@ def test_loglikelihood_is_the_continuations_log_probability(harness, reference, 
     assert results[1][1] is False
 
 
-@pytest.mark.parametrize("visual", ["clip.mp4", {"array": [0.0], "sampling_rate": 16000}, b"\x00\x01"],
-                         ids=["video-path", "audio", "bytes"])  # fmt: skip
+@pytest.mark.parametrize(
+    "visual", ["clip.mp4", {"array": [0.0], "sampling_rate": 16000}, b"\x00\x01"], ids=["video-path", "audio", "bytes"]
+)
 def test_visuals_other_than_images_are_refused_by_name(harness, visual):
     request = Request(("Describe.", {}, lambda doc: [visual], 0, TASK, "test"))
     with pytest.raises(ValueError, match=f"task '{TASK}' doc 0 gives .* visuals; DPA reads images only"):
@@ -193,7 +204,8 @@ def _task_folder(root: Path) -> Path:
             paths.append(str(root / f"{doc_id}-{i}.png"))
         rows.append({"question": doc["question"], "images": paths, "answer": doc["answer"]})
     (root / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (tasks / "utils.py").write_text(textwrap.dedent("""
+    (tasks / "utils.py").write_text(
+        textwrap.dedent("""
         from PIL import Image
 
         def doc_to_visual(doc):
@@ -204,8 +216,10 @@ def _task_folder(root: Path) -> Path:
 
         def process_results(doc, results):
             return {"exact": float(results[0].strip().lower() == doc["answer"])}
-    """))
-    (tasks / "dpa_tiny_vqa.yaml").write_text(textwrap.dedent(f"""
+    """)
+    )
+    (tasks / "dpa_tiny_vqa.yaml").write_text(
+        textwrap.dedent(f"""
         task: dpa_tiny_vqa
         dataset_path: json
         dataset_kwargs:
@@ -225,7 +239,8 @@ def _task_folder(root: Path) -> Path:
           - metric: exact
             aggregation: mean
             higher_is_better: true
-    """))
+    """)
+    )
     return tasks
 
 
@@ -239,11 +254,33 @@ def test_lmms_eval_runs_the_plugin_on_a_local_task(harness, tiny_export, tmp_pat
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dpa-lmms-entry-point\nVersion: 0\n")
     (info / "entry_points.txt").write_text(f"[lmms_eval.models]\ndpa = {_entry_point()}\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(info.parent)])}  # fmt: skip
-    command = [sys.executable, "-m", "lmms_eval", "eval", "--model", "dpa", "--model_args",
-               f"pretrained={tiny_export},max_new_tokens=4", "--device", "cpu", "--tasks", "dpa_tiny_vqa",
-               "--include_path", str(tasks), "--batch_size", "1", "--log_samples", "--output_path", str(tmp_path / "out")]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(info.parent)]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "eval",
+        "--model",
+        "dpa",
+        "--model_args",
+        f"pretrained={tiny_export},max_new_tokens=4",
+        "--device",
+        "cpu",
+        "--tasks",
+        "dpa_tiny_vqa",
+        "--include_path",
+        str(tasks),
+        "--batch_size",
+        "1",
+        "--log_samples",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [samples] = glob.glob(str(tmp_path / "out" / "**" / "*samples_dpa_tiny_vqa.jsonl"), recursive=True)

@@ -81,8 +81,16 @@ def test_lora_export_is_verified_self_contained_and_documented(lora_ws, lora_exp
     assert child["offline"] and not child["dpa_cli_imported"] and not child["mismatched_inputs"]
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_dpa.DPAForConditionalGeneration"
-    for name in ("modeling_dpa.py", "configuration_dpa.py", "processing_dpa.py", "processor_config.json",
-                 "tokenizer.json", "chat_template.jinja", "generation_config.json", "perceiver_tokenizer"):  # fmt: skip
+    for name in (
+        "modeling_dpa.py",
+        "configuration_dpa.py",
+        "processing_dpa.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "perceiver_tokenizer",
+    ):
         assert (out / name).exists(), name
     assert not (out / "adapter").exists() and not list(out.glob("*.bin"))
     card = (out / "README.md").read_text()
@@ -167,8 +175,13 @@ def test_keep_adapter_ships_it_unmerged_and_sharded_weights_load(lora_ws, tmp_pa
 
 def test_a_failed_verification_leaves_no_export_and_the_workspace_untouched(lora_ws, tmp_path, monkeypatch):
     before = sorted((str(p), p.stat().st_mtime_ns) for p in lora_ws.rglob("*"))
-    report = {"max_abs_diff": 0.5, "reference_max_abs": 1.0, "mismatched_inputs": [], "load_problems": [],
-              "dpa_cli_imported": False}  # fmt: skip
+    report = {
+        "max_abs_diff": 0.5,
+        "reference_max_abs": 1.0,
+        "mismatched_inputs": [],
+        "load_problems": [],
+        "dpa_cli_imported": False,
+    }
     monkeypatch.setattr(verify, "run_check", lambda folder, probe, adapter, allow_code=False: report)
     result = runner.invoke(app, ["export", "-w", str(lora_ws), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1
@@ -239,9 +252,12 @@ def test_an_adapter_peft_cannot_apply_fails_before_anything_is_written(lora_ws, 
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"use_dora": True}, "use_dora is set"), ({"peft_type": "IA3"}, "IA3 adapter, not LoRA"),
-     ({"modules_to_save": ["lm_head"]}, "modules_to_save is set")],
-)  # fmt: skip
+    [
+        ({"use_dora": True}, "use_dora is set"),
+        ({"peft_type": "IA3"}, "IA3 adapter, not LoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save is set"),
+    ],
+)
 def test_adapters_a_merge_cannot_reproduce_are_refused_by_name(lora_ws, tmp_path, change, message):
     config = json.loads((lora_ws / "stage2" / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))

@@ -54,8 +54,9 @@ def test_qwen3_template_opens_an_empty_think_block_before_the_answer():
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nHello<|im_end|>\n")
-    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=False)  # fmt: skip
+    prompt = tokenizer.apply_chat_template(
+        messages[:1], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
@@ -104,7 +105,10 @@ def test_hand_written_checkpoints_hold_the_original_key_layout(tiny_checkpoint, 
     config = json.loads((tiny_checkpoint(name) / "config.json").read_text())
     if SPECS[name].family == "dpa":
         assert {k.split(".")[1] for k in keys if k.startswith("model.")} == {
-            "perceiver", "multi_modal_projector", "language_model"}  # fmt: skip
+            "perceiver",
+            "multi_modal_projector",
+            "language_model",
+        }
         return
     hidden, width = config["hidden_size"], config["mm_hidden_size"]
     assert keys["model.mm_projector.0.weight"] == [hidden, width]

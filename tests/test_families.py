@@ -36,12 +36,18 @@ def test_every_key_lands_in_exactly_one_component(tiny_checkpoint, name, layout)
 @pytest.mark.parametrize(
     ("name", "layout", "expected"),
     [
-        ("llava", "hub", "hub"), ("llava", "save_pretrained", "hub"), ("llava", "v5", "v5"),
-        ("llava_next", "hub", "hub"), ("llava_next", "v5", "v5"),
-        ("qwen2_vl", "hub", "hub"), ("qwen2_5_vl", "v5", "v5"), ("qwen3_vl", "hub", "v5"),
-        ("causal_lm_llama", "hub", "v5"), ("llava_original_qwen", "hub", "original"),
+        ("llava", "hub", "hub"),
+        ("llava", "save_pretrained", "hub"),
+        ("llava", "v5", "v5"),
+        ("llava_next", "hub", "hub"),
+        ("llava_next", "v5", "v5"),
+        ("qwen2_vl", "hub", "hub"),
+        ("qwen2_5_vl", "v5", "v5"),
+        ("qwen3_vl", "hub", "v5"),
+        ("causal_lm_llama", "hub", "v5"),
+        ("llava_original_qwen", "hub", "original"),
     ],
-)  # fmt: skip
+)
 def test_the_layout_matching_the_names_on_disk_is_picked(tiny_checkpoint, name, layout, expected):
     folder = tiny_checkpoint(name, layout=layout)
     assert detect_family(_config(folder)).pick_layout(read_keys(folder)).name == expected
@@ -93,8 +99,17 @@ def test_roles_are_as_the_method_needs_them():
     # The paper's skeleton, its official baseline target and perceiver formats: each can be either.
     paper = {"qwen2_5_vl_qwen3", "qwen_custom_vl_hw_new", "llava_baseline"}
     assert targets == {"llava", "llava_next", "llava_onevision", "llava_original", "causal_lm", *paper}
-    assert perceivers == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision",
-                          "idefics3", "smolvlm", *paper}  # fmt: skip
+    assert perceivers == {
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "idefics3",
+        "smolvlm",
+        *paper,
+    }
     assert FAMILIES["dpa"].roles == FAMILIES["forward_visual_tokens_llava_arch"].roles == frozenset()
     assert list(FAMILIES)[-1] == "causal_lm", "the catch-all is detected last"
 
@@ -127,7 +142,6 @@ def test_a_layout_refuses_ambiguous_prefixes():
         KeyLayout("bad", {Component.VISION: ("visual",), Component.PROJECTOR: ("visual",)})
     with pytest.raises(UnknownFamilyError, match="known families"):
         get_family("nope")
-
 
 
 @pytest.fixture(scope="module")

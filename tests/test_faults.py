@@ -25,9 +25,24 @@ from tests.fault_kit import Runner, leftovers, tree_hash
 
 SEED = int(os.environ.get("DPA_FAULT_SEED", "20260515"))
 KILLS = 5
-SMALL = ["--set", "global_batch_size=4", "--set", "per_device_train_batch_size=2", "--set", "logging_steps=1",
-         "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--set", "save_steps=1",
-         "--set", "learning_rate=1e-2", "--max-steps", "12"]  # fmt: skip  # room for every kill on a fast machine
+SMALL = [
+    "--set",
+    "global_batch_size=4",
+    "--set",
+    "per_device_train_batch_size=2",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "save_steps=1",
+    "--set",
+    "learning_rate=1e-2",
+    "--max-steps",
+    "12",
+]  # # room for every kill on a fast machine
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +105,19 @@ def test_export_killed_anywhere_never_touches_the_workspace_and_keeps_the_old_ex
 
 
 def _train(ws: Path, data: Path, resume: bool) -> list:
-    return ["train", "--stage", "1", "--workspace", ws, "--data", data / "captions.json",
-            "--image-root", data / "images", *SMALL, *(["--resume"] if resume else [])]  # fmt: skip
+    return [
+        "train",
+        "--stage",
+        "1",
+        "--workspace",
+        ws,
+        "--data",
+        data / "captions.json",
+        "--image-root",
+        data / "images",
+        *SMALL,
+        *(["--resume"] if resume else []),
+    ]
 
 
 def test_train_killed_anywhere_resumes_to_the_uninterrupted_weights(kit, inputs, tmp_path):
@@ -137,8 +163,16 @@ def _captions(root: Path, colours: dict) -> Path:
     captions = []
     for i, (name, rgb) in enumerate(colours.items()):
         Image.new("RGB", (48 + 8 * i, 40), rgb).save(root / "images" / f"{name}.png")
-        captions.append({"id": f"cap-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"A {name} picture."}]})  # fmt: skip
+        captions.append(
+            {
+                "id": f"cap-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": f"A {name} picture."},
+                ],
+            }
+        )
     (root / "captions.json").write_text(json.dumps(captions * 2))
     return root
 

@@ -1,4 +1,4 @@
-""""Will it fit" (`dpa train --dry-run`, train/fit.py) on a synthetic 4B-sized target built on the meta device: the
+""" "Will it fit" (`dpa train --dry-run`, train/fit.py) on a synthetic 4B-sized target built on the meta device: the
 model states are DeepSpeed's own estimator figures fed the trainable count (frozen weights only, no gradients or
 optimizer states), the activations follow the documented formula, --nproc divides ZeRO-sharded states, a budget
 that is too small is refused in one line (exit 2, nothing written), and bad --gpu-* spellings are refused."""
@@ -35,14 +35,40 @@ def paper_size(dpa_workspace, tmp_path_factory) -> Path:
     manifest["plan"]["dimensions"]["target_width"] = QWEN3_4B["hidden_size"]
     (ws / "dpa.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     Image.new("RGB", (32, 32)).save(ws.parent / "a.png")
-    (ws.parent / "data.json").write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A picture."}]}]))  # fmt: skip
+    (ws.parent / "data.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "a",
+                    "image": "a.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat?"},
+                        {"from": "gpt", "value": "A picture."},
+                    ],
+                }
+            ]
+        )
+    )
     return ws
 
 
 def dry_run(ws: Path, *args: str, stage: int = 1):
-    return runner.invoke(app, ["train", "--stage", str(stage), "-w", str(ws), "--data", str(ws.parent / "data.json"),
-                               "--from", "model", *args, "--dry-run"])  # fmt: skip
+    return runner.invoke(
+        app,
+        [
+            "train",
+            "--stage",
+            str(stage),
+            "-w",
+            str(ws),
+            "--data",
+            str(ws.parent / "data.json"),
+            "--from",
+            "model",
+            *args,
+            "--dry-run",
+        ],
+    )
 
 
 def fit_of(ws: Path, *args: str, stage: int = 1) -> dict:
@@ -55,26 +81,43 @@ def expected_activations(micro: int, length: int) -> dict[str, int]:
     """The documented formula (docs/training.md), written out again: bf16, the 4B target only (stage 1 trains
     phi: no gradient reaches the perceiver)."""
     c, tokens = QWEN3_4B, micro * length
-    h, q, kv, i = c["hidden_size"], c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"], c["intermediate_size"]
+    h, q, kv, i = (
+        c["hidden_size"],
+        c["num_attention_heads"] * c["head_dim"],
+        c["num_key_value_heads"] * c["head_dim"],
+        c["intermediate_size"],
+    )
     layer = tokens * (16 * h + 10 * (q + kv) + 8 * i)  # 2 (4 + 2b) h + (4 + 3b)(q + kv) + 4 b i, b = 2
     logits = (2 + 8) * tokens * c["vocab_size"]
-    return {"without_checkpointing": c["num_hidden_layers"] * layer + logits,
-            "with_checkpointing": c["num_hidden_layers"] * 2 * tokens * h + layer + logits}  # fmt: skip
+    return {
+        "without_checkpointing": c["num_hidden_layers"] * layer + logits,
+        "with_checkpointing": c["num_hidden_layers"] * 2 * tokens * h + layer + logits,
+    }
 
 
-@pytest.mark.parametrize("stage,deepspeed,nproc", [(1, "zero2", 2), (1, "zero3", 2), (1, "zero3", 8), (1, None, 1),
-                                                   (2, "zero3", 8), (2, "zero2", 4)])  # fmt: skip
+@pytest.mark.parametrize(
+    "stage,deepspeed,nproc",
+    [(1, "zero2", 2), (1, "zero3", 2), (1, "zero3", 8), (1, None, 1), (2, "zero3", 8), (2, "zero2", 4)],
+)
 def test_the_estimate_is_deepspeeds_for_the_trainable_params_plus_frozen_weights(paper_size, stage, deepspeed, nproc):
-    args = ["--nproc", str(nproc), *(["--deepspeed", deepspeed] if deepspeed else []),
-            "--set", "per_device_train_batch_size=2", "--set", "max_length=1024"]  # fmt: skip
+    args = [
+        "--nproc",
+        str(nproc),
+        *(["--deepspeed", deepspeed] if deepspeed else []),
+        "--set",
+        "per_device_train_batch_size=2",
+        "--set",
+        "max_length=1024",
+    ]
     fit = fit_of(paper_size, *args, stage=stage)
     trainable, frozen = fit["trainable"], fit["frozen"]
     assert 3.5e9 < trainable + frozen < 4.6e9
     assert 0 < trainable < 0.01 * frozen if stage == 1 else frozen == 0  # stage 1: phi only; stage 2: everything
     assert fit["largest_layer"] == QWEN3_4B["vocab_size"] * QWEN3_4B["hidden_size"]  # the embedding
     if deepspeed == "zero3":
-        states = estimate_zero3_model_states_mem_needs(trainable, fit["largest_layer"], num_gpus_per_node=nproc,
-                                                       cpu_offload=False, cpu_offload_params=False)[1]  # fmt: skip
+        states = estimate_zero3_model_states_mem_needs(
+            trainable, fit["largest_layer"], num_gpus_per_node=nproc, cpu_offload=False, cpu_offload_params=False
+        )[1]
         states += 2 * frozen // nproc
     elif deepspeed == "zero2":
         states = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=nproc, cpu_offload=False)[1]
@@ -97,8 +140,14 @@ def test_nproc_divides_zero3_states_and_the_text_shows_the_table(paper_size):
     gathered = 4 * one["largest_layer"] / GIB  # the largest layer, whole on every GPU while it runs
     assert one["model_states_gib"] - gathered == pytest.approx(4 * (eight["model_states_gib"] - gathered), rel=0.02)
     text = dry_run(paper_size, "--deepspeed", "zero3", "--nproc", "8").stdout
-    for needle in ("will it fit", "model states", "activations without checkpointing", "activations with",
-                   "A100-80GB", "40% MFU"):  # fmt: skip
+    for needle in (
+        "will it fit",
+        "model states",
+        "activations without checkpointing",
+        "activations with",
+        "A100-80GB",
+        "40% MFU",
+    ):
         assert needle in text, needle
 
 
@@ -108,29 +157,48 @@ BUDGETS = ["8GB", "8GiB", "8192MB", "8", " 8 G ", "0.5GB", "7.5gib"]
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_a_budget_too_small_is_refused_in_one_line_with_what_to_change(paper_size, budget):
     before = tree_hash(paper_size.parent)
-    result = dry_run(paper_size, "--gpu-memory", budget, "--set", "gradient_checkpointing=false",
-                     "--set", "per_device_train_batch_size=4", "--set", "max_length=4096")  # fmt: skip
+    result = dry_run(
+        paper_size,
+        "--gpu-memory",
+        budget,
+        "--set",
+        "gradient_checkpointing=false",
+        "--set",
+        "per_device_train_batch_size=4",
+        "--set",
+        "max_length=4096",
+    )
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
     assert lines[0].startswith("error: the run does not fit") and len(lines) <= 2, result.stderr
-    for needle in ("GiB per GPU", "--gpu-memory", "--deepspeed zero3", "gradient_checkpointing=true",
-                   "per_device_train_batch_size", "more GPUs"):  # fmt: skip
+    for needle in (
+        "GiB per GPU",
+        "--gpu-memory",
+        "--deepspeed zero3",
+        "gradient_checkpointing=true",
+        "per_device_train_batch_size",
+        "more GPUs",
+    ):
         assert needle in result.stderr, needle
     assert tree_hash(paper_size.parent) == before
 
 
-@pytest.mark.parametrize("flag,value", [
-    *[("--gpu-memory", v) for v in ("80XB", "-5GB", "GB", "0", "eighty", "80 G B", "1e3GB", "")],
-    *[("--gpu-tflops", v) for v in ("0", "-1", "inf", "nan")],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        *[("--gpu-memory", v) for v in ("80XB", "-5GB", "GB", "0", "eighty", "80 G B", "1e3GB", "")],
+        *[("--gpu-tflops", v) for v in ("0", "-1", "inf", "nan")],
+    ],
+)
 def test_bad_gpu_flags_are_refused_by_name(paper_size, flag, value):
     result = dry_run(paper_size, flag, value)
     assert result.exit_code == 2 and result.stderr.startswith(f"error: {flag}"), result.output
 
 
 def test_gpu_flags_without_dry_run_are_refused(paper_size):
-    result = runner.invoke(app, ["train", "--stage", "1", "-w", str(paper_size), "--data", "x.json",
-                                 "--gpu-memory", "24GB"])  # fmt: skip
+    result = runner.invoke(
+        app, ["train", "--stage", "1", "-w", str(paper_size), "--data", "x.json", "--gpu-memory", "24GB"]
+    )
     assert result.exit_code == 2 and "--gpu-memory is read by --dry-run only" in result.stderr
 
 
@@ -165,9 +233,16 @@ def test_the_activation_formula_is_what_autograd_keeps(shape, checkpointing):
     from dpa_cli.train.fit import layer_activation_bytes
 
     hidden, heads, kv_heads, intermediate = shape
-    config = Qwen3Config(hidden_size=hidden, num_hidden_layers=3, num_attention_heads=heads, head_dim=64,
-                         num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=500,
-                         attn_implementation="sdpa")  # fmt: skip
+    config = Qwen3Config(
+        hidden_size=hidden,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        head_dim=64,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        vocab_size=500,
+        attn_implementation="sdpa",
+    )
     model = Qwen3ForCausalLM(config).to(torch.bfloat16).train()
     if checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -178,5 +253,9 @@ def test_the_activation_formula_is_what_autograd_keeps(shape, checkpointing):
         kept.append(saved_bytes(model, ids))
     per_layer = (kept[1] - kept[0]) / 2
     tokens = ids.numel()
-    expected = 2 * tokens * hidden if checkpointing else layer_activation_bytes(Stack.from_text_config(config.to_dict()), tokens, 2)
+    expected = (
+        2 * tokens * hidden
+        if checkpointing
+        else layer_activation_bytes(Stack.from_text_config(config.to_dict()), tokens, 2)
+    )
     assert per_layer == pytest.approx(expected, rel=0.01)

@@ -37,28 +37,38 @@ def _command_built_once():
 
     built = typer.main.get_command(app)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(typer.testing, "_get_command", lambda typer_app: built if typer_app is app else
-                      typer.main.get_command(typer_app))  # fmt: skip
+        patch.setattr(
+            typer.testing,
+            "_get_command",
+            lambda typer_app: built if typer_app is app else typer.main.get_command(typer_app),
+        )
         yield
 
 
 # --- the standard every refusal meets ------------------------------------------------------------------------
-def refusal_problem(argv: list[str], needles: tuple[str, ...], watched: tuple[Path, ...], env: dict | None = None,
-                    code: int = 2) -> str | None:  # fmt: skip
+def refusal_problem(
+    argv: list[str], needles: tuple[str, ...], watched: tuple[Path, ...], env: dict | None = None, code: int = 2
+) -> str | None:
     """Run `dpa ARGV`; None when it is refused the standard way, else what went wrong (for a failure list)."""
     before = tree_hash(*watched)
     result = runner.invoke(app, argv, env=env)
     stderr = result.stderr
     lines = stderr.strip().splitlines()
     problems = [
-        "traceback" if "Traceback" in stderr or not (result.exception is None or isinstance(result.exception, SystemExit)) else "",
+        "traceback"
+        if "Traceback" in stderr or not (result.exception is None or isinstance(result.exception, SystemExit))
+        else "",
         f"exit {result.exit_code}" if result.exit_code != code else "",
         "not one error line" if not (lines and lines[0].startswith("error:") and len(lines) <= 2) else "",
         *(f"no {needle!r}" for needle in needles if needle not in (lines[0] if lines else "")),
         "an input changed" if tree_hash(*watched) != before else "",
-    ]  # fmt: skip
+    ]
     found = [p for p in problems if p]
-    return f"{' '.join(argv)[-160:]}: {', '.join(found)} | {stderr.strip()[:300]!r} {result.exception!r}" if found else None
+    return (
+        f"{' '.join(argv)[-160:]}: {', '.join(found)} | {stderr.strip()[:300]!r} {result.exception!r}"
+        if found
+        else None
+    )
 
 
 def assert_all_refused(failures: list[str | None], count: int) -> None:
@@ -97,16 +107,50 @@ def edited(path: Path, variants: Iterator[tuple[str, Any]], dump: Callable[[Any]
 # --- config.json ---------------------------------------------------------------------------------------------
 # Fields dpa itself reads (null is wrong too), shape fields transformers builds from (null means "default"),
 # and token ids dpa looks up. A layer count may be 0 (the ViT-only ablation), no other size.
-DPA_READS = ("hidden_size", "num_hidden_layers", "vocab_size", "image_size", "patch_size", "depth", "embed_dim",
-             "mm_hidden_size", "n_embd", "n_layer", "d_model", "num_layers")  # fmt: skip
-BUILD_SIZES = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_heads",
-               "out_hidden_size", "max_position_embeddings", "projection_dim")  # fmt: skip
-TOKEN_IDS = ("image_token_id", "image_token_index", "vision_start_token_id", "vision_end_token_id",
-             "video_token_id", "perceiver_image_token_id")  # fmt: skip
+DPA_READS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "image_size",
+    "patch_size",
+    "depth",
+    "embed_dim",
+    "mm_hidden_size",
+    "n_embd",
+    "n_layer",
+    "d_model",
+    "num_layers",
+)
+BUILD_SIZES = (
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_heads",
+    "out_hidden_size",
+    "max_position_embeddings",
+    "projection_dim",
+)
+TOKEN_IDS = (
+    "image_token_id",
+    "image_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "video_token_id",
+    "perceiver_image_token_id",
+)
 LAYER_COUNTS = ("num_hidden_layers", "depth", "n_layer", "num_layers")
 SUB_CONFIGS = ("text_config", "vision_config", "perceiver_config")
-WRONG_SIZES = {"string": "big", "negative": -8, "zero": 0, "float": 1.5, "integral float": 64.0, "null": None,
-               "bool": True, "list": [4]}  # fmt: skip
+WRONG_SIZES = {
+    "string": "big",
+    "negative": -8,
+    "zero": 0,
+    "float": 1.5,
+    "integral float": 64.0,
+    "null": None,
+    "bool": True,
+    "list": [4],
+}
 WRONG_TOKENS = {"string": "7", "negative": -1, "float": 1.5, "bool": False, "list": [3]}
 WRONG_SUBS = {"null": None, "string": "x", "list": [], "number": 3, "bool": True}
 
@@ -168,14 +212,20 @@ def test_config_json_fields_of_the_wrong_type_are_named_by_inspect(checkpoints, 
     assert tree_hash(folder) == before
 
 
-VALID_SPELLINGS = [("text_config.head_dim", None), ("text_config.num_key_value_heads", None),
-                   ("image_token_index", None), ("text_config.rope_parameters", None)]  # fmt: skip
+VALID_SPELLINGS = [
+    ("text_config.head_dim", None),
+    ("text_config.num_key_value_heads", None),
+    ("image_token_index", None),
+    ("text_config.rope_parameters", None),
+]
 
 
 def test_valid_spellings_of_the_same_fields_still_pass(checkpoints, tmp_path):
     folder = checkpoints["llava_next"]
     config = json.loads((folder / "config.json").read_text())
-    for path, value in edited(folder / "config.json", iter([(p, _set(config, p, v)) for p, v in VALID_SPELLINGS]), json.dumps):
+    for path, value in edited(
+        folder / "config.json", iter([(p, _set(config, p, v)) for p, v in VALID_SPELLINGS]), json.dumps
+    ):
         result = runner.invoke(app, ["inspect", str(folder), "--json"])
         assert result.exit_code == 0, (path, result.stderr)
 
@@ -193,20 +243,35 @@ TRANSFORMERS_FIELDS = {
 }
 
 
-@pytest.mark.parametrize("role,name", [("target", "llava"), ("target", "llava_next"), ("target", "causal_lm_llama"),
-                                       ("perceiver", "qwen2_5_vl"), ("perceiver", "idefics3")])  # fmt: skip
-def test_config_json_fields_transformers_refuses_are_named_by_upgrade(checkpoints, tiny_checkpoint, tmp_path, role, name):
+@pytest.mark.parametrize(
+    "role,name",
+    [
+        ("target", "llava"),
+        ("target", "llava_next"),
+        ("target", "causal_lm_llama"),
+        ("perceiver", "qwen2_5_vl"),
+        ("perceiver", "idefics3"),
+    ],
+)
+def test_config_json_fields_transformers_refuses_are_named_by_upgrade(
+    checkpoints, tiny_checkpoint, tmp_path, role, name
+):
     folder = checkpoints[name]
     config = json.loads((folder / "config.json").read_text())
     prefix = "" if "text_config" in config else "text_config."
-    variants = [(p.removeprefix(prefix) if not prefix or p.startswith(prefix) else p, v)
-                for p, values in TRANSFORMERS_FIELDS.items() for v in values]  # fmt: skip
+    variants = [
+        (p.removeprefix(prefix) if not prefix or p.startswith(prefix) else p, v)
+        for p, values in TRANSFORMERS_FIELDS.items()
+        for v in values
+    ]
     variants = [(p, _set(config, p, v)) for p, v in variants if _has(config, p)]
     other = tiny_checkpoint("qwen2_5_vl" if role == "target" else "llava")
     pair = (folder, other) if role == "target" else (other, folder)
     argv = ["upgrade", str(pair[0]), "--perceiver", str(pair[1]), "-o", str(tmp_path / "out"), "--dry-run"]
-    failures = [refusal_problem(argv, (f"{folder}/config.json: {path}",), (folder, tmp_path))
-                for path, _ in edited(folder / "config.json", iter(variants), json.dumps)]  # fmt: skip
+    failures = [
+        refusal_problem(argv, (f"{folder}/config.json: {path}",), (folder, tmp_path))
+        for path, _ in edited(folder / "config.json", iter(variants), json.dumps)
+    ]
     assert_all_refused(failures, len(variants))
 
 
@@ -221,17 +286,23 @@ def _without(config: dict, path: str) -> dict:
 
 
 @pytest.mark.parametrize("name", ["llava", "llava_onevision", "causal_lm_qwen3", "llava_original_llama"])
-def test_config_json_without_the_widths_the_surgery_reads_is_named_by_upgrade(checkpoints, tiny_checkpoint, tmp_path,
-                                                                              name):  # fmt: skip
+def test_config_json_without_the_widths_the_surgery_reads_is_named_by_upgrade(
+    checkpoints, tiny_checkpoint, tmp_path, name
+):
     """transformers would fill a missing vocab_size or hidden_size with its default (32000, 4096)."""
     folder = checkpoints[name]
     config = json.loads((folder / "config.json").read_text())
-    paths = ["text_config", "text_config.vocab_size", "text_config.hidden_size"] if "text_config" in config else \
-        ["vocab_size", "hidden_size"]  # fmt: skip
+    paths = (
+        ["text_config", "text_config.vocab_size", "text_config.hidden_size"]
+        if "text_config" in config
+        else ["vocab_size", "hidden_size"]
+    )
     argv = ["upgrade", str(folder), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")), "-o", str(tmp_path / "o")]
     variants = [(p, _without(config, p)) for p in paths]
-    failures = [refusal_problem(argv, (f"config.json: {path} is missing",), (folder, tmp_path))
-                for path, _ in edited(folder / "config.json", iter(variants), json.dumps)]  # fmt: skip
+    failures = [
+        refusal_problem(argv, (f"config.json: {path} is missing",), (folder, tmp_path))
+        for path, _ in edited(folder / "config.json", iter(variants), json.dumps)
+    ]
     assert_all_refused(failures, len(variants))
 
 
@@ -260,7 +331,9 @@ def test_encoder_folders_are_refused_not_taken_for_causal_lms(tmp_path):
     assert {"bert", "roberta", "bart"} <= set(kinds)
     for kind in kinds:
         (folder / "config.json").write_text(json.dumps({"model_type": kind, "hidden_size": 32, "vocab_size": 99}))
-        failures.append(refusal_problem(["inspect", str(folder)], (f"model_type {kind!r}", "not a decoder-only"), (folder,)))
+        failures.append(
+            refusal_problem(["inspect", str(folder)], (f"model_type {kind!r}", "not a decoder-only"), (folder,))
+        )
     assert_all_refused(failures, len(kinds))
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 32, "vocab_size": 99}))
     decoder = runner.invoke(app, ["inspect", str(folder)])
@@ -312,13 +385,34 @@ def _wrong(value: Any) -> Any:
     return "x"
 
 
-STAGE1 = {"recipe": {"name": "stage1", "trainable": {"phi": "full"}}, "source": "model",
-          "data": {"path": "captions.json", "fingerprint": "0" * 64}, "steps": 3, "final_loss": 1.25,
-          "train_loss": 1.5, "seconds": 2.0, "tokens_seen": 1000, "skipped_samples": {"count": 1, "by_kind": {"x": 1}},
-          "lora": False, "deepspeed": None, "world_size": 1, "notes": ["a note"], "text_only_batches": [0]}  # fmt: skip
+STAGE1 = {
+    "recipe": {"name": "stage1", "trainable": {"phi": "full"}},
+    "source": "model",
+    "data": {"path": "captions.json", "fingerprint": "0" * 64},
+    "steps": 3,
+    "final_loss": 1.25,
+    "train_loss": 1.5,
+    "seconds": 2.0,
+    "tokens_seen": 1000,
+    "skipped_samples": {"count": 1, "by_kind": {"x": 1}},
+    "lora": False,
+    "deepspeed": None,
+    "world_size": 1,
+    "notes": ["a note"],
+    "text_only_batches": [0],
+}
 # Keys read back as paths (hashed by `dpa verify`): these must stay inside the workspace.
-OUTSIDE = ("../outside.txt", "/etc/hostname", "model/../../outside.txt", "~/outside.txt", "model/./../../x",
-           "..", "C:/x", "model\\..\\..\\x", "")  # fmt: skip
+OUTSIDE = (
+    "../outside.txt",
+    "/etc/hostname",
+    "model/../../outside.txt",
+    "~/outside.txt",
+    "model/./../../x",
+    "..",
+    "C:/x",
+    "model\\..\\..\\x",
+    "",
+)
 
 
 @pytest.fixture(scope="module")
@@ -346,18 +440,34 @@ def manifest_variants(document: dict) -> Iterator[tuple[str, Any]]:
 
 
 # Keys `dpa upgrade` always writes: a dpa.yaml without one was edited by hand.
-REQUIRED = {("created",), ("versions",), ("options",), ("plan",), ("upgrade",), ("stages",), ("checksums",),
-            ("plan", "target"), ("plan", "perceiver"), ("plan", "dimensions"), ("plan", "dimensions", "target_width"),
-            ("plan", "target", "path"), ("plan", "perceiver", "kind"), ("options", "shard_size"),
-            ("upgrade", "written"), ("plan", "config", "image_token")}  # fmt: skip
+REQUIRED = {
+    ("created",),
+    ("versions",),
+    ("options",),
+    ("plan",),
+    ("upgrade",),
+    ("stages",),
+    ("checksums",),
+    ("plan", "target"),
+    ("plan", "perceiver"),
+    ("plan", "dimensions"),
+    ("plan", "dimensions", "target_width"),
+    ("plan", "target", "path"),
+    ("plan", "perceiver", "kind"),
+    ("options", "shard_size"),
+    ("upgrade", "written"),
+    ("plan", "config", "image_token"),
+}
 
 
 def test_every_dpa_yaml_key_of_the_wrong_type_is_named(workspace, manifest):
     """`dpa verify` reads every key path (it is the fastest reader); the other commands share the check."""
     variants = list(manifest_variants(manifest))
     before = tree_hash(workspace)
-    failures = [refusal_problem(["verify", str(workspace)], (f"dpa.yaml: {needle} ",), ())
-                for needle, _ in edited(workspace / "dpa.yaml", iter(variants), yaml.safe_dump)]  # fmt: skip
+    failures = [
+        refusal_problem(["verify", str(workspace)], (f"dpa.yaml: {needle} ",), ())
+        for needle, _ in edited(workspace / "dpa.yaml", iter(variants), yaml.safe_dump)
+    ]
     assert_all_refused(failures, len(variants))
     assert tree_hash(workspace) == before
 
@@ -365,8 +475,10 @@ def test_every_dpa_yaml_key_of_the_wrong_type_is_named(workspace, manifest):
 def test_dpa_yaml_keys_missing(workspace, manifest):
     """Required keys missing are refused by name; optional ones (a stage record's keys) may be left out."""
     required = [(_shown(p), _replaced(manifest, p, None, delete=True)) for p in sorted(REQUIRED)]
-    failures = [refusal_problem(["verify", str(workspace)], (f"dpa.yaml: {needle} is missing",), (workspace,))
-                for needle, _ in edited(workspace / "dpa.yaml", iter(required), yaml.safe_dump)]  # fmt: skip
+    failures = [
+        refusal_problem(["verify", str(workspace)], (f"dpa.yaml: {needle} is missing",), (workspace,))
+        for needle, _ in edited(workspace / "dpa.yaml", iter(required), yaml.safe_dump)
+    ]
     assert_all_refused(failures, len(required))
     optional = [(key, _replaced(manifest, ("stages", "stage1", key), None, delete=True)) for key in STAGE1]
     for key, _ in edited(workspace / "dpa.yaml", iter(optional), yaml.safe_dump):
@@ -396,8 +508,9 @@ def spy_hashes(monkeypatch) -> list[Path]:
     return seen
 
 
-def test_dpa_yaml_paths_that_leave_the_workspace_are_refused_and_nothing_outside_is_read(workspace, manifest,
-                                                                                         spy_hashes):  # fmt: skip
+def test_dpa_yaml_paths_that_leave_the_workspace_are_refused_and_nothing_outside_is_read(
+    workspace, manifest, spy_hashes
+):
     outside = workspace.parent / "outside"
     outside.mkdir(exist_ok=True)
     (outside / "secret.txt").write_text("not yours")
@@ -406,8 +519,10 @@ def test_dpa_yaml_paths_that_leave_the_workspace_are_refused_and_nothing_outside
     try:
         keys = [*OUTSIDE, "link/secret.txt"]
         variants = [(repr(key), _with_checksum(manifest, key)) for key in keys]
-        failures = [refusal_problem(["verify", str(workspace)], ("dpa.yaml: checksums key", needle), (workspace, outside))
-                    for needle, _ in edited(workspace / "dpa.yaml", iter(variants), yaml.safe_dump)]  # fmt: skip
+        failures = [
+            refusal_problem(["verify", str(workspace)], ("dpa.yaml: checksums key", needle), (workspace, outside))
+            for needle, _ in edited(workspace / "dpa.yaml", iter(variants), yaml.safe_dump)
+        ]
         assert_all_refused(failures, len(variants))
     finally:
         link.unlink()
@@ -439,9 +554,13 @@ def test_symlinks_on_disk_that_lead_out_are_refused_by_name_before_hashing(works
     assert runner.invoke(app, ["verify", str(workspace)]).exit_code == 0
 
 
-SHAPES = {"stages as a string": ("stages", "stage1"), "plan a number": ("plan", 5), "stages a list": ("stages", []),
-          "checksums a list": ("checksums", ["model/config.json"]),
-          "target width text": (("plan", "dimensions", "target_width"), "64")}  # fmt: skip
+SHAPES = {
+    "stages as a string": ("stages", "stage1"),
+    "plan a number": ("plan", 5),
+    "stages a list": ("stages", []),
+    "checksums a list": ("checksums", ["model/config.json"]),
+    "target width text": (("plan", "dimensions", "target_width"), "64"),
+}
 
 
 @pytest.mark.parametrize("command", ["train", "export", "generate", "verify", "eval", "bench-infer"])
@@ -460,8 +579,10 @@ def test_every_command_that_reads_dpa_yaml_refuses_a_wrong_shape(workspace, mani
     for path, value in SHAPES.values():
         path = path if isinstance(path, tuple) else (path,)
         variants.append((_shown(path), _replaced(manifest, path, value)))
-    failures = [refusal_problem(argv, (f"dpa.yaml: {needle} must be",), (workspace, tmp_path))
-                for needle, _ in edited(workspace / "dpa.yaml", iter(variants), yaml.safe_dump)]  # fmt: skip
+    failures = [
+        refusal_problem(argv, (f"dpa.yaml: {needle} must be",), (workspace, tmp_path))
+        for needle, _ in edited(workspace / "dpa.yaml", iter(variants), yaml.safe_dump)
+    ]
     assert_all_refused(failures, len(variants))
 
 
@@ -476,13 +597,20 @@ def export(workspace, tmp_path_factory) -> Path:
 
 def test_dpa_export_json_of_the_wrong_shape_or_leaving_the_export_is_refused(export, spy_hashes):
     record = json.loads((export / "dpa_export.json").read_text())
-    variants = [(f"{_shown(p)} ", _replaced(record, p, _wrong(v))) for p, v in _leaves(record)
-                if p[0] not in ("dpa_export", "weights")]  # fmt: skip
-    variants += [(f"{_shown(p)} is missing", _replaced(record, p, None, delete=True)) for p in
-                 [("checksums",), ("verified",), ("path",)]]  # fmt: skip
+    variants = [
+        (f"{_shown(p)} ", _replaced(record, p, _wrong(v)))
+        for p, v in _leaves(record)
+        if p[0] not in ("dpa_export", "weights")
+    ]
+    variants += [
+        (f"{_shown(p)} is missing", _replaced(record, p, None, delete=True))
+        for p in [("checksums",), ("verified",), ("path",)]
+    ]
     variants += [("checksums key", _with_checksum(record, key)) for key in OUTSIDE]
-    failures = [refusal_problem(["verify", str(export)], (f"dpa_export.json: {needle}",), (export,))
-                for needle, _ in edited(export / "dpa_export.json", iter(variants), json.dumps)]  # fmt: skip
+    failures = [
+        refusal_problem(["verify", str(export)], (f"dpa_export.json: {needle}",), (export,))
+        for needle, _ in edited(export / "dpa_export.json", iter(variants), json.dumps)
+    ]
     assert_all_refused(failures, len(variants))
     assert all(export.resolve() in path.parents for path in spy_hashes)
 
@@ -492,17 +620,28 @@ def _deep(kind: str = "json") -> str:
     return "[" * DEEP + "]" * DEEP if kind == "json" else "a: " + "[" * DEEP + "]" * DEEP + "\n"
 
 
-NUMBERS = {"nested": _deep(), "NaN": '{"hidden_size": NaN}', "Infinity": '{"x": [Infinity]}',
-           "overflowing float": '{"x": 1e999}', "5000 digits": '{"x": ' + "7" * 5000 + "}"}  # fmt: skip
+NUMBERS = {
+    "nested": _deep(),
+    "NaN": '{"hidden_size": NaN}',
+    "Infinity": '{"x": [Infinity]}',
+    "overflowing float": '{"x": 1e999}',
+    "5000 digits": '{"x": ' + "7" * 5000 + "}",
+}
 
 
-def test_every_kind_of_json_or_yaml_file_nested_too_deeply_is_one_line(checkpoints, workspace, export, tmp_path,
-                                                                        data_files, tiny_checkpoint):  # fmt: skip
+def test_every_kind_of_json_or_yaml_file_nested_too_deeply_is_one_line(
+    checkpoints, workspace, export, tmp_path, data_files, tiny_checkpoint
+):
     """One file of each kind a user hands dpa, 100k levels deep (and bad numbers where JSON has them)."""
     images = data_files / "images"
     target, perceiver = checkpoints["llava"], checkpoints["qwen2_5_vl"]
-    clean = [{"id": "a", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nHi?"},
-                                                                 {"from": "gpt", "value": "Red."}]}]  # fmt: skip
+    clean = [
+        {
+            "id": "a",
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "Red."}],
+        }
+    ]
     train = ["train", "--stage", "1", "-w", str(workspace), "--image-root", str(images)]
     cases: list[tuple[Path, str, list[str], tuple[str, ...], dict | None]] = []
 
@@ -513,18 +652,38 @@ def test_every_kind_of_json_or_yaml_file_nested_too_deeply_is_one_line(checkpoin
         case(target / "config.json", text, ["inspect", str(target)], "config.json")
     for name in ("tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
         case(perceiver / name, _deep(), ["upgrade", str(target), "-p", str(perceiver), "-o", str(tmp_path / "o")])
-    case(workspace / "model" / "processor_config.json", _deep(), ["export", "-w", str(workspace), "-o",
-         str(tmp_path / "e"), "--no-verify"])  # fmt: skip
+    case(
+        workspace / "model" / "processor_config.json",
+        _deep(),
+        ["export", "-w", str(workspace), "-o", str(tmp_path / "e"), "--no-verify"],
+    )
     case(export / "processor_config.json", _deep(), ["generate", str(export), "-p", "Hi?"])
     data = tmp_path / "clean.json"
     data.write_text(json.dumps(clean))
     case(workspace / "model" / "processor_config.json", _deep(), ["data", "check", str(data), "-w", str(workspace)])
     for text in NUMBERS.values():
-        case(tmp_path / "data.json", text, ["data", "check", str(tmp_path / "data.json"), "-w", str(workspace)], "data.json")
-    case(tmp_path / "items.jsonl", _deep(), ["eval", str(workspace), "-d", str(tmp_path / "items.jsonl"), "-o",
-         str(tmp_path / "p.jsonl")])  # fmt: skip
-    case(tmp_path / "recipe.yaml", _deep("yaml"), [*train, "--data", str(data), "--recipe", str(tmp_path / "recipe.yaml")])
-    case(tmp_path / "unused", "", [*train, "--data", str(data), "--set", "warmup_steps=" + "[" * DEEP], "nested too deeply")
+        case(
+            tmp_path / "data.json",
+            text,
+            ["data", "check", str(tmp_path / "data.json"), "-w", str(workspace)],
+            "data.json",
+        )
+    case(
+        tmp_path / "items.jsonl",
+        _deep(),
+        ["eval", str(workspace), "-d", str(tmp_path / "items.jsonl"), "-o", str(tmp_path / "p.jsonl")],
+    )
+    case(
+        tmp_path / "recipe.yaml",
+        _deep("yaml"),
+        [*train, "--data", str(data), "--recipe", str(tmp_path / "recipe.yaml")],
+    )
+    case(
+        tmp_path / "unused",
+        "",
+        [*train, "--data", str(data), "--set", "warmup_steps=" + "[" * DEEP],
+        "nested too deeply",
+    )
     case(workspace / "dpa.yaml", _deep("yaml"), ["verify", str(workspace)], "dpa.yaml")
     case(export / "dpa_export.json", _deep(), ["verify", str(export)])
     case(tmp_path / "catalog.yaml", _deep("yaml"), ["catalog"], env={"DPA_CATALOG": str(tmp_path / "catalog.yaml")})
@@ -616,15 +775,27 @@ def _required(command: Any, skip: Any = None) -> list[str]:
 
 
 def test_the_command_tree_is_the_one_these_variants_cover():
-    assert {"inspect", "upgrade", "train", "export", "demo", "bench infer", "data check", "analyze modality-gap"} <= set(IDS)
+    assert {
+        "inspect",
+        "upgrade",
+        "train",
+        "export",
+        "demo",
+        "bench infer",
+        "data check",
+        "analyze modality-gap",
+    } <= set(IDS)
 
 
 @pytest.mark.parametrize("path,command", COMMANDS, ids=IDS)
 def test_usage_errors_are_one_line_for_every_command(path, command, tmp_path):
     """Unknown options (and misspellings of real ones), and values of the wrong type for typed options."""
     base = [*path, *_required(command)]
-    variants = [([*base, "--no-such-flag"], ("No such option: --no-such-flag",)),
-                ([*base, "--jsn"], ("No such option: --jsn",)), ([*base, "-Z"], ("-Z",))]  # fmt: skip
+    variants = [
+        ([*base, "--no-such-flag"], ("No such option: --no-such-flag",)),
+        ([*base, "--jsn"], ("No such option: --jsn",)),
+        ([*base, "-Z"], ("-Z",)),
+    ]
     for param in _options(command):
         if "int" in _annotation(param) or "float" in _annotation(param):
             variants.append(([*path, *_required(command, skip=param), param.opts[0], "lots"], (f"'{param.opts[0]}'",)))
@@ -656,8 +827,9 @@ def test_single_valued_options_given_twice_are_refused_for_every_command(path, c
 
 
 OUTPUT_OPTIONS = ("--output", "--workdir")
-WITH_OUTPUT = [(path, command) for path, command in COMMANDS
-               if any(set(p.opts) & set(OUTPUT_OPTIONS) for p in _options(command))]  # fmt: skip
+WITH_OUTPUT = [
+    (path, command) for path, command in COMMANDS if any(set(p.opts) & set(OUTPUT_OPTIONS) for p in _options(command))
+]
 
 
 @pytest.mark.parametrize("path,command", WITH_OUTPUT, ids=[" ".join(p) for p, _ in WITH_OUTPUT])
@@ -679,6 +851,17 @@ def test_an_output_below_a_regular_file_names_that_file_for_every_command(path, 
 @pytest.mark.parametrize("flag", ["--shard-size"])
 @pytest.mark.parametrize("value", ["lots", "5XB", "0", "GB", "1e999GB", "1.5.2MB"])
 def test_a_bad_size_names_its_flag(flag, value, tmp_path, tiny_checkpoint):
-    for argv in (["upgrade", str(tiny_checkpoint("llava")), "-p", str(tiny_checkpoint("qwen2_5_vl")), flag, value,
-                  "-o", str(tmp_path / "o")], ["export", flag, value]):  # fmt: skip
+    for argv in (
+        [
+            "upgrade",
+            str(tiny_checkpoint("llava")),
+            "-p",
+            str(tiny_checkpoint("qwen2_5_vl")),
+            flag,
+            value,
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        ["export", flag, value],
+    ):
         assert_all_refused([refusal_problem(argv, (f"'{flag}'", "bad size"), (tmp_path,))], 1)

@@ -130,29 +130,71 @@ def escapes(secret: Path) -> list[str]:
     forms = [absolute, "/" + absolute, absolute.replace("/", "//"), "~/secret.png", "~root/secret.png", "~"]
     forms += [prefix + rel for prefix in ("", "./", "sub/../", "sub/./../", "./sub/../../")]
     forms += [rel.replace("/", "\\"), "sub\\..\\..\\outside\\secret.png", "..\\" + absolute.lstrip("/")]
-    forms += [rel.replace("..", "%2e%2e"), rel.replace("..", "%2E%2E"), rel.replace("/", "%2F"),
-              rel.replace("/", "%5C"), "%2e%2e%2foutside%2fsecret.png", "%2F" + absolute.lstrip("/")]  # fmt: skip
+    forms += [
+        rel.replace("..", "%2e%2e"),
+        rel.replace("..", "%2E%2E"),
+        rel.replace("/", "%2F"),
+        rel.replace("/", "%5C"),
+        "%2e%2e%2foutside%2fsecret.png",
+        "%2F" + absolute.lstrip("/"),
+    ]
     forms += [f"file://{absolute}", f"file:{absolute}", f"FILE://localhost{absolute}", "file:../outside/secret.png"]
-    forms += ["C:\\outside\\secret.png", "c:/outside/secret.png", "\\\\server\\share\\secret.png",
-              "\\outside\\secret.png", "//server/share/secret.png"]  # fmt: skip
+    forms += [
+        "C:\\outside\\secret.png",
+        "c:/outside/secret.png",
+        "\\\\server\\share\\secret.png",
+        "\\outside\\secret.png",
+        "//server/share/secret.png",
+    ]
     forms += ["escape.png", "sub/escape.png", "linkdir/secret.png", "./linkdir/secret.png", "sub/../linkdir/secret.png"]
     return forms
 
 
-URLS = ["http://example.com/x.png", "https://example.com/x.jpg?size=2", "HTTPS://EXAMPLE.COM/X.PNG",
-        "ftp://host/x.png", "s3://bucket/x.png", "gs://bucket/x.png", "hf://datasets/u/d/x.png"]  # fmt: skip
+URLS = [
+    "http://example.com/x.png",
+    "https://example.com/x.jpg?size=2",
+    "HTTPS://EXAMPLE.COM/X.PNG",
+    "ftp://host/x.png",
+    "s3://bucket/x.png",
+    "gs://bucket/x.png",
+    "hf://datasets/u/d/x.png",
+]
 VIDEOS = ["clip.mp4", "sub/clip.MOV", "a.webm", "b.avi", "c.mkv", "d.m4v"]
 OTHER_DATA = ["data:text/plain;base64,aGk=", "data:video/mp4;base64,AAAA", "data:application/pdf;base64,JVBERi0="]
 BLOB = base64.b64encode(png()).decode()
-JUNK_TEXT = ["", "   ", "red\x00.png", "red\n.png", "red\x1b[0m.png", "a" * 300 + ".png", "d/" * 2100 + "x.png",
-             BLOB, BLOB[:60] + "\n" + BLOB[60:], "data:image/png;base64,@@@!", "data:image/png,raw", "data:image/png"]  # fmt: skip
-JUNK_VALUES = [(3, "a number (3)"), (2.5, "a number (2.5)"), (True, "a number (True)"),
-               ([["red.png"]], "a nested list"), ([[]], "a nested list"), ({}, "an object (no keys) without"),
-               ({"foo": "red.png"}, "an object (foo) without"), ({"bytes": "aGk="}, "`bytes` holds a str"),
-               ({"bytes": 5}, "`bytes` holds a int"), ({"bytes": None, "path": None}, "an object (bytes, path) without"),
-               ({"image": {"image": {"image": {"image": "red.png"}}}}, "nested 4 levels deep")]  # fmt: skip
-VIDEO_BLOCKS = [{"video": "clip.mp4"}, {"type": "video", "video": "clip.mp4"}, {"type": "video"},
-                {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]  # fmt: skip
+JUNK_TEXT = [
+    "",
+    "   ",
+    "red\x00.png",
+    "red\n.png",
+    "red\x1b[0m.png",
+    "a" * 300 + ".png",
+    "d/" * 2100 + "x.png",
+    BLOB,
+    BLOB[:60] + "\n" + BLOB[60:],
+    "data:image/png;base64,@@@!",
+    "data:image/png,raw",
+    "data:image/png",
+]
+JUNK_VALUES = [
+    (3, "a number (3)"),
+    (2.5, "a number (2.5)"),
+    (True, "a number (True)"),
+    ([["red.png"]], "a nested list"),
+    ([[]], "a nested list"),
+    ({}, "an object (no keys) without"),
+    ({"foo": "red.png"}, "an object (foo) without"),
+    ({"bytes": "aGk="}, "`bytes` holds a str"),
+    ({"bytes": 5}, "`bytes` holds a int"),
+    ({"bytes": None, "path": None}, "an object (bytes, path) without"),
+    ({"image": {"image": {"image": {"image": "red.png"}}}}, "nested 4 levels deep"),
+]
+VIDEO_BLOCKS = [
+    {"video": "clip.mp4"},
+    {"type": "video", "video": "clip.mp4"},
+    {"type": "video"},
+    {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
+]
 WRAPPERS: dict[str, Callable[[str], Any]] = {
     "str": lambda s: s,
     "list": lambda s: [s],
@@ -164,16 +206,29 @@ WRAPPERS: dict[str, Callable[[str], Any]] = {
     "image_url_flat": lambda s: [{"type": "image_url", "image_url": s}],
 }
 RED_URI = "data:image/png;base64," + BLOB
-GOOD = ["red.png", "./red.png", "sub/blue.png", ["sub/blue.png"], {"path": "red.png"}, {"bytes": None, "path": "red.png"},
-        {"url": "sub/blue.png"}, RED_URI, {"type": "image_url", "image_url": {"url": RED_URI}},
-        {"type": "image", "image": "red.png"}, "data:image/png;base64," + base64.urlsafe_b64encode(png()).decode()]  # fmt: skip
+GOOD = [
+    "red.png",
+    "./red.png",
+    "sub/blue.png",
+    ["sub/blue.png"],
+    {"path": "red.png"},
+    {"bytes": None, "path": "red.png"},
+    {"url": "sub/blue.png"},
+    RED_URI,
+    {"type": "image_url", "image_url": {"url": RED_URI}},
+    {"type": "image", "image": "red.png"},
+    "data:image/png;base64," + base64.urlsafe_b64encode(png()).decode(),
+]
 OVER_CAP = "data:image/png;base64," + "A" * 4000  # 3,000 bytes once decoded: over the test's 1,000-byte cap
 
 
 def text_variants(secret: Path, wrappers: tuple[str, ...] = tuple(WRAPPERS)) -> list[Variant]:
     """Reference texts crossed with the shapes that may hold them."""
-    classes = [("unsafe_image_path", escapes(secret)), ("unsupported_image", URLS + VIDEOS + OTHER_DATA),
-               ("bad_image_ref", JUNK_TEXT)]  # fmt: skip
+    classes = [
+        ("unsafe_image_path", escapes(secret)),
+        ("unsupported_image", URLS + VIDEOS + OTHER_DATA),
+        ("bad_image_ref", JUNK_TEXT),
+    ]
     found = []
     for kind, texts in classes:
         for text in texts:
@@ -185,7 +240,9 @@ def text_variants(secret: Path, wrappers: tuple[str, ...] = tuple(WRAPPERS)) -> 
 def all_variants(secret: Path) -> list[Variant]:
     found = text_variants(secret)
     found += [Variant(f"bad_image_ref-v{i}", v, "bad_image_ref", n) for i, (v, n) in enumerate(JUNK_VALUES)]
-    found += [Variant(f"unsupported_image-v{i}", v, "unsupported_image", "a video block") for i, v in enumerate(VIDEO_BLOCKS)]
+    found += [
+        Variant(f"unsupported_image-v{i}", v, "unsupported_image", "a video block") for i, v in enumerate(VIDEO_BLOCKS)
+    ]
     found.append(Variant("image_too_large-cap", OVER_CAP, "image_too_large", "data:image/png"))
     return found
 
@@ -194,8 +251,14 @@ def few_variants(secret: Path) -> list[Variant]:
     """For consumers run once per variant: every text in two shapes, every shape once, every junk value."""
     found = text_variants(secret, ("str", "path"))
     for name in WRAPPERS:
-        found.append(Variant(f"unsafe_image_path-{name}", WRAPPERS[name]("../outside/secret.png"), "unsafe_image_path",
-                             "../outside/secret.png"))  # fmt: skip
+        found.append(
+            Variant(
+                f"unsafe_image_path-{name}",
+                WRAPPERS[name]("../outside/secret.png"),
+                "unsafe_image_path",
+                "../outside/secret.png",
+            )
+        )
     found += [v for v in all_variants(secret) if "-v" in v.id or v.id == "image_too_large-cap"]
     return found
 
@@ -234,8 +297,13 @@ def _conversations_dataset(rows: list[tuple[str, Any]], folder: Path, cell: str,
     from datasets import Dataset, Features, List, Value
 
     image = Value("string") if cell == "string" else {"bytes": Value("binary"), "path": Value("string")}
-    features = Features({"id": Value("string"), "image": image,
-                         "conversations": List({"from": Value("string"), "value": Value("string")})})  # fmt: skip
+    features = Features(
+        {
+            "id": Value("string"),
+            "image": image,
+            "conversations": List({"from": Value("string"), "value": Value("string")}),
+        }
+    )
     columns = {"id": [r[0] for r in rows], "image": [r[1] for r in rows], "conversations": [QUESTION] * len(rows)}
     dataset = Dataset.from_dict(columns, features=features)
     if kind == "parquet":
@@ -271,8 +339,17 @@ DATA_FORMS = ["json", "jsonl", "string-disk", "struct-disk", "struct-parquet", "
 def test_data_check_reports_every_bad_reference_by_kind(box, dpa_workspace, tmp_path, small_cap, form):
     data, expected = data_file(box, tmp_path, form)
     before = tree_hash(box.folder, tmp_path)
-    argv = ["data", "check", str(data), "--image-root", str(box.root), "-w", str(dpa_workspace("next_qwen")),
-            "--json", *(["--fast"] if form == "jsonl" else [])]  # fmt: skip
+    argv = [
+        "data",
+        "check",
+        str(data),
+        "--image-root",
+        str(box.root),
+        "-w",
+        str(dpa_workspace("next_qwen")),
+        "--json",
+        *(["--fast"] if form == "jsonl" else []),
+    ]
     with opens() as opened:
         result = runner.invoke(app, argv)
     assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
@@ -308,13 +385,25 @@ def refused(result: Any) -> str:
 
 
 @pytest.mark.parametrize("form", ["json", "jsonl", "string-disk", "struct-parquet"])
-def test_train_refuses_every_bad_reference_before_loading_the_model(box, dpa_workspace, tmp_path, small_cap,
-                                                                    no_model_load, form):  # fmt: skip
+def test_train_refuses_every_bad_reference_before_loading_the_model(
+    box, dpa_workspace, tmp_path, small_cap, no_model_load, form
+):
     data, expected = data_file(box, tmp_path, form)
     workspace = Path(shutil.copytree(dpa_workspace("next_qwen"), tmp_path / "ws"))
     before = tree_hash(box.folder, tmp_path)
-    argv = ["train", "--stage", "1", "-w", str(workspace), "--data", str(data), "--image-root", str(box.root),
-            "--max-steps", "1"]  # fmt: skip
+    argv = [
+        "train",
+        "--stage",
+        "1",
+        "-w",
+        str(workspace),
+        "--data",
+        str(data),
+        "--image-root",
+        str(box.root),
+        "--max-steps",
+        "1",
+    ]
     with opens() as opened:
         line = refused(runner.invoke(app, argv))
     first = line.split(". Bad samples: ")[0]
@@ -327,21 +416,39 @@ def test_train_refuses_every_bad_reference_before_loading_the_model(box, dpa_wor
 # --- eval and analyze: one run per variant, refused before any model loads -----------------------------------
 def _eval(box: Box, tmp: Path, variant: Variant) -> list[str]:
     data = tmp / "items.jsonl"
-    data.write_text(json.dumps({"id": "good", "question": "Q?", "answer": "a", "image": "red.png"}) + "\n"
-                    + json.dumps({"id": variant.id, "question": "Q?", "answer": "a", "image": variant.value}) + "\n")  # fmt: skip
+    data.write_text(
+        json.dumps({"id": "good", "question": "Q?", "answer": "a", "image": "red.png"})
+        + "\n"
+        + json.dumps({"id": variant.id, "question": "Q?", "answer": "a", "image": variant.value})
+        + "\n"
+    )
     return ["eval", str(box.root), "--data", str(data), "--image-root", str(box.root), "-o", str(tmp / "pred.jsonl")]
 
 
 def _analyze(box: Box, tmp: Path, variant: Variant) -> list[str]:
     data = tmp / "pairs.json"
     data.write_text(json.dumps([sample("red.png", "good"), sample(variant.value, variant.id)]))
-    return ["analyze", "modality-gap", str(box.root), "--data", str(data), "--image-root", str(box.root),
-            "--baseline", str(box.root), "-o", str(tmp / "gap"), "--limit", "2"]  # fmt: skip
+    return [
+        "analyze",
+        "modality-gap",
+        str(box.root),
+        "--data",
+        str(data),
+        "--image-root",
+        str(box.root),
+        "--baseline",
+        str(box.root),
+        "-o",
+        str(tmp / "gap"),
+        "--limit",
+        "2",
+    ]
 
 
 @pytest.mark.parametrize("consumer", [_eval, _analyze], ids=["eval", "analyze"])
-def test_eval_and_analyze_refuse_every_bad_reference_naming_item_and_reference(box, tmp_path, small_cap,
-                                                                               no_model_load, consumer):  # fmt: skip
+def test_eval_and_analyze_refuse_every_bad_reference_naming_item_and_reference(
+    box, tmp_path, small_cap, no_model_load, consumer
+):
     # `"image": ""` is an item without an image to eval (as an empty CSV column), not a bad reference.
     variants = [v for v in few_variants(box.secret) if not (consumer is _eval and v.value == "")]
     assert len(variants) > 100 and set(GATE_KINDS) == {v.kind for v in variants}
@@ -367,9 +474,14 @@ def bad_image_files(folder: Path) -> list[tuple[str, str]]:
         path.write_bytes(png_claiming(width, height))
         found.append((str(path), "decompression bomb"))
     whole = noise_bytes()
-    files = {"text.png": (b"not an image\n", "not a readable image"), "empty.jpg": (b"", "empty (0 bytes)"),
-             "cut.jpg": (whole[: len(whole) // 2], "truncated"), "clip.mp4": (b"\x00\x00\x00\x18ftypmp42", "a video"),
-             "zero.png": (png_claiming(0, 5), "not a readable image"), "br[/b].png": (b"junk", "not a readable image")}  # fmt: skip
+    files = {
+        "text.png": (b"not an image\n", "not a readable image"),
+        "empty.jpg": (b"", "empty (0 bytes)"),
+        "cut.jpg": (whole[: len(whole) // 2], "truncated"),
+        "clip.mp4": (b"\x00\x00\x00\x18ftypmp42", "a video"),
+        "zero.png": (png_claiming(0, 5), "not a readable image"),
+        "br[/b].png": (b"junk", "not a readable image"),
+    }
     for name, (content, needle) in files.items():
         (folder / name).parent.mkdir(exist_ok=True)  # `br[/b].png` is b].png in folder br[: markup, if not escaped
         (folder / name).write_bytes(content)
@@ -377,9 +489,15 @@ def bad_image_files(folder: Path) -> list[tuple[str, str]]:
     (folder / "folder.png").mkdir(exist_ok=True)
     if not (folder / "pipe.png").exists():
         os.mkfifo(folder / "pipe.png")  # opening it would block forever: refused from stat
-    found += [(str(folder / "folder.png"), "a folder"), (str(folder / "pipe.png"), "not a regular file"),
-              (str(folder / "missing.png"), "no such image"), ("https://example.com/cat.png", "a URL"),
-              (f"file://{folder}/text.png", "a file: URI"), ("x" * 5000, "too long"), ("sub/red\x00.png", "control")]  # fmt: skip
+    found += [
+        (str(folder / "folder.png"), "a folder"),
+        (str(folder / "pipe.png"), "not a regular file"),
+        (str(folder / "missing.png"), "no such image"),
+        ("https://example.com/cat.png", "a URL"),
+        (f"file://{folder}/text.png", "a file: URI"),
+        ("x" * 5000, "too long"),
+        ("sub/red\x00.png", "control"),
+    ]
     return found
 
 
@@ -401,10 +519,19 @@ def test_chat_reports_each_bad_image_in_one_line_and_goes_on(box, dpa_workspace,
     cases = [(p, n) for p, n in bad_image_files(tmp_path / "files") if "\x00" not in p]
     Image.new("RGB", (3000, 10), (10, 200, 10)).save(tmp_path / "sliver.png")  # the perceiver refuses 300:1
     lines = [f"/image {path}" for path, _ in cases]
-    lines += [f"/image {tmp_path / 'sliver.png'}", "Describe it.", f"/image {box.root / 'red.png'}", "What is it?", "/exit"]
+    lines += [
+        f"/image {tmp_path / 'sliver.png'}",
+        "Describe it.",
+        f"/image {box.root / 'red.png'}",
+        "What is it?",
+        "/exit",
+    ]
     before = tree_hash(box.folder), names(tmp_path)
-    result = runner.invoke(app, ["chat", str(dpa_workspace("next_qwen")), "--max-new-tokens", "2", "--device", "cpu"],
-                           input="\n".join(lines) + "\n")  # fmt: skip
+    result = runner.invoke(
+        app,
+        ["chat", str(dpa_workspace("next_qwen")), "--max-new-tokens", "2", "--device", "cpu"],
+        input="\n".join(lines) + "\n",
+    )
     assert result.exit_code == 0 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == len(cases) + 1, errors

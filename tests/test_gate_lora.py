@@ -42,11 +42,39 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), 
 # LoRA on the LLM, phi and phi_p (a perceiver part) trained in full, the rest frozen (the recipe adapts every part:
 # these runs keep parts in full beside the adapter); one sample per device, two per step, in file order; one high
 # rate for every part so phi moves far more than the tolerance.
-LORA = ["--lora", "--set", "trainable.phi_p=full", "--set", "trainable.phi=full", "--set", "trainable.vit=frozen",
-        "--set", "trainable.perceiver_lm=frozen", "--set", "learning_rates={}", "--set", "lora_r=4", "--set", "lora_alpha=8",
-        "--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "logging_steps=1",
-        "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--set", "learning_rate=1e-2",
-        "--set", "train_sampling_strategy=sequential", "--set", "save_steps=2"]  # fmt: skip
+LORA = [
+    "--lora",
+    "--set",
+    "trainable.phi_p=full",
+    "--set",
+    "trainable.phi=full",
+    "--set",
+    "trainable.vit=frozen",
+    "--set",
+    "trainable.perceiver_lm=frozen",
+    "--set",
+    "learning_rates={}",
+    "--set",
+    "lora_r=4",
+    "--set",
+    "lora_alpha=8",
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=1",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "learning_rate=1e-2",
+    "--set",
+    "train_sampling_strategy=sequential",
+    "--set",
+    "save_steps=2",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 TOLERANCE = 1e-5
 
@@ -58,8 +86,16 @@ def data(tmp_path_factory) -> Path:
     samples = []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (48 + 8 * i, 40), rgb).save(root / "images" / f"{name}.png")
-        samples.append({"id": f"ins-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"It is {name}."}]})
+        samples.append(
+            {
+                "id": f"ins-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": f"It is {name}."},
+                ],
+            }
+        )
     (root / "instruct.json").write_text(json.dumps(samples * 2))
     return root
 
@@ -77,8 +113,19 @@ def copy_of(ws: Path, dest: Path) -> Path:
 
 
 def train_args(ws: Path, data: Path, *extra: str) -> list[str]:
-    return ["train", "--stage", "2", "--workspace", str(ws), "--data", str(data / "instruct.json"),
-            "--image-root", str(data / "images"), *LORA, *extra]  # fmt: skip
+    return [
+        "train",
+        "--stage",
+        "2",
+        "--workspace",
+        str(ws),
+        "--data",
+        str(data / "instruct.json"),
+        "--image-root",
+        str(data / "images"),
+        *LORA,
+        *extra,
+    ]
 
 
 def train(ws: Path, data: Path, *extra: str):
@@ -87,8 +134,11 @@ def train(ws: Path, data: Path, *extra: str):
 
 def checkpoints(ws: Path) -> list[Path]:
     """Complete checkpoints, wherever the run keeps them (staging folders are not complete ones)."""
-    return [p for p in ws.rglob("checkpoint-*") if p.is_dir() and not any(part.startswith(".") for part in
-                                                                          p.relative_to(ws).parts)]  # fmt: skip
+    return [
+        p
+        for p in ws.rglob("checkpoint-*")
+        if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(ws).parts)
+    ]
 
 
 def killed_after_a_checkpoint(command: list[str], ws: Path, timeout: float = 300) -> list[Path]:
@@ -173,8 +223,16 @@ def as_killed_after(ws: Path, step: int, manifest: bytes) -> None:
 
 def test_lora_zero3_resume_reproduces_every_trained_tensor(base, data, tmp_path):
     def command(ws: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "dpa_cli", *train_args(ws, data, "--max-steps", "4", *extra),
-                "--nproc", "2", "--deepspeed", "zero3"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "dpa_cli",
+            *train_args(ws, data, "--max-steps", "4", *extra),
+            "--nproc",
+            "2",
+            "--deepspeed",
+            "zero3",
+        ]
 
     straight = copy_of(base, tmp_path / "straight")
     done = subprocess.run(command(straight), capture_output=True, text=True, timeout=600, env=ENV)
@@ -210,8 +268,14 @@ print(json.dumps({"dpa_cli_imported": any(m.split(".")[0] == "dpa_cli" for m in 
 def fresh_logits(snippets: dict[str, str], probe: Path, work: Path) -> tuple[dict[str, torch.Tensor], dict]:
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(work / "modules")
-    done = subprocess.run([sys.executable, "-c", FRESH, json.dumps(snippets), str(probe), str(work / "logits.st")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH, json.dumps(snippets), str(probe), str(work / "logits.st")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(work / "logits.st"), json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -246,19 +310,19 @@ def loaded(straight, tmp_path_factory) -> dict:
     adapter = str(straight / "stage2" / "adapter")
     snippets = {
         "peft": "from peft import PeftConfig, PeftModel\nfrom transformers import AutoModelForImageTextToText\n"
-                f"adapter = {adapter!r}\nbase = PeftConfig.from_pretrained(adapter).base_model_name_or_path\n"
-                "model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, "
-                "trust_remote_code=True), adapter)",
+        f"adapter = {adapter!r}\nbase = PeftConfig.from_pretrained(adapter).base_model_name_or_path\n"
+        "model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, "
+        "trust_remote_code=True), adapter)",
         "auto_peft": f"from peft import AutoPeftModel\nmodel = AutoPeftModel.from_pretrained({adapter!r}, "
-                     "trust_remote_code=True)",
+        "trust_remote_code=True)",
         "merged": "from transformers import AutoModelForImageTextToText\n"
-                  f"model = AutoModelForImageTextToText.from_pretrained({str(merged)!r}, trust_remote_code=True)",
+        f"model = AutoModelForImageTextToText.from_pretrained({str(merged)!r}, trust_remote_code=True)",
         "kept_weights_alone": "from transformers import AutoModelForImageTextToText\n"
-                              f"model = AutoModelForImageTextToText.from_pretrained({str(kept)!r}, "
-                              "trust_remote_code=True)",
+        f"model = AutoModelForImageTextToText.from_pretrained({str(kept)!r}, "
+        "trust_remote_code=True)",
         "printed": printed.group(1),
         "card": card_load_code((kept / "README.md").read_text()),
-    }  # fmt: skip
+    }
     logits, report = fresh_logits(snippets, work / "probe.st", work)
     return {"dpa": dpa, "logits": logits, "report": report, "printed": printed.group(1)}
 
@@ -314,8 +378,11 @@ def _reshape_phi(tensors: dict) -> None:
 
 def _transpose_projector(tensors: dict) -> None:
     """A projector weight that is not square (phi's or phi_p's) stored the other way round."""
-    key = next(k for k, v in sorted(tensors.items()) if ".multi_modal_projector." in k and v.ndim == 2 and
-               v.shape[0] != v.shape[1])  # fmt: skip
+    key = next(
+        k
+        for k, v in sorted(tensors.items())
+        if ".multi_modal_projector." in k and v.ndim == 2 and v.shape[0] != v.shape[1]
+    )
     tensors[key] = tensors[key].t().contiguous()
 
 
@@ -342,22 +409,38 @@ CASES = [
     ("file-cut-short", _cut(64), (), ("trained_in_full.safetensors", *RESTART)),
     ("file-one-byte-short", _cut(1), (), ("trained_in_full.safetensors", *RESTART)),
     ("header-garbled", _write(b"\xff" * 64), (), ("trained_in_full.safetensors", *RESTART)),
-    ("header-not-json", lambda f: f.write_bytes((12).to_bytes(8, "little") + b"not json at all"), (),
-     ("trained_in_full.safetensors", "not UTF-8 JSON")),
+    (
+        "header-not-json",
+        lambda f: f.write_bytes((12).to_bytes(8, "little") + b"not json at all"),
+        (),
+        ("trained_in_full.safetensors", "not UTF-8 JSON"),
+    ),
     ("phi-tensor-missing", _rewrite(_drop_phi), (), ("lacks the phi weights", *FLAGS)),
     ("perceiver-tensors-missing", _rewrite(_drop_all_perceiver), (), ("lacks the phi_p weights", *FLAGS)),
-    ("extra-llm-tensor", _rewrite(lambda t: t.update({"model.language_model.norm.weight": torch.ones(8)})), (),
-     ("holds llm weights this run does not train", *FLAGS)),
+    (
+        "extra-llm-tensor",
+        _rewrite(lambda t: t.update({"model.language_model.norm.weight": torch.ones(8)})),
+        (),
+        ("holds llm weights this run does not train", *FLAGS),
+    ),
     ("phi-reshaped", _rewrite(_reshape_phi), (), ("the model's is", *FLAGS)),
     ("projector-transposed", _rewrite(_transpose_projector), (), ("the model's is", *FLAGS)),
     ("phi_p-now-frozen", None, ("--set", "trainable.phi_p=frozen"), ("holds phi_p weights this run does not train",)),
     ("phi-now-frozen", None, ("--set", "trainable.phi=frozen"), ("holds phi weights this run does not train",)),
     ("vit-now-full", None, ("--set", "trainable.vit=full"), ("lacks the vit weights", *FLAGS)),
-    ("now-full-training", None, ("--set", "trainable.llm=full"),
-     ("holds a LoRA adapter, but this run trains the LLM in full", *FLAGS)),
-    ("adapter-config-gone", lambda f: (f.parent / "adapter_config.json").unlink(), (),
-     ("holds no LoRA adapter, but this run trains with LoRA",)),
-]  # fmt: skip
+    (
+        "now-full-training",
+        None,
+        ("--set", "trainable.llm=full"),
+        ("holds a LoRA adapter, but this run trains the LLM in full", *FLAGS),
+    ),
+    (
+        "adapter-config-gone",
+        lambda f: (f.parent / "adapter_config.json").unlink(),
+        (),
+        ("holds no LoRA adapter, but this run trains with LoRA",),
+    ),
+]
 
 
 @pytest.mark.parametrize(("damage", "flags", "needles"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

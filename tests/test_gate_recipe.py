@@ -81,25 +81,59 @@ def wrong_values(hint, via_set: bool = True) -> list[str]:
 TYPE_VARIANTS = [(name, value) for name in FIELDS for value in wrong_values(HINTS[name])]
 # Values of the right type that the meaning forbids (learning rates > 0, betas in [0, 1), seeds < 2**32, ...).
 RANGE_VARIANTS = [
-    ("learning_rate", "0"), ("learning_rate", "-1e-4"), ("learning_rate", "1e39"), ("num_train_epochs", "0"),
-    ("num_train_epochs", "-1"), ("max_steps", "0"), ("max_steps", "-2"), ("warmup_steps", "-1"),
-    ("warmup_steps", "-0.5"), ("weight_decay", "-0.01"), ("adam_beta1", "1"), ("adam_beta1", "-0.1"),
-    ("adam_beta2", "1.0"), ("adam_beta2", "2"), ("adam_epsilon", "0"), ("adam_epsilon", "-1e-8"),
-    ("max_grad_norm", "-1"), ("label_smoothing_factor", "1"), ("seed", "-1"), ("seed", "4294967296"),
-    ("data_seed", "-5"), ("logging_steps", "0"), ("logging_steps", "-1"), ("logging_steps", "2.5"),
-    ("save_steps", "0"), ("save_steps", "-10"), ("dataloader_num_workers", "-1"),
-    ("per_device_train_batch_size", "0"), ("per_device_train_batch_size", "-4"), ("save_total_limit", "0"),
+    ("learning_rate", "0"),
+    ("learning_rate", "-1e-4"),
+    ("learning_rate", "1e39"),
+    ("num_train_epochs", "0"),
+    ("num_train_epochs", "-1"),
+    ("max_steps", "0"),
+    ("max_steps", "-2"),
+    ("warmup_steps", "-1"),
+    ("warmup_steps", "-0.5"),
+    ("weight_decay", "-0.01"),
+    ("adam_beta1", "1"),
+    ("adam_beta1", "-0.1"),
+    ("adam_beta2", "1.0"),
+    ("adam_beta2", "2"),
+    ("adam_epsilon", "0"),
+    ("adam_epsilon", "-1e-8"),
+    ("max_grad_norm", "-1"),
+    ("label_smoothing_factor", "1"),
+    ("seed", "-1"),
+    ("seed", "4294967296"),
+    ("data_seed", "-5"),
+    ("logging_steps", "0"),
+    ("logging_steps", "-1"),
+    ("logging_steps", "2.5"),
+    ("save_steps", "0"),
+    ("save_steps", "-10"),
+    ("dataloader_num_workers", "-1"),
+    ("per_device_train_batch_size", "0"),
+    ("per_device_train_batch_size", "-4"),
+    ("save_total_limit", "0"),
     ("dataloader_prefetch_factor", "2"),  # transformers: only with dataloader workers
-    ("log_level", "loud"), ("ddp_backend", "pigeon"), ("optim", "adamw_torh"), ("lr_scheduler_type", "cosin"),
+    ("log_level", "loud"),
+    ("ddp_backend", "pigeon"),
+    ("optim", "adamw_torh"),
+    ("lr_scheduler_type", "cosin"),
     ("lr_scheduler_type", "cosine_with_min_lr"),  # transformers: needs min_lr in lr_scheduler_kwargs
-    ("lr_scheduler_kwargs", "{no_such_argument: 1}"), ("lr_scheduler_kwargs", "{bad json"),
-    ("accelerator_config", "no-such-file.json"), ("torch_compile_mode", "fast"), ("report_to", "no_such_backend"),
+    ("lr_scheduler_kwargs", "{no_such_argument: 1}"),
+    ("lr_scheduler_kwargs", "{bad json"),
+    ("accelerator_config", "no-such-file.json"),
+    ("torch_compile_mode", "fast"),
+    ("report_to", "no_such_backend"),
     ("report_to", "[none, no_such_backend]"),
     # Trainer features dpa train does not use, which transformers refuses only once training starts
-    ("eval_strategy", "steps"), ("do_eval", "true"), ("load_best_model_at_end", "true"), ("save_strategy", "best"),
-    ("push_to_hub", "true"), ("fsdp", "full_shard"), ("train_sampling_strategy", "batch_rebalance"),
-    ("learning_rate", "1" + "0" * 400), ("max_steps", "1" + "0" * 30),  # beyond float / 64-bit int
-]  # fmt: skip
+    ("eval_strategy", "steps"),
+    ("do_eval", "true"),
+    ("load_best_model_at_end", "true"),
+    ("save_strategy", "best"),
+    ("push_to_hub", "true"),
+    ("fsdp", "full_shard"),
+    ("train_sampling_strategy", "batch_rebalance"),
+    ("learning_rate", "1" + "0" * 400),
+    ("max_steps", "1" + "0" * 30),  # beyond float / 64-bit int
+]
 MISSING = [name for name in ("wandb", "tensorboard", "mlflow") if importlib.util.find_spec(name) is None]
 RANGE_VARIANTS += [("report_to", name) for name in MISSING]
 RANGE_VARIANTS += [("use_liger_kernel", "true")] * (importlib.util.find_spec("liger_kernel") is None)
@@ -117,14 +151,25 @@ OWN_VARIANTS = [
     *[("stage", v) for v in ("3", "abc", "1.5", "true")],
     *[(f"learning_rates.{part}", v) for part in PARTS for v in ("nan", "inf", "-inf", "0", "-1e-5", "abc", "1e39")],
     *[(f"trainable.{part}", v) for part in PARTS for v in ("half", "5", "true")],
-]  # fmt: skip
+]
 # The reproductions of issue 14, each run through the command line as well.
 ISSUE_CASES = [
-    ("optim", "foo"), ("lr_scheduler_type", "bar"), ("seed", "abc"), ("seed", "-1"), ("warmup_steps", "-3"),
-    ("logging_steps", "0"), ("dataloader_num_workers", "-1"), ("report_to", "wandb"), ("trainable", "5"),
-    ("learning_rates.vit", "nan"), ("learning_rate", "inf"), ("lora_targets", "("), ("lora_r", "0"),
-    ("max_length", "1.5"), ("max_length", "512.7"),
-]  # fmt: skip
+    ("optim", "foo"),
+    ("lr_scheduler_type", "bar"),
+    ("seed", "abc"),
+    ("seed", "-1"),
+    ("warmup_steps", "-3"),
+    ("logging_steps", "0"),
+    ("dataloader_num_workers", "-1"),
+    ("report_to", "wandb"),
+    ("trainable", "5"),
+    ("learning_rates.vit", "nan"),
+    ("learning_rate", "inf"),
+    ("lora_targets", "("),
+    ("lora_r", "0"),
+    ("max_length", "1.5"),
+    ("max_length", "512.7"),
+]
 ISSUE_CASES = [c for c in ISSUE_CASES if c != ("report_to", "wandb") or importlib.util.find_spec("wandb") is None]
 VARIANTS = TYPE_VARIANTS + RANGE_VARIANTS + OWN_VARIANTS + ISSUE_CASES
 # In a recipe file a text field holds what YAML reads: a list or a mapping is wrong there.
@@ -234,9 +279,13 @@ def test_the_lora_targets_flag_is_a_checked_regex(shared, tmp_path, targets):
 
 @pytest.mark.parametrize(
     ("targets", "needle"),
-    [(r"model\.perceiver\..*_proj", "no linear layer of the target LLM"), ("no_such_module", "no linear layer"),
-     ("model", "not a linear layer"), (r".*\.embed_tokens", "not a linear layer")],
-)  # fmt: skip
+    [
+        (r"model\.perceiver\..*_proj", "no linear layer of the target LLM"),
+        ("no_such_module", "no linear layer"),
+        ("model", "not a linear layer"),
+        (r".*\.embed_tokens", "not a linear layer"),
+    ],
+)
 def test_lora_targets_that_match_no_llm_linear_are_refused_before_the_stage_folder(shared, tmp_path, targets, needle):
     env = _env(shared, tmp_path)
     argv = train_clean(env, "--from", "model", "--lora", "--lora-targets", targets, stage="2")
@@ -256,21 +305,37 @@ def test_deepspeed_in_one_process_without_a_launcher_is_refused_up_front(shared,
 
 # --- valid values pass the same gate ------------------------------------------------------------------------
 VALID = [
-    ("learning_rate=2e-5", "learning_rate", 2e-5), ("max_length=2.0", "max_length", 2),
-    ("global_batch_size=512.0", "global_batch_size", 512), ("seed=0", "seed", 0),
-    ("seed=4294967295", "seed", 2**32 - 1), ("warmup_steps=0.5", "warmup_steps", 0.5), ("optim=sgd", "optim", "sgd"),
-    ("lr_scheduler_type=constant", "lr_scheduler_type", "constant"), ("report_to=none", "report_to", "none"),
-    ("report_to=all", "report_to", "all"), ("report_to=[]", "report_to", []),
-    ("run_name=2024-01-01", "run_name", "2024-01-01"), ("run_name=123", "run_name", "123"),
-    ("lora_targets=[qk]_proj$", "lora_targets", "[qk]_proj$"), ("bf16=false", "bf16", False),
-    ("save_strategy=epoch", "save_strategy", "epoch"), ("logging_steps=0.5", "logging_steps", 0.5),
-    ("max_steps=-1", "max_steps", -1), ("dataloader_num_workers=0", "dataloader_num_workers", 0),
-    ("adam_beta2=0.98", "adam_beta2", 0.98), ("lora_r=1", "lora_r", 1), ("lora_dropout=0", "lora_dropout", 0),
-    ("lora_alpha=16.5", "lora_alpha", 16.5), ("weight_decay=0", "weight_decay", 0), ("max_grad_norm=0", "max_grad_norm", 0),
-    ("label_names=[labels]", "label_names", ["labels"]), ("debug=underflow_overflow", "debug", "underflow_overflow"),
-    ("lr_scheduler_kwargs={}", "lr_scheduler_kwargs", {}), ("save_total_limit=null", "save_total_limit", None),
+    ("learning_rate=2e-5", "learning_rate", 2e-5),
+    ("max_length=2.0", "max_length", 2),
+    ("global_batch_size=512.0", "global_batch_size", 512),
+    ("seed=0", "seed", 0),
+    ("seed=4294967295", "seed", 2**32 - 1),
+    ("warmup_steps=0.5", "warmup_steps", 0.5),
+    ("optim=sgd", "optim", "sgd"),
+    ("lr_scheduler_type=constant", "lr_scheduler_type", "constant"),
+    ("report_to=none", "report_to", "none"),
+    ("report_to=all", "report_to", "all"),
+    ("report_to=[]", "report_to", []),
+    ("run_name=2024-01-01", "run_name", "2024-01-01"),
+    ("run_name=123", "run_name", "123"),
+    ("lora_targets=[qk]_proj$", "lora_targets", "[qk]_proj$"),
+    ("bf16=false", "bf16", False),
+    ("save_strategy=epoch", "save_strategy", "epoch"),
+    ("logging_steps=0.5", "logging_steps", 0.5),
+    ("max_steps=-1", "max_steps", -1),
+    ("dataloader_num_workers=0", "dataloader_num_workers", 0),
+    ("adam_beta2=0.98", "adam_beta2", 0.98),
+    ("lora_r=1", "lora_r", 1),
+    ("lora_dropout=0", "lora_dropout", 0),
+    ("lora_alpha=16.5", "lora_alpha", 16.5),
+    ("weight_decay=0", "weight_decay", 0),
+    ("max_grad_norm=0", "max_grad_norm", 0),
+    ("label_names=[labels]", "label_names", ["labels"]),
+    ("debug=underflow_overflow", "debug", "underflow_overflow"),
+    ("lr_scheduler_kwargs={}", "lr_scheduler_kwargs", {}),
+    ("save_total_limit=null", "save_total_limit", None),
     ("torch_compile_mode=max-autotune", "torch_compile_mode", "max-autotune"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("item", "key", "expected"), VALID, ids=[v[0] for v in VALID])
@@ -281,10 +346,17 @@ def test_valid_values_pass_the_gate_typed(item, key, expected):
 
 
 def test_valid_per_part_values_and_scheduler_arguments_pass():
-    recipe = load_recipe("stage2-full", [
-        *[f"learning_rates.{part}=1e-6" for part in PARTS], "trainable.llm=lora", "lr_scheduler_type=cosine_with_min_lr",
-        'lr_scheduler_kwargs={"min_lr": 1e-7}', "max_length=512.0", "seed=7",
-    ])  # fmt: skip
+    recipe = load_recipe(
+        "stage2-full",
+        [
+            *[f"learning_rates.{part}=1e-6" for part in PARTS],
+            "trainable.llm=lora",
+            "lr_scheduler_type=cosine_with_min_lr",
+            'lr_scheduler_kwargs={"min_lr": 1e-7}',
+            "max_length=512.0",
+            "seed=7",
+        ],
+    )
     assert recipe.learning_rates == dict.fromkeys(PARTS, 1e-6) and recipe.uses_lora and recipe.max_length == 512
     assert recipe.training_args["lr_scheduler_kwargs"] == {"min_lr": 1e-7}
 
@@ -325,15 +397,25 @@ def test_weights_that_stop_being_finite_are_never_recorded_as_a_finished_stage(s
     env = _env(shared, tmp_path)
     ws = Path(shutil.copytree(dpa_workspace("next_qwen"), tmp_path / "ws"))
     manifest = (ws / "dpa.yaml").read_bytes()
-    argv = train_clean(env, "--set", "learning_rate=1e30", "--set", "warmup_steps=0", "--set", "max_steps=2", workspace=ws)
+    argv = train_clean(
+        env, "--set", "learning_rate=1e30", "--set", "warmup_steps=0", "--set", "max_steps=2", workspace=ws
+    )
     result = runner.invoke(app, argv)
     assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "no longer finite" in result.stderr and "learning rate" in result.stderr, result.stderr
     assert (ws / "dpa.yaml").read_bytes() == manifest and not (ws / "stage1").exists()
 
 
-@pytest.mark.parametrize("logs", [{"loss": math.nan}, {"loss": math.inf}, {"loss": 1.0, "grad_norm": math.nan},
-                                  {"grad_norm": math.inf}, {"loss": 0.0}])  # fmt: skip
+@pytest.mark.parametrize(
+    "logs",
+    [
+        {"loss": math.nan},
+        {"loss": math.inf},
+        {"loss": 1.0, "grad_norm": math.nan},
+        {"grad_norm": math.inf},
+        {"loss": 0.0},
+    ],
+)
 def test_the_loss_guard_stops_on_a_non_finite_loss_or_gradient_norm(logs):
     with pytest.raises(TrainingStopped):
         LossGuard().on_log(None, type("State", (), {"global_step": 3})(), None, logs=logs)

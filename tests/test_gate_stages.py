@@ -53,8 +53,11 @@ def test_a_killed_restart_keeps_the_stage_and_resume_finishes_it_in_its_place(fi
     before, old_model = tree_hash(ws), weights(ws / "stage1" / "model")
     kit = Runner(tmp_path / "child.log")
     pending = ws / ".stage1.restart"
-    outcome = kit.run(train_args(ws, data, "--restart", "--max-steps", "6"), kill_after=0.05,
-                      when=lambda: latest_checkpoint(pending) is not None)  # fmt: skip
+    outcome = kit.run(
+        train_args(ws, data, "--restart", "--max-steps", "6"),
+        kill_after=0.05,
+        when=lambda: latest_checkpoint(pending) is not None,
+    )
     assert outcome.killed
     assert tree_hash(ws, skip=(".stage1.restart",)) == before  # stage1/ and dpa.yaml untouched
     refused = runner.invoke(app, train_args(ws, data, "--max-steps", "6"))
@@ -123,7 +126,9 @@ def test_resume_from_a_damaged_checkpoint_is_refused_naming_it(finished, data, t
 def test_resume_from_another_models_checkpoint_is_refused(finished, data, tmp_path, tiny_checkpoint, how):
     ws = own(finished, tmp_path)
     shutil.rmtree(ws / "stage1" / "model")
-    ({"foreign": _foreign(tiny_checkpoint), "reshaped": _reshaped}[how])(ws / "stage1" / "checkpoint-3" / "model.safetensors")
+    ({"foreign": _foreign(tiny_checkpoint), "reshaped": _reshaped}[how])(
+        ws / "stage1" / "checkpoint-3" / "model.safetensors"
+    )
     before = tree_hash(ws)
     stderr = one_line(runner.invoke(app, train_args(ws, data, "--resume", "--max-steps", "4")))
     assert "comes from another model" in stderr and "model.safetensors" in stderr
@@ -165,8 +170,11 @@ def _recorded_but_gone(ws: Path) -> None:
     shutil.rmtree(ws / "stage1")
 
 
-@pytest.mark.parametrize("state", [_killed_before_its_result, _killed_before_a_checkpoint, _stage2_started,
-                                   _recorded_but_gone], ids=lambda f: f.__name__.strip("_"))  # fmt: skip
+@pytest.mark.parametrize(
+    "state",
+    [_killed_before_its_result, _killed_before_a_checkpoint, _stage2_started, _recorded_but_gone],
+    ids=lambda f: f.__name__.strip("_"),
+)
 @pytest.mark.parametrize("command", ["export", "generate"])
 def test_a_started_but_unfinished_stage_is_never_skipped_silently(finished, data, tmp_path, state, command):
     ws = own(finished, tmp_path)
@@ -183,13 +191,28 @@ def test_a_started_but_unfinished_stage_is_never_skipped_silently(finished, data
 
 # --- --from ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("source", ["llava_next", "causal_lm_qwen3", "qwen2_5_vl", "other_width"])
-def test_from_a_folder_that_is_not_this_workspaces_dpa_model_is_refused(finished, data, tiny_checkpoint, tmp_path,
-                                                                        source, dpa_workspace):  # fmt: skip
+def test_from_a_folder_that_is_not_this_workspaces_dpa_model_is_refused(
+    finished, data, tiny_checkpoint, tmp_path, source, dpa_workspace
+):
     folder = dpa_workspace("llama3_qwen") / "model" if source == "other_width" else tiny_checkpoint(source)
     ws = own(finished, tmp_path)
     before = tree_hash(ws)
-    argv = ["train", "--stage", "2", "-w", str(ws), "--data", str(data / "captions.json"),
-            "--image-root", str(data / "images"), *SMALL, "--from", str(folder), "--max-steps", "1"]  # fmt: skip
+    argv = [
+        "train",
+        "--stage",
+        "2",
+        "-w",
+        str(ws),
+        "--data",
+        str(data / "captions.json"),
+        "--image-root",
+        str(data / "images"),
+        *SMALL,
+        "--from",
+        str(folder),
+        "--max-steps",
+        "1",
+    ]
     stderr = one_line(runner.invoke(app, argv))
     assert stderr.startswith(f"error: --from {folder} holds a"), stderr
     assert any(words in stderr for words in ("not the DPA model of this workspace", "another model than this"))
@@ -211,8 +234,23 @@ def test_stage1_on_data_with_text_only_samples_trains_phi(finished, data, tmp_pa
 def test_from_a_folder_holding_this_workspaces_model_trains(finished, data, tmp_path):
     ws = own(finished, tmp_path)
     copy = Path(shutil.copytree(ws / "stage1" / "model", tmp_path / "elsewhere"))
-    argv = ["train", "--stage", "2", "-w", str(ws), "--data", str(data / "captions.json"),
-            "--image-root", str(data / "images"), *SMALL, "--from", str(copy), "--max-steps", "1", "--json"]  # fmt: skip
+    argv = [
+        "train",
+        "--stage",
+        "2",
+        "-w",
+        str(ws),
+        "--data",
+        str(data / "captions.json"),
+        "--image-root",
+        str(data / "images"),
+        *SMALL,
+        "--from",
+        str(copy),
+        "--max-steps",
+        "1",
+        "--json",
+    ]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["source"] == str(copy)

@@ -83,8 +83,12 @@ class Plant:
 def _config(folder: Path, ref: object, code: str) -> None:
     (folder / "evil.py").write_text(code)
     model = json.loads(json.dumps(ref).replace(".Evil", ".EvilModel"))
-    edit_json(folder / "config.json", lambda c: c.update(
-        auto_map={**(c.get("auto_map") or {}), "AutoConfig": ref, "AutoModelForImageTextToText": model}))  # fmt: skip
+    edit_json(
+        folder / "config.json",
+        lambda c: c.update(
+            auto_map={**(c.get("auto_map") or {}), "AutoConfig": ref, "AutoModelForImageTextToText": model}
+        ),
+    )
 
 
 def _tokenizer(folder: Path, ref: object, code: str) -> None:
@@ -100,8 +104,9 @@ def _processor(folder: Path, ref: object, code: str) -> None:
 def _nested(folder: Path, ref: object, code: str) -> None:
     """processor_config.json's sub-processor dict with an auto_map of its own."""
     (folder / "evil.py").write_text(code)
-    edit_json(folder / "processor_config.json",
-              lambda c: c["image_processor"].update(auto_map={"AutoImageProcessor": ref}))  # fmt: skip
+    edit_json(
+        folder / "processor_config.json", lambda c: c["image_processor"].update(auto_map={"AutoImageProcessor": ref})
+    )
 
 
 def _sub_folder(folder: Path, ref: object, code: str) -> None:
@@ -140,8 +145,10 @@ def _unknown_processor(folder: Path, ref: object, code: str) -> None:
 
 def _unknown_image_processor(folder: Path, ref: object, code: str) -> None:
     _nested(folder, ref, code)
-    edit_json(folder / "processor_config.json",
-              lambda c: c["image_processor"].update(image_processor_type="EvilImageProcessor"))  # fmt: skip
+    edit_json(
+        folder / "processor_config.json",
+        lambda c: c["image_processor"].update(image_processor_type="EvilImageProcessor"),
+    )
 
 
 def _unknown_perceiver_tokenizer(folder: Path, ref: object, code: str) -> None:
@@ -154,16 +161,27 @@ PLANTS = (
     Plant("tokenizer_config", _tokenizer, lists=True, config="tokenizer_config.json"),
     Plant("processor_config", _processor, config="processor_config.json"),
     Plant("processor_config-nested", _nested, config="processor_config.json"),
-    Plant("perceiver_tokenizer", _sub_folder, dpa_only=True, lists=True,
-          config="perceiver_tokenizer/tokenizer_config.json"),
+    Plant(
+        "perceiver_tokenizer",
+        _sub_folder,
+        dpa_only=True,
+        lists=True,
+        config="perceiver_tokenizer/tokenizer_config.json",
+    ),
     Plant("altered-modeling_dpa", _altered_own, dpa_only=True, carried=False),
     Plant("altered-relative-import", _altered_import, dpa_only=True, carried=False),
     Plant("unknown-model_type", _unknown_model_type, refused=True, config="config.json", workspace=False),
     Plant("unknown-processor_class", _unknown_processor, refused=True, config="processor_config.json"),
     Plant("unknown-image_processor_type", _unknown_image_processor, refused=True, config="processor_config.json"),
-    Plant("unknown-perceiver-tokenizer_class", _unknown_perceiver_tokenizer, dpa_only=True, lists=True,
-          refused=True, config="perceiver_tokenizer/tokenizer_config.json"),
-)  # fmt: skip
+    Plant(
+        "unknown-perceiver-tokenizer_class",
+        _unknown_perceiver_tokenizer,
+        dpa_only=True,
+        lists=True,
+        refused=True,
+        config="perceiver_tokenizer/tokenizer_config.json",
+    ),
+)
 PLANT = {plant.id: plant for plant in PLANTS}
 
 
@@ -195,8 +213,11 @@ def shared(dpa_workspace, tiny_checkpoint, tmp_path_factory) -> Shared:
     assert result.exit_code == 0, result.output
     image = root / "red.png"
     Image.new("RGB", (40, 32), (220, 30, 30)).save(image)
-    sample = {"id": "s", "image": image.name, "conversations": [
-        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Red."}]}  # fmt: skip
+    sample = {
+        "id": "s",
+        "image": image.name,
+        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Red."}],
+    }
     data = root / "data.json"
     data.write_text(json.dumps([sample, {**sample, "id": "t"}]))
     items = root / "items.jsonl"
@@ -220,8 +241,18 @@ class Command:
     refuses_foreign: bool = False
 
 
-SMALL_TRAIN = ["--max-steps", "1", "--set", "global_batch_size=2", "--set", "per_device_train_batch_size=2",
-               "--set", "gradient_checkpointing=false", "--set", "save_steps=1000"]  # fmt: skip
+SMALL_TRAIN = [
+    "--max-steps",
+    "1",
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=2",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "save_steps=1000",
+]
 
 
 def _generate(s: Shared, model: Path, tmp: Path) -> list[str]:
@@ -233,25 +264,101 @@ COMMANDS = (
     Command("generate-stage", "stage", _generate, cases=1),
     Command("generate-export", "export", _generate),
     Command("chat-export", "export", lambda s, m, t: ["chat", str(m), "--max-new-tokens", "1"], stdin="Hello\n"),
-    Command("eval-workspace", "workspace", lambda s, m, t: [
-        "eval", str(m), "--data", str(s.items), "--max-new-tokens", "1", "-o", str(t / "pred.jsonl")], cases=1),
-    Command("eval-baseline", "baseline", lambda s, m, t: [
-        "eval", str(s.export), "--baseline", str(m), "--data", str(s.items), "--max-new-tokens", "1",
-        "-o", str(t / "pred.jsonl")], cases=1),
-    Command("analyze-baseline", "baseline", lambda s, m, t: [
-        "analyze", "modality-gap", str(s.export), "--baseline", str(m), "--data", str(s.data), "--limit", "1",
-        "-o", str(t / "gap")], cases=1, costly=True),
-    Command("bench-infer-baseline", "baseline", lambda s, m, t: [
-        "bench", "infer", str(s.export), "--baseline", str(m), "--device", "cpu", "--repeats", "1",
-        "--prompts", "1", "--max-new-tokens", "2"], cases=1, costly=True),
-    Command("data-check-workspace", "workspace", lambda s, m, t: [
-        "data", "check", str(s.data), "--image-root", str(s.image.parent), "-w", str(m)], cases=3),
-    Command("train-workspace", "workspace", lambda s, m, t: [
-        "train", "--stage", "1", "-w", str(m), "--data", str(s.data), "--image-root", str(s.image.parent),
-        *SMALL_TRAIN], cases=1, costly=True),
-    Command("export-stage", "stage", lambda s, m, t: ["export", "-w", str(m), "-o", str(t / "out")], cases=3,
-            refuses_foreign=True),
-)  # fmt: skip
+    Command(
+        "eval-workspace",
+        "workspace",
+        lambda s, m, t: ["eval", str(m), "--data", str(s.items), "--max-new-tokens", "1", "-o", str(t / "pred.jsonl")],
+        cases=1,
+    ),
+    Command(
+        "eval-baseline",
+        "baseline",
+        lambda s, m, t: [
+            "eval",
+            str(s.export),
+            "--baseline",
+            str(m),
+            "--data",
+            str(s.items),
+            "--max-new-tokens",
+            "1",
+            "-o",
+            str(t / "pred.jsonl"),
+        ],
+        cases=1,
+    ),
+    Command(
+        "analyze-baseline",
+        "baseline",
+        lambda s, m, t: [
+            "analyze",
+            "modality-gap",
+            str(s.export),
+            "--baseline",
+            str(m),
+            "--data",
+            str(s.data),
+            "--limit",
+            "1",
+            "-o",
+            str(t / "gap"),
+        ],
+        cases=1,
+        costly=True,
+    ),
+    Command(
+        "bench-infer-baseline",
+        "baseline",
+        lambda s, m, t: [
+            "bench",
+            "infer",
+            str(s.export),
+            "--baseline",
+            str(m),
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--prompts",
+            "1",
+            "--max-new-tokens",
+            "2",
+        ],
+        cases=1,
+        costly=True,
+    ),
+    Command(
+        "data-check-workspace",
+        "workspace",
+        lambda s, m, t: ["data", "check", str(s.data), "--image-root", str(s.image.parent), "-w", str(m)],
+        cases=3,
+    ),
+    Command(
+        "train-workspace",
+        "workspace",
+        lambda s, m, t: [
+            "train",
+            "--stage",
+            "1",
+            "-w",
+            str(m),
+            "--data",
+            str(s.data),
+            "--image-root",
+            str(s.image.parent),
+            *SMALL_TRAIN,
+        ],
+        cases=1,
+        costly=True,
+    ),
+    Command(
+        "export-stage",
+        "stage",
+        lambda s, m, t: ["export", "-w", str(m), "-o", str(t / "out")],
+        cases=3,
+        refuses_foreign=True,
+    ),
+)
 
 
 def _stage_workspace(shared: Shared, tmp: Path) -> tuple[Path, Path]:
@@ -329,10 +436,10 @@ def assert_outcome(run: tuple[object, Path, bool], plant: Plant, command: Comman
     assert f"{plant.config} (" in lines[0] and "evil.py)" in lines[0], lines[0]
 
 
-@pytest.mark.parametrize(("command", "plant", "form"), MATRIX,
-                         ids=[f"{c.id}-{p.id}-{f}" for c, p, f in MATRIX])  # fmt: skip
-def test_planted_code_never_runs_and_the_command_works_or_refuses_in_one_line(shared, tmp_path, caplog, command, plant,
-                                                                              form):  # fmt: skip
+@pytest.mark.parametrize(("command", "plant", "form"), MATRIX, ids=[f"{c.id}-{p.id}-{f}" for c, p, f in MATRIX])
+def test_planted_code_never_runs_and_the_command_works_or_refuses_in_one_line(
+    shared, tmp_path, caplog, command, plant, form
+):
     # The warning goes to stderr through logging; under pytest, its log capture takes it.
     assert_outcome(run_planted(shared, tmp_path, command, plant, form), plant, command, caplog.text)
 
@@ -349,8 +456,14 @@ def test_every_place_is_gated_on_one_load_of_model_and_processor(shared, tmp_pat
 
 
 # --- the verdict on generated variants (no model is loaded) --------------------------------------------------
-CONFIG_NAMES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
-                "video_preprocessor_config.json", "generation_config.json")  # fmt: skip
+CONFIG_NAMES = (
+    "config.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
 SUB_FOLDERS = ("", "perceiver_tokenizer", "perceiver_processor", "a/b")
 KEYS = ("AutoConfig", "AutoTokenizer", "AutoProcessor", "AutoImageProcessor", "AutoModelForImageTextToText")
 MODULES = ("evil", "modeling_dpa_v2", "../modeling_dpa", "sub.modeling_dpa")
@@ -359,8 +472,9 @@ MODULES = ("evil", "modeling_dpa_v2", "../modeling_dpa", "sub.modeling_dpa")
 def _verdict_variants() -> list[tuple[str, str, str, str, str]]:
     """Sub-folder x config file x form, each with a key and a foreign module name cycled through."""
     combos = itertools.product(SUB_FOLDERS, CONFIG_NAMES, FORMS)
-    return [(sub, name, form, KEYS[i % len(KEYS)], MODULES[i % len(MODULES)])
-            for i, (sub, name, form) in enumerate(combos)]  # fmt: skip
+    return [
+        (sub, name, form, KEYS[i % len(KEYS)], MODULES[i % len(MODULES)]) for i, (sub, name, form) in enumerate(combos)
+    ]
 
 
 VARIANTS = _verdict_variants()
@@ -374,10 +488,12 @@ def code_folder(shared, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("sub", "name", "form", "key", "module"), VARIANTS,
-                         ids=["-".join(v).replace("/", "_") or "root" for v in VARIANTS])  # fmt: skip
-def test_every_auto_map_in_every_config_of_every_sub_folder_is_foreign(code_folder, tmp_path, sub, name, form, key,
-                                                                        module):  # fmt: skip
+@pytest.mark.parametrize(
+    ("sub", "name", "form", "key", "module"), VARIANTS, ids=["-".join(v).replace("/", "_") or "root" for v in VARIANTS]
+)
+def test_every_auto_map_in_every_config_of_every_sub_folder_is_foreign(
+    code_folder, tmp_path, sub, name, form, key, module
+):
     from dpa_cli.loading import may_run_code
     from dpa_cli.trust import examine
 
@@ -395,8 +511,9 @@ def test_every_auto_map_in_every_config_of_every_sub_folder_is_foreign(code_fold
 
 @pytest.mark.parametrize("where", ["root", "perceiver_tokenizer", "both"])
 @pytest.mark.parametrize("module", ["modeling_dpa", "configuration_dpa", "processing_dpa"])
-def test_dpa_own_files_count_only_byte_for_byte_wherever_transformers_may_find_them(code_folder, tmp_path, where,
-                                                                                   module):  # fmt: skip
+def test_dpa_own_files_count_only_byte_for_byte_wherever_transformers_may_find_them(
+    code_folder, tmp_path, where, module
+):
     from dpa_cli.loading import may_run_code
 
     folder = Path(shutil.copytree(code_folder, tmp_path / "model"))
@@ -411,8 +528,12 @@ def test_dpa_own_files_count_only_byte_for_byte_wherever_transformers_may_find_t
     assert not may_run_code(folder)
 
 
-UNREADABLE = {"not-json": b'{"auto_map": ', "not-utf8": b"\xff\xfe{}", "too-deep": b"[" * 100_000 + b"]" * 100_000,
-              "too-large": b'{"auto_map": {}}'}  # fmt: skip
+UNREADABLE = {
+    "not-json": b'{"auto_map": ',
+    "not-utf8": b"\xff\xfe{}",
+    "too-deep": b"[" * 100_000 + b"]" * 100_000,
+    "too-large": b'{"auto_map": {}}',
+}
 
 
 @pytest.mark.parametrize("where", ["config.json", "perceiver_tokenizer/tokenizer_config.json", "extra/config.json"])
@@ -479,8 +600,11 @@ def test_with_trust_remote_code_the_planted_code_does_run(shared, tmp_path):
     assert sentinel.read_text() == "ran"
 
 
-@pytest.mark.parametrize("path", [("generate",), ("chat",), ("eval",), ("analyze", "modality-gap"),
-                                  ("bench", "infer"), ("export",)], ids=" ".join)  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [("generate",), ("chat",), ("eval",), ("analyze", "modality-gap"), ("bench", "infer"), ("export",)],
+    ids=" ".join,
+)
 def test_every_command_that_loads_a_users_folder_takes_trust_remote_code(path):
     result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--trust-remote-code" in result.stdout
@@ -488,11 +612,20 @@ def test_every_command_that_loads_a_users_folder_takes_trust_remote_code(path):
 
 def _trust_values(tree: ast.AST) -> list[str]:
     """How each call in `tree` sets trust_remote_code (a keyword or a `{"trust_remote_code": ...}` dict entry)."""
-    values = [ast.unparse(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
-              for k in node.keywords if k.arg == "trust_remote_code"]  # fmt: skip
-    return values + [ast.unparse(v) for node in ast.walk(tree) if isinstance(node, ast.Dict)
-                     for k, v in zip(node.keys, node.values)
-                     if isinstance(k, ast.Constant) and k.value == "trust_remote_code"]  # fmt: skip
+    values = [
+        ast.unparse(k.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        for k in node.keywords
+        if k.arg == "trust_remote_code"
+    ]
+    return values + [
+        ast.unparse(v)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Dict)
+        for k, v in zip(node.keys, node.values)
+        if isinstance(k, ast.Constant) and k.value == "trust_remote_code"
+    ]
 
 
 def test_only_the_loading_module_chooses_trust_remote_code():
@@ -501,8 +634,11 @@ def test_only_the_loading_module_chooses_trust_remote_code():
     `trust_remote_code` is False. (Text shown to users, card.py and export_cmd.py, is not code.)"""
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        loads = [node for node in ast.walk(tree)
-                 if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained"]  # fmt: skip
+        loads = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained"
+        ]
         trust = _trust_values(tree)
         if path.name == "loading.py":
             assert trust == ["trust"], trust
@@ -515,7 +651,10 @@ def test_only_the_loading_module_chooses_trust_remote_code():
 
 def test_the_gate_messages_are_documented():
     troubleshooting = (ROOT / "docs" / "troubleshooting.md").read_text()
-    for stem in ("is not dpa's own, and transformers has no installed", "is not dpa's own; an export would ship it",
-                 "is not dpa's own: not run;"):  # fmt: skip
+    for stem in (
+        "is not dpa's own, and transformers has no installed",
+        "is not dpa's own; an export would ship it",
+        "is not dpa's own: not run;",
+    ):
         assert stem in troubleshooting, stem
     assert "## Gate: one trust gate for every load" in (ROOT / "docs" / "reliability.md").read_text()

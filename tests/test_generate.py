@@ -102,8 +102,11 @@ def test_a_chat_session_keeps_the_conversation_and_streams(ws):
     second = session.ask("And the colours?")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     image = open_image(ws.parent / "image.png")
-    history = [user_turn(PROMPT, [image]), {"role": "assistant", "content": [{"type": "text", "text": first["text"]}]},
-               user_turn("And the colours?", [])]  # fmt: skip
+    history = [
+        user_turn(PROMPT, [image]),
+        {"role": "assistant", "content": [{"type": "text", "text": first["text"]}]},
+        user_turn("And the colours?", []),
+    ]
     assert reply(runnable, history, max_new_tokens=5)["token_ids"] == second["token_ids"]
 
 

@@ -31,8 +31,21 @@ COMMANDS = _commands(ROOT)
 
 def test_the_command_tree_is_the_documented_one():
     names = {" ".join(c) for c in COMMANDS}
-    assert {"inspect", "catalog", "upgrade", "data check", "train", "export", "generate", "chat", "demo",
-            "verify", "eval", "analyze modality-gap", "bench infer"} <= names  # fmt: skip
+    assert {
+        "inspect",
+        "catalog",
+        "upgrade",
+        "data check",
+        "train",
+        "export",
+        "generate",
+        "chat",
+        "demo",
+        "verify",
+        "eval",
+        "analyze modality-gap",
+        "bench infer",
+    } <= names
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p))

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import huggingface_hub
+import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -21,9 +21,7 @@ MAIN = "a" * 8 + "0123456789abcdef0123456789abcdef"  # 40-hex commit hashes
 OLD = "b" * 8 + "0123456789abcdef0123456789abcdef"
 
 
-def add_snapshot(
-    cache: Path, repo_id: str, commit: str, files: dict[str, str], refs: tuple[str, ...]
-) -> Path:
+def add_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, str], refs: tuple[str, ...]) -> Path:
     """Lay out one snapshot exactly as huggingface_hub does: blobs, refs, symlinked snapshot files."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
@@ -122,9 +120,7 @@ def test_online_without_permission_never_downloads(cache: Path, online: list[dic
     assert "downloads are off" in err.value.message and "hf download acme/absent" in err.value.hint
 
 
-def test_online_with_permission_downloads_what_is_missing(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_online_with_permission_downloads_what_is_missing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     fetched = add_snapshot(cache, "acme/new", MAIN, {"config.json": "{}"}, ())

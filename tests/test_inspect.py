@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dpa_cli.cli.app import app
 from dpa_cli.describe import describe_model
-from tests.factories import SPECS, original_vit, copy_checkpoint, tiny_config
+from tests.factories import SPECS, copy_checkpoint, original_vit, tiny_config
 
 runner = CliRunner()
 
@@ -33,7 +33,7 @@ MODULES = {
     "idefics3": ("model.vision_model", ["model.connector"], "model.text_model"),
     "smolvlm": ("model.vision_model", ["model.connector"], "model.text_model"),
     "causal_lm": (None, [], "model"),
-}  # fmt: skip
+}
 HF_SPECS = [name for name, spec in SPECS.items() if spec.prefix]
 
 
@@ -158,8 +158,9 @@ def test_inspect_never_reads_tensor_data(tiny_checkpoint, tmp_path):
         handle.truncate(start + 100)
     report = inspect_json(folder)
     assert report["total_params"] == expected["total_params"]
-    assert report["warnings"] == [f"model.safetensors is truncated: {start + 100} of {size} bytes on disk; "
-                                  "re-download it"]  # fmt: skip
+    assert report["warnings"] == [
+        f"model.safetensors is truncated: {start + 100} of {size} bytes on disk; re-download it"
+    ]
 
 
 def test_a_chat_template_in_tokenizer_config_counts(tiny_checkpoint, tmp_path):
@@ -258,8 +259,10 @@ def test_the_real_command_line(tiny_checkpoint, tmp_path):
     broken = copy_checkpoint(tiny_checkpoint("qwen3_vl"), tmp_path / "no-config")
     _missing_config(broken)
     command = [sys.executable, "-m", "dpa_cli", "inspect"]
-    runs = [subprocess.Popen([*command, str(folder), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for folder, flags in ((tiny_checkpoint("qwen3_vl"), ["--json"]), (broken, []))]
+    runs = [
+        subprocess.Popen([*command, str(folder), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for folder, flags in ((tiny_checkpoint("qwen3_vl"), ["--json"]), (broken, []))
+    ]
     (ok_out, ok_err), (bad_out, bad_err) = (run.communicate(timeout=300) for run in runs)
     assert runs[0].returncode == 0, ok_err
     assert json.loads(ok_out)["family"] == "qwen3_vl"
@@ -278,8 +281,9 @@ def test_inspect_imports_neither_torch_nor_transformers(tiny_checkpoint):
         "app(args=['inspect', sys.argv[1], '--json'], standalone_mode=False); "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint("llava_next"))],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_checkpoint("llava_next"))], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout[: result.stdout.rindex("}") + 1])["family"] == "llava_next"
     assert result.stdout.strip().splitlines()[-1] == "[]"

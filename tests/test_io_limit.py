@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
-from dpa_cli.checkpoint import copying, hashing
+from dpa_cli.checkpoint import LazyTensorReader, copying, hashing, read_checkpoint_index
 from dpa_cli.checkpoint.hashing import Cancelled
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import CastSlice, TensorSpec, write_sharded
@@ -202,8 +201,11 @@ def test_bytes_made_in_user_space_fall_back_to_write_where_sendfile_cannot(fault
     if fault == "no memfd":
         monkeypatch.delattr(os, "memfd_create")
     else:
-        code, after = {"sendfile EINVAL": (errno.EINVAL, 0), "sendfile ENOSYS after 100 bytes": (errno.ENOSYS, 100),
-                       "sendfile short": (errno.EINVAL, 10**12)}[fault]  # fmt: skip
+        code, after = {
+            "sendfile EINVAL": (errno.EINVAL, 0),
+            "sendfile ENOSYS after 100 bytes": (errno.ENOSYS, 100),
+            "sendfile short": (errno.EINVAL, 10**12),
+        }[fault]
         monkeypatch.setattr(os, "sendfile", send := _failing_send(code, after))
     assert _write(tmp_path / "streamed", index, specs, streamed=True, shard=shard) == before
     assert _files(tmp_path / "streamed") == _files(tmp_path / "loaded")
@@ -248,7 +250,9 @@ def test_reflink_segments_cover_the_range_and_align_one_body_where_the_offsets_a
     parts = copying.segments(src, dst, count, block)
     assert sum(parts) == count and len(parts) <= 3 and (all(parts) or parts == [0])
     starts = [sum(parts[:i]) for i in range(len(parts))]
-    aligned = [n for at, n in zip(starts, parts) if (src + at) % block == (dst + at) % block == 0 and n and n % block == 0]
+    aligned = [
+        n for at, n in zip(starts, parts) if (src + at) % block == (dst + at) % block == 0 and n and n % block == 0
+    ]
     if (src - dst) % block or count < -dst % block + block:
         assert parts == [count]  # nothing to share: one plain copy
     else:
@@ -356,8 +360,13 @@ def test_the_streaming_path_imports_torch_only(workspace, tmp_path):
     )
     (tmp_path / "out").mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-c", script, str(workspace / "model"), str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(workspace / "model"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == ["torch"]
     assert read_checkpoint_index(tmp_path / "out").tensors  # it did write the weights
@@ -405,8 +414,15 @@ def test_end_to_end_ratios_are_net_of_the_import_and_the_breakdown_takes_medians
     from dpa_cli.bench.measure import breakdown, ratios
 
     def run(cp_sync: float, work: float, e2e: float, imports: float) -> dict:
-        child = {"work_s": work, "end_to_end_s": e2e, "import_torch_transformers_s": imports, "import_rest_s": 1.0,
-                 "rss_growth": 10, "largest_shard": 100, "phases": {"plan": work / 4}}  # fmt: skip
+        child = {
+            "work_s": work,
+            "end_to_end_s": e2e,
+            "import_torch_transformers_s": imports,
+            "import_rest_s": 1.0,
+            "rss_growth": 10,
+            "largest_shard": 100,
+            "phases": {"plan": work / 4},
+        }
         return {"cp_s": cp_sync / 2, "cp_sync_s": cp_sync, "keep": child}
 
     runs = [run(2.0, 2.2, 9.0, 4.0), run(1.0, 1.5, 7.0, 3.0), run(2.0, 3.0, 10.0, 3.0)]

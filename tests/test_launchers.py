@@ -15,9 +15,24 @@ import pytest
 import yaml
 
 # One optimizer step on 2 samples (one per process for two nodes), no checkpoint: the launch is under test.
-TINY = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "max_length=512",
-        "--set", "gradient_checkpointing=false", "--set", "save_steps=1000", "--set", "logging_steps=1",
-        "--set", "report_to=none", "--max-steps", "1"]  # fmt: skip
+TINY = [
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=1",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "save_steps=1000",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "report_to=none",
+    "--max-steps",
+    "1",
+]
 TIMEOUT = 300
 
 
@@ -33,8 +48,18 @@ def workspace(dpa_workspace, tmp_path) -> Path:
 
 
 def stage_args(ws: Path, data: Path) -> list[str]:
-    return ["train", "--stage", "1", "-w", str(ws), "--data", str(data / "captions.json"),
-            "--image-root", str(data / "images"), *TINY]  # fmt: skip
+    return [
+        "train",
+        "--stage",
+        "1",
+        "-w",
+        str(ws),
+        "--data",
+        str(data / "captions.json"),
+        "--image-root",
+        str(data / "images"),
+        *TINY,
+    ]
 
 
 def finished_with(ws: Path, processes: int) -> dict:
@@ -52,11 +77,38 @@ def test_deepspeed_launcher_with_a_hostfile_runs_a_stage(workspace, stage_data, 
     The ZeRO engine under a launcher: tests/test_train.py, tests/test_distributed_faults.py."""
     hostfile, config = tmp_path / "hostfile", tmp_path / "run.yaml"
     hostfile.write_text("localhost slots=1\n")
-    config.write_text(yaml.safe_dump({"stage": 1, "workspace": str(workspace), "data": str(stage_data / "captions.json"),
-                                      "image_root": str(stage_data / "images"), "nproc": 2}))  # fmt: skip
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-               "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "--module", "dpa_cli", "train", str(config), *TINY, "--set", "global_batch_size=1"]  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "stage": 1,
+                "workspace": str(workspace),
+                "data": str(stage_data / "captions.json"),
+                "image_root": str(stage_data / "images"),
+                "nproc": 2,
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        "--node_rank",
+        "0",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "dpa_cli",
+        "train",
+        str(config),
+        *TINY,
+        "--set",
+        "global_batch_size=1",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--local_rank=0" in done.stderr + done.stdout  # the launcher's own line: the worker got the flag
@@ -69,11 +121,32 @@ def test_two_nodes_on_localhost_torchrun_rendezvous_runs_a_stage(workspace, stag
     endpoint = f"localhost:{free_port()}"
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
-             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "dpa-test",
-             "-m", "dpa_cli", *stage_args(workspace, stage_data), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "dpa-test",
+                "-m",
+                "dpa_cli",
+                *stage_args(workspace, stage_data),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
         for rank in (0, 1)
     ]
     try:

@@ -19,7 +19,24 @@ from tests.conftest import DPA_WORKSPACES
 from tests.fixtures.data import turn
 
 SIZES = [(28, 28), (60, 40), (40, 60), (123, 45), (200, 200), (333, 120), (17, 300), (640, 480)]
-WORDS = ["the", "a", "cat", "dog", "sits", "on", "mat", "red", "blue", "big", "small", "runs", "fast", "slow", "near", "far"]
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sits",
+    "on",
+    "mat",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "runs",
+    "fast",
+    "slow",
+    "near",
+    "far",
+]
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -32,21 +49,30 @@ def generated_records(rng: random.Random, count: int, images: list[str]) -> list
     for index in range(count):
         kind = index % 5
         if kind == 0:  # caption
-            record = {"image": rng.choice(images), "conversations": [
-                turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, rng.randint(3, 12)))]}  # fmt: skip
+            record = {
+                "image": rng.choice(images),
+                "conversations": [turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, rng.randint(3, 12)))],
+            }
         elif kind == 1:  # text only
             record = {"conversations": [turn("human", _text(rng, 5)), turn("gpt", _text(rng, rng.randint(2, 30)))]}
         elif kind == 2:  # several images
-            record = {"image": [rng.choice(images) for _ in range(2)], "conversations": [
-                turn("human", "<image>\n<image>\nCompare."), turn("gpt", _text(rng, 6))]}  # fmt: skip
+            record = {
+                "image": [rng.choice(images) for _ in range(2)],
+                "conversations": [turn("human", "<image>\n<image>\nCompare."), turn("gpt", _text(rng, 6))],
+            }
         elif kind == 3:  # multi-turn, sometimes long (cut at max_length)
             turns = [turn("human", "<image>\n" + _text(rng, 4))]
             for _ in range(rng.randint(1, 4)):
                 turns += [turn("gpt", _text(rng, rng.randint(5, 60))), turn("human", _text(rng, 4))]
             record = {"image": rng.choice(images), "conversations": [*turns, turn("gpt", _text(rng, 8))]}
         else:  # the image late in a long prompt: over max_length it cannot be cut (dropped, or skipped)
-            record = {"image": rng.choice(images), "conversations": [
-                turn("human", _text(rng, rng.randint(1, 400)) + "\n<image>"), turn("gpt", _text(rng, 3))]}  # fmt: skip
+            record = {
+                "image": rng.choice(images),
+                "conversations": [
+                    turn("human", _text(rng, rng.randint(1, 400)) + "\n<image>"),
+                    turn("gpt", _text(rng, 3)),
+                ],
+            }
         records.append({"id": f"s{index}", **record})
     return records
 
@@ -83,15 +109,27 @@ def paper_workspace(tiny_checkpoint, tmp_path_factory) -> Path:
     from dpa_cli.cli.app import app
 
     folder = tmp_path_factory.mktemp("paper") / "ws"
-    result = CliRunner().invoke(app, ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver",
-                                      str(tiny_checkpoint("qwen2_5_vl")), "-o", str(folder), "--encoding", "paper"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "upgrade",
+            str(tiny_checkpoint("causal_lm_qwen3")),
+            "--perceiver",
+            str(tiny_checkpoint("qwen2_5_vl")),
+            "-o",
+            str(folder),
+            "--encoding",
+            "paper",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return folder
 
 
 @pytest.mark.parametrize("name", [*DPA_WORKSPACES, "paper"])
-def test_lengths_equal_the_encoders_without_decoding_a_pixel(dpa_workspace, paper_workspace, generated, name,
-                                                             monkeypatch):  # fmt: skip
+def test_lengths_equal_the_encoders_without_decoding_a_pixel(
+    dpa_workspace, paper_workspace, generated, name, monkeypatch
+):
     processor = load_processor(paper_workspace if name == "paper" else dpa_workspace(name))
     assert name != "paper" or (processor.marker_slots and processor.train_max_pixels)
     rng = random.Random(name)
@@ -113,7 +151,10 @@ def test_the_cache_is_beside_the_data_keyed_and_invalidated(dpa_workspace, gener
     processor = load_processor(dpa_workspace("next_qwen"))
     folder = shutil.copytree(generated, tmp_path / "data", ignore=shutil.ignore_patterns(f"*{SUFFIX}"))
     data, cache = folder / "data.json", folder / f".data.json{SUFFIX}"
-    dataset = lambda stage: EncodedDataset(open_samples(data), SampleEncoder(processor, stage, 4096))
+
+    def dataset(stage):
+        return EncodedDataset(open_samples(data), SampleEncoder(processor, stage, 4096))
+
     first = sample_lengths(dataset(2))
     key = json.loads(cache.read_text())["key"]
     assert len(json.loads(cache.read_text())["samples"]) == len(first)
@@ -145,19 +186,41 @@ def caption_data(root: Path, count: int) -> Path:
     for width, height in SIZES[:4]:
         Image.new("RGB", (width, height), (200, 40, 40)).save(root / f"{width}x{height}.jpg")
     Image.new("RGB", (60, 40), (40, 40, 200)).save(root / "longest.png")
-    records = [{"id": f"c{i}", "image": f"{rng.choice(SIZES[:4])[0]}x{rng.choice(SIZES[:4])[1]}.jpg",
-                "conversations": [turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, rng.randint(2, 20)))]}
-               for i in range(count)]  # fmt: skip
+    records = [
+        {
+            "id": f"c{i}",
+            "image": f"{rng.choice(SIZES[:4])[0]}x{rng.choice(SIZES[:4])[1]}.jpg",
+            "conversations": [turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, rng.randint(2, 20)))],
+        }
+        for i in range(count)
+    ]
     records = [{**r, "image": r["image"] if (root / r["image"]).exists() else "28x28.jpg"} for r in records]
-    records[count // 2] = {"id": "longest", "image": "longest.png", "conversations": [
-        turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, 60))]}  # fmt: skip
+    records[count // 2] = {
+        "id": "longest",
+        "image": "longest.png",
+        "conversations": [turn("human", "<image>\nDescribe it."), turn("gpt", _text(rng, 60))],
+    }
     (root / "captions.json").write_text(json.dumps(records))
     return root / "captions.json"
 
 
-GROUPED = ["--set", "train_sampling_strategy=group_by_length", "--set", "global_batch_size=4",
-           "--set", "per_device_train_batch_size=2", "--max-steps", "1", "--set", "save_steps=1000",
-           "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--json"]  # fmt: skip
+GROUPED = [
+    "--set",
+    "train_sampling_strategy=group_by_length",
+    "--set",
+    "global_batch_size=4",
+    "--set",
+    "per_device_train_batch_size=2",
+    "--max-steps",
+    "1",
+    "--set",
+    "save_steps=1000",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--json",
+]
 
 
 def test_group_by_length_trains_with_dpas_sampler_and_decodes_only_the_batch(dpa_workspace, tmp_path, monkeypatch):

@@ -163,12 +163,12 @@ def test_plain_transformers_loads_the_remote_code_without_dpa_cli(tmp_path, batc
     script = f"""
 import sys, torch
 from transformers import AutoModelForImageTextToText
-model = AutoModelForImageTextToText.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+model = AutoModelForImageTextToText.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
 assert not any(name.startswith('dpa_cli') for name in sys.modules), 'dpa_cli was imported'
-batch = torch.load({str(tmp_path / 'batch.pt')!r})
+batch = torch.load({str(tmp_path / "batch.pt")!r})
 with torch.no_grad():
     logits = model(**batch).logits
-print((logits - torch.load({str(tmp_path / 'expected.pt')!r})).abs().max().item())
+print((logits - torch.load({str(tmp_path / "expected.pt")!r})).abs().max().item())
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -203,7 +203,10 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(batch):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         counter = {"perceiver": 0, "target": 0}
         # Module hooks do not fire during the recompute, so count calls of an inner module's forward itself.
-        mlps = {"perceiver": model.model.perceiver.language_model.layers[0].mlp, "target": model.model.language_model.layers[0].mlp}
+        mlps = {
+            "perceiver": model.model.perceiver.language_model.layers[0].mlp,
+            "target": model.model.language_model.layers[0].mlp,
+        }
         for name, mlp in mlps.items():
             mlp.forward = _counting(mlp.forward, counter, name)
         model(**batch).loss.backward()

@@ -53,8 +53,19 @@ def _reference(lengths: list[int], max_length: int) -> list[list[int]]:
 
 def _length_cases() -> list[tuple[list[int], int]]:
     rng = random.Random(18)
-    cases = [([], 8), ([0], 8), ([8], 8), ([9], 8), ([8, 8, 8], 8), ([1] * 17, 4), ([0, 0, 12, 0, 3], 10),
-             ([5, 3, 8, 2, 9, 1, 0, 12], 10), ([1], 1), ([2, 2, 2], 1), ([7, 7, 1, 1], 8)]  # fmt: skip
+    cases = [
+        ([], 8),
+        ([0], 8),
+        ([8], 8),
+        ([9], 8),
+        ([8, 8, 8], 8),
+        ([1] * 17, 4),
+        ([0, 0, 12, 0, 3], 10),
+        ([5, 3, 8, 2, 9, 1, 0, 12], 10),
+        ([1], 1),
+        ([2, 2, 2], 1),
+        ([7, 7, 1, 1], 8),
+    ]
     for _ in range(30):  # skewed like LLaVA data: many short, a few near or over max_length
         max_length = rng.choice([16, 64, 256, 2048])
         cases.append(([int(rng.paretovariate(1.2) * max_length / 8) for _ in range(rng.randint(1, 120))], max_length))
@@ -92,10 +103,17 @@ def _dataset(processor, data: Path, images: Path, max_length: int = 4096) -> Enc
 def test_a_sample_over_max_length_is_cut_or_dropped_as_without_packing(dpa_workspace, data_files, tmp_path):
     long_answer = " ".join(["The quick brown fox jumps over the lazy dog."] * 30)
     image_late = " ".join(["Look closely."] * 60) + "\n<image>"
-    extra = [{"id": "long-text", "conversations": [{"from": "human", "value": "Tell me."},
-                                                    {"from": "gpt", "value": long_answer}]},
-             {"id": "image-late", "image": "red.png", "conversations": [{"from": "human", "value": image_late},
-                                                                        {"from": "gpt", "value": "Red."}]}]  # fmt: skip
+    extra = [
+        {
+            "id": "long-text",
+            "conversations": [{"from": "human", "value": "Tell me."}, {"from": "gpt", "value": long_answer}],
+        },
+        {
+            "id": "image-late",
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": image_late}, {"from": "gpt", "value": "Red."}],
+        },
+    ]
     processor = loading.load_processor(dpa_workspace("next_qwen") / "model")
     data = _samples(tmp_path, extra)
     unpacked = _dataset(processor, data, data_files / "images", max_length=128)
@@ -114,8 +132,14 @@ def test_a_sample_over_max_length_is_cut_or_dropped_as_without_packing(dpa_works
 def paper_workspace(tiny_checkpoint, tmp_path_factory) -> Path:
     """A Qwen-VL-style target: the paper's skeleton (Qwen2.5-VL ViT + Qwen3 blocks), a Qwen2.5-VL perceiver."""
     folder = tmp_path_factory.mktemp("packing") / "paper"
-    argv = ["upgrade", str(tiny_checkpoint("paper_vl")), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")),
-            "-o", str(folder)]  # fmt: skip
+    argv = [
+        "upgrade",
+        str(tiny_checkpoint("paper_vl")),
+        "--perceiver",
+        str(tiny_checkpoint("qwen2_5_vl")),
+        "-o",
+        str(folder),
+    ]
     assert runner.invoke(app, argv).exit_code == 0
     return folder
 
@@ -129,7 +153,10 @@ def _with_mrope_llm(model):
     config = model.config
     text = {k: v for k, v in config.text_config.to_dict().items() if k not in ("model_type", "transformers_version")}
     half = config.text_config.head_dim // 2
-    text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
+    text["rope_parameters"] = {
+        **text["rope_parameters"],
+        "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+    }
     config.text_config = Qwen2_5_VLQwen3TextConfig(**text)
     config.text_config._attn_implementation = model.config._attn_implementation
     mrope = type(model)(config)
@@ -166,7 +193,9 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(target, dpa_worksp
     assert len(rows) < len(features) and any(len(row) > 1 for row in rows), rows
     collator = DPACollator(processor)
     unpacked = collator(features)
-    packed = PackingCollator(collator, mrope=uses_mrope(model.config.text_config))([[features[i] for i in row] for row in rows])
+    packed = PackingCollator(collator, mrope=uses_mrope(model.config.text_config))(
+        [[features[i] for i in row] for row in rows]
+    )
     assert packed["position_ids"].dim() == (3 if target == "paper_mrope" else 2)
     # The same reduction on both sides: the mean over every supervised token of the batch, and the same tokens.
     assert (packed["labels"] != -100).sum() == (unpacked["labels"][:, 1:] != -100).sum()
@@ -218,10 +247,33 @@ def test_dpa_train_pack_trains_a_few_steps(dpa_workspace, data_files, tmp_path):
     workspace = Path(shutil.copytree(dpa_workspace("next_qwen"), tmp_path / "ws"))
     data = tmp_path / "data.json"
     data.write_text(json.dumps(clean_samples() * 2))
-    argv = ["train", "--stage", "1", "-w", str(workspace), "--data", str(data), "--image-root",
-            str(data_files / "images"), "--pack", "--max-steps", "2", "--set", "max_length=256", "--set",
-            "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "save_steps=1000",
-            "--set", "gradient_checkpointing=false", "--set", "logging_steps=1", "--json"]  # fmt: skip
+    argv = [
+        "train",
+        "--stage",
+        "1",
+        "-w",
+        str(workspace),
+        "--data",
+        str(data),
+        "--image-root",
+        str(data_files / "images"),
+        "--pack",
+        "--max-steps",
+        "2",
+        "--set",
+        "max_length=256",
+        "--set",
+        "global_batch_size=2",
+        "--set",
+        "per_device_train_batch_size=1",
+        "--set",
+        "save_steps=1000",
+        "--set",
+        "gradient_checkpointing=false",
+        "--set",
+        "logging_steps=1",
+        "--json",
+    ]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
     summary = json.loads(result.stdout)
@@ -262,13 +314,40 @@ def gate_env(tiny_checkpoint, dpa_workspace, data_files, tmp_path_factory) -> En
 def test_dpa_train_refuses_a_bad_pack_value_and_writes_nothing(gate_env, tmp_path, value):
     env = Env(gate_env.tiny, gate_env.workspace, gate_env.images, tmp_path)
     data = env.data(clean_samples()[:2])
-    refused(env, ["train", "--stage", "1", "-w", str(env.workspace), "--data", str(data), "--image-root",
-                  str(env.images), "--pack", "--set", f"pack={value}"], "pack")  # fmt: skip
+    refused(
+        env,
+        [
+            "train",
+            "--stage",
+            "1",
+            "-w",
+            str(env.workspace),
+            "--data",
+            str(data),
+            "--image-root",
+            str(env.images),
+            "--pack",
+            "--set",
+            f"pack={value}",
+        ],
+        "pack",
+    )
 
 
 def test_the_pack_flag_sets_the_recipe_key_and_set_wins(gate_env, data_files):
-    base = ["train", "--stage", "1", "-w", str(gate_env.workspace), "--data", str(data_files / "clean.json"),
-            "--image-root", str(data_files / "images"), "--dry-run", "--json"]  # fmt: skip
+    base = [
+        "train",
+        "--stage",
+        "1",
+        "-w",
+        str(gate_env.workspace),
+        "--data",
+        str(data_files / "clean.json"),
+        "--image-root",
+        str(data_files / "images"),
+        "--dry-run",
+        "--json",
+    ]
     for extra, expected in (([], False), (["--pack"], True), (["--pack", "--set", "pack=false"], False)):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 0, result.stderr
@@ -295,18 +374,31 @@ def _text_configs() -> dict[str, object]:
 
     from dpa_cli.model.configuration_paper_dpa import Qwen2_5_VLQwen3TextConfig
 
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                pad_token_id=0)  # fmt: skip
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     mrope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
     return {
-        "llama": tf.LlamaConfig(**base), "qwen2": tf.Qwen2Config(**base), "qwen3": tf.Qwen3Config(**base),
-        "mistral": tf.MistralConfig(**base, sliding_window=4), "gemma": tf.GemmaConfig(**base),
+        "llama": tf.LlamaConfig(**base),
+        "qwen2": tf.Qwen2Config(**base),
+        "qwen3": tf.Qwen3Config(**base),
+        "mistral": tf.MistralConfig(**base, sliding_window=4),
+        "gemma": tf.GemmaConfig(**base),
         "qwen2_vl_text": tf.Qwen2VLTextConfig(**base, rope_parameters=mrope),
         "qwen2_5_vl_text": tf.Qwen2_5_VLTextConfig(**base, rope_parameters=mrope),
         "qwen3_vl_text": tf.Qwen3VLTextConfig(**base, rope_parameters={**mrope, "mrope_interleaved": True}),
         "qwen2_5_vl_qwen3_text": Qwen2_5_VLQwen3TextConfig(**base, rope_parameters=mrope),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(("kind", "attention"), [(k, "sdpa") for k in _text_configs()] + [("qwen3", "eager")])
@@ -332,8 +424,10 @@ def test_transformers_keeps_packed_samples_apart_for_every_text_model_kind(kind,
     assert (packed[:, :15] - alone).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("spelling", [["pack=true", "train_sampling_strategy=group_by_length"],
-                                      ["train_sampling_strategy=group_by_length", "pack=yes"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "spelling",
+    [["pack=true", "train_sampling_strategy=group_by_length"], ["train_sampling_strategy=group_by_length", "pack=yes"]],
+)
 def test_packing_and_length_grouping_together_are_refused(spelling):
     with pytest.raises(BadInputError, match="pack=true and train_sampling_strategy=group_by_length"):
         load_recipe("stage2-full", spelling)

@@ -86,11 +86,15 @@ def official(processor, before: str, q1: str, a1: str, q2: str, a2: str, n: int)
     vision = VISION_START + PAD * n + VISION_END
     user = "\n".join(part for part in (before, vision, q1) if part)
     pieces = [
-        (f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", False), (THINK, False),
-        (a1, True), ("<|im_end|>", True),
-        (f"\n<|im_start|>user\n{q2}<|im_end|>\n<|im_start|>assistant\n", False), (THINK, False),
-        (a2, True), ("<|im_end|>", True),
-    ]  # fmt: skip
+        (f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n", False),
+        (THINK, False),
+        (a1, True),
+        ("<|im_end|>", True),
+        (f"\n<|im_start|>user\n{q2}<|im_end|>\n<|im_start|>assistant\n", False),
+        (THINK, False),
+        (a2, True),
+        ("<|im_end|>", True),
+    ]
     ids, labels = [], []
     for text, learned in pieces:
         piece = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -124,8 +128,12 @@ def _record(spelling: str, turns: tuple, image: Path) -> Sample:
         blocks += [{"type": "image"}] + ([{"type": "text", "text": q1}] if q1 else [])
     else:
         blocks = first
-    messages = [{"role": "user", "content": blocks}, {"role": "assistant", "content": a1},
-                {"role": "user", "content": q2}, {"role": "assistant", "content": [{"type": "text", "text": a2}]}]
+    messages = [
+        {"role": "user", "content": blocks},
+        {"role": "assistant", "content": a1},
+        {"role": "user", "content": q2},
+        {"role": "assistant", "content": [{"type": "text", "text": a2}]},
+    ]
     return from_chat({"id": "s", "images": [image.name], "messages": messages}, 0, image.parent)
 
 
@@ -169,8 +177,10 @@ def test_each_image_reads_its_turn_up_to_it_in_training_and_inference(processor,
         messages += [{"role": "user", "content": content}, ANSWER]
     trained = SampleEncoder(processor, 2, 4096)(Sample("s", [ImageRef(image=i) for i in images], messages))
     counter = iter(images)  # the same conversation as chat messages carrying the images, up to the last answer
-    live = [{**m, "content": [{**b, "image": next(counter)} if b["type"] == "image" else b for b in m["content"]]}
-            for m in messages[:-1]]  # fmt: skip
+    live = [
+        {**m, "content": [{**b, "image": next(counter)} if b["type"] == "image" else b for b in m["content"]]}
+        for m in messages[:-1]
+    ]
     prompted = processor.apply_chat_template(live, add_generation_prompt=True, tokenize=True, return_dict=True)
     for inputs in (trained, prompted):
         rows = inputs["perceiver_input_ids"], inputs["perceiver_attention_mask"].bool()
@@ -243,15 +253,22 @@ def test_the_generation_prompt_is_the_training_text_up_to_the_think_opener(proce
     image = picture(56, 56)
     inputs = build_inputs(processor, [user_turn(question, [image])])
     prompt = processor.tokenizer.decode(inputs["input_ids"][0])
-    assert prompt == (f"<|im_start|>user\n{VISION_START}{PAD * 4}{VISION_END}\n{question}<|im_end|>\n"
-                      "<|im_start|>assistant\n<think>\n\n")  # fmt: skip
+    assert prompt == (
+        f"<|im_start|>user\n{VISION_START}{PAD * 4}{VISION_END}\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n"
+    )
     # No default system turn in the perceiver text: training's frame, not the official chat()'s.
     perceiver = processor.perceiver_tokenizer.decode(inputs["perceiver_input_ids"][0])
     assert perceiver == f"<|im_start|>user\n{VISION_START}{PAD * 4}{VISION_END}"
     # The same tokens training sees, up to the point where the model must write </think>.
-    sample = Sample("s", [ImageRef(image=image)], [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}])  # fmt: skip
+    sample = Sample(
+        "s",
+        [ImageRef(image=image)],
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
+        ],
+    )
     trained = SampleEncoder(processor, 2, 4096)(sample)
     length = inputs["input_ids"].shape[1]
     assert torch.equal(trained["input_ids"][:length], inputs["input_ids"][0])
@@ -262,8 +279,10 @@ def test_a_chat_history_keeps_its_think_blocks_and_the_prompt_ends_with_the_open
     answer = {"role": "assistant", "content": [{"type": "text", "text": "A square."}]}
     messages = [user_turn("What is it?", [picture(56, 56)]), answer, user_turn("Sure?", [])]
     prompt = processor.tokenizer.decode(build_inputs(processor, messages)["input_ids"][0])
-    assert prompt.endswith(f"<|im_start|>assistant\n{THINK}A square.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n"
-                           "<|im_start|>assistant\n<think>\n\n")  # fmt: skip
+    assert prompt.endswith(
+        f"<|im_start|>assistant\n{THINK}A square.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n"
+    )
 
 
 def test_option_scoring_closes_the_think_block_and_generation_leaves_it_open(processor, model):
@@ -275,10 +294,16 @@ def test_option_scoring_closes_the_think_block_and_generation_leaves_it_open(pro
         assert all(text.endswith(ending) for text in texts), texts
 
 
-@pytest.mark.parametrize("decoded, answer", [
-    ("</think>\n\nA square.", "A square."), ("Let me see.\n</think>\n\nBlue", "Blue"),
-    ("a</think>b</think>\n\nC\n", "C"), ("\n\nNo block closed.\n", "No block closed."), ("", ""),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "decoded, answer",
+    [
+        ("</think>\n\nA square.", "A square."),
+        ("Let me see.\n</think>\n\nBlue", "Blue"),
+        ("a</think>b</think>\n\nC\n", "C"),
+        ("\n\nNo block closed.\n", "No block closed."),
+        ("", ""),
+    ],
+)
 def test_the_answer_is_what_follows_the_last_think_close(processor, decoded, answer):
     assert answer_text(processor, decoded) == answer
     plain = copy.copy(processor)
@@ -288,8 +313,9 @@ def test_the_answer_is_what_follows_the_last_think_close(processor, decoded, ans
 
 # --- early fusion -------------------------------------------------------------------------------------------
 def _features(model, processor, question: str, image) -> torch.Tensor:
-    inputs = processor.apply_chat_template([user_turn(question, [image])], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)  # fmt: skip
+    inputs = processor.apply_chat_template(
+        [user_turn(question, [image])], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     perceiver = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     with torch.no_grad():
         return model.model.get_image_features(**perceiver).pooler_output[0]
@@ -304,8 +330,10 @@ def encodings(processor, model, dpa_workspace):
     early = load_processor(folder)
     late = copy.copy(early)
     late.early_fusion = False
-    return {"paper": (model, fused, processor), "dpa": (loading.load_model(folder / "model", dtype=torch.float32),
-                                                        early, late)}  # fmt: skip
+    return {
+        "paper": (model, fused, processor),
+        "dpa": (loading.load_model(folder / "model", dtype=torch.float32), early, late),
+    }
 
 
 @pytest.mark.parametrize("encoding", ["paper", "dpa"])
@@ -340,9 +368,14 @@ def test_the_training_cap_scales_down_as_the_official_rescale(size):
 def test_training_images_are_capped_before_the_processor_and_fast_counts_agree(processor, size):
     roomy = copy.deepcopy(processor)  # an image processor that would take more (the real one's cap is 12.8M)
     roomy.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12_845_056}
-    sample = Sample("s", [ImageRef(image=Image.new("RGB", size))], [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}])  # fmt: skip
+    sample = Sample(
+        "s",
+        [ImageRef(image=Image.new("RGB", size))],
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+        ],
+    )
     features = SampleEncoder(roomy, 2, 1 << 20)(sample)
     width, height = capped_size(size, 262_144)
     assert features["image_grid_thw"].tolist() == [[1, round(height / 28) * 2, round(width / 28) * 2]]
@@ -361,8 +394,14 @@ def test_dpa_encoding_is_unchanged(dpa_workspace):
 # --- data check --preview -----------------------------------------------------------------------------------
 def test_data_check_preview_shows_the_perceiver_text(paper, image_file, tmp_path):
     data = tmp_path / "data.json"
-    record = {"id": "p1", "image": image_file.name, "conversations": [
-        {"from": "human", "value": "Look closely.\n<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]}
+    record = {
+        "id": "p1",
+        "image": image_file.name,
+        "conversations": [
+            {"from": "human", "value": "Look closely.\n<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A square."},
+        ],
+    }
     data.write_text(json.dumps([record]))
     args = ["data", "check", str(data), "--image-root", str(image_file.parent), "-w", str(paper)]
     before = tree_hash(paper, image_file.parent)
@@ -389,11 +428,15 @@ def _bad_encodings() -> list[tuple[str, ...]]:
 REFUSALS = [
     *_bad_encodings(),
     ("causal_lm_qwen3", "qwen2_5_vl", "--encoding", "paper", "--feature-span", "image", "--encoding paper with"),
-    *[("llava_next", p, "--encoding", "paper", "--encoding paper: this perceiver") for p in
-      ("llava", "idefics3", "smolvlm", "llava_onevision", "vit=target,lm=causal_lm_qwen3")],
-    *[(t, "qwen2_5_vl", "--encoding", "paper", "--encoding paper: the target tokenizer lacks") for t in
-      ("causal_lm_llama", "llava_llama3", "llava_onevision", "llava_v15")],
-]  # fmt: skip
+    *[
+        ("llava_next", p, "--encoding", "paper", "--encoding paper: this perceiver")
+        for p in ("llava", "idefics3", "smolvlm", "llava_onevision", "vit=target,lm=causal_lm_qwen3")
+    ],
+    *[
+        (t, "qwen2_5_vl", "--encoding", "paper", "--encoding paper: the target tokenizer lacks")
+        for t in ("causal_lm_llama", "llava_llama3", "llava_onevision", "llava_v15")
+    ],
+]
 
 
 @pytest.mark.parametrize("case", REFUSALS, ids=[" ".join(c[:4]) + ("" if len(c) < 7 else " " + c[5]) for c in REFUSALS])
@@ -404,8 +447,9 @@ def test_an_encoding_that_cannot_be_written_is_refused_and_nothing_is_written(ti
     else:
         perceiver = str(tiny_checkpoint(perceiver))
     before = tree_hash(tmp_path)
-    result = runner.invoke(app, ["upgrade", str(tiny_checkpoint(target)), "--perceiver", perceiver,
-                                 "-o", str(tmp_path / "out"), *flags])  # fmt: skip
+    result = runner.invoke(
+        app, ["upgrade", str(tiny_checkpoint(target)), "--perceiver", perceiver, "-o", str(tmp_path / "out"), *flags]
+    )
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
     assert lines and lines[0].startswith("error:") and len(lines) <= 2 and needle in lines[0], result.stderr
@@ -422,16 +466,27 @@ def _edits() -> list[tuple[str, object]]:
 
 @pytest.mark.parametrize("command", ["data", "generate"])
 @pytest.mark.parametrize("key, value", _edits(), ids=[f"{k}={v!r}" for k, v in _edits()])
-def test_a_processor_config_the_encoding_cannot_run_is_refused_in_one_line(paper, image_file, tmp_path, command,
-                                                                          key, value):  # fmt: skip
+def test_a_processor_config_the_encoding_cannot_run_is_refused_in_one_line(
+    paper, image_file, tmp_path, command, key, value
+):
     workspace = Path(shutil.copytree(paper, tmp_path / "ws"))
     settings = workspace / "model" / "processor_config.json"
     settings.write_text(json.dumps({**json.loads(settings.read_text()), key: value}))
     data = tmp_path / "data.json"
-    data.write_text(json.dumps([{"image": image_file.name, "conversations": [
-        {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yes."}]}]))  # fmt: skip
-    argv = {"data": ["data", "check", str(data), "--image-root", str(image_file.parent), "-w", str(workspace)],
-            "generate": ["generate", str(workspace), "--image", str(image_file), "--prompt", "Hi"]}[command]  # fmt: skip
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "image": image_file.name,
+                    "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yes."}],
+                }
+            ]
+        )
+    )
+    argv = {
+        "data": ["data", "check", str(data), "--image-root", str(image_file.parent), "-w", str(workspace)],
+        "generate": ["generate", str(workspace), "--image", str(image_file), "--prompt", "Hi"],
+    }[command]
     before = tree_hash(workspace, image_file.parent)
     result = runner.invoke(app, argv)
     lines = result.stderr.strip().splitlines()

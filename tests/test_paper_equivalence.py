@@ -47,8 +47,11 @@ def conversation(user: str, image: str, answers: tuple[str, str], follow_up: str
 
 # Where the image stands in the first user turn, and how answers are written: each pair is one sample, so every
 # placement meets every answer style (an empty think block the data writes itself, reasoning, spaces, newlines).
-PLACEMENTS = ("<image>\nWhat is it?", "Look at this.\n<image>\nDescribe the picture in detail, please.",
-              "What is shown here?\n<image>")  # fmt: skip
+PLACEMENTS = (
+    "<image>\nWhat is it?",
+    "Look at this.\n<image>\nDescribe the picture in detail, please.",
+    "What is shown here?\n<image>",
+)
 ANSWERS = {
     "plain": ("A square.", "Blue, 3 shades."),
     "own empty think block": ("<think>\n\n</think>\n\nA noisy picture.", "<think>\n\n</think>\n\nNo."),
@@ -56,9 +59,11 @@ ANSWERS = {
     "spaces and newlines": (" A square.", "Blue.\n"),
     "think close inside": ("Done</think> ok", "Fine."),
 }
-SAMPLES = {f"{name} / image {i}": conversation(user, image, answers)
-           for i, (user, image) in enumerate(zip(PLACEMENTS, ("square.png", "wide.png", "odd.png")))
-           for name, answers in ANSWERS.items()}  # fmt: skip
+SAMPLES = {
+    f"{name} / image {i}": conversation(user, image, answers)
+    for i, (user, image) in enumerate(zip(PLACEMENTS, ("square.png", "wide.png", "odd.png")))
+    for name, answers in ANSWERS.items()
+}
 SAMPLES["over the 262,144-pixel training cap"] = conversation(PLACEMENTS[1], "big.png", ANSWERS["plain"])
 STAGE2_BATCH = [  # right padding, several images and lengths, an image off the 28-pixel grid
     conversation(PLACEMENTS[0], "square.png", ANSWERS["plain"]),
@@ -66,16 +71,30 @@ STAGE2_BATCH = [  # right padding, several images and lengths, an image off the 
     conversation(PLACEMENTS[2], "odd.png", ANSWERS["reasoning block"]),
 ]
 STAGE1_BATCH = [  # LLaVA-Pretrain's two caption layouts: the instruction after or before the image
-    {"id": "c0", "image": "odd.png", "conversations": [{"from": "human", "value": "<image>\nGive a brief description."},
-                                                        {"from": "gpt", "value": "A noisy picture."}]},
-    {"id": "c1", "image": "wide.png", "conversations": [{"from": "human", "value": "Summarise the photo.\n<image>"},
-                                                         {"from": "gpt", "value": "Colours."}]},
-]  # fmt: skip
+    {
+        "id": "c0",
+        "image": "odd.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nGive a brief description."},
+            {"from": "gpt", "value": "A noisy picture."},
+        ],
+    },
+    {
+        "id": "c1",
+        "image": "wide.png",
+        "conversations": [
+            {"from": "human", "value": "Summarise the photo.\n<image>"},
+            {"from": "gpt", "value": "Colours."},
+        ],
+    },
+]
 
 
 def messages(record: dict) -> list[dict[str, str]]:
-    return [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
-            for t in record["conversations"]]  # fmt: skip
+    return [
+        {"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
+        for t in record["conversations"]
+    ]
 
 
 # --- fixtures: the hub ids the official configs name, images, official folders and their workspaces ---------------
@@ -96,6 +115,7 @@ def images(tmp_path_factory) -> Path:
 
 def official_bounds(folder: Path) -> Path:
     """The image processor as the official checkpoint ships it (`ms-swift/modelings/preprocessor_config.json:2-3`)."""
+
     def bounds(config: dict) -> None:
         config.pop("size", None)
         config.update(min_pixels=3136, max_pixels=12845056)
@@ -121,10 +141,11 @@ CHECKPOINTS = {
     "safetensors, one head alias, fp32": (dict(heads=HEAD_ALIASES[1:], dtype=torch.float32), {}),
     "rope_theta absent, rope_scaling null": (None, {"rope_theta": None, "rope_scaling": None}),
     "explicit head_dim, wider config": (None, {"head_dim": 16, "hidden_size": 128, "rope_theta": 5000.0}),
-    "width / heads, sections other than vit_path's": (None, {"hidden_size": 32, "num_attention_heads": 2,
-                                                             "rope_scaling": {"type": "default",
-                                                                              "mrope_section": [4, 2, 2]}}),
-}  # fmt: skip
+    "width / heads, sections other than vit_path's": (
+        None,
+        {"hidden_size": 32, "num_attention_heads": 2, "rope_scaling": {"type": "default", "mrope_section": [4, 2, 2]}},
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +202,10 @@ def dpa_forward(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         seen["inputs_embeds"] = kwargs["inputs_embeds"]
 
     inner = model.model
-    hooks = [inner.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.update(states=args[0])),
-             inner.language_model.register_forward_pre_hook(record_embeds, with_kwargs=True)]  # fmt: skip
+    hooks = [
+        inner.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.update(states=args[0])),
+        inner.language_model.register_forward_pre_hook(record_embeds, with_kwargs=True),
+    ]
     with torch.no_grad():
         out = model(**batch)
     for hook in hooks:
@@ -190,8 +213,9 @@ def dpa_forward(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     return {**seen, "features": out.image_hidden_states, "logits": out.logits, "loss": out.loss}
 
 
-def assert_same_tokens(features: list[dict], encoded: list[reference.Encoded], stage: int,
-                       parts: reference.TemplateParts) -> None:  # fmt: skip
+def assert_same_tokens(
+    features: list[dict], encoded: list[reference.Encoded], stage: int, parts: reference.TemplateParts
+) -> None:
     vision_end = reference.Ids.of(parts.perceiver_tokenizer).vision_end
     for dpa, official in zip(features, encoded):
         assert dpa["input_ids"].tolist() == official.ids
@@ -202,8 +226,15 @@ def assert_same_tokens(features: list[dict], encoded: list[reference.Encoded], s
         assert perceiver[-1] == vision_end
 
 
-def assert_same_forward(model: torch.nn.Module, official: reference.OfficialDPA, workspace: Path, records: list[dict],
-                        images: Path, stage: int, parts: reference.TemplateParts) -> None:  # fmt: skip
+def assert_same_forward(
+    model: torch.nn.Module,
+    official: reference.OfficialDPA,
+    workspace: Path,
+    records: list[dict],
+    images: Path,
+    stage: int,
+    parts: reference.TemplateParts,
+) -> None:
     batch, features = dpa_batch(workspace, records, images, stage)
     expected, encoded = reference_batch(parts, records, images, stage)
     assert_same_tokens(features, encoded, stage, parts)
@@ -225,8 +256,19 @@ def test_the_reference_positions_follow_the_worked_example():
     ids = torch.tensor([[1, 2, 3, start, pad, pad, pad, pad, end, 4, 0]])
     mask = torch.tensor([[1] * 10 + [0]])
     positions = reference.rope_index(ids, mask, torch.tensor([[1, 4, 4]]), pad, merge=2)
-    expected = [(0, 0, 0), (1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4), (4, 4, 5), (4, 5, 4), (4, 5, 5), (6, 6, 6),
-                (7, 7, 7), (1, 1, 1)]  # fmt: skip
+    expected = [
+        (0, 0, 0),
+        (1, 1, 1),
+        (2, 2, 2),
+        (3, 3, 3),
+        (4, 4, 4),
+        (4, 4, 5),
+        (4, 5, 4),
+        (4, 5, 5),
+        (6, 6, 6),
+        (7, 7, 7),
+        (1, 1, 1),
+    ]
     assert [tuple(p) for p in positions[:, 0].T.tolist()] == expected
 
 
@@ -265,8 +307,11 @@ def test_the_composed_paper_pair_computes_the_official_forward(hub, images, tmp_
     result = upgrade([str(target), "--perceiver", str(perceiver), "-o", str(tmp_path / "ws"), "--no-verify-load"], hub)
     assert result["plan"]["config"]["encoding"] == "paper"  # the paper's pair gets the paper preset by default
     written = read_tensors(tmp_path / "ws" / "model")
-    phi = {f"{index}.{kind}": written[f"model.multi_modal_projector.linear_{layer}.{kind}"]
-           for index, layer in ((0, 1), (2, 2)) for kind in ("weight", "bias")}  # fmt: skip
+    phi = {
+        f"{index}.{kind}": written[f"model.multi_modal_projector.linear_{layer}.{kind}"]
+        for index, layer in ((0, 1), (2, 2))
+        for kind in ("weight", "bias")
+    }
     expected = reference.OfficialDPA.from_parts(perceiver, target, phi, hub)
     model = loading.load_model(tmp_path / "ws" / "model", dtype=torch.float32).eval()
     parts = reference.TemplateParts.load(perceiver, hub)
@@ -314,9 +359,13 @@ def test_the_export_gives_the_official_logits_in_plain_transformers(official, hu
     assert exported.exit_code == 0, (exported.stderr, exported.exception)
     records = STAGE2_BATCH[:2]  # images the processor takes as they are (inference has no 262,144-pixel cap)
     requests = [[str(images / r["image"]), chat_messages(r)] for r in records]
-    run = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "export"), json.dumps(requests),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "export"), json.dumps(requests), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     parts = reference.TemplateParts.load(folder, hub)
     expected, encoded = reference_batch(parts, records, images, 2)

@@ -24,13 +24,20 @@ from dpa_cli.cli.app import app
 from dpa_cli.families import detect_family
 from dpa_cli.model import DPAConfig, DPAForConditionalGeneration, Qwen2_5_VLQwen3Model
 from tests.factories import copy_checkpoint, paper_hub_cache, read_tensors, tiny_config, tiny_model
-from tests.official_layouts import HEAD_ALIASES, PERCEIVER_LM, THINKER, VIT
-from tests.official_layouts import build_baseline, build_hw, build_official_dpa
+from tests.official_layouts import (
+    HEAD_ALIASES,
+    PERCEIVER_LM,
+    THINKER,
+    VIT,
+    build_baseline,
+    build_hw,
+    build_official_dpa,
+)
 from tests.test_bad_inputs import edit_json, tree_hash
+from tests.tiny_dpa import PERCEIVER_IMAGE, TARGET_IMAGE, feature_counts, perceiver_inputs, random_images, target_batch
 from tests.tiny_tokenizers import tiny_tokenizer
 
 OFFICIAL = "forward_visual_tokens_llava_arch"
-from tests.tiny_dpa import PERCEIVER_IMAGE, TARGET_IMAGE, feature_counts, perceiver_inputs, random_images, target_batch
 
 
 def _rotary_positions(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -47,8 +54,13 @@ def _image_inputs(model: torch.nn.Module, config) -> dict[str, torch.Tensor]:
     pixels = perceiver_inputs(random_images([(56, 56)]))
     start, pad, end = config.vision_start_token_id, config.image_token_id, config.vision_end_token_id
     ids = torch.tensor([[7, 8, start, pad, pad, pad, pad, end, 9, 10]])
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == pad).int(),
-                pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])  # fmt: skip
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=(ids == pad).int(),
+        pixel_values=pixels["pixel_values"],
+        image_grid_thw=pixels["image_grid_thw"],
+    )
 
 
 def test_paper_blocks_are_qwen3_and_3d_positions_reach_the_rotary():
@@ -85,14 +97,26 @@ def test_text_positions_give_exactly_qwen3():
 
 
 def test_dpa_builds_a_paper_perceiver_through_the_auto_classes(tmp_path):
-    perceiver = tiny_config("paper_vl", image_token_id=PERCEIVER_IMAGE, vision_start_token_id=291,
-                            vision_end_token_id=292, text_config=dict(vocab_size=300, pad_token_id=None, bos_token_id=0,
-                                                                       eos_token_id=1))  # fmt: skip
-    text = Qwen3Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=12, vocab_size=320)  # fmt: skip
+    perceiver = tiny_config(
+        "paper_vl",
+        image_token_id=PERCEIVER_IMAGE,
+        vision_start_token_id=291,
+        vision_end_token_id=292,
+        text_config=dict(vocab_size=300, pad_token_id=None, bos_token_id=0, eos_token_id=1),
+    )
+    text = Qwen3Config(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        vocab_size=320,
+    )
     torch.manual_seed(0)
-    model = DPAForConditionalGeneration(DPAConfig(perceiver_config=perceiver, text_config=text,
-                                                  image_token_id=TARGET_IMAGE)).eval()  # fmt: skip
+    model = DPAForConditionalGeneration(
+        DPAConfig(perceiver_config=perceiver, text_config=text, image_token_id=TARGET_IMAGE)
+    ).eval()
     assert type(model.model.perceiver) is Qwen2_5_VLQwen3Model
     seen = _rotary_positions(model.model.perceiver)
     p_inputs = perceiver_inputs(random_images([(56, 56)]))
@@ -133,8 +157,17 @@ def test_a_qwen2_5_vl_config_with_qwen3_text_is_the_paper_skeleton(spelling):
 
 def test_a_qwen2_5_vl_checkpoint_with_qwen3_text_upgrades_as_the_paper_skeleton(tiny_checkpoint, tmp_path):
     folder = copy_checkpoint(tiny_checkpoint("paper_vl", layout="hub"), tmp_path / "qwen25-qwen3")
-    edit_json(folder / "config.json", lambda c: c.update(model_type="qwen2_5_vl", text_config={
-        **c["text_config"], "model_type": "qwen3", "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}))
+    edit_json(
+        folder / "config.json",
+        lambda c: c.update(
+            model_type="qwen2_5_vl",
+            text_config={
+                **c["text_config"],
+                "model_type": "qwen3",
+                "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            },
+        ),
+    )
     result = upgrade_json([str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "--dry-run"], {})
     assert (result["perceiver"]["family"], result["perceiver"]["builds"]) == ("qwen2_5_vl_qwen3", "qwen2_5_vl_qwen3")
 
@@ -198,8 +231,9 @@ def upgrade_json(argv: list[str], env: dict[str, str]) -> dict:
 
 def test_the_paper_pair_composes_the_paper_perceiver(paper_hub, tiny_checkpoint, tmp_path):
     workspace = tmp_path / "ws"
-    result = upgrade_json([str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", PAPER_PAIR, "-o", str(workspace)],
-                          paper_hub)  # fmt: skip
+    result = upgrade_json(
+        [str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", PAPER_PAIR, "-o", str(workspace)], paper_hub
+    )
     assert result["upgrade"]["loaded"]["forward"] == "ok"  # the upgrade loaded it and ran the processor + forward
     perceiver = json.loads((workspace / "model" / "config.json").read_text())["perceiver_config"]
     assert perceiver["model_type"] == "qwen2_5_vl_qwen3"
@@ -212,8 +246,9 @@ def test_the_paper_pair_composes_the_paper_perceiver(paper_hub, tiny_checkpoint,
         if key.startswith("visual.") and ".merger.mlp." not in key:
             assert torch.equal(written[f"model.perceiver.{key}"], tensor), key
     assert written["model.perceiver.visual.merger.mlp.2.weight"].shape == (32, 128)
-    assert set(result["plan"]["new"]["phi_p"]["shapes"]) == {f"model.perceiver.visual.merger.mlp.{i}.{p}"
-                                                               for i in (0, 2) for p in ("weight", "bias")}  # fmt: skip
+    assert set(result["plan"]["new"]["phi_p"]["shapes"]) == {
+        f"model.perceiver.visual.merger.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")
+    }
     for key, tensor in lm.items():  # Qwen3 blocks with their q/k norms
         if key.startswith("model."):
             assert torch.equal(written[key.replace("model.", "model.perceiver.language_model.", 1)], tensor), key
@@ -234,18 +269,27 @@ def test_the_catalog_perceiver_of_a_paper_target_is_the_paper_composition(paper_
     result = upgrade_json([str(tiny_checkpoint("paper_vl")), "--perceiver", "qwen3-0.6b-vl", "--dry-run"], paper_hub)
     perceiver = result["perceiver"]
     assert (perceiver["kind"], perceiver["family"], perceiver["lm"]["repo_id"]) == (
-        "composed", "qwen2_5_vl_qwen3", "Qwen/Qwen3-0.6B")  # fmt: skip
+        "composed",
+        "qwen2_5_vl_qwen3",
+        "Qwen/Qwen3-0.6B",
+    )
     assert "phi_p" not in result["new"] and "stage 1 trains it" in " ".join(result["notes"])
 
 
 BAD_COMPOSITIONS = {
-    "a Llama LM under a Qwen2.5-VL ViT": ("vit=Qwen/Qwen2.5-VL-3B-Instruct", "causal_lm_llama",
-                                          ("takes Qwen3 blocks", "llama")),
-    "M-RoPE sections that do not fit the LM's head_dim": ("qwen2_5_vl", "lm=Qwen/Qwen3-0.6B",
-                                                         ("M-RoPE sections [1, 1, 2] cover 8", "head_dim 16")),
+    "a Llama LM under a Qwen2.5-VL ViT": (
+        "vit=Qwen/Qwen2.5-VL-3B-Instruct",
+        "causal_lm_llama",
+        ("takes Qwen3 blocks", "llama"),
+    ),
+    "M-RoPE sections that do not fit the LM's head_dim": (
+        "qwen2_5_vl",
+        "lm=Qwen/Qwen3-0.6B",
+        ("M-RoPE sections [1, 1, 2] cover 8", "head_dim 16"),
+    ),
     "a Qwen2-VL ViT": ("qwen2_vl", "lm=Qwen/Qwen3-0.6B", ("composing a perceiver takes its ViT from a", "qwen2_vl")),
     "a Qwen3-VL ViT": ("qwen3_vl", "lm=Qwen/Qwen3-0.6B", ("composing a perceiver takes its ViT from a", "qwen3_vl")),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD_COMPOSITIONS.values(), ids=list(BAD_COMPOSITIONS))
@@ -262,17 +306,37 @@ def test_a_composition_that_cannot_be_the_paper_skeleton_is_refused(paper_hub, t
 OFFICIAL_LAYOUTS = {
     "hw legacy names": (lambda f: build_hw(f), "qwen_custom_vl_hw_new", "hub", ["target", "perceiver"], 32),
     "hw v5 names": (lambda f: build_hw(f, names="v5"), "qwen_custom_vl_hw_new", "v5", ["target", "perceiver"], 32),
-    "hw untied (32B-like)": (lambda f: build_hw(f, tie=False), "qwen_custom_vl_hw_new", "hub",
-                             ["target", "perceiver"], 32),
-    "llava_baseline safetensors": (lambda f: build_baseline(f), "llava_baseline", "official",
-                                   ["target", "perceiver"], 32),
-    "llava_baseline pytorch_model.bin": (lambda f: build_baseline(f, "bin"), "llava_baseline", "official",
-                                         ["target", "perceiver"], 32),
+    "hw untied (32B-like)": (
+        lambda f: build_hw(f, tie=False),
+        "qwen_custom_vl_hw_new",
+        "hub",
+        ["target", "perceiver"],
+        32,
+    ),
+    "llava_baseline safetensors": (
+        lambda f: build_baseline(f),
+        "llava_baseline",
+        "official",
+        ["target", "perceiver"],
+        32,
+    ),
+    "llava_baseline pytorch_model.bin": (
+        lambda f: build_baseline(f, "bin"),
+        "llava_baseline",
+        "official",
+        ["target", "perceiver"],
+        32,
+    ),
     "official DPA, both head aliases": (lambda f: build_official_dpa(f), OFFICIAL, "official", [], 64),
     "official DPA .bin, heads absent": (lambda f: build_official_dpa(f, "bin", heads=()), OFFICIAL, "official", [], 64),
-    "official DPA, one alias, fp32": (lambda f: build_official_dpa(f, heads=HEAD_ALIASES[1:], dtype=torch.float32),
-                                      OFFICIAL, "official", [], 64),
-}  # fmt: skip
+    "official DPA, one alias, fp32": (
+        lambda f: build_official_dpa(f, heads=HEAD_ALIASES[1:], dtype=torch.float32),
+        OFFICIAL,
+        "official",
+        [],
+        64,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +372,10 @@ def test_the_official_baseline_upgrades_with_the_official_perceiver(official, pa
     result = upgrade_json([str(hw), "--perceiver", str(lb), "-o", str(tmp_path / "ws")], paper_hub)
     plan = result["plan"]
     assert (plan["target"]["family"], plan["perceiver"]["family"], plan["perceiver"]["builds"]) == (
-        "qwen_custom_vl_hw_new", "llava_baseline", "qwen2_5_vl_qwen3")  # fmt: skip
+        "qwen_custom_vl_hw_new",
+        "llava_baseline",
+        "qwen2_5_vl_qwen3",
+    )
     assert "perceiver lm_head" in plan["dropped"] and "target vision" in plan["dropped"]
     config = json.loads((tmp_path / "ws" / "model" / "config.json").read_text())
     assert config["text_config"]["model_type"] == "qwen3"  # the target LLM: 1-D positions, as the official thinker
@@ -332,15 +399,19 @@ def _cache_without(paper_hub: dict[str, str], repo_id: str, root: Path) -> dict[
 # (format, the hub id left out of the cache, the config key that names it, command)
 MISSING_IDS = [
     (fmt, repo, key, command)
-    for fmt, ids in {"llava_baseline pytorch_model.bin": {VIT: "vit_path", PERCEIVER_LM: "llm_path"},
-                     "official DPA, both head aliases": {THINKER: "thinker_name_or_path", VIT: "vit_path"}}.items()
-    for repo, key in ids.items() for command in ("inspect", "upgrade")
-]  # fmt: skip
+    for fmt, ids in {
+        "llava_baseline pytorch_model.bin": {VIT: "vit_path", PERCEIVER_LM: "llm_path"},
+        "official DPA, both head aliases": {THINKER: "thinker_name_or_path", VIT: "vit_path"},
+    }.items()
+    for repo, key in ids.items()
+    for command in ("inspect", "upgrade")
+]
 
 
 @pytest.mark.parametrize(("fmt", "repo", "key", "command"), MISSING_IDS)
-def test_a_hub_id_the_official_config_names_missing_offline_is_named(official, paper_hub, tiny_checkpoint, tmp_path,
-                                                                     fmt, repo, key, command):  # fmt: skip
+def test_a_hub_id_the_official_config_names_missing_offline_is_named(
+    official, paper_hub, tiny_checkpoint, tmp_path, fmt, repo, key, command
+):
     env = _cache_without(paper_hub, repo, tmp_path)
     folder = official[fmt]
     if command == "inspect":
@@ -351,13 +422,17 @@ def test_a_hub_id_the_official_config_names_missing_offline_is_named(official, p
     else:
         argv = ["upgrade", str(folder), "-o", str(tmp_path / "o")]
     nested = "perceiver_config." if fmt.startswith("official") and key != "thinker_name_or_path" else ""
-    needles = (f"{folder}/config.json: {nested}{key} {repo!r}", "not in the local Hugging Face cache",
-               f"hf download {repo}")  # fmt: skip
+    needles = (
+        f"{folder}/config.json: {nested}{key} {repo!r}",
+        "not in the local Hugging Face cache",
+        f"hf download {repo}",
+    )
     assert_refused(argv, needles, folder, tmp_path, env=env)
 
 
-def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(official, paper_hub, tiny_checkpoint,
-                                                                           tmp_path):  # fmt: skip
+def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(
+    official, paper_hub, tiny_checkpoint, tmp_path
+):
     folder = copy_checkpoint(official["llava_baseline safetensors"], tmp_path / "lb")
     edit_json(folder / "config.json", lambda config: config.update(head_dim=8))
     argv = ["upgrade", str(tiny_checkpoint("causal_lm_qwen3")), "--perceiver", str(folder), "-o", str(tmp_path / "o")]
@@ -367,15 +442,18 @@ def test_an_official_perceiver_whose_rotary_does_not_fit_its_lm_is_refused(offic
 
 # --- an official DPA checkpoint in, plain transformers out -----------------------------------------------------
 OFFICIAL_TO_DPA = (  # what renaming only means, name by name (the thinker's tied head copies are not kept)
-    ("model.perceiver.model.vlm.", "model.perceiver."), ("model.thinker.model.", "model.language_model."),
+    ("model.perceiver.model.vlm.", "model.perceiver."),
+    ("model.thinker.model.", "model.language_model."),
     ("model.linear_align_dim.0.", "model.multi_modal_projector.linear_1."),
     ("model.linear_align_dim.2.", "model.multi_modal_projector.linear_2."),
-)  # fmt: skip
+)
 
 
 def _byte_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {name: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() + str(t.dtype)
-            for name, t in tensors.items()}  # fmt: skip
+    return {
+        name: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() + str(t.dtype)
+        for name, t in tensors.items()
+    }
 
 
 def _renamed(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -391,8 +469,9 @@ def _renamed(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_an_official_dpa_checkpoint_becomes_a_workspace_by_renaming_only(official, paper_hub, tmp_path, fmt):
     source = official[fmt]
     result = upgrade_json([str(source), "-o", str(tmp_path / "ws")], paper_hub)
-    stored = (torch.load(source / "pytorch_model.bin", weights_only=True) if fmt.endswith("absent")
-              else read_tensors(source))  # fmt: skip
+    stored = (
+        torch.load(source / "pytorch_model.bin", weights_only=True) if fmt.endswith("absent") else read_tensors(source)
+    )
     for head in HEAD_ALIASES:  # tied copies, when stored, are the embedding itself
         assert head not in stored or torch.equal(stored[head], stored["model.thinker.model.embed_tokens.weight"])
     assert _byte_hashes(read_tensors(tmp_path / "ws" / "model")) == _byte_hashes(_renamed(stored))
@@ -402,7 +481,10 @@ def test_an_official_dpa_checkpoint_becomes_a_workspace_by_renaming_only(officia
     # The official forward: N+2 features (start..end inclusive), the thinker a plain Qwen3 (1-D positions), phi
     # Linear-ReLU-Linear with bias.
     assert (config["feature_span"], config["projector_type"], config["text_config"]["model_type"]) == (
-        "image+markers", "mlp2x_relu", "qwen3")  # fmt: skip
+        "image+markers",
+        "mlp2x_relu",
+        "qwen3",
+    )
     assert config["encoding"] == "paper" and config["target_marker_token_ids"] == [323, 324]  # start, end slots
     assert result["upgrade"]["loaded"]["image_features"] == 4 + 2
 
@@ -411,23 +493,60 @@ def _caption_data(root: Path) -> tuple[Path, Path]:
     images = root / "images"
     images.mkdir(parents=True)
     random_images([(56, 56)])[0].save(images / "a.png")
-    sample = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
-                                                   {"from": "gpt", "value": "A noisy square."}]}  # fmt: skip
+    sample = {
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."},
+            {"from": "gpt", "value": "A noisy square."},
+        ],
+    }
     (root / "captions.json").write_text(json.dumps([sample, {**sample, "id": "b"}]))
     return root / "captions.json", images
 
 
-TRAIN_SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1", "--set", "save_steps=1000",
-               "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--max-steps", "1",
-               "--set", "warmup_steps=0", "--set", "lr_scheduler_type=constant", "--set", "lr_scheduler_kwargs={}"]
+TRAIN_SMALL = [
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=1",
+    "--set",
+    "save_steps=1000",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--max-steps",
+    "1",
+    "--set",
+    "warmup_steps=0",
+    "--set",
+    "lr_scheduler_type=constant",
+    "--set",
+    "lr_scheduler_kwargs={}",
+]
 
 
 def test_an_official_dpa_workspace_trains_and_exports_to_plain_transformers(official, paper_hub, tmp_path):
     ws, export = tmp_path / "ws", tmp_path / "export"
     upgrade_json([str(official["official DPA, one alias, fp32"]), "-o", str(ws), "--no-verify-load"], paper_hub)
     captions, images = _caption_data(tmp_path / "data")
-    trained = runner.invoke(app, ["train", "--stage", "1", "-w", str(ws), "--data", str(captions), "--image-root",
-                                  str(images), *TRAIN_SMALL, "--json"], env=paper_hub)  # fmt: skip
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--stage",
+            "1",
+            "-w",
+            str(ws),
+            "--data",
+            str(captions),
+            "--image-root",
+            str(images),
+            *TRAIN_SMALL,
+            "--json",
+        ],
+        env=paper_hub,
+    )
     assert trained.exit_code == 0, (trained.stderr[-3000:], trained.exception)
     before, after = read_tensors(ws / "model"), read_tensors(ws / "stage1" / "model")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -437,8 +556,11 @@ def test_an_official_dpa_workspace_trains_and_exports_to_plain_transformers(offi
     assert exported.exit_code == 0, (exported.stderr[-3000:], exported.exception)
     model = loading.load_model(ws / "stage1" / "model", dtype=torch.float32).eval()
     processor = loading.load_processor(ws / "stage1" / "model")
-    batch = dict(processor(images=random_images([(56, 56)]), text=[f"{processor.image_token}\nDescribe it."],
-                           return_tensors="pt"))  # fmt: skip
+    batch = dict(
+        processor(
+            images=random_images([(56, 56)]), text=[f"{processor.image_token}\nDescribe it."], return_tensors="pt"
+        )
+    )
     torch.save(batch, tmp_path / "batch.pt")
     with torch.no_grad():
         torch.save(model(**batch).logits, tmp_path / "expected.pt")
@@ -449,11 +571,16 @@ model = AutoModelForImageTextToText.from_pretrained({str(export)!r}, trust_remot
 assert not any(name.startswith("dpa_cli") for name in sys.modules), "dpa_cli was imported"
 assert type(model.model.perceiver).__name__ == "Qwen2_5_VLQwen3Model", type(model.model.perceiver)
 with torch.no_grad():
-    logits = model.eval()(**torch.load({str(tmp_path / 'batch.pt')!r})).logits
-print((logits - torch.load({str(tmp_path / 'expected.pt')!r})).abs().max().item())
+    logits = model.eval()(**torch.load({str(tmp_path / "batch.pt")!r})).logits
+print((logits - torch.load({str(tmp_path / "expected.pt")!r})).abs().max().item())
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout.strip().splitlines()[-1]) <= 1e-5
 
@@ -494,26 +621,39 @@ def _hostile_pickle(folder: Path) -> None:
 
 # What an official DPA checkpoint may not be or be asked, each spelled several ways: (change, extra argv, needles)
 CONVERSION_REFUSALS = {
-    "tied head copy differs (lm_head.weight)": (_head_differs("lm_head.weight"), [],
-                                                ("lm_head.weight differs from", "ties it to its input embedding")),
-    "tied head copy differs (thinker alias)": (_head_differs("model.thinker.lm_head.weight"), [],
-                                               ("model.thinker.lm_head.weight differs from",)),
-    "phi weight missing": (_without("model.linear_align_dim.2.bias"), [],
-                           ("needs model.multi_modal_projector.linear_2.bias", "no source checkpoint holds it")),
-    "a thinker layer missing": (_without("model.thinker.model.layers.1.mlp.up_proj.weight"), [],
-                                ("model.language_model.layers.1.mlp.up_proj.weight",)),
+    "tied head copy differs (lm_head.weight)": (
+        _head_differs("lm_head.weight"),
+        [],
+        ("lm_head.weight differs from", "ties it to its input embedding"),
+    ),
+    "tied head copy differs (thinker alias)": (
+        _head_differs("model.thinker.lm_head.weight"),
+        [],
+        ("model.thinker.lm_head.weight differs from",),
+    ),
+    "phi weight missing": (
+        _without("model.linear_align_dim.2.bias"),
+        [],
+        ("needs model.multi_modal_projector.linear_2.bias", "no source checkpoint holds it"),
+    ),
+    "a thinker layer missing": (
+        _without("model.thinker.model.layers.1.mlp.up_proj.weight"),
+        [],
+        ("model.language_model.layers.1.mlp.up_proj.weight",),
+    ),
     "a pickle that carries code": (_hostile_pickle, [], ("pytorch_model.bin: not a weights-only torch file",)),
     "--perceiver given": (None, ["--perceiver", "qwen3-0.6b-vl"], ("already has its perceiver", "drop --perceiver")),
     "--perceiver given as a folder": (None, ["-p", "{tiny:qwen2_5_vl}"], ("already has its perceiver",)),
     "--projector other than phi's": (None, ["--projector", "linear"], ("--projector linear", "mlp2x_relu")),
     "--perceiver-layers": (None, ["--perceiver-layers", "1"], ("--perceiver-layers does not apply",)),
     "--feature-span image": (None, ["--feature-span", "image"], ("--feature-span image: an official DPA",)),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CONVERSION_REFUSALS.values(), ids=list(CONVERSION_REFUSALS))
-def test_an_official_dpa_checkpoint_that_cannot_be_renamed_as_is_is_refused(official, paper_hub, tiny_checkpoint,
-                                                                          tmp_path, case):  # fmt: skip
+def test_an_official_dpa_checkpoint_that_cannot_be_renamed_as_is_is_refused(
+    official, paper_hub, tiny_checkpoint, tmp_path, case
+):
     change, extra, needles = case
     folder = copy_checkpoint(official["official DPA, both head aliases"], tmp_path / "official")
     if change is not None:
@@ -529,8 +669,9 @@ def test_a_target_that_is_not_an_official_dpa_checkpoint_needs_a_perceiver(tiny_
     assert_refused(argv, ("--perceiver is missing", "only an official DPA checkpoint"), tmp_path)
 
 
-def test_an_official_dpa_checkpoint_without_processor_files_takes_the_one_its_config_names(official, paper_hub,
-                                                                                          tmp_path):  # fmt: skip
+def test_an_official_dpa_checkpoint_without_processor_files_takes_the_one_its_config_names(
+    official, paper_hub, tmp_path
+):
     folder = copy_checkpoint(official["official DPA .bin, heads absent"], tmp_path / "official")
     for name in ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
         (folder / name).unlink(missing_ok=True)
@@ -550,7 +691,7 @@ PAIR_ENCODINGS = {
     "stock Qwen2.5-VL perceiver": ("causal_lm_qwen3", "{qwen2_5_vl}", [], "dpa"),
     "skeleton perceiver, Llama target": ("causal_lm_llama", "{paper_vl}", [], "dpa"),
     "LLaVA-NeXT ViT composed": ("llava_next", "vit=target,lm=Qwen/Qwen3-0.6B", [], "dpa"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", PAIR_ENCODINGS.values(), ids=list(PAIR_ENCODINGS))
@@ -560,5 +701,7 @@ def test_the_papers_pair_gets_the_paper_encoding_unless_told_otherwise(paper_hub
     target = target if "/" in target else str(tiny_checkpoint(target))
     result = upgrade_json([target, "--perceiver", perceiver, *extra, "--dry-run"], paper_hub)
     assert (result["config"]["encoding"], result["config"]["feature_span"]) == (
-        encoding, "image+markers" if encoding == "paper" else "image")  # fmt: skip
+        encoding,
+        "image+markers" if encoding == "paper" else "image",
+    )
     assert ("the paper's pair: --encoding paper" in " ".join(result["notes"])) == (encoding == "paper" and not extra)

@@ -50,8 +50,20 @@ REAL = {
     "qwen3": ("causal_lm_qwen3", "qwen3.jinja", "<|vision_start|><|image_pad|><|vision_end|>"),
     "llama3": ("causal_lm_llama", "llama3.jinja", "<image>"),
 }
-SMALL = ["--set", "global_batch_size=2", "--set", "per_device_train_batch_size=2", "--set", "logging_steps=1",
-         "--set", "save_steps=1000", "--set", "max_length=512", "--set", "gradient_checkpointing=false"]  # fmt: skip
+SMALL = [
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=2",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "save_steps=1000",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+]
 
 
 # --- fixtures: plain LMs with their real templates, upgraded ----------------------------------------------
@@ -67,8 +79,18 @@ def workspaces(tiny_checkpoint, tmp_path_factory):
             name, template, _ = REAL[kind]
             lm = copy_checkpoint(tiny_checkpoint(name), root / f"{kind}-lm")
             (lm / "chat_template.jinja").write_text((TEMPLATES / template).read_text())
-            result = runner.invoke(app, ["upgrade", str(lm), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")),
-                                         "-o", str(root / kind), "--json"])  # fmt: skip
+            result = runner.invoke(
+                app,
+                [
+                    "upgrade",
+                    str(lm),
+                    "--perceiver",
+                    str(tiny_checkpoint("qwen2_5_vl")),
+                    "-o",
+                    str(root / kind),
+                    "--json",
+                ],
+            )
             assert result.exit_code == 0, result.output[-2000:]
             built[kind] = root / kind
         return built[kind]
@@ -121,17 +143,26 @@ def _turns(shape: str, content) -> list[dict]:
     return {
         "single": [user],
         "answered": [user, {"role": "assistant", "content": [_text("It is red.")]}],
-        "multi-turn": [user, {"role": "assistant", "content": "A1"}, {"role": "user", "content": [_text("Q2")]},
-                       {"role": "assistant", "content": [_text("A2")]}],
+        "multi-turn": [
+            user,
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": [_text("Q2")]},
+            {"role": "assistant", "content": [_text("A2")]},
+        ],
         "multi-turn-open": [user, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
         "system": [{"role": "system", "content": [_text("Be brief.")]}, user],
         "image-in-a-later-turn": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, user],
-    }[shape]  # fmt: skip
+    }[shape]
 
 
 SHAPES = ("single", "answered", "multi-turn", "multi-turn-open", "system", "image-in-a-later-turn")
-CONVERSATIONS = [(kind, content, shape, prompt) for kind in REAL for content in USER_CONTENTS for shape in SHAPES
-                 for prompt in (True, False)]  # fmt: skip
+CONVERSATIONS = [
+    (kind, content, shape, prompt)
+    for kind in REAL
+    for content in USER_CONTENTS
+    for shape in SHAPES
+    for prompt in (True, False)
+]
 
 
 def as_text(messages: list[dict], image: str) -> list[dict]:
@@ -149,43 +180,78 @@ def as_text(messages: list[dict], image: str) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize(("kind", "content", "shape", "prompt"), CONVERSATIONS,
-                         ids=[f"{k}-{c}-{s}-{'prompt' if p else 'bare'}" for k, c, s, p in CONVERSATIONS])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "content", "shape", "prompt"),
+    CONVERSATIONS,
+    ids=[f"{k}-{c}-{s}-{'prompt' if p else 'bare'}" for k, c, s, p in CONVERSATIONS],
+)
 def test_the_workspace_renders_images_inside_the_lm_own_template(processors, kind, content, shape, prompt):
     processor = processors(kind)
     messages = _turns(shape, USER_CONTENTS[content])
     rendered = processor.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
     # The LM's own template, on the same conversation written as text: what the wrapped one must give.
-    expected = processor.tokenizer.apply_chat_template(as_text(messages, REAL[kind][2]), tokenize=False,
-                                                       chat_template=real_template(kind), add_generation_prompt=prompt)
+    expected = processor.tokenizer.apply_chat_template(
+        as_text(messages, REAL[kind][2]),
+        tokenize=False,
+        chat_template=real_template(kind),
+        add_generation_prompt=prompt,
+    )
     assert rendered == expected
     images = sum(item == IMAGE for item in USER_CONTENTS[content]) if not isinstance(USER_CONTENTS[content], str) else 0
     assert rendered.count(processor.image_token) == images
 
 
 GOLDEN = [
-    ("qwen3", [{"role": "user", "content": [IMAGE, _text("What is it?")]}], {"add_generation_prompt": True},
-     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"),
-    ("qwen3", [{"role": "user", "content": [_text("Q1"), IMAGE]}],
-     {"add_generation_prompt": True, "enable_thinking": False},
-     ("<|im_start|>user\nQ1\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
-      "<think>\n\n</think>\n\n")),
-    ("qwen3", _turns("multi-turn", [IMAGE, _text("Q1")]), {},
-     ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nQ1<|im_end|>\n"
-      "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
-      "<|im_start|>assistant\n<think>\n\n</think>\n\nA2<|im_end|>\n")),
-    ("llama3", [{"role": "user", "content": [IMAGE, _text("What is it?")]}], {"add_generation_prompt": True},
-     ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
-      "<|start_header_id|>assistant<|end_header_id|>\n\n")),
-    ("llama3", _turns("multi-turn", [_text("Q1"), IMAGE]), {},
-     ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ1\n<image><|eot_id|><|start_header_id|>assistant"
-      "<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
-      "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>")),
-]  # fmt: skip
+    (
+        "qwen3",
+        [{"role": "user", "content": [IMAGE, _text("What is it?")]}],
+        {"add_generation_prompt": True},
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n",
+    ),
+    (
+        "qwen3",
+        [{"role": "user", "content": [_text("Q1"), IMAGE]}],
+        {"add_generation_prompt": True, "enable_thinking": False},
+        (
+            "<|im_start|>user\nQ1\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+            "<think>\n\n</think>\n\n"
+        ),
+    ),
+    (
+        "qwen3",
+        _turns("multi-turn", [IMAGE, _text("Q1")]),
+        {},
+        (
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nQ1<|im_end|>\n"
+            "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n\n</think>\n\nA2<|im_end|>\n"
+        ),
+    ),
+    (
+        "llama3",
+        [{"role": "user", "content": [IMAGE, _text("What is it?")]}],
+        {"add_generation_prompt": True},
+        (
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+    ),
+    (
+        "llama3",
+        _turns("multi-turn", [_text("Q1"), IMAGE]),
+        {},
+        (
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ1\n<image><|eot_id|><|start_header_id|>assistant"
+            "<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>"
+        ),
+    ),
+]
 
 
-@pytest.mark.parametrize(("kind", "messages", "kwargs", "expected"), GOLDEN,
-                         ids=[f"{g[0]}-{i}" for i, g in enumerate(GOLDEN)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "messages", "kwargs", "expected"), GOLDEN, ids=[f"{g[0]}-{i}" for i, g in enumerate(GOLDEN)]
+)
 def test_known_renderings_of_the_real_templates(processors, kind, messages, kwargs, expected):
     assert processors(kind).apply_chat_template(messages, tokenize=False, **kwargs) == expected
 
@@ -195,11 +261,14 @@ def test_the_processor_takes_images_through_the_chat_template(processors, images
     """Tokenized, with real images: one perceiver sequence per image and one target slot per image feature."""
     processor = processors(kind)
     red, blue = Image.open(images / "red.png"), Image.open(images / "blue.png")
-    messages = [{"role": "user", "content": [{"type": "image", "image": red}, _text("Q1")]},
-                {"role": "assistant", "content": "A1"},
-                {"role": "user", "content": [_text("Q2"), {"type": "image", "image": blue}]}]  # fmt: skip
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")  # fmt: skip
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": red}, _text("Q1")]},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": [_text("Q2"), {"type": "image", "image": blue}]},
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert inputs["perceiver_input_ids"].shape[0] == 2
     features = int((inputs["perceiver_input_ids"] == processor.perceiver_image_token_id).sum())
     assert features > 0 and int((inputs["input_ids"] == processor.image_token_id).sum()) == features
@@ -237,12 +306,12 @@ def test_a_vlm_targets_workspace_keeps_its_template(dpa_workspace, tiny_checkpoi
 ODD_TEMPLATES = {
     "raises-on-lists": "{% for m in messages %}{{ '<' + m.role + '>' + m.content + '</s>' }}{% endfor %}",
     "drops-lists": "{% for m in messages %}{% if m.content is string %}{{ m.role + ': ' + m.content }}{% endif %}"
-                   "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
     "text-items-only": "{% for m in messages %}{{ m.role }}:{% if m.content is string %}{{ m.content }}{% else %}"
-                       "{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}"
-                       "{% endif %}\n{% endfor %}",
+    "{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}"
+    "{% endif %}\n{% endfor %}",
     "macro-reads-messages": "{% macro last() %}{{ messages[-1].content }}{% endmacro %}{{ bos_token }}{{ last() }}",
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(ODD_TEMPLATES))
@@ -266,33 +335,82 @@ def test_a_template_that_renders_no_user_text_is_kept_and_said():
 
 @pytest.mark.parametrize("kind", list(REAL))
 def test_generate_on_an_image_with_a_plain_lm_target(workspaces, images, kind):
-    result = runner.invoke(app, ["generate", str(workspaces(kind)), "--image", str(images / "red.png"), "--prompt",
-                                 "What colour is it?", "--max-new-tokens", "3", "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(workspaces(kind)),
+            "--image",
+            str(images / "red.png"),
+            "--prompt",
+            "What colour is it?",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output[-2000:]
     assert len(json.loads(result.stdout)["token_ids"]) >= 1
 
 
 # --- 2. the recipes ------------------------------------------------------------------------------------
 ALL = ("vit", "phi_p", "perceiver_lm", "phi", "llm")
-COMMON = {"weight_decay": 0.01, "adam_beta2": 0.98, "bf16": True, "gradient_checkpointing": True,
-          "average_tokens_across_devices": True, "logging_steps": 10, "seed": 42}  # fmt: skip
+COMMON = {
+    "weight_decay": 0.01,
+    "adam_beta2": 0.98,
+    "bf16": True,
+    "gradient_checkpointing": True,
+    "average_tokens_across_devices": True,
+    "logging_steps": 10,
+    "seed": 42,
+}
 # The scripts' values (PT_DPA_4node.sh, SFT_DPA_4node.sh, SFT_DPA_4node_lora.sh), as official-dpa.md sec. 4 reads them.
 OFFICIAL = {
-    "stage1": {**COMMON, "learning_rate": 1e-3, "global_batch_size": 512, "per_device_train_batch_size": 8,
-               "lr_scheduler_type": "warmup_stable_decay", "warmup_steps": 440,
-               "lr_scheduler_kwargs": {"num_decay_steps": 1170}, "max_steps": 2180, "max_length": 2048,
-               "save_steps": 200, "learning_rates": {},
-               "trainable": {**dict.fromkeys(ALL, "frozen"), "phi": "full"}},
-    "stage2-full": {**COMMON, "learning_rate": 1e-5, "learning_rates": {"vit": 2e-6, "phi_p": 2e-6},
-                    "global_batch_size": 256, "per_device_train_batch_size": 2, "lr_scheduler_type": "cosine",
-                    "warmup_steps": 500, "max_steps": 8000, "max_length": 8192, "save_steps": 1000,
-                    "trainable": dict.fromkeys(ALL, "full")},
-    "stage2-lora": {**COMMON, "learning_rate": 2e-4, "learning_rates": {"vit": 4e-5, "phi_p": 4e-5},
-                    "global_batch_size": 256, "per_device_train_batch_size": 4, "lr_scheduler_type": "cosine",
-                    "warmup_steps": 500, "max_steps": 8000, "max_length": 8192, "save_steps": 1000,
-                    "trainable": dict.fromkeys(ALL, "lora"), "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.0,
-                    "lora_targets": "all-linear"},
-}  # fmt: skip
+    "stage1": {
+        **COMMON,
+        "learning_rate": 1e-3,
+        "global_batch_size": 512,
+        "per_device_train_batch_size": 8,
+        "lr_scheduler_type": "warmup_stable_decay",
+        "warmup_steps": 440,
+        "lr_scheduler_kwargs": {"num_decay_steps": 1170},
+        "max_steps": 2180,
+        "max_length": 2048,
+        "save_steps": 200,
+        "learning_rates": {},
+        "trainable": {**dict.fromkeys(ALL, "frozen"), "phi": "full"},
+    },
+    "stage2-full": {
+        **COMMON,
+        "learning_rate": 1e-5,
+        "learning_rates": {"vit": 2e-6, "phi_p": 2e-6},
+        "global_batch_size": 256,
+        "per_device_train_batch_size": 2,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 500,
+        "max_steps": 8000,
+        "max_length": 8192,
+        "save_steps": 1000,
+        "trainable": dict.fromkeys(ALL, "full"),
+    },
+    "stage2-lora": {
+        **COMMON,
+        "learning_rate": 2e-4,
+        "learning_rates": {"vit": 4e-5, "phi_p": 4e-5},
+        "global_batch_size": 256,
+        "per_device_train_batch_size": 4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 500,
+        "max_steps": 8000,
+        "max_length": 8192,
+        "save_steps": 1000,
+        "trainable": dict.fromkeys(ALL, "lora"),
+        "lora_r": 32,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_targets": "all-linear",
+    },
+}
 VALUES = [(name, key) for name, values in OFFICIAL.items() for key in values]
 
 
@@ -371,7 +489,8 @@ def test_a_run_of_another_length_keeps_the_schedules_shape(total):
     expected = [wsd(s, warmup, total - warmup - decay, decay) for s in range(total)]
     assert _rates("stage1", total, [f"max_steps={total}"]) == pytest.approx(expected, abs=1e-12)
     assert _rates("stage2-full", total, [f"max_steps={total}"]) == pytest.approx(
-        [cosine(s, math.ceil(total * 500 / 8000), total) for s in range(total)], abs=1e-12)
+        [cosine(s, math.ceil(total * 500 / 8000), total) for s in range(total)], abs=1e-12
+    )
 
 
 def test_set_values_are_taken_as_given_and_fractions_are_accepted():
@@ -383,18 +502,37 @@ def test_set_values_are_taken_as_given_and_fractions_are_accepted():
 
 # The gate: phase lengths that are not steps or fractions, WSD phases under another scheduler, phases that do
 # not fit the run. Each refused naming the key, in one line.
-BAD_PHASES = [f'lr_scheduler_kwargs={{"{key}": {value}}}' for key in ("num_decay_steps", "num_stable_steps")
-              for value in ("-1", "-0.5", "1.5", '"abc"', "true", "NaN", "Infinity", "[1]", "null")]  # fmt: skip
-OTHER_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_min_lr",
-                    "inverse_sqrt", "cosine_with_restarts"]  # fmt: skip
-MISFITS = [(steps, warmup, decay) for steps in (10, 100, 2180) for warmup, decay in
-           ((steps, 1), (steps // 2, steps // 2 + 1), (1, steps), (steps + 1, 0))]  # fmt: skip
+BAD_PHASES = [
+    f'lr_scheduler_kwargs={{"{key}": {value}}}'
+    for key in ("num_decay_steps", "num_stable_steps")
+    for value in ("-1", "-0.5", "1.5", '"abc"', "true", "NaN", "Infinity", "[1]", "null")
+]
+OTHER_SCHEDULERS = [
+    "linear",
+    "cosine",
+    "constant",
+    "constant_with_warmup",
+    "polynomial",
+    "cosine_with_min_lr",
+    "inverse_sqrt",
+    "cosine_with_restarts",
+]
+MISFITS = [
+    (steps, warmup, decay)
+    for steps in (10, 100, 2180)
+    for warmup, decay in ((steps, 1), (steps // 2, steps // 2 + 1), (1, steps), (steps + 1, 0))
+]
 GATE = (
     [([item], "lr_scheduler_kwargs") for item in BAD_PHASES]
     + [([f"lr_scheduler_type={name}"], "lr_scheduler_kwargs holds num_decay_steps") for name in OTHER_SCHEDULERS]
-    + [([f"max_steps={s}", f"warmup_steps={w}", f'lr_scheduler_kwargs={{"num_decay_steps": {d}}}'],
-        "the schedule does not fit the run") for s, w, d in MISFITS]
-)  # fmt: skip
+    + [
+        (
+            [f"max_steps={s}", f"warmup_steps={w}", f'lr_scheduler_kwargs={{"num_decay_steps": {d}}}'],
+            "the schedule does not fit the run",
+        )
+        for s, w, d in MISFITS
+    ]
+)
 
 
 @pytest.mark.parametrize(("overrides", "needle"), GATE, ids=[" ".join(o) for o, _ in GATE])
@@ -408,16 +546,23 @@ LLM_ONLY = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|u
 CLI_CASES = [  # (arguments, stage, needles): one of each class through the command line
     (["--set", BAD_PHASES[0]], "1", ("lr_scheduler_kwargs", "num_decay_steps=-1")),
     (["--set", "lr_scheduler_type=cosine"], "1", ("lr_scheduler_kwargs holds num_decay_steps", "cosine")),
-    (["--set", "max_steps=10", "--set", "warmup_steps=8", "--set", 'lr_scheduler_kwargs={"num_decay_steps": 5}'], "1",
-     ("the schedule does not fit the run", "13 steps")),
-    (["--from", "model", "--lora", "--lora-targets", LLM_ONLY], "2",
-     ("trainable.vit=lora", "adapts none of its layers")),
-]  # fmt: skip
+    (
+        ["--set", "max_steps=10", "--set", "warmup_steps=8", "--set", 'lr_scheduler_kwargs={"num_decay_steps": 5}'],
+        "1",
+        ("the schedule does not fit the run", "13 steps"),
+    ),
+    (
+        ["--from", "model", "--lora", "--lora-targets", LLM_ONLY],
+        "2",
+        ("trainable.vit=lora", "adapts none of its layers"),
+    ),
+]
 
 
 @pytest.mark.parametrize(("extra", "stage", "needles"), CLI_CASES, ids=[c[2][0] for c in CLI_CASES])
-def test_dpa_train_refuses_them_and_writes_nothing(dpa_workspace, tiny_checkpoint, data_files, tmp_path, extra, stage,
-                                                   needles):  # fmt: skip
+def test_dpa_train_refuses_them_and_writes_nothing(
+    dpa_workspace, tiny_checkpoint, data_files, tmp_path, extra, stage, needles
+):
     workspace = Path(shutil.copytree(dpa_workspace("next_qwen"), tmp_path / "ws"))
     env = Env(tiny_checkpoint, workspace, data_files / "images", tmp_path)
     refused(env, train_clean(env, *extra, stage=stage), *needles)
@@ -431,19 +576,51 @@ def trained(workspaces, images, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     workspace = Path(shutil.copytree(workspaces("qwen3"), root / "ws"))
     colours = ("red", "green", "blue")
-    captions = [{"id": f"c-{name}", "image": f"{name}.png", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": f"A {name} square."}]}
-        for name in colours]
-    instructions = [{"id": f"i-{name}", "image": f"{name}.png", "conversations": [
-        {"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": f"It is {name}."},
-        {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]} for name in colours]  # fmt: skip
+    captions = [
+        {
+            "id": f"c-{name}",
+            "image": f"{name}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe it."},
+                {"from": "gpt", "value": f"A {name} square."},
+            ],
+        }
+        for name in colours
+    ]
+    instructions = [
+        {
+            "id": f"i-{name}",
+            "image": f"{name}.png",
+            "conversations": [
+                {"from": "human", "value": "What colour is it?\n<image>"},
+                {"from": "gpt", "value": f"It is {name}."},
+                {"from": "human", "value": "Sure?"},
+                {"from": "gpt", "value": "Yes."},
+            ],
+        }
+        for name in colours
+    ]
     (root / "1.json").write_text(json.dumps(captions))
     (root / "2.json").write_text(json.dumps(instructions))
 
     def train(stage: int, *extra: str) -> None:
-        result = runner.invoke(app, ["train", "--stage", str(stage), "-w", str(workspace), "--data",
-                                     str(root / f"{stage}.json"), "--image-root", str(images), *SMALL, *extra,
-                                     "--json"])  # fmt: skip
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "--stage",
+                str(stage),
+                "-w",
+                str(workspace),
+                "--data",
+                str(root / f"{stage}.json"),
+                "--image-root",
+                str(images),
+                *SMALL,
+                *extra,
+                "--json",
+            ],
+        )
         assert result.exit_code == 0, result.output[-3000:]
 
     train(1, "--max-steps", "12")
@@ -473,8 +650,15 @@ def test_stage2_runs_give_the_vit_group_its_own_rate(trained):
         assert logs[1]["learning_rate"] == pytest.approx(base)  # warmup ceil(3 * 500 / 8000) = 1 step
         for entry in logs:
             rates, factor = entry["learning_rates"], entry["learning_rate"] / base
-            assert rates == pytest.approx({"vit": vit * factor, "phi_p": vit * factor, "perceiver_lm": base * factor,
-                                           "phi": base * factor, "llm": base * factor}), folder  # fmt: skip
+            assert rates == pytest.approx(
+                {
+                    "vit": vit * factor,
+                    "phi_p": vit * factor,
+                    "perceiver_lm": base * factor,
+                    "phi": base * factor,
+                    "llm": base * factor,
+                }
+            ), folder
 
 
 def test_stage2_lora_adapts_every_linear_of_every_part_and_trains_nothing_in_full(trained):
@@ -489,8 +673,20 @@ def test_stage2_lora_adapts_every_linear_of_every_part_and_trains_nothing_in_ful
 def test_the_trained_plain_lm_workspace_generates_and_exports(trained, images, tmp_path):
     """The export (LoRA merged into every part) loads with plain transformers in a fresh interpreter, its own
     processor renders the probe image through the wrapped template, and its logits match the trained model."""
-    result = runner.invoke(app, ["generate", str(trained), "--image", str(images / "green.png"), "--prompt", "Colour?",
-                                 "--max-new-tokens", "2", "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(trained),
+            "--image",
+            str(images / "green.png"),
+            "--prompt",
+            "Colour?",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output[-2000:]
     result = runner.invoke(app, ["export", "-w", str(trained), "-o", str(tmp_path / "export"), "--json"])
     assert result.exit_code == 0, result.output[-2000:]
@@ -504,9 +700,12 @@ def test_lora_targets_must_reach_every_part_set_to_lora(workspaces):
     recipe = load_recipe("stage2-lora")
     llm = LLM_ONLY
     perceiver_lm = r"model\.perceiver\.language_model\..*_proj"
-    regexes = {"vit": r"model\.perceiver\.visual\.blocks\..*\.(qkv|proj|gate_proj|up_proj|down_proj)",
-               "phi_p": r"model\.perceiver\.visual\.merger\.mlp\.[02]", "perceiver_lm": perceiver_lm,
-               "phi": r"model\.multi_modal_projector\.linear_[12]"}  # fmt: skip
+    regexes = {
+        "vit": r"model\.perceiver\.visual\.blocks\..*\.(qkv|proj|gate_proj|up_proj|down_proj)",
+        "phi_p": r"model\.perceiver\.visual\.merger\.mlp\.[02]",
+        "perceiver_lm": perceiver_lm,
+        "phi": r"model\.multi_modal_projector\.linear_[12]",
+    }
     check_lora_targets(model, "|".join([llm, *regexes.values()]), recipe.trainable)  # all parts: accepted
     for size in (0, 1, 2, 3):
         for kept in itertools.combinations(regexes, size):

@@ -145,8 +145,11 @@ def test_onevision_count_follows_the_family_rule_on_real_sized_grids():
     family's rule is run unbound, as its class cannot be built without a torchvision video processor."""
     pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
     settings = {"num_image_tokens": 729, "vision_aspect_ratio": "anyres_max_9"}
-    family = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=pinpoints), num_image_tokens=729,
-                             vision_aspect_ratio="anyres_max_9")  # fmt: skip
+    family = SimpleNamespace(
+        image_processor=SimpleNamespace(image_grid_pinpoints=pinpoints),
+        num_image_tokens=729,
+        vision_aspect_ratio="anyres_max_9",
+    )
     family._get_unpadded_features = functools.partial(LlavaOnevisionProcessor._get_unpadded_features, family)
     for size in [(384, 384), (480, 640), (300, 2000), (2000, 300), (1200, 1600), (3000, 4000), (4000, 4000)]:
         expected = LlavaOnevisionProcessor._get_number_of_features(family, *size, 384, 384)
@@ -185,9 +188,18 @@ def test_image_plus_markers_gives_n_plus_2_features(dpa, perceiver):
 def _conversations(images) -> list:
     return [
         [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": QUESTION}]}],
-        [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image", "image": images[1]},
-                                      {"type": "image", "image": images[2]}, {"type": "text", "text": "these."}]}],
-    ]  # fmt: skip
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare"},
+                    {"type": "image", "image": images[1]},
+                    {"type": "image", "image": images[2]},
+                    {"type": "text", "text": "these."},
+                ],
+            }
+        ],
+    ]
 
 
 @pytest.mark.parametrize("perceiver", PERCEIVERS)
@@ -272,11 +284,13 @@ def test_settings_are_checked_when_the_processor_is_built(tiny_checkpoint):
         DPAProcessor(*parts, perceiver_model_type="llava")
     settings = {"patch_size": 14, "vision_feature_select_strategy": "default"}
     with pytest.raises(ValueError, match="image\\+markers' needs perceiver_marker_tokens"):
-        DPAProcessor(*parts, perceiver_model_type="llava", perceiver_processor_kwargs=settings,
-                     feature_span="image+markers")  # fmt: skip
+        DPAProcessor(
+            *parts, perceiver_model_type="llava", perceiver_processor_kwargs=settings, feature_span="image+markers"
+        )
     with pytest.raises(ValueError, match="The perceiver image token '<img>' is not a single token"):
-        DPAProcessor(*parts, perceiver_model_type="llava", perceiver_processor_kwargs=settings,
-                     perceiver_image_token="<img>")  # fmt: skip
+        DPAProcessor(
+            *parts, perceiver_model_type="llava", perceiver_processor_kwargs=settings, perceiver_image_token="<img>"
+        )
 
 
 _ROUND_TRIP = """
@@ -323,8 +337,13 @@ def test_save_and_load_in_plain_transformers(dpa, tmp_path):
         assert isinstance(AutoProcessor.from_pretrained(folder), DPAProcessor)  # registered in this process
         texts = ["No image here.", prompt(processor), prompt(processor, images=2)]
         torch.save(dict(processor(images=[[], images[:1], images[1:]], text=texts)), folder / "expected.pt")
-        case = dict(messages=messages, texts=texts, with_model=with_model, target_vocab=len(processor.tokenizer),
-                    perceiver_vocab=len(processor.perceiver_tokenizer))  # fmt: skip
+        case = dict(
+            messages=messages,
+            texts=texts,
+            with_model=with_model,
+            target_vocab=len(processor.tokenizer),
+            perceiver_vocab=len(processor.perceiver_tokenizer),
+        )
         (folder / "case.json").write_text(json.dumps(case))
     config = json.loads((tmp_path / "qwen2_5_vl" / "processor_config.json").read_text())
     assert config["auto_map"] == {"AutoProcessor": "processing_dpa.DPAProcessor"}

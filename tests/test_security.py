@@ -105,20 +105,49 @@ def test_a_whole_pipeline_opens_no_socket_offline(monkeypatch, tiny_checkpoint, 
     ws, data = tmp_path / "ws", tmp_path / "data"
     (data / "images").mkdir(parents=True)
     Image.new("RGB", (48, 40), (30, 60, 220)).save(data / "images" / "blue.png")
-    sample = {"image": "blue.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
-                                                     {"from": "gpt", "value": "A blue picture."}]}  # fmt: skip
+    sample = {
+        "image": "blue.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."},
+            {"from": "gpt", "value": "A blue picture."},
+        ],
+    }
     (data / "captions.json").write_text(json.dumps([{"id": f"s{i}", **sample} for i in range(4)]))
     perceiver = f"vit=target,lm={tiny_checkpoint('causal_lm_qwen3')}"
     steps = [
         ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws)],
-        ["train", "--stage", "1", "-w", str(ws), "--data", str(data / "captions.json"), "--image-root",
-         str(data / "images"), "--max-steps", "1", "--set", "global_batch_size=2",
-         "--set", "per_device_train_batch_size=2", "--set", "gradient_checkpointing=false"],
+        [
+            "train",
+            "--stage",
+            "1",
+            "-w",
+            str(ws),
+            "--data",
+            str(data / "captions.json"),
+            "--image-root",
+            str(data / "images"),
+            "--max-steps",
+            "1",
+            "--set",
+            "global_batch_size=2",
+            "--set",
+            "per_device_train_batch_size=2",
+            "--set",
+            "gradient_checkpointing=false",
+        ],
         ["export", "-w", str(ws), "--no-verify"],  # --verify reloads in a child process, outside this check
-        ["generate", str(ws / "export"), "--image", str(data / "images" / "blue.png"), "--prompt", "Colour?",
-         "--max-new-tokens", "2"],
+        [
+            "generate",
+            str(ws / "export"),
+            "--image",
+            str(data / "images" / "blue.png"),
+            "--prompt",
+            "Colour?",
+            "--max-new-tokens",
+            "2",
+        ],
         ["verify", str(ws)],
-    ]  # fmt: skip
+    ]
     for args in steps:
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args[0], result.output)

@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from tests.tiny_processors import example_image
@@ -48,15 +48,33 @@ def server(tiny_export: Path):
     (the module's own CLI, a fresh process, without dpa on its import path)."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    command = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(tiny_export),
-               "--trust-remote-code", "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    process = subprocess.Popen(command, env=env, cwd=tiny_export.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [
+        sys.executable,
+        "-c",
+        "from transformers.cli.transformers import main; main()",
+        "serve",
+        str(tiny_export),
+        "--trust-remote-code",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(
+        command, env=env, cwd=tiny_export.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"transformers serve exited {process.returncode}:\n{process.stdout.read().decode()[-3000:]}")
+                pytest.fail(
+                    f"transformers serve exited {process.returncode}:\n{process.stdout.read().decode()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
                     if response.status == 200:
@@ -82,8 +100,9 @@ def _expected(export: Path, image, max_new_tokens: int) -> str:
     model = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")  # fmt: skip
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -91,8 +110,13 @@ def _expected(export: Path, image, max_new_tokens: int) -> str:
 
 def _chat_body(export: Path, image, **extra) -> dict:
     content = [{"type": "image_url", "image_url": {"url": _data_url(image)}}, {"type": "text", "text": QUESTION}]
-    return {"model": str(export), "messages": [{"role": "user", "content": content}], "max_tokens": 4,
-            "temperature": 0, **extra}  # fmt: skip
+    return {
+        "model": str(export),
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        "temperature": 0,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("size", [(40, 30), (23, 61)])
@@ -109,12 +133,17 @@ def test_transformers_serve_answers_a_chat_request_with_an_image(server, tiny_ex
 
     status, raw = _post(f"{server}/v1/chat/completions", _chat_body(tiny_export, image, stream=True))
     assert status == 200
-    chunks = [json.loads(line[len("data: ") :]) for line in raw.decode().splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
+    chunks = [
+        json.loads(line[len("data: ") :])
+        for line in raw.decode().splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
     # A random tiny model emits byte-fallback tokens that end or start inside a multi-byte character: the whole
     # decode and the stream's incremental decoder place U+FFFD differently. The rest is the same text.
-    assert streamed.replace("\ufffd", "") == text.replace("\ufffd", "") and chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert streamed.replace("\ufffd", "") == text.replace("\ufffd", "") and chunks[-1]["choices"][0][
+        "finish_reason"
+    ] in ("length", "stop")
 
 
 # --- the vLLM plugin's CPU parts ------------------------------------------------------------------------------
@@ -176,19 +205,35 @@ def test_every_tensor_of_a_dpa_model_lands_on_a_vllm_parameter(dpa_models, kind)
         model = DPAModel(AutoConfig.from_pretrained(folder, trust_remote_code=True))
     wanted = {n for n in model.state_dict() if n.startswith(("perceiver.", "multi_modal_projector."))}
     assert encoder == wanted
-    head = ("language_model.lm_head.weight" in llm)
+    head = "language_model.lm_head.weight" in llm
     assert head == (kind == "llama-untied")
 
 
-@pytest.mark.parametrize("name", ["lm_head", "model.vision_tower.x.weight", "model.perceiverx.w", "language_model.w",
-                                  "", "model.multi_modal_projector"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lm_head",
+        "model.vision_tower.x.weight",
+        "model.perceiverx.w",
+        "language_model.w",
+        "",
+        "model.multi_modal_projector",
+    ],
+)
 def test_a_tensor_outside_the_known_parts_is_named(name):
     with pytest.raises(UnservableError, match=f"tensor {name!r} is in no part"):
         vllm_spec.vllm_weight_name(name)
 
 
-@pytest.mark.parametrize(("model_type", "arch"), [("qwen3", "Qwen3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
-                                                  ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model_type", "arch"),
+    [
+        ("qwen3", "Qwen3ForCausalLM"),
+        ("qwen2", "Qwen2ForCausalLM"),
+        ("llama", "LlamaForCausalLM"),
+        ("mistral", "MistralForCausalLM"),
+    ],
+)
 def test_the_target_family_picks_vllms_own_class(dpa_models, model_type, arch):
     """The target's config goes to vLLM's class for its family with that architecture, the tie carried up."""
     config = _config(dpa_models["qwen3-tied"])
@@ -271,8 +316,10 @@ def _serve_cases(tmp: Path, export: Path) -> dict[str, tuple[list[str], list[str
         "no-vllm-port": ([str(export), "--port", "9001"], missing),
         "no-vllm-host-extra": ([str(export), "--host", "0.0.0.0", "--max-model-len", "64"], missing),
         "no-vllm-extra-after": ([str(export), "--tensor-parallel-size", "2", "--enforce-eager"], missing),
-        "vllm-option-first": (["--gpu-memory-utilization", "0.5", str(export)],
-                              ["--gpu-memory-utilization came where the export folder goes", "dpa serve EXPORT"]),
+        "vllm-option-first": (
+            ["--gpu-memory-utilization", "0.5", str(export)],
+            ["--gpu-memory-utilization came where the export folder goes", "dpa serve EXPORT"],
+        ),
         "missing-folder": ([str(tmp / "nope")], ["no such model folder", "dpa export"]),
         "a-file": ([str(tmp / "file.txt")], ["no such model folder"]),
         "no-config": ([str(tmp / "empty")], ["no config.json"]),
@@ -282,8 +329,19 @@ def _serve_cases(tmp: Path, export: Path) -> dict[str, tuple[list[str], list[str
     }
 
 
-SERVE_CASES = ["no-vllm", "no-vllm-port", "no-vllm-host-extra", "no-vllm-extra-after", "vllm-option-first",
-               "missing-folder", "a-file", "no-config", "not-dpa", "bad-json", "json-list"]  # fmt: skip
+SERVE_CASES = [
+    "no-vllm",
+    "no-vllm-port",
+    "no-vllm-host-extra",
+    "no-vllm-extra-after",
+    "vllm-option-first",
+    "missing-folder",
+    "a-file",
+    "no-config",
+    "not-dpa",
+    "bad-json",
+    "json-list",
+]
 
 
 @pytest.mark.parametrize("case", SERVE_CASES)
@@ -298,7 +356,6 @@ def test_dpa_serve_refuses_clearly_and_writes_nothing(tiny_export, tmp_path, cas
     assert lines[0].startswith("error:") and len(lines) <= 2, result.stderr
     assert all(needle in result.stderr for needle in needles), (needles, result.stderr)
     assert tree_hash(tmp_path, tiny_export) == before
-
 
 
 @pytest.mark.optional  # needs vLLM, which pins its own torch (docs/serving.md)
@@ -335,8 +392,11 @@ def test_vllm_processor_and_encoder_step_match_transformers(dpa_models, kind):
     weights = {}
     for file in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(file))
-    state = {vllm_spec.vllm_weight_name(n)[0].removeprefix("encoder."): t for n, t in weights.items()
-             if vllm_spec.vllm_weight_name(n)[0].startswith("encoder.")}  # fmt: skip
+    state = {
+        vllm_spec.vllm_weight_name(n)[0].removeprefix("encoder."): t
+        for n, t in weights.items()
+        if vllm_spec.vllm_weight_name(n)[0].startswith("encoder.")
+    }
     encoder.load_state_dict(state, strict=True)
     host = torch.nn.Module()
     host.encoder = encoder.eval()

@@ -1,4 +1,5 @@
-"""`dpa train`: what each stage changes (bit for bit), chaining, LoRA, refusals, 2-process DeepSpeed (resume after SIGKILL: test_faults.py)."""
+"""`dpa train`: what each stage changes (bit for bit), chaining, LoRA, refusals, 2-process DeepSpeed (resume after
+SIGKILL: test_faults.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,26 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from dpa_cli.checkpoint.naming import meta_model, rename_to_memory
 from dpa_cli.cli.app import app
 from dpa_cli.parts import part_of, perceiver_family
-from dpa_cli.checkpoint.naming import meta_model, rename_to_memory
 
 runner = CliRunner()
 # Small and fast: 4 samples per step, 2 per device, no checkpoints unless a test asks.
-SMALL = ["--set", "global_batch_size=4", "--set", "per_device_train_batch_size=2", "--set", "logging_steps=1",
-         "--set", "save_steps=1000", "--set", "max_length=512", "--set", "gradient_checkpointing=false"]  # fmt: skip
+SMALL = [
+    "--set",
+    "global_batch_size=4",
+    "--set",
+    "per_device_train_batch_size=2",
+    "--set",
+    "logging_steps=1",
+    "--set",
+    "save_steps=1000",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
 
 
@@ -33,13 +46,34 @@ def data(tmp_path_factory) -> Path:
     captions, instructions = [], []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (48 + 8 * i, 40), rgb).save(root / "images" / f"{name}.png")
-        captions.append({"id": f"cap-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"A {name} picture."}]})
-        instructions.append({"id": f"ins-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"It is {name}."},
-            {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes."}]})  # fmt: skip
-    instructions.append({"id": "text-only", "conversations": [
-        {"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}]})  # fmt: skip
+        captions.append(
+            {
+                "id": f"cap-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": f"A {name} picture."},
+                ],
+            }
+        )
+        instructions.append(
+            {
+                "id": f"ins-{name}",
+                "image": f"{name}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": f"It is {name}."},
+                    {"from": "human", "value": "Are you sure?"},
+                    {"from": "gpt", "value": "Yes."},
+                ],
+            }
+        )
+    instructions.append(
+        {
+            "id": "text-only",
+            "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello."}],
+        }
+    )
     (root / "captions.json").write_text(json.dumps(captions * 2))
     (root / "instruct.json").write_text(json.dumps(instructions))
     return root
@@ -50,15 +84,32 @@ def workspace(tiny_checkpoint, tmp_path) -> Path:
     """A real upgrade: LLaVA-NeXT target, composed perceiver (its ViT + a small Qwen3 + fresh phi_p)."""
     ws = tmp_path / "ws"
     perceiver = f"vit=target,lm={tiny_checkpoint('causal_lm_qwen3')}"
-    result = runner.invoke(app, ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws)])
+    result = runner.invoke(
+        app, ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws)]
+    )
     assert result.exit_code == 0, result.stderr
     return ws
 
 
 def train(ws: Path, data: Path, stage: int, *args: str, data_file: str | None = None):
     data_file = data_file or ("captions.json" if stage == 1 else "instruct.json")
-    result = runner.invoke(app, ["train", "--stage", str(stage), "--workspace", str(ws), "--data", str(data / data_file),
-                                 "--image-root", str(data / "images"), *SMALL, *args, "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--stage",
+            str(stage),
+            "--workspace",
+            str(ws),
+            "--data",
+            str(data / data_file),
+            "--image-root",
+            str(data / "images"),
+            *SMALL,
+            *args,
+            "--json",
+        ],
+    )
     return result
 
 
@@ -89,8 +140,11 @@ def test_stage1_trains_only_phi_and_fresh_phi_p_and_the_loss_falls(workspace, da
     result = train(workspace, data, 1, "--max-steps", "12", "--set", "learning_rate=5e-3")
     assert result.exit_code == 0, result.stderr
     assert changed_parts(workspace / "model", workspace / "stage1" / "model") == {"phi", "phi_p"}
-    losses = [json.loads(line)["loss"] for line in (workspace / "stage1" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]  # fmt: skip
+    losses = [
+        json.loads(line)["loss"]
+        for line in (workspace / "stage1" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert losses[-1] < losses[0]
     record = yaml.safe_load((workspace / "dpa.yaml").read_text())["stages"]["stage1"]
     assert record["steps"] == 12 and record["data"]["fingerprint"] and record["recipe"]["trainable"]["phi_p"] == "full"
@@ -98,15 +152,25 @@ def test_stage1_trains_only_phi_and_fresh_phi_p_and_the_loss_falls(workspace, da
 
 def test_stage2_full_changes_perceiver_phi_and_llm_and_starts_from_stage1(workspace, data):
     assert train(workspace, data, 1, "--max-steps", "2").exit_code == 0
-    result = train(workspace, data, 2, "--max-steps", "6", "--set", "learning_rate=1e-3", "--set", "learning_rates.vit=1e-3")
+    result = train(
+        workspace, data, 2, "--max-steps", "6", "--set", "learning_rate=1e-3", "--set", "learning_rates.vit=1e-3"
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["source"] == str(workspace / "stage1" / "model")
-    losses = [json.loads(line)["loss"] for line in (workspace / "stage2" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]  # fmt: skip
+    losses = [
+        json.loads(line)["loss"]
+        for line in (workspace / "stage2" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert losses[-1] < losses[0]
     assert changed_parts(workspace / "stage1" / "model", workspace / "stage2" / "model") == {
-        "vit", "phi_p", "perceiver_lm", "phi", "llm"}  # fmt: skip
+        "vit",
+        "phi_p",
+        "perceiver_lm",
+        "phi",
+        "llm",
+    }
 
 
 def test_stage2_lora_adapts_every_part_as_the_official_script(workspace, data):
@@ -124,8 +188,21 @@ def test_stage2_lora_adapts_every_part_as_the_official_script(workspace, data):
 
 
 def test_freeze_perceiver_keeps_it_bit_for_bit(workspace, data):
-    assert train(workspace, data, 2, "--from", "model", "--freeze-perceiver", "--max-steps", "2",
-                 "--set", "learning_rate=1e-3").exit_code == 0  # fmt: skip
+    assert (
+        train(
+            workspace,
+            data,
+            2,
+            "--from",
+            "model",
+            "--freeze-perceiver",
+            "--max-steps",
+            "2",
+            "--set",
+            "learning_rate=1e-3",
+        ).exit_code
+        == 0
+    )
     assert changed_parts(workspace / "model", workspace / "stage2" / "model") == {"phi", "llm"}
 
 
@@ -171,13 +248,45 @@ def test_two_process_deepspeed_trains_and_saves_loadable_weights(workspace, data
     from transformers import AutoModelForImageTextToText
 
     done = subprocess.run(
-        [sys.executable, "-m", "dpa_cli", "train", "--stage", "2", "--from", "model", "--workspace", str(workspace),
-         "--data", str(data / "instruct.json"), "--image-root", str(data / "images"), *SMALL, "--max-steps", "3",
-         # one sample per process: some step gives a process the text-only sample (the stand-in image path)
-         "--set", "per_device_train_batch_size=1", "--set", "global_batch_size=2",
-         "--deepspeed", zero, "--nproc", "2"], capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "dpa_cli",
+            "train",
+            "--stage",
+            "2",
+            "--from",
+            "model",
+            "--workspace",
+            str(workspace),
+            "--data",
+            str(data / "instruct.json"),
+            "--image-root",
+            str(data / "images"),
+            *SMALL,
+            "--max-steps",
+            "3",
+            # one sample per process: some step gives a process the text-only sample (the stand-in image path)
+            "--set",
+            "per_device_train_batch_size=1",
+            "--set",
+            "global_batch_size=2",
+            "--deepspeed",
+            zero,
+            "--nproc",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     model = AutoModelForImageTextToText.from_pretrained(workspace / "stage2" / "model", trust_remote_code=True)
-    assert changed_parts(workspace / "model", workspace / "stage2" / "model") == {"vit", "phi_p", "perceiver_lm", "phi", "llm"}
+    assert changed_parts(workspace / "model", workspace / "stage2" / "model") == {
+        "vit",
+        "phi_p",
+        "perceiver_lm",
+        "phi",
+        "llm",
+    }
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -21,8 +21,20 @@ from tests.test_bad_inputs import tree_hash
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 # Flags that make the documented stage-1 file a one-step run on the tiny models (each overrides a file value).
-SHRINK = ["--max-steps", "1", "--set", "global_batch_size=2", "--set", "per_device_train_batch_size=1",
-          "--set", "max_length=512", "--set", "gradient_checkpointing=false", "--set", "save_steps=1000"]  # fmt: skip
+SHRINK = [
+    "--max-steps",
+    "1",
+    "--set",
+    "global_batch_size=2",
+    "--set",
+    "per_device_train_batch_size=1",
+    "--set",
+    "max_length=512",
+    "--set",
+    "gradient_checkpointing=false",
+    "--set",
+    "save_steps=1000",
+]
 
 
 def documented(name: str) -> str:
@@ -80,8 +92,20 @@ def test_the_documented_stage2_file_plans_with_flags_winning(project):
 
 
 # --- the config-file gate ------------------------------------------------------------------------------------
-KEYS = ["learning_rate", "image_root", "global_batch_size", "freeze_perceiver", "per_device_train_batch_size",
-        "num_train_epochs", "lora_targets", "on_bad_sample", "data", "stage", "workspace", "warmup_steps"]  # fmt: skip
+KEYS = [
+    "learning_rate",
+    "image_root",
+    "global_batch_size",
+    "freeze_perceiver",
+    "per_device_train_batch_size",
+    "num_train_epochs",
+    "lora_targets",
+    "on_bad_sample",
+    "data",
+    "stage",
+    "workspace",
+    "warmup_steps",
+]
 
 
 def _misspelled() -> list[str]:
@@ -99,19 +123,45 @@ def _misspelled() -> list[str]:
 
 
 # Other tools' spellings of the same ideas (LLaMA-Factory, ms-swift), parts that do not exist.
-FOREIGN = ["dataset", "dataset_dir", "finetuning_type", "lora_rank", "template", "model_name_or_path", "cutoff_len",
-           "trainable.projector", "learning_rates.vision", "train_type", "dataset_num_proc"]  # fmt: skip
+FOREIGN = [
+    "dataset",
+    "dataset_dir",
+    "finetuning_type",
+    "lora_rank",
+    "template",
+    "model_name_or_path",
+    "cutoff_len",
+    "trainable.projector",
+    "learning_rates.vision",
+    "train_type",
+    "dataset_num_proc",
+]
 MANAGED = ["output_dir", "gradient_accumulation_steps", "local_rank", "resume_from_checkpoint", "remove_unused_columns"]
-BAD_OPTIONS = [("stage", "two"), ("stage", 1.5), ("lora", "maybe"), ("full", 2), ("nproc", "many"), ("nproc", 0),
-               ("nproc", -3), ("data", 5), ("data", ["a.json", "b.json"]), ("workspace", {"a": 1}),
-               ("resume", "yes please"), ("max_steps", "ten"), ("freeze_perceiver", [True])]  # fmt: skip
+BAD_OPTIONS = [
+    ("stage", "two"),
+    ("stage", 1.5),
+    ("lora", "maybe"),
+    ("full", 2),
+    ("nproc", "many"),
+    ("nproc", 0),
+    ("nproc", -3),
+    ("data", 5),
+    ("data", ["a.json", "b.json"]),
+    ("workspace", {"a": 1}),
+    ("resume", "yes please"),
+    ("max_steps", "ten"),
+    ("freeze_perceiver", [True]),
+]
 CASES = (
     [pytest.param({key: 1}, (repr(key), "unknown"), id=f"unknown-{key}") for key in _misspelled() + FOREIGN]
     + [pytest.param({"set": {key: 1}}, (repr(key),), id=f"under-set-{key}") for key in ("lerning_rate", "dataset")]
-    + [pytest.param({"set": [f"{key}=1"]}, (repr(key),), id=f"set-list-{key}") for key in ("lerning_rate", "cutoff_len")]
+    + [
+        pytest.param({"set": [f"{key}=1"]}, (repr(key),), id=f"set-list-{key}")
+        for key in ("lerning_rate", "cutoff_len")
+    ]
     + [pytest.param({key: "x"}, (repr(key), "set by dpa itself"), id=f"managed-{key}") for key in MANAGED]
     + [pytest.param({key: value}, (f"{key}={value!r}",), id=f"option-{key}-{value}") for key, value in BAD_OPTIONS]
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +192,16 @@ def test_a_bad_config_key_is_refused_by_name_and_file(shared, tmp_path, content,
     refused([*argv, "-w", str(shared)], [tmp_path, shared], (*needles, str(config)))
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("- stage: 1\n", "the top level must be a mapping"), ("just text\n", "the top level must be a mapping"),
-    ("stage: [1\n", "run.yaml"), ("set: 5\n", "set=5"),
-    ("set: [1, 2]\n", "set=[1, 2]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("- stage: 1\n", "the top level must be a mapping"),
+        ("just text\n", "the top level must be a mapping"),
+        ("stage: [1\n", "run.yaml"),
+        ("set: 5\n", "set=5"),
+        ("set: [1, 2]\n", "set=[1, 2]"),
+    ],
+)
 def test_a_config_file_that_is_no_mapping_of_keys_is_refused(shared, tmp_path, text, needle):
     config = tmp_path / "run.yaml"
     config.write_text(text)

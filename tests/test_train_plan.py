@@ -26,16 +26,34 @@ def data(stage_data: Path) -> Path:
 
 
 def dry_run(ws: Path, data: Path, *extra: str):
-    return runner.invoke(app, ["train", "--stage", "2", "-w", str(ws), "--data", str(data / "captions.json"),
-                               "--image-root", str(data / "images"), *SMALL, *extra, "--dry-run", "--json"])  # fmt: skip
+    return runner.invoke(
+        app,
+        [
+            "train",
+            "--stage",
+            "2",
+            "-w",
+            str(ws),
+            "--data",
+            str(data / "captions.json"),
+            "--image-root",
+            str(data / "images"),
+            *SMALL,
+            *extra,
+            "--dry-run",
+            "--json",
+        ],
+    )
 
 
-@pytest.mark.parametrize("flags", [(), ("--lora",), ("--lora", "--freeze-perceiver"), ("--set", "trainable.vit=frozen")])
+@pytest.mark.parametrize(
+    "flags", [(), ("--lora",), ("--lora", "--freeze-perceiver"), ("--set", "trainable.vit=frozen")]
+)
 def test_the_dry_run_plan_is_what_training_would_do_and_nothing_is_written(finished, data, tmp_path, flags):
     from dpa_cli import loading
     from dpa_cli.train.freeze import apply_trainable
-    from dpa_cli.train.stage import TrainRequest
     from dpa_cli.train.plan import plan_stage
+    from dpa_cli.train.stage import TrainRequest
 
     ws = own(finished, tmp_path)
     before = tree_hash(ws)
@@ -47,9 +65,15 @@ def test_the_dry_run_plan_is_what_training_would_do_and_nothing_is_written(finis
     assert plan["recipe"]["learning_rate"] == 3e-4 and plan["gradient_accumulation_steps"] == 4
     assert plan["samples"] == 4 and plan["resume_from"] is None
     # The table counted on the meta device equals the one the run computes on the loaded model.
-    request = TrainRequest(stage=2, data=str(data / "captions.json"), workspace=ws, image_root=str(data / "images"),
-                           lora=True if "--lora" in flags else None,
-                           freeze_perceiver="--freeze-perceiver" in flags, overrides=[f for f in flags if "=" in f])  # fmt: skip
+    request = TrainRequest(
+        stage=2,
+        data=str(data / "captions.json"),
+        workspace=ws,
+        image_root=str(data / "images"),
+        lora=True if "--lora" in flags else None,
+        freeze_perceiver="--freeze-perceiver" in flags,
+        overrides=[f for f in flags if "=" in f],
+    )
     planned = plan_stage(request)
     model = loading.load_model(planned.source)
     assert apply_trainable(model, planned.recipe.trainable, planned.lora)[1] == plan["trainable"]
@@ -57,8 +81,20 @@ def test_the_dry_run_plan_is_what_training_would_do_and_nothing_is_written(finis
 
 def test_a_dry_run_names_the_resume_point_and_the_restart_folder(finished, data, tmp_path):
     ws = own(finished, tmp_path)
-    argv = ["train", "--stage", "1", "-w", str(ws), "--data", str(data / "captions.json"),
-            "--image-root", str(data / "images"), *SMALL, "--dry-run", "--json"]  # fmt: skip
+    argv = [
+        "train",
+        "--stage",
+        "1",
+        "-w",
+        str(ws),
+        "--data",
+        str(data / "captions.json"),
+        "--image-root",
+        str(data / "images"),
+        *SMALL,
+        "--dry-run",
+        "--json",
+    ]
     restart = json.loads(runner.invoke(app, [*argv, "--restart"]).stdout)
     assert restart["builds_in"] == str(ws / ".stage1.restart") and restart["output"] == str(ws / "stage1")
     shutil.rmtree(ws / "stage1" / "model")
@@ -100,7 +136,20 @@ def test_the_trainer_methods_dpa_overrides_still_exist_with_the_same_signature(n
 def test_the_deepspeed_launcher_rank_argument_is_accepted(finished, data, tmp_path):
     """`deepspeed --module dpa_cli train ...` runs `python -m dpa_cli --local_rank=N train ...` on each worker."""
     ws = own(finished, tmp_path)
-    argv = ["--local_rank=0", "train", "--stage", "2", "-w", str(ws), "--data", str(data / "captions.json"),
-            "--image-root", str(data / "images"), *SMALL, "--dry-run", "--json"]  # fmt: skip
+    argv = [
+        "--local_rank=0",
+        "train",
+        "--stage",
+        "2",
+        "-w",
+        str(ws),
+        "--data",
+        str(data / "captions.json"),
+        "--image-root",
+        str(data / "images"),
+        *SMALL,
+        "--dry-run",
+        "--json",
+    ]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.stderr[-2000:]

@@ -59,8 +59,12 @@ def upgrade(*args: str) -> tuple[int, dict | None, str]:
 def source_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
     """The source's weights by their transformers in-memory names, loaded with its own class."""
     if name in ORIGINAL_TARGETS:  # no transformers class: rename the original layout by hand
-        renames = {"model.layers.": "model.language_model.layers.", "model.embed_tokens.": "model.language_model.embed_tokens.",
-                   "model.norm.": "model.language_model.norm.", "model.vision_tower.vision_tower.vision_model.": "model.vision_tower."}  # fmt: skip
+        renames = {
+            "model.layers.": "model.language_model.layers.",
+            "model.embed_tokens.": "model.language_model.embed_tokens.",
+            "model.norm.": "model.language_model.norm.",
+            "model.vision_tower.vision_tower.vision_model.": "model.vision_tower.",
+        }
         out = {}
         for key, tensor in read_tensors(folder).items():
             prefix = next((p for p in renames if key.startswith(p)), None)
@@ -80,8 +84,10 @@ def expected_sources(tiny_checkpoint, target: str, perceiver: str) -> list[tuple
     parts = dict(item.split("=") for item in perceiver.split(","))
     vit_state = target_state if parts["vit"] == "target" else source_state(tiny_checkpoint(parts["vit"]), parts["vit"])
     lm_state = source_state(tiny_checkpoint(parts["lm"]), parts["lm"])
-    return pairs + [(vit_state, "model.vision_tower.", "model.perceiver.vision_tower."),
-                    (lm_state, "model.", "model.perceiver.language_model.")]  # fmt: skip
+    return pairs + [
+        (vit_state, "model.vision_tower.", "model.perceiver.vision_tower."),
+        (lm_state, "model.", "model.perceiver.language_model."),
+    ]
 
 
 def assert_weights_are_the_sources(model: DPAForConditionalGeneration, pairs, composed: bool) -> None:
@@ -98,14 +104,25 @@ def assert_weights_are_the_sources(model: DPAForConditionalGeneration, pairs, co
             unmatched.append(name)
     new = {n for n in unmatched if n.startswith("model.multi_modal_projector.")}
     if composed:
-        new |= {n for n in unmatched if n.startswith("model.perceiver.multi_modal_projector.") or n.endswith("image_newline")}
+        new |= {
+            n
+            for n in unmatched
+            if n.startswith("model.perceiver.multi_modal_projector.") or n.endswith("image_newline")
+        }
     assert set(unmatched) == new and new, unmatched
 
 
 @pytest.mark.parametrize(("target", "perceiver"), CASES)
-def test_upgrade_keeps_the_right_weights_and_the_result_loads_and_generates(tiny_checkpoint, tmp_path, target, perceiver):
-    code, result, stderr = upgrade(str(tiny_checkpoint(target)), "--perceiver", perceiver_arg(tiny_checkpoint, perceiver),
-                                   "-o", str(tmp_path / "ws"))  # fmt: skip
+def test_upgrade_keeps_the_right_weights_and_the_result_loads_and_generates(
+    tiny_checkpoint, tmp_path, target, perceiver
+):
+    code, result, stderr = upgrade(
+        str(tiny_checkpoint(target)),
+        "--perceiver",
+        perceiver_arg(tiny_checkpoint, perceiver),
+        "-o",
+        str(tmp_path / "ws"),
+    )
     assert code == 0, stderr
     model_dir = tmp_path / "ws" / "model"
     assert result["upgrade"]["loaded"]["forward"] == "ok" and is_workspace(tmp_path / "ws")
@@ -131,10 +148,11 @@ def test_plain_transformers_loads_the_workspace_model_without_dpa_cli(tiny_check
 import sys
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
-folder = {str(tmp_path / 'ws' / 'model')!r}
+folder = {str(tmp_path / "ws" / "model")!r}
 model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-inputs = processor(images=[Image.new('RGB', (40, 30), 'red')], text=[processor.image_token + ' hi'], return_tensors='pt')
+image = Image.new('RGB', (40, 30), 'red')
+inputs = processor(images=[image], text=[processor.image_token + ' hi'], return_tensors='pt')
 out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
 assert not any(m.startswith('dpa_cli') for m in sys.modules), 'dpa_cli was imported'
 print(type(model).__module__, out.shape[1] - inputs['input_ids'].shape[1])
@@ -146,61 +164,119 @@ print(type(model).__module__, out.shape[1] - inputs['input_ids'].shape[1])
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_other_phi(tiny_checkpoint, tmp_path):
-    args = [str(tiny_checkpoint("llava_next")), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")), "--shard-size", "100KB"]
+    args = [
+        str(tiny_checkpoint("llava_next")),
+        "--perceiver",
+        str(tiny_checkpoint("qwen2_5_vl")),
+        "--shard-size",
+        "100KB",
+    ]
     for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
         assert upgrade(*args, "-o", str(tmp_path / name), "--seed", seed)[0] == 0
     digests = {name: folder_digest(tmp_path / name / "model") for name in "abc"}
     assert digests["a"] == digests["b"]
-    assert "model.safetensors.index.json" in digests["a"] and len([k for k in digests["a"] if k.endswith(".safetensors")]) > 1
+    assert (
+        "model.safetensors.index.json" in digests["a"]
+        and len([k for k in digests["a"] if k.endswith(".safetensors")]) > 1
+    )
     assert digests["a"] != digests["c"]
 
 
 @pytest.mark.parametrize(("perceiver", "blocks"), [("qwen2_5_vl", "1"), ("vit=target,lm=causal_lm_qwen3", "0")])
 def test_perceiver_layers_keeps_the_first_blocks(tiny_checkpoint, tmp_path, perceiver, blocks):
-    code, result, stderr = upgrade(str(tiny_checkpoint("llava_next")), "--perceiver", perceiver_arg(tiny_checkpoint, perceiver),
-                                   "-o", str(tmp_path / "ws"), "--perceiver-layers", blocks)  # fmt: skip
+    code, result, stderr = upgrade(
+        str(tiny_checkpoint("llava_next")),
+        "--perceiver",
+        perceiver_arg(tiny_checkpoint, perceiver),
+        "-o",
+        str(tmp_path / "ws"),
+        "--perceiver-layers",
+        blocks,
+    )
     assert code == 0, stderr
     assert result["upgrade"]["loaded"]["forward"] == "ok"
     config = tf.AutoConfig.from_pretrained(tmp_path / "ws" / "model", trust_remote_code=True)
     assert config.perceiver_config.get_text_config().num_hidden_layers == int(blocks)
     kept = [k for k in read_tensors(tmp_path / "ws" / "model") if ".perceiver.language_model.layers." in k]
     assert {k.split(".layers.")[1].split(".")[0] for k in kept} == {str(i) for i in range(int(blocks))}
-    assert result["plan"]["dropped"]["perceiver language_model" if "=" not in perceiver else "lm language_model"]["tensors"] > 0
+    assert (
+        result["plan"]["dropped"]["perceiver language_model" if "=" not in perceiver else "lm language_model"][
+            "tensors"
+        ]
+        > 0
+    )
 
 
 def test_early_fusion_and_markers_span_pass_the_load_check(tiny_checkpoint, tmp_path):
-    code, result, stderr = upgrade(str(tiny_checkpoint("llava")), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")),
-                                   "-o", str(tmp_path / "ws"), "--early-fusion", "--feature-span", "image+markers")  # fmt: skip
+    code, result, stderr = upgrade(
+        str(tiny_checkpoint("llava")),
+        "--perceiver",
+        str(tiny_checkpoint("qwen2_5_vl")),
+        "-o",
+        str(tmp_path / "ws"),
+        "--early-fusion",
+        "--feature-span",
+        "image+markers",
+    )
     assert code == 0, stderr
     assert result["upgrade"]["loaded"]["forward"] == "ok"
-    assert (result["plan"]["config"]["early_fusion"], result["plan"]["config"]["feature_span"]) == (True, "image+markers")
+    assert (result["plan"]["config"]["early_fusion"], result["plan"]["config"]["feature_span"]) == (
+        True,
+        "image+markers",
+    )
 
 
 def test_dtype_casts_every_floating_tensor(tiny_checkpoint, tmp_path):
-    code, result, stderr = upgrade(str(tiny_checkpoint("llava")), "--perceiver", str(tiny_checkpoint("idefics3")),
-                                   "-o", str(tmp_path / "ws"), "--dtype", "bf16")  # fmt: skip
+    code, result, stderr = upgrade(
+        str(tiny_checkpoint("llava")),
+        "--perceiver",
+        str(tiny_checkpoint("idefics3")),
+        "-o",
+        str(tmp_path / "ws"),
+        "--dtype",
+        "bf16",
+    )
     assert code == 0, stderr
     assert {t.dtype for t in read_tensors(tmp_path / "ws" / "model").values()} == {torch.bfloat16}
     assert result["plan"]["dtype"] == "bfloat16"
 
 
 def test_dry_run_writes_nothing_and_reports_the_plan(tiny_checkpoint, tmp_path):
-    code, plan, stderr = upgrade(str(tiny_checkpoint("llava_next")), "--perceiver",
-                                 perceiver_arg(tiny_checkpoint, "vit=target,lm=causal_lm_qwen3"), "-o", str(tmp_path / "ws"), "--dry-run")  # fmt: skip
+    code, plan, stderr = upgrade(
+        str(tiny_checkpoint("llava_next")),
+        "--perceiver",
+        perceiver_arg(tiny_checkpoint, "vit=target,lm=causal_lm_qwen3"),
+        "-o",
+        str(tmp_path / "ws"),
+        "--dry-run",
+    )
     assert code == 0, stderr
     assert list(tmp_path.iterdir()) == []
-    assert plan["dimensions"]["perceiver_width"] == tf.AutoConfig.from_pretrained(tiny_checkpoint("causal_lm_qwen3")).hidden_size
+    assert (
+        plan["dimensions"]["perceiver_width"]
+        == tf.AutoConfig.from_pretrained(tiny_checkpoint("causal_lm_qwen3")).hidden_size
+    )
     assert {"phi", "phi_p"} <= set(plan["new"]) and "target vision" not in plan["dropped"]
     assert plan["dropped"]["target projector"]["tensors"] == 4
     assert plan["kept"]["perceiver vision"]["from"] == ["target"]
 
 
 def test_an_existing_workspace_is_refused_then_replaced_with_force(tiny_checkpoint, tmp_path):
-    args = [str(tiny_checkpoint("llava")), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")), "-o", str(tmp_path / "ws")]
+    args = [
+        str(tiny_checkpoint("llava")),
+        "--perceiver",
+        str(tiny_checkpoint("qwen2_5_vl")),
+        "-o",
+        str(tmp_path / "ws"),
+    ]
     assert upgrade(*args)[0] == 0
     before = folder_digest(tmp_path / "ws")
     code, _, stderr = upgrade(*args)
@@ -213,8 +289,14 @@ def test_an_existing_workspace_is_refused_then_replaced_with_force(tiny_checkpoi
 def test_force_does_not_replace_a_folder_dpa_did_not_write(tiny_checkpoint, tmp_path):
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "thesis.tex").write_text("years of work")
-    code, _, stderr = upgrade(str(tiny_checkpoint("llava")), "--perceiver", str(tiny_checkpoint("qwen2_5_vl")),
-                              "-o", str(tmp_path / "ws"), "--force")  # fmt: skip
+    code, _, stderr = upgrade(
+        str(tiny_checkpoint("llava")),
+        "--perceiver",
+        str(tiny_checkpoint("qwen2_5_vl")),
+        "-o",
+        str(tmp_path / "ws"),
+        "--force",
+    )
     assert code == 2 and "not a dpa workspace" in stderr.replace("\n", " ") or "not one" in stderr
     assert (tmp_path / "ws" / "thesis.tex").read_text() == "years of work"
 
@@ -231,8 +313,17 @@ def test_an_interrupted_upgrade_leaves_no_workspace(tiny_checkpoint, tmp_path, m
         return real(self, spec)
 
     monkeypatch.setattr(surgery.TensorSource, "__call__", failing)
-    result = runner.invoke(app, ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver",
-                                 str(tiny_checkpoint("qwen2_5_vl")), "-o", str(tmp_path / "ws")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "upgrade",
+            str(tiny_checkpoint("llava_next")),
+            "--perceiver",
+            str(tiny_checkpoint("qwen2_5_vl")),
+            "-o",
+            str(tmp_path / "ws"),
+        ],
+    )
     assert result.exit_code != 0 and len(calls) == 20
     assert list(tmp_path.iterdir()) == []
     if isinstance(fault, OSError):

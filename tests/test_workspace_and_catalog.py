@@ -63,8 +63,9 @@ def test_builtin_catalog_has_the_paper_setups():
 
 def test_user_catalog_adds_and_overrides_aliases(tmp_path, monkeypatch, tiny_checkpoint):
     user = tmp_path / "catalog.yaml"
-    user.write_text(f"targets:\n  llava-next-qwen3-4b:\n    source: {tiny_checkpoint('llava_next')}\n"
-                    "    description: my baseline\n")  # fmt: skip
+    user.write_text(
+        f"targets:\n  llava-next-qwen3-4b:\n    source: {tiny_checkpoint('llava_next')}\n    description: my baseline\n"
+    )
     monkeypatch.setenv("DPA_CATALOG", str(user))
     assert expand_alias("llava-next-qwen3-4b") == str(tiny_checkpoint("llava_next"))
     result = runner.invoke(app, ["inspect", "llava-next-qwen3-4b", "--json"])
@@ -87,8 +88,24 @@ def test_unpublished_alias_and_broken_catalog_are_clear_errors(tmp_path, monkeyp
 
 def test_bench_upgrade_prints_ratios(tmp_path):
     """A smoke run of the benchmark command on a small input: it measures, it does not assert speed."""
-    result = runner.invoke(app, ["bench", "upgrade", "--size", "30MB", "--input-shard", "10MB", "--shard-size", "20MB",
-                                 "--repeats", "1", "--workdir", str(tmp_path), "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "upgrade",
+            "--size",
+            "30MB",
+            "--input-shard",
+            "10MB",
+            "--shard-size",
+            "20MB",
+            "--repeats",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["input_bytes"] > 25_000_000 and set(report["ratios"]) == {"keep_dtype", "cast_fp16"}
@@ -99,8 +116,22 @@ def test_bench_upgrade_prints_ratios(tmp_path):
 
 def test_bench_export_prints_ratios(tmp_path):
     """A smoke run of the merge benchmark on a small input (it measures, it does not assert speed)."""
-    result = runner.invoke(app, ["bench", "export", "--size", "30MB", "--shard-size", "20MB", "--repeats", "1",
-                                 "--workdir", str(tmp_path), "--json"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "export",
+            "--size",
+            "30MB",
+            "--shard-size",
+            "20MB",
+            "--repeats",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["lora_modules"] > 0 and report["ratios"]["merge"]["time_over_cp_sync"]["min"] > 0

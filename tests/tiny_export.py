@@ -36,8 +36,10 @@ def tiny_export(tiny_checkpoint, tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("tiny-export") / "ws"
     perceiver = f"vit=target,lm={tiny_checkpoint('causal_lm_qwen3')}"
     runner = CliRunner()
-    result = runner.invoke(app, ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws),
-                                 "--no-verify-load"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        ["upgrade", str(tiny_checkpoint("llava_next")), "--perceiver", perceiver, "-o", str(ws), "--no-verify-load"],
+    )
     assert result.exit_code == 0, result.stderr
     shutil.copytree(ws / "model", ws / "stage1" / "model")
     _perturb(ws / "stage1" / "model")

@@ -25,8 +25,9 @@ def clip_images(size: int = 28) -> Any:
 
 
 def next_images() -> Any:
-    return tf.LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                         image_grid_pinpoints=PINPOINTS)  # fmt: skip
+    return tf.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS
+    )
 
 
 def _save_parts(folder: Path, tok: Any, image_processor: Any, processor: dict[str, Any] | None) -> None:
@@ -42,8 +43,14 @@ def llava_processor(cls_name: str, images_fn: Callable[[], Any]) -> Callable[[Pa
     def save(folder: Path, tok: Any, config: Any) -> None:
         cls, images = getattr(tf, cls_name), images_fn()
         strategy = config.vision_feature_select_strategy
-        proc = cls(images, tok, patch_size=config.vision_config.patch_size, vision_feature_select_strategy=strategy,
-                   num_additional_image_tokens=1, chat_template=tok.chat_template)  # fmt: skip
+        proc = cls(
+            images,
+            tok,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=strategy,
+            num_additional_image_tokens=1,
+            chat_template=tok.chat_template,
+        )
         proc.save_pretrained(folder)
         images.save_pretrained(folder)  # hub repos also carry a standalone preprocessor_config.json
 
@@ -52,16 +59,26 @@ def llava_processor(cls_name: str, images_fn: Callable[[], Any]) -> Callable[[Pa
 
 def onevision_processor(folder: Path, tok: Any, config: Any) -> None:
     images = tf.LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS)
-    _save_parts(folder, tok, images, {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 4,
-                                      "vision_feature_select_strategy": "full", "image_token": "<image>",
-                                      "video_token": "<video>"})  # fmt: skip
+    _save_parts(
+        folder,
+        tok,
+        images,
+        {
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": 4,
+            "vision_feature_select_strategy": "full",
+            "image_token": "<image>",
+            "video_token": "<video>",
+        },
+    )
 
 
 def qwen_processor(processor_class: str, patch: int) -> Callable[[Path, Any, Any], None]:
     def save(folder: Path, tok: Any, config: Any) -> None:
         factor = patch * 2  # patch size x spatial merge size
-        images = tf.Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, size={
-            "shortest_edge": factor * factor, "longest_edge": 4 * factor * factor})  # fmt: skip
+        images = tf.Qwen2VLImageProcessorPil(
+            patch_size=patch, merge_size=2, size={"shortest_edge": factor * factor, "longest_edge": 4 * factor * factor}
+        )
         _save_parts(folder, tok, images, None)
         path = folder / "preprocessor_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": processor_class}, indent=2))
@@ -146,9 +163,18 @@ def _text_only(folder: Path, model: Any) -> dict[str, torch.Tensor]:
     return dict(tok(_prompt(tok, with_image=False), add_special_tokens=False, return_tensors="pt"))
 
 
-_INPUTS = {"llava": _with_processor, "llava_next": _with_processor, "idefics3": _with_processor,
-           "llava_onevision": _onevision, "qwen2_vl": _qwen, "qwen2_5_vl": _qwen, "qwen3_vl": _qwen,
-           "qwen2_5_vl_qwen3": _qwen, "smolvlm": _smolvlm, "causal_lm": _text_only}  # fmt: skip
+_INPUTS = {
+    "llava": _with_processor,
+    "llava_next": _with_processor,
+    "idefics3": _with_processor,
+    "llava_onevision": _onevision,
+    "qwen2_vl": _qwen,
+    "qwen2_5_vl": _qwen,
+    "qwen3_vl": _qwen,
+    "qwen2_5_vl_qwen3": _qwen,
+    "smolvlm": _smolvlm,
+    "causal_lm": _text_only,
+}
 
 
 def example_inputs(family: str, folder: Path, model: Any) -> dict[str, torch.Tensor]:

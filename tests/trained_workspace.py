@@ -17,10 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 import dpa_cli.model  # noqa: F401  registers the DPA classes
-from dpa_cli.cli.app import app
-from dpa_cli.checkpoint.side_files import point_adapter_at
-from dpa_cli.train.save import write_base_with
 from dpa_cli.checkpoint.naming import meta_model
+from dpa_cli.checkpoint.side_files import point_adapter_at
+from dpa_cli.cli.app import app
+from dpa_cli.train.save import write_base_with
 from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
 LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -39,9 +39,13 @@ def _record(workspace: Path, name: str, **summary) -> None:
     manifest = read_manifest(workspace)
     recipe = {"name": f"{name}-test", "trainable": {"phi": "full", "llm": "lora" if summary.get("lora") else "full"}}
     manifest.setdefault("stages", {})[name] = {
-        "recipe": recipe, "data": {"path": "data.json", "fingerprint": "0123456789abcdef" * 4},
-        "steps": 3, "final_loss": 1.25, "tokens_seen": 1000, **summary,
-    }  # fmt: skip
+        "recipe": recipe,
+        "data": {"path": "data.json", "fingerprint": "0123456789abcdef" * 4},
+        "steps": 3,
+        "final_loss": 1.25,
+        "tokens_seen": 1000,
+        **summary,
+    }
     write_manifest(workspace, manifest)
 
 

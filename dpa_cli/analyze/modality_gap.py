@@ -28,8 +28,10 @@ def image_token_id(model: Any) -> int:
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
-    raise BadInputError(f"{config.model_type} model: its config names no image token (image_token_id)",
-                        hint="the analysis needs a vision-language model whose text holds image-token slots")  # fmt: skip
+    raise BadInputError(
+        f"{config.model_type} model: its config names no image token (image_token_id)",
+        hint="the analysis needs a vision-language model whose text holds image-token slots",
+    )
 
 
 def _masks(inputs: Any, image_id: int, special_ids: list[int], pair_id: str) -> tuple[Any, Any]:
@@ -41,8 +43,10 @@ def _masks(inputs: Any, image_id: int, special_ids: list[int], pair_id: str) -> 
     text = attended & ~image & ~torch.isin(ids, torch.tensor(special_ids, dtype=ids.dtype, device=ids.device))
     if not image.any() or not text.any():
         what = "image" if not image.any() else "text"
-        raise BadInputError(f"sample {pair_id}: no {what} positions in the target sequence (image token id {image_id})",
-                            hint="the sample needs an image and some text; is the processor the model's own?")
+        raise BadInputError(
+            f"sample {pair_id}: no {what} positions in the target sequence (image token id {image_id})",
+            hint="the sample needs an image and some text; is the processor the model's own?",
+        )
     return image, text
 
 
@@ -78,8 +82,8 @@ def _workspace_of(source: Any) -> Path | None:
 
 def default_baseline(model: str) -> tuple[str | None, str]:
     """The original model MODEL was upgraded from, as dpa.yaml records it, and a note saying where it came from."""
-    from dpa_cli.workspace.results import find_runnable
     from dpa_cli.workspace.manifest import read_manifest
+    from dpa_cli.workspace.results import find_runnable
 
     workspace = _workspace_of(find_runnable(model))
     if workspace is None:
@@ -132,5 +136,10 @@ def modality_gap(
         report = (lambda done, role=role: progress(role, done, len(pairs))) if progress else None
         rows += _rows(role, runnable, collect(runnable, pairs, report))
         del runnable
-    return {"rows": rows, "samples": len(pairs), "models": [{"role": r, "spec": s} for r, s in models],
-            "notes": notes, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    return {
+        "rows": rows,
+        "samples": len(pairs),
+        "models": [{"role": r, "spec": s} for r, s in models],
+        "notes": notes,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -66,5 +66,12 @@ def pair_inputs(processor: Any, messages: list[dict[str, Any]]) -> Any:
     # No template: one user turn holding the images and all the text, as `dpa generate` would send it.
     images = [b["image"] for m in messages for b in m["content"] if b["type"] == "image"]
     text = "\n".join(b["text"] for m in messages for b in m["content"] if b["type"] == "text")
-    return build_inputs(processor, [{"role": "user", "content": [*({"type": "image", "image": i} for i in images),
-                                                                 {"type": "text", "text": text}]}])  # fmt: skip
+    return build_inputs(
+        processor,
+        [
+            {
+                "role": "user",
+                "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}],
+            }
+        ],
+    )

@@ -14,11 +14,23 @@ from dpa_cli.errors import BadInputError
 
 CSV_NAME = "modality_gap.csv"
 PNG_NAME = "modality_gap.png"
-COLUMNS = ("role", "model_type", "path", "layer", "centroid_gap", "cka", "cosine", "image_tokens", "text_tokens",
-           "samples")  # fmt: skip
-PANELS = (("centroid_gap", "centroid distance / spread (lower = closer)"),
-          ("cka", "linear CKA, pooled image vs text (higher = more alike)"),
-          ("cosine", "mean cosine, image vs text tokens"))  # fmt: skip
+COLUMNS = (
+    "role",
+    "model_type",
+    "path",
+    "layer",
+    "centroid_gap",
+    "cka",
+    "cosine",
+    "image_tokens",
+    "text_tokens",
+    "samples",
+)
+PANELS = (
+    ("centroid_gap", "centroid distance / spread (lower = closer)"),
+    ("cka", "linear CKA, pooled image vs text (higher = more alike)"),
+    ("cosine", "mean cosine, image vs text tokens"),
+)
 
 
 def output_paths(out_dir: Path) -> tuple[Path, Path]:

@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from dpa_cli.bench.measure import breakdown, copy_seconds, ratios, run_in_child
 from dpa_cli.bench.upgrade import build_inputs
 from dpa_cli.checkpoint import read_checkpoint_index
+from dpa_cli.checkpoint.seeds import tensor_seed
 from dpa_cli.checkpoint.sizes import parse_size
 from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
-from dpa_cli.checkpoint.seeds import tensor_seed
 
 RANK = 32
 # The goals of issue 19, against the durable copy (`cp -r` + `sync`); memory growth under one output shard.
@@ -34,7 +34,8 @@ import dpa_cli.model, transformers, torch  # noqa: F401
 
 def work(base, out, adapter, shard):
     Path(out).mkdir()
-    return {"merged_modules": export_weights(Path(base), Path(out), Path(adapter), shard_size=int(shard))["merged_modules"]}
+    written = export_weights(Path(base), Path(out), Path(adapter), shard_size=int(shard))
+    return {"merged_modules": written["merged_modules"]}
 """
 
 
@@ -50,23 +51,37 @@ def write_adapter(base: Path, folder: Path, rank: int = RANK) -> int:
         generator = torch.Generator().manual_seed(tensor_seed(0, module))
         out_features, in_features = info.shape
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.01
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (
+            torch.randn(out_features, rank, generator=generator) * 0.01
+        )
         modules.append(module)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none",
-              "target_modules": DEFAULT_LORA_TARGETS, "base_model_name_or_path": str(base), "task_type": None}  # fmt: skip
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": DEFAULT_LORA_TARGETS,
+        "base_model_name_or_path": str(base),
+        "task_type": None,
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return len(modules)
 
 
-def bench_export(workdir: Path, target_bytes: str | int = "1.7GB", shard: str | int = "500MB", repeats: int = 3) -> dict[str, Any]:
+def bench_export(
+    workdir: Path, target_bytes: str | int = "1.7GB", shard: str | int = "500MB", repeats: int = 3
+) -> dict[str, Any]:
     """Upgrade a synthetic target once (not measured), then per repeat: `cp -r` of the DPA model, and the merge."""
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import plan_upgrade, run_upgrade
 
     workdir, shard = Path(workdir), parse_size(shard)
     target, lm = build_inputs(workdir, parse_size(target_bytes), parse_size("200MB"))
-    run_upgrade(plan_upgrade(str(target), f"vit=target,lm={lm}", Options(shard_size=shard)), workdir / "ws", verify_load=False)
+    run_upgrade(
+        plan_upgrade(str(target), f"vit=target,lm={lm}", Options(shard_size=shard)), workdir / "ws", verify_load=False
+    )
     base = workdir / "ws" / "model"
     modules = write_adapter(base, workdir / "adapter")
     copy_seconds(base, workdir / "warm", sync=True)
@@ -76,8 +91,21 @@ def bench_export(workdir: Path, target_bytes: str | int = "1.7GB", shard: str | 
         merge = run_in_child(_MERGE, str(base), str(out), str(workdir / "adapter"), str(shard))
         merge["largest_shard"] = max(s.size_on_disk for s in read_checkpoint_index(out).shards.values())
         shutil.rmtree(out)
-        runs.append({"cp_s": copy_seconds(base, workdir / "copy", sync=False),
-                     "cp_sync_s": copy_seconds(base, workdir / "copy", sync=True), "merge": merge})  # fmt: skip
-    return {"input_bytes": read_checkpoint_index(base).total_bytes, "output_shard_size": shard, "lora_modules": modules,
-            "lora_rank": RANK, "repeats": repeats, "ratios": {"merge": ratios(runs, "merge")},
-            "breakdown": {"merge": breakdown(runs, "merge")}, "targets": TARGETS, "runs": runs}  # fmt: skip
+        runs.append(
+            {
+                "cp_s": copy_seconds(base, workdir / "copy", sync=False),
+                "cp_sync_s": copy_seconds(base, workdir / "copy", sync=True),
+                "merge": merge,
+            }
+        )
+    return {
+        "input_bytes": read_checkpoint_index(base).total_bytes,
+        "output_shard_size": shard,
+        "lora_modules": modules,
+        "lora_rank": RANK,
+        "repeats": repeats,
+        "ratios": {"merge": ratios(runs, "merge")},
+        "breakdown": {"merge": breakdown(runs, "merge")},
+        "targets": TARGETS,
+        "runs": runs,
+    }

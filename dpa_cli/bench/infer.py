@@ -63,14 +63,19 @@ def resolve_baseline(spec: str, baseline: str | None) -> str:
 
     workspace = find_runnable(spec).workspace
     if workspace is None:
-        raise BadInputError(f"{spec} is not a workspace, so the original model it came from is not recorded",
-                            hint="pass --baseline ORIGINAL (the LLaVA model that was upgraded)")  # fmt: skip
+        raise BadInputError(
+            f"{spec} is not a workspace, so the original model it came from is not recorded",
+            hint="pass --baseline ORIGINAL (the LLaVA model that was upgraded)",
+        )
     target = (read_manifest(workspace).get("plan") or {}).get("target") or {}
     for candidate in (target.get("path"), target.get("spec")):
         if candidate and (Path(candidate) / "config.json").is_file():
             return str(candidate)
-    raise BadInputError(f"{workspace}/dpa.yaml names the original model as {target.get('spec')!r}, which is not "
-                        "on this machine any more", hint="pass --baseline ORIGINAL")  # fmt: skip
+    raise BadInputError(
+        f"{workspace}/dpa.yaml names the original model as {target.get('spec')!r}, which is not "
+        "on this machine any more",
+        hint="pass --baseline ORIGINAL",
+    )
 
 
 def _text_shape(config: Any) -> tuple[int, int, int]:
@@ -84,14 +89,18 @@ def check_pair(model: str, baseline: str, allow_code: bool = False) -> None:
 
     dpa, original = (load_config(find_runnable(spec).model_dir, allow_code) for spec in (model, baseline))
     if dpa.model_type != "dpa":
-        raise BadInputError(f"{model} is not a DPA model (model_type {dpa.model_type!r})",
-                            hint="MODEL is the upgraded model: a workspace or an export")  # fmt: skip
+        raise BadInputError(
+            f"{model} is not a DPA model (model_type {dpa.model_type!r})",
+            hint="MODEL is the upgraded model: a workspace or an export",
+        )
     if original.model_type == "dpa":
         raise BadInputError(f"--baseline {baseline} is a DPA model", hint="the baseline is the original LLaVA model")
     if _text_shape(dpa) != _text_shape(original):
-        raise BadInputError(f"--baseline {baseline} has another language model (hidden, layers, vocab "
-                            f"{_text_shape(original)}) than {model} {_text_shape(dpa)}",
-                            hint="pass the model that was upgraded")  # fmt: skip
+        raise BadInputError(
+            f"--baseline {baseline} has another language model (hidden, layers, vocab "
+            f"{_text_shape(original)}) than {model} {_text_shape(dpa)}",
+            hint="pass the model that was upgraded",
+        )
 
 
 def encoder_module(model: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module:
@@ -138,8 +147,13 @@ def generate_timed(runnable: Runnable, inputs: Any, max_new_tokens: int) -> Run:
     _sync(runnable.device)
     started = time.perf_counter()
     with torch.no_grad():
-        output = runnable.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                         do_sample=False, logits_processor=LogitsProcessorList([Clock()]))  # fmt: skip
+        output = runnable.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([Clock()]),
+        )
     _sync(runnable.device)
     return Run(stamps[0] - started, time.perf_counter() - started, output.shape[1] - inputs["input_ids"].shape[1])
 
@@ -170,8 +184,10 @@ class Side:
     def __init__(self, runnable: Runnable, encoder: tuple[str, ...], max_new_tokens: int, prompts: int):
         self.runnable, self.max_new_tokens, self.passes, self.generations = runnable, max_new_tokens, [], 0
         dtype = next(runnable.model.parameters()).dtype
-        self.prompts = [build_inputs(runnable.processor, [user_turn(text, [image])]).to(device=runnable.device, dtype=dtype)
-                        for (text, _), image in zip(PROMPTS[:prompts], prompt_images())]  # fmt: skip
+        self.prompts = [
+            build_inputs(runnable.processor, [user_turn(text, [image])]).to(device=runnable.device, dtype=dtype)
+            for (text, _), image in zip(PROMPTS[:prompts], prompt_images())
+        ]
         self.calls = [0]
         hook = lambda *_: self.calls.__setitem__(0, self.calls[0] + 1)  # noqa: E731
         self._hook = encoder_module(runnable.model, encoder).register_forward_hook(hook)
@@ -220,10 +236,18 @@ class Side:
 ENCODERS = {"original": ("vision_tower", "visual", "vision_model"), "dpa": ("perceiver",)}
 
 
-def _measure(paths: dict[str, str], device: str | None, max_new_tokens: int, repeats: int, prompts: int,
-             sequential: bool, allow_code: bool = False) -> dict[str, Any]:  # fmt: skip
+def _measure(
+    paths: dict[str, str],
+    device: str | None,
+    max_new_tokens: int,
+    repeats: int,
+    prompts: int,
+    sequential: bool,
+    allow_code: bool = False,
+) -> dict[str, Any]:
     """Both sides' summaries. Interleaved by default (pass i of the original, then of DPA: load drift hits
     both alike); `sequential` holds one model in memory at a time."""
+
     def open_side(name: str) -> Side:
         runnable = open_runnable(paths[name], device=device, allow_code=allow_code)
         return Side(runnable, ENCODERS[name], max_new_tokens, prompts)
@@ -255,9 +279,16 @@ def _ratios(dpa: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
     return ratios
 
 
-def bench_infer(model: str, baseline: str | None = None, device: str | None = None, max_new_tokens: int = 32,
-                repeats: int = 3, prompts: int = len(PROMPTS), sequential: bool = False,
-                allow_code: bool = False) -> dict[str, Any]:  # fmt: skip
+def bench_infer(
+    model: str,
+    baseline: str | None = None,
+    device: str | None = None,
+    max_new_tokens: int = 32,
+    repeats: int = 3,
+    prompts: int = len(PROMPTS),
+    sequential: bool = False,
+    allow_code: bool = False,
+) -> dict[str, Any]:
     """Measure the DPA model and the original it came from on the same prompts; ratios are DPA / original.
     `allow_code` (--trust-remote-code) lets both folders run their own model code."""
     from dpa_cli.bench.analytic import paper_table
@@ -270,15 +301,24 @@ def bench_infer(model: str, baseline: str | None = None, device: str | None = No
     check_pair(model, baseline, allow_code)
     for spec in (baseline, model):  # a model the trust gate refuses is named before the first one is measured
         check_runnable(spec, allow_code)
-    results = _measure({"original": baseline, "dpa": model}, device, max_new_tokens, repeats, prompts, sequential,
-                       allow_code)  # fmt: skip
+    results = _measure(
+        {"original": baseline, "dpa": model}, device, max_new_tokens, repeats, prompts, sequential, allow_code
+    )
     calls = results["dpa"]["encoder_calls_per_prompt"]
     if calls != 1:
-        raise PerceiverCallError(f"the perceiver ran {calls:g} times per prompt during generate; it must run once "
-                                 "(at prefill), never per decoded token")  # fmt: skip
+        raise PerceiverCallError(
+            f"the perceiver ran {calls:g} times per prompt during generate; it must run once "
+            "(at prefill), never per decoded token"
+        )
     return {
-        "device": results.pop("device"), "max_new_tokens": max_new_tokens, "repeats": repeats,
-        "sequential": sequential, "prompts": [text for text, _ in PROMPTS[:prompts]], "models": results,
-        "ratios": _ratios(results["dpa"], results["original"]), "perceiver_calls_per_prompt": calls,
-        "paper": paper_table(), "targets": {"decode_tokens_per_s": TARGET_DECODE_RATIO},
-    }  # fmt: skip
+        "device": results.pop("device"),
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "sequential": sequential,
+        "prompts": [text for text, _ in PROMPTS[:prompts]],
+        "models": results,
+        "ratios": _ratios(results["dpa"], results["original"]),
+        "perceiver_calls_per_prompt": calls,
+        "paper": paper_table(),
+        "targets": {"decode_tokens_per_s": TARGET_DECODE_RATIO},
+    }

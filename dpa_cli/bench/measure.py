@@ -38,8 +38,9 @@ def run_in_child(snippet: str, *args: str) -> dict[str, Any]:
     (torch + transformers, then the rest the snippet imports), the phases' seconds, the snippet's extras, and
     `end_to_end_s`: the process's wall time from launch to exit."""
     started = time.perf_counter()
-    child = subprocess.run([sys.executable, "-c", _CHILD.format(snippet=snippet), *args],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(snippet=snippet), *args], capture_output=True, text=True, check=True
+    )
     seconds = time.perf_counter() - started
     return {**json.loads(child.stdout.strip().splitlines()[-1]), "end_to_end_s": seconds}
 
@@ -67,16 +68,20 @@ def ratios(runs: list[dict[str, Any]], mode: str) -> dict[str, dict[str, float]]
         "time_over_cp": stats([r[mode]["work_s"] / r["cp_s"] for r in runs]),
         "time_over_cp_sync": stats([r[mode]["work_s"] / r["cp_sync_s"] for r in runs]),
         "end_to_end_over_cp_sync": stats([r[mode]["end_to_end_s"] / r["cp_sync_s"] for r in runs]),
-        "end_to_end_net_over_cp_sync": stats([(r[mode]["end_to_end_s"] - r[mode]["import_torch_transformers_s"])
-                                              / r["cp_sync_s"] for r in runs]),  # fmt: skip
+        "end_to_end_net_over_cp_sync": stats(
+            [(r[mode]["end_to_end_s"] - r[mode]["import_torch_transformers_s"]) / r["cp_sync_s"] for r in runs]
+        ),
         "rss_growth_over_shard": stats([r[mode]["rss_growth"] / r[mode]["largest_shard"] for r in runs]),
     }
 
 
 def breakdown(runs: list[dict[str, Any]], mode: str) -> dict[str, float]:
     """Median seconds per phase over the repeats, imports first, then the probes of `bench/phases.py`."""
-    keys = {"import torch, transformers": "import_torch_transformers_s",
-            "import the rest (transformers' model classes, dpa)": "import_rest_s", "work": "work_s"}  # fmt: skip
+    keys = {
+        "import torch, transformers": "import_torch_transformers_s",
+        "import the rest (transformers' model classes, dpa)": "import_rest_s",
+        "work": "work_s",
+    }
     medians = {label: stats([r[mode][key] for r in runs])["median"] for label, key in keys.items()}
     for label in runs[0][mode]["phases"]:
         medians[label] = stats([r[mode]["phases"].get(label, 0.0) for r in runs])["median"]

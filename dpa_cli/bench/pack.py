@@ -53,10 +53,13 @@ def build_model(workdir: Path) -> Path:
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import plan_upgrade, run_upgrade
 
-    target = build_llava_next_target(workdir / "target", text_config(256, 4, VOCAB), vit_hidden=128, vit_layers=2,
-                                     image_size=56, patch=14)  # fmt: skip
+    target = build_llava_next_target(
+        workdir / "target", text_config(256, 4, VOCAB), vit_hidden=128, vit_layers=2, image_size=56, patch=14
+    )
     lm = build_text_lm(workdir / "small-lm", text_config(128, 2, VOCAB))
-    run_upgrade(plan_upgrade(str(target), f"vit=target,lm={lm}", Options(dtype="fp32")), workdir / "ws", verify_load=False)
+    run_upgrade(
+        plan_upgrade(str(target), f"vit=target,lm={lm}", Options(dtype="fp32")), workdir / "ws", verify_load=False
+    )
     return workdir / "ws" / "model"
 
 
@@ -88,7 +91,9 @@ def write_mix(folder: Path, samples: int, seed: int) -> Path:
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for i in range(len(COLOURS)):
-        Image.new("RGB", (96 + 24 * i, 80 + 16 * (i % 3)), (40 * i % 255, 120, 200)).save(folder / "images" / f"{i}.png")
+        Image.new("RGB", (96 + 24 * i, 80 + 16 * (i % 3)), (40 * i % 255, 120, 200)).save(
+            folder / "images" / f"{i}.png"
+        )
     rng = random.Random(seed)
     path = folder / "mix.json"
     path.write_text(json.dumps([mix_sample(rng, i) for i in range(samples)]))
@@ -132,25 +137,47 @@ def run_pass(model: torch.nn.Module, batches: list[dict[str, Any]]) -> dict[str,
         loss.backward()
         model.zero_grad(set_to_none=True)
         loss_sum, supervised = loss_sum + float(loss.detach()) * count, supervised + count
-    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started, "tokens": tokens, "loss_sum": loss_sum, "supervised": supervised}
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "tokens": tokens,
+        "loss_sum": loss_sum,
+        "supervised": supervised,
+    }
 
 
 def _summary(passes: list[dict[str, float]], steps: int, padded_tokens: int) -> dict[str, Any]:
     seconds, cpu = [p["seconds"] for p in passes], [p["cpu_seconds"] for p in passes]
     first = passes[0]
-    return {"steps": steps, "tokens": first["tokens"], "tokens_with_padding": padded_tokens,
-            "padding_share": 1 - first["tokens"] / padded_tokens, "seconds": {"min": min(seconds), "median": statistics.median(seconds)},
-            "tokens_per_s": {"best": first["tokens"] / min(seconds), "median": first["tokens"] / statistics.median(seconds)},
-            "tokens_per_cpu_s": {"best": first["tokens"] / min(cpu), "median": first["tokens"] / statistics.median(cpu)},
-            "loss_per_token": first["loss_sum"] / first["supervised"], "supervised_tokens": first["supervised"]}  # fmt: skip
+    return {
+        "steps": steps,
+        "tokens": first["tokens"],
+        "tokens_with_padding": padded_tokens,
+        "padding_share": 1 - first["tokens"] / padded_tokens,
+        "seconds": {"min": min(seconds), "median": statistics.median(seconds)},
+        "tokens_per_s": {
+            "best": first["tokens"] / min(seconds),
+            "median": first["tokens"] / statistics.median(seconds),
+        },
+        "tokens_per_cpu_s": {"best": first["tokens"] / min(cpu), "median": first["tokens"] / statistics.median(cpu)},
+        "loss_per_token": first["loss_sum"] / first["supervised"],
+        "supervised_tokens": first["supervised"],
+    }
 
 
 def _ratio(result: dict[str, Any], key: str) -> dict[str, float]:
     return {k: result["packed"][key][k] / result["padded"][key][k] for k in ("best", "median")}
 
 
-def bench_pack(model_folder: Path, workdir: Path, samples: int = 96, batch: int = 8, max_length: int = 1024,
-               repeats: int = 2, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def bench_pack(
+    model_folder: Path,
+    workdir: Path,
+    samples: int = 96,
+    batch: int = 8,
+    max_length: int = 1024,
+    repeats: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Packed against padded on the mix; `model_folder` is a DPA model (trained or not: the ratio is about shapes)."""
     from dpa_cli import loading
     from dpa_cli.data import DPACollator
@@ -165,24 +192,35 @@ def bench_pack(model_folder: Path, workdir: Path, samples: int = 96, batch: int 
     rows_per_step = max(1, round(batch * statistics.mean(lengths) / max_length))
     plans = {
         "padded": [collator([features[i] for i in b]) for b in padded_batches(len(features), batch, seed)],
-        "packed": [packer([[features[i] for i in row] for row in rows])
-                   for rows in packed_batches(lengths, max_length, rows_per_step, seed)],
-    }  # fmt: skip
+        "packed": [
+            packer([[features[i] for i in row] for row in rows])
+            for rows in packed_batches(lengths, max_length, rows_per_step, seed)
+        ],
+    }
     run_pass(model, plans["padded"][:1])  # warm-up
     passes: dict[str, list[dict[str, float]]] = {"padded": [], "packed": []}
     for _ in range(repeats):
         for mode, done in passes.items():
             done.append(run_pass(model, plans[mode]))
-    result = {mode: _summary(passes[mode], len(plans[mode]), sum(b["input_ids"].numel() for b in plans[mode]))
-              for mode in passes}  # fmt: skip
+    result = {
+        mode: _summary(passes[mode], len(plans[mode]), sum(b["input_ids"].numel() for b in plans[mode]))
+        for mode in passes
+    }
     counts = {kind: sum(1 for f in features if str(f["sample_id"]).startswith(kind)) for kind, _, _ in MIX}
     return {
         **result,
         "ratio": _ratio(result, "tokens_per_s"),
         "ratio_cpu_time": _ratio(result, "tokens_per_cpu_s"),
         "loss_per_token_difference": abs(result["packed"]["loss_per_token"] - result["padded"]["loss_per_token"]),
-        "mix": {"samples": len(features), "by_kind": counts, "kinds": {k: said for k, _, said in MIX},
-                "lengths": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}},
-        "batch": batch, "rows_per_step": rows_per_step, "max_length": max_length, "repeats": repeats,
+        "mix": {
+            "samples": len(features),
+            "by_kind": counts,
+            "kinds": {k: said for k, _, said in MIX},
+            "lengths": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
+        },
+        "batch": batch,
+        "rows_per_step": rows_per_step,
+        "max_length": max_length,
+        "repeats": repeats,
         "target": {"ratio": 1.5},
-    }  # fmt: skip
+    }

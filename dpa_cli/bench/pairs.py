@@ -42,8 +42,13 @@ def build_pair(workdir: Path, size: str = "default") -> Path:
     from dpa_cli.upgrade.run import plan_upgrade, run_upgrade
 
     s, workdir = PAIRS[size], Path(workdir)
-    target = build_llava_next_target(workdir / "target", text_config(s.target_hidden, s.target_layers, VOCAB),
-                                     vit_hidden=s.vit_hidden, vit_layers=s.vit_layers, image_size=s.image_size)  # fmt: skip
+    target = build_llava_next_target(
+        workdir / "target",
+        text_config(s.target_hidden, s.target_layers, VOCAB),
+        vit_hidden=s.vit_hidden,
+        vit_layers=s.vit_layers,
+        image_size=s.image_size,
+    )
     lm = build_text_lm(workdir / "small-lm", text_config(s.perceiver_hidden, s.perceiver_layers, VOCAB))
     run_upgrade(plan_upgrade(str(target), f"vit=target,lm={lm}", Options()), workdir / "ws", verify_load=False)
     return workdir / "ws"

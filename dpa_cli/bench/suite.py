@@ -40,8 +40,9 @@ def _runner(name: str) -> Callable[..., dict[str, Any]]:
     return run
 
 
-def bench_all(workdir: Path, quick: bool = False, only: tuple[str, ...] = BENCHES,
-              say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:  # fmt: skip
+def bench_all(
+    workdir: Path, quick: bool = False, only: tuple[str, ...] = BENCHES, say: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
     """Run the benches named in `only` (in order), each in its own subfolder of `workdir`."""
     results, seconds = {}, {}
     for name in only:
@@ -59,8 +60,11 @@ def _pair(figure: dict[str, float]) -> str:
     return f"{figure.get('min', figure.get('best')):.2f} / {figure['median']:.2f}"
 
 
-FILE_RATIOS = {"time_over_cp_sync": "work / (cp -r + sync)", "end_to_end_net_over_cp_sync":
-               "end to end - import torch, transformers / (cp -r + sync)", "rss_growth_over_shard": "RSS growth / output shard"}  # fmt: skip
+FILE_RATIOS = {
+    "time_over_cp_sync": "work / (cp -r + sync)",
+    "end_to_end_net_over_cp_sync": "end to end - import torch, transformers / (cp -r + sync)",
+    "rss_growth_over_shard": "RSS growth / output shard",
+}
 
 
 def _file_rows(bench: str, result: dict[str, Any]) -> list[dict[str, str]]:
@@ -82,10 +86,38 @@ def summary(results: dict[str, Any]) -> list[dict[str, str]]:
             rows += _file_rows(bench, results[bench])
     if "train" in results:
         r = results["train"]
-        rows.append({"bench": "train", "ratio": "step time DPA / original", "value": _pair(r["time_ratio"]), "target": f"FLOP ratio {r['flop_ratio']:.3f}"})
-        rows.append({"bench": "train", "ratio": "(time ratio) / (FLOP ratio)", "value": _pair(r["time_over_flop_ratio"]), "target": "<= 1.1"})
+        rows.append(
+            {
+                "bench": "train",
+                "ratio": "step time DPA / original",
+                "value": _pair(r["time_ratio"]),
+                "target": f"FLOP ratio {r['flop_ratio']:.3f}",
+            }
+        )
+        rows.append(
+            {
+                "bench": "train",
+                "ratio": "(time ratio) / (FLOP ratio)",
+                "value": _pair(r["time_over_flop_ratio"]),
+                "target": "<= 1.1",
+            }
+        )
     if "infer" in results:
         r = results["infer"]["ratios"]
-        rows.append({"bench": "infer", "ratio": "decode tokens/s DPA / original", "value": _pair(r["decode_tokens_per_s"]), "target": ">= 0.98 when the LLM dominates"})
-        rows.append({"bench": "infer", "ratio": "prefill s/image DPA / original", "value": _pair(r["prefill_s_per_image"]), "target": f"FLOP ratio {r['flops_per_image']:.3f}"})
-    return rows  # fmt: skip
+        rows.append(
+            {
+                "bench": "infer",
+                "ratio": "decode tokens/s DPA / original",
+                "value": _pair(r["decode_tokens_per_s"]),
+                "target": ">= 0.98 when the LLM dominates",
+            }
+        )
+        rows.append(
+            {
+                "bench": "infer",
+                "ratio": "prefill s/image DPA / original",
+                "value": _pair(r["prefill_s_per_image"]),
+                "target": f"FLOP ratio {r['flops_per_image']:.3f}",
+            }
+        )
+    return rows

@@ -27,8 +27,9 @@ def build_models(workdir: Path) -> tuple[Path, Path]:
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import plan_upgrade, run_upgrade
 
-    target = build_llava_next_target(workdir / "target", text_config(512, 6, VOCAB), vit_hidden=384, vit_layers=6,
-                                     image_size=112, patch=14)  # fmt: skip
+    target = build_llava_next_target(
+        workdir / "target", text_config(512, 6, VOCAB), vit_hidden=384, vit_layers=6, image_size=112, patch=14
+    )
     lm = build_text_lm(workdir / "small-lm", text_config(256, 4, VOCAB))
     plan = plan_upgrade(str(target), f"vit=target,lm={lm}", Options(dtype="fp32"))
     run_upgrade(plan, workdir / "ws", verify_load=False)
@@ -41,7 +42,9 @@ def _batch(processor: Any, image_token: str, batch: int) -> dict[str, torch.Tens
     images = [Image.new("RGB", (160 + 8 * i, 120), (40 * i % 255, 120, 200)) for i in range(batch)]
     text = [f"{image_token}\n{PROMPT}{ANSWER}"] * batch
     inputs = dict(processor(images=images, text=text, return_tensors="pt", padding=True))
-    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(image_token), -100)
+    labels = inputs["input_ids"].masked_fill(
+        inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(image_token), -100
+    )
     return {**inputs, "labels": labels.masked_fill(inputs["attention_mask"] == 0, -100)}
 
 
@@ -50,8 +53,13 @@ def load_pair(target: Path, dpa: Path, batch: int) -> dict[str, tuple[torch.nn.M
 
     from dpa_cli import loading
 
-    llava_processor = LlavaNextProcessor(loading.load_image_processor(target), loading.load_tokenizer(target),
-                                         patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+    llava_processor = LlavaNextProcessor(
+        loading.load_image_processor(target),
+        loading.load_tokenizer(target),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     dpa_processor = loading.load_processor(dpa)  # dpa's own code, which it has just written
     llava = loading.load_model(target, dtype=torch.float32).train()
     model = loading.load_model(dpa, dtype=torch.float32).train()
@@ -80,8 +88,12 @@ def measure(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: in
         started = time.perf_counter()
         _step(model, inputs, optimizer)
         times.append(time.perf_counter() - started)
-    return {"flops": flops, "step_s": {"min": min(times), "median": statistics.median(times)},
-            "params": sum(p.numel() for p in model.parameters()), "tokens": int(inputs["attention_mask"].sum())}  # fmt: skip
+    return {
+        "flops": flops,
+        "step_s": {"min": min(times), "median": statistics.median(times)},
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens": int(inputs["attention_mask"].sum()),
+    }
 
 
 def bench_train(workdir: Path, repeats: int = 5, batch: int = 2) -> dict[str, Any]:

@@ -67,8 +67,13 @@ def _upgrade_run(target: Path, lm: Path, out: Path, shard: int, dtype: str) -> d
     return run
 
 
-def bench_upgrade(workdir: Path, target_bytes: str | int = "1.7GB", input_shard: str | int = "200MB",
-                  output_shard: str | int = "500MB", repeats: int = 3) -> dict[str, Any]:  # fmt: skip
+def bench_upgrade(
+    workdir: Path,
+    target_bytes: str | int = "1.7GB",
+    input_shard: str | int = "200MB",
+    output_shard: str | int = "500MB",
+    repeats: int = 3,
+) -> dict[str, Any]:
     """Build the inputs, then per repeat: `cp -r` (with and without sync), the upgrade keeping the target's
     dtype (tensors copied in the kernel), and the upgrade casting to fp16 (every tensor loaded and cast)."""
     workdir = Path(workdir)
@@ -77,23 +82,32 @@ def bench_upgrade(workdir: Path, target_bytes: str | int = "1.7GB", input_shard:
     copy_seconds(target, workdir / "warm", sync=True)  # every side then reads the input from the page cache
     runs = []
     for i in range(repeats):
-        runs.append({
-            "cp_s": copy_seconds(target, workdir / "copy", sync=False),
-            "cp_sync_s": copy_seconds(target, workdir / "copy", sync=True),
-            "keep_dtype": _upgrade_run(target, lm, workdir / f"ws-{i}", shard, "auto"),
-            "cast_fp16": _upgrade_run(target, lm, workdir / f"ws-{i}", shard, "fp16"),
-        })  # fmt: skip
+        runs.append(
+            {
+                "cp_s": copy_seconds(target, workdir / "copy", sync=False),
+                "cp_sync_s": copy_seconds(target, workdir / "copy", sync=True),
+                "keep_dtype": _upgrade_run(target, lm, workdir / f"ws-{i}", shard, "auto"),
+                "cast_fp16": _upgrade_run(target, lm, workdir / f"ws-{i}", shard, "fp16"),
+            }
+        )
     return _report(runs, read_checkpoint_index(target).total_bytes, shard)
 
 
 # The goals of issue 19, against the durable copy (`cp -r` + `sync`); memory growth under one output shard.
-TARGETS = {"keep_dtype": {"time_over_cp_sync": 1.1, "end_to_end_net_over_cp_sync": 1.3, "rss_growth_over_shard": 1.0},
-           "cast_fp16": {"time_over_cp_sync": 2.0, "rss_growth_over_shard": 1.0}}  # fmt: skip
+TARGETS = {
+    "keep_dtype": {"time_over_cp_sync": 1.1, "end_to_end_net_over_cp_sync": 1.3, "rss_growth_over_shard": 1.0},
+    "cast_fp16": {"time_over_cp_sync": 2.0, "rss_growth_over_shard": 1.0},
+}
 MODES = tuple(TARGETS)
 
 
 def _report(runs: list[dict[str, Any]], input_bytes: int, shard: int) -> dict[str, Any]:
-    return {"input_bytes": input_bytes, "output_shard_size": shard, "repeats": len(runs),
-            "ratios": {mode: ratios(runs, mode) for mode in MODES},
-            "breakdown": {mode: breakdown(runs, mode) for mode in MODES},
-            "targets": TARGETS, "runs": runs}  # fmt: skip
+    return {
+        "input_bytes": input_bytes,
+        "output_shard_size": shard,
+        "repeats": len(runs),
+        "ratios": {mode: ratios(runs, mode) for mode in MODES},
+        "breakdown": {mode: breakdown(runs, mode) for mode in MODES},
+        "targets": TARGETS,
+        "runs": runs,
+    }

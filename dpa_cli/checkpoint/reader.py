@@ -15,7 +15,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-
 from dpa_cli.checkpoint.hashing import sha256_file  # noqa: F401  re-exported: one place hashes files
 from dpa_cli.errors import CheckpointError
 from dpa_cli.jsonio import PARSE_ERRORS, parse_json, reason
@@ -33,11 +32,29 @@ REDOWNLOAD = "re-download or re-save the checkpoint"
 
 # Bits per element of every dtype the safetensors format defines (F4 and F6 pack below a byte).
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}  # fmt: skip
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
 
 
 @dataclass(frozen=True)
@@ -149,9 +166,7 @@ def _parse_entry(path: Path, name: str, entry: Any) -> TensorInfo:
     info = TensorInfo(name, dtype, tuple(shape), path, (offsets[0], offsets[1]))
     bits = info.numel * DTYPE_BITS[dtype]
     if bits % 8 or info.nbytes != bits // 8:
-        raise _fail(
-            path, f"tensor {name!r} spans {info.nbytes} bytes but {dtype} {list(shape)} needs {bits / 8:g}"
-        )
+        raise _fail(path, f"tensor {name!r} spans {info.nbytes} bytes but {dtype} {list(shape)} needs {bits / 8:g}")
     return info
 
 
@@ -174,9 +189,7 @@ def read_shard(path: Path) -> tuple[ShardInfo, dict[str, TensorInfo]]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(path, "__metadata__ is not a map of strings")
-    infos = sorted(
-        (_parse_entry(path, name, entry) for name, entry in header.items()), key=lambda i: i.data_offsets
-    )
+    infos = sorted((_parse_entry(path, name, entry) for name, entry in header.items()), key=lambda i: i.data_offsets)
     data_bytes = _check_layout(path, infos)
     shard = ShardInfo(path, header_bytes, data_bytes, size, metadata)
     return shard, {info.name: info for info in infos}
@@ -234,9 +247,7 @@ def _check_weight_map(index_file: Path, weight_map: dict[str, str], tensors: dic
     unlisted = sorted(tensors.keys() - weight_map.keys())
     if unlisted:
         # They sit in a shard the index names, so keep them, but say the index is incomplete.
-        logger.warning(
-            "%s: %d tensors not listed in the index, e.g. %r", index_file, len(unlisted), unlisted[0]
-        )
+        logger.warning("%s: %d tensors not listed in the index, e.g. %r", index_file, len(unlisted), unlisted[0])
 
 
 def _read_shards(files: list[Path]) -> tuple[dict[Path, ShardInfo], dict[str, TensorInfo]]:
@@ -324,9 +335,7 @@ class LazyTensorReader:
     def __enter__(self) -> LazyTensorReader:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     @property
@@ -399,10 +408,19 @@ def torch_dtypes() -> dict[str, torch.dtype]:
     import torch
 
     return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    }  # fmt: skip
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -20,8 +20,12 @@ from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_RECORD
 
 # The paper skeleton's files travel too: configuration_dpa / modeling_dpa import them for a paper perceiver.
 MODEL_CODE = (
-    "configuration_dpa.py", "modeling_dpa.py", "processing_dpa.py", "configuration_paper_dpa.py", "modeling_paper_dpa.py",
-)  # fmt: skip
+    "configuration_dpa.py",
+    "modeling_dpa.py",
+    "processing_dpa.py",
+    "configuration_paper_dpa.py",
+    "modeling_paper_dpa.py",
+)
 ARCHITECTURE = "DPAForConditionalGeneration"
 AUTO_MAP = {
     "AutoConfig": "configuration_dpa.DPAConfig",
@@ -79,8 +83,9 @@ def copy_side_files(source: Path, dest: Path) -> None:
             shutil.copytree(item, Path(dest) / item.name, dirs_exist_ok=True)
 
 
-def write_generation_config(dest: Path, sources: Iterable[Path], text_config: Mapping[str, Any],
-                            tokenizer_folder: Path | None = None) -> None:  # fmt: skip
+def write_generation_config(
+    dest: Path, sources: Iterable[Path], text_config: Mapping[str, Any], tokenizer_folder: Path | None = None
+) -> None:
     """`dest`'s generation config, else the first of `sources`' (the target's), else one made from the text
     config's special tokens; completed with the stop tokens of the tokenizer in `tokenizer_folder` (end of text,
     end of turn) and a pad token, so replies stop even where the target shipped none."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import torch
 
@@ -27,8 +27,17 @@ from dpa_cli.checkpoint.hashing import FileDigest
 from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, FileSlice, torch_dtypes
 from dpa_cli.checkpoint.sizes import parse_size
 
-__all__ = ["CastSlice", "FileSlice", "Producer", "TensorSpec", "parse_size", "plan_shards", "shard_names",
-           "write_safetensors", "write_sharded"]  # fmt: skip
+__all__ = [
+    "CastSlice",
+    "FileSlice",
+    "Producer",
+    "TensorSpec",
+    "parse_size",
+    "plan_shards",
+    "shard_names",
+    "write_safetensors",
+    "write_sharded",
+]
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in torch_dtypes().items()}
 
@@ -52,7 +61,7 @@ class TensorSpec:
 
 # Given a planned tensor: its values; or a FileSlice to copy when the bytes are already right; or a CastSlice
 # when they only need converting to the planned dtype.
-Producer = Callable[[TensorSpec], Union[torch.Tensor, FileSlice, CastSlice]]
+Producer = Callable[[TensorSpec], torch.Tensor | FileSlice | CastSlice]
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:

@@ -13,16 +13,39 @@ from dpa_cli.cli.generate_cmd import DeviceOpt, RunModelArg
 from dpa_cli.cli.options import JsonFlag, TrustRemoteCodeFlag
 from dpa_cli.cli.render import DpaTyper, err, out, print_json
 
-analyze_app = DpaTyper(help="Look inside a model: how image and text tokens relate, layer by layer.", no_args_is_help=True)
+analyze_app = DpaTyper(
+    help="Look inside a model: how image and text tokens relate, layer by layer.", no_args_is_help=True
+)
 
 
 @analyze_app.command("modality-gap", no_args_is_help=True)
 def modality_gap(
     model: RunModelArg,
-    data: Annotated[str, typer.Option("--data", "-d", help="Image-text pairs: LLaVA JSON/JSONL, or a Hugging Face datasets folder.", show_default=False)],
-    baseline: Annotated[str | None, typer.Option("--baseline", "-b", help="The original model to compare with \\[default: the target recorded in the workspace's dpa.yaml].", show_default=False)] = None,
-    image_root: Annotated[str | None, typer.Option(metavar="DIR", help="Folder the data's image paths are relative to (default: the data's folder).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for modality_gap.csv and modality_gap.png.")] = Path("modality-gap"),
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Image-text pairs: LLaVA JSON/JSONL, or a Hugging Face datasets folder.",
+            show_default=False,
+        ),
+    ],
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            "-b",
+            help="The original model to compare with \\[default: the target recorded in the workspace's dpa.yaml].",
+            show_default=False,
+        ),
+    ] = None,
+    image_root: Annotated[
+        str | None,
+        typer.Option(metavar="DIR", help="Folder the data's image paths are relative to (default: the data's folder)."),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for modality_gap.csv and modality_gap.png.")
+    ] = Path("modality-gap"),
     limit: Annotated[int, typer.Option(min=1, help="Use the first N samples that hold images.")] = 32,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier CSV and plot in --output.")] = False,
@@ -40,12 +63,21 @@ def modality_gap(
       dpa analyze modality-gap ws/export --data val.jsonl --baseline llava-hf/llava-v1.6-mistral-7b-hf -o gap
       dpa analyze modality-gap ws --data val.json --limit 8 --force --json
     """
-    from dpa_cli.analyze import check_outputs, modality_gap as run, write_outputs
+    from dpa_cli.analyze import check_outputs, write_outputs
+    from dpa_cli.analyze import modality_gap as run
 
     check_outputs(output, force)
     progress = None if json_ else _say_progress
-    result = run(model, data, baseline=baseline, image_root=image_root, limit=limit, device=device, progress=progress,
-                 allow_code=trust_remote_code)  # fmt: skip
+    result = run(
+        model,
+        data,
+        baseline=baseline,
+        image_root=image_root,
+        limit=limit,
+        device=device,
+        progress=progress,
+        allow_code=trust_remote_code,
+    )
     result["files"] = write_outputs(result, output)
     if json_:
         print_json(result)
@@ -53,8 +85,10 @@ def modality_gap(
     for note in result["notes"]:
         err.print(f"[dim]{note}[/]")
     out.print(layer_table(result["rows"]))
-    out.print(f"{result['samples']} samples in {result['seconds']:.1f} s; wrote {result['files']['csv']} and "
-              f"{result['files']['png']}")  # fmt: skip
+    out.print(
+        f"{result['samples']} samples in {result['seconds']:.1f} s; wrote {result['files']['csv']} and "
+        f"{result['files']['png']}"
+    )
 
 
 def _say_progress(role: str, done: int, total: int) -> None:

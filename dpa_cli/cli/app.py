@@ -5,13 +5,23 @@ from __future__ import annotations
 import typer
 
 from dpa_cli import __version__
-from dpa_cli.cli import catalog_cmd, data_cmd, demo_cmd, inspect_cmd, train_cmd, upgrade_cmd
-from dpa_cli.cli import chat_cmd, export_cmd, generate_cmd, verify_cmd
-from dpa_cli.cli.bench_cmd import bench_app
+from dpa_cli.cli import (
+    catalog_cmd,
+    chat_cmd,
+    data_cmd,
+    demo_cmd,
+    eval_cmd,
+    export_cmd,
+    generate_cmd,
+    inspect_cmd,
+    serve_cmd,
+    train_cmd,
+    upgrade_cmd,
+    verify_cmd,
+)
 from dpa_cli.cli.analyze_cmd import analyze_app
-from dpa_cli.cli import eval_cmd, serve_cmd
+from dpa_cli.cli.bench_cmd import bench_app
 from dpa_cli.cli.render import DpaTyper
-
 
 app = DpaTyper(
     name="dpa",
@@ -49,8 +59,9 @@ app.command("chat", no_args_is_help=True)(chat_cmd.chat)
 app.command("eval", no_args_is_help=True)(eval_cmd.eval_)
 app.command("verify", no_args_is_help=True)(verify_cmd.verify)
 # Unknown options and arguments after EXPORT are vLLM's (`vllm serve` flags), passed through unchanged.
-app.command("serve", no_args_is_help=True,
-            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmd.serve)  # fmt: skip
+app.command("serve", no_args_is_help=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    serve_cmd.serve
+)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(bench_app, name="bench")
 app.add_typer(data_cmd.data_app, name="data")

@@ -26,7 +26,9 @@ def upgrade(
     input_shard: Annotated[int, SizeOption("Shard size of the synthetic input.")] = "200MB",
     shard_size: Annotated[int, SizeOption("Output shard size of the upgrade.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
-    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")
+    ] = None,
     write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -74,8 +76,13 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "system": platform.platform()}  # fmt: skip
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "system": platform.platform(),
+    }
 
 
 RATIO_COLUMNS = {
@@ -88,8 +95,10 @@ RATIO_COLUMNS = {
 
 
 def _ratio_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
-    return [(mode, *(f"{r[key]['min']:.2f} / {r[key]['median']:.2f}" for key in RATIO_COLUMNS))
-            for mode, r in result["ratios"].items()]  # fmt: skip
+    return [
+        (mode, *(f"{r[key]['min']:.2f} / {r[key]['median']:.2f}" for key in RATIO_COLUMNS))
+        for mode, r in result["ratios"].items()
+    ]
 
 
 def _breakdown_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -102,14 +111,25 @@ def _breakdown_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             if label not in labels:
                 labels.insert(labels.index(previous) + 1 if previous in labels else len(labels), label)
             previous = label
-    return [(label, *(f"{result['breakdown'][mode][label]:.2f}" if label in result["breakdown"][mode] else ""
-                      for mode in modes)) for label in labels]  # fmt: skip
+    return [
+        (
+            label,
+            *(
+                f"{result['breakdown'][mode][label]:.2f}" if label in result["breakdown"][mode] else ""
+                for mode in modes
+            ),
+        )
+        for label in labels
+    ]
 
 
 def ratio_table(command: str, result: dict[str, Any]) -> Table:
-    table = Table("run", *RATIO_COLUMNS.values(),
-                  title=f"{command}: {human_bytes(result['input_bytes'])} input, "
-                        f"{human_bytes(result['output_shard_size'])} shards, {result['repeats']} repeats (min / median)")  # fmt: skip
+    table = Table(
+        "run",
+        *RATIO_COLUMNS.values(),
+        title=f"{command}: {human_bytes(result['input_bytes'])} input, "
+        f"{human_bytes(result['output_shard_size'])} shards, {result['repeats']} repeats (min / median)",
+    )
     for row in _ratio_rows(result):
         table.add_row(*row)
     return table
@@ -129,15 +149,17 @@ def ratio_markdown(result: dict[str, Any]) -> str:
         f"Input {human_bytes(result['input_bytes'])}, output shards of {human_bytes(result['output_shard_size'])}, "
         f"{result['repeats']} repeats (min / median).\n\n"
         + markdown_table(("run", *RATIO_COLUMNS.values()), _ratio_rows(result))
-        + "\n\nWhere the time goes (median seconds; \"(thread)\" rows overlap the others):\n\n"
+        + '\n\nWhere the time goes (median seconds; "(thread)" rows overlap the others):\n\n'
         + markdown_table(("phase", *result["breakdown"]), _breakdown_rows(result))
     )
 
 
 def append_doc(command: str, body: str) -> None:
     info = machine()
-    header = f"\n## `{command}` ({date.today().isoformat()})\n\nMachine: {info['cpu']}, {info['cores']} cores, " \
-             f"{info['system']}, Python {info['python']}, torch {info['torch']}.\n\n"  # fmt: skip
+    header = (
+        f"\n## `{command}` ({date.today().isoformat()})\n\nMachine: {info['cpu']}, {info['cores']} cores, "
+        f"{info['system']}, Python {info['python']}, torch {info['torch']}.\n\n"
+    )
     with PERFORMANCE_DOC.open("a", encoding="utf-8") as handle:
         handle.write(header + body + "\n")
 
@@ -147,7 +169,9 @@ def export(
     size: Annotated[int, SizeOption("Size of the synthetic target the DPA model is made from.")] = "1.7GB",
     shard_size: Annotated[int, SizeOption("Shard size of the DPA model and of the export.")] = "500MB",
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per side; min and median are reported.")] = 3,
-    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")
+    ] = None,
     write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -171,14 +195,31 @@ def export(
 
 @bench_app.command("train")
 def train(
-    repeats: Annotated[int | None, typer.Option(min=1, help="Timed steps per model after two warm-up steps (default 5); "
-                                                            "with --pack, timed passes per mode (default 2).", show_default=False)] = None,
-    batch: Annotated[int | None, typer.Option(min=1, help="Samples per step (default 2, one image each); with --pack, "
-                                                          "samples per padded step (default 8).", show_default=False)] = None,
-    pack: Annotated[bool, typer.Option("--pack", help="Packed rows against padded batches on a length-skewed mix.")] = False,
+    repeats: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Timed steps per model after two warm-up steps (default 5); "
+            "with --pack, timed passes per mode (default 2).",
+            show_default=False,
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Samples per step (default 2, one image each); with --pack, samples per padded step (default 8).",
+            show_default=False,
+        ),
+    ] = None,
+    pack: Annotated[
+        bool, typer.Option("--pack", help="Packed rows against padded batches on a length-skewed mix.")
+    ] = False,
     samples: Annotated[int, typer.Option(min=2, help="With --pack: samples in the mix.")] = 64,
     max_length: Annotated[int, typer.Option(min=16, help="With --pack: tokens per packed row (and the cut).")] = 1024,
-    workdir: Annotated[Path | None, typer.Option(help="Where to build the models (default: a temporary folder).")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to build the models (default: a temporary folder).")
+    ] = None,
     write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -211,8 +252,9 @@ def train(
         append_doc("dpa bench train", train_markdown(result))
 
 
-def _train_pack(repeats: int, batch: int, samples: int, max_length: int, workdir: Path | None, write_docs: bool,
-                json_: bool) -> None:  # fmt: skip
+def _train_pack(
+    repeats: int, batch: int, samples: int, max_length: int, workdir: Path | None, write_docs: bool, json_: bool
+) -> None:
     from dpa_cli.bench.pack import bench_pack, build_model
     from dpa_cli.cli.bench_tables import PACK_COLUMNS, markdown_table, pack_rows, pack_title, rich_table
 
@@ -225,13 +267,22 @@ def _train_pack(repeats: int, batch: int, samples: int, max_length: int, workdir
     else:
         out.print(rich_table(PACK_COLUMNS, pack_rows(result), pack_title(result)))
     if write_docs:
-        append_doc("dpa bench train --pack", pack_title(result) + ".\n\n" + markdown_table(PACK_COLUMNS, pack_rows(result)))
+        append_doc(
+            "dpa bench train --pack", pack_title(result) + ".\n\n" + markdown_table(PACK_COLUMNS, pack_rows(result))
+        )
 
 
 def _train_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     models = result["models"]
-    rows = [(name, f"{m['flops'] / 1e9:.1f}", f"{m['step_s']['min']:.3f} / {m['step_s']['median']:.3f}", f"{m['params'] / 1e6:.1f}M")
-            for name, m in models.items()]  # fmt: skip
+    rows = [
+        (
+            name,
+            f"{m['flops'] / 1e9:.1f}",
+            f"{m['step_s']['min']:.3f} / {m['step_s']['median']:.3f}",
+            f"{m['params'] / 1e6:.1f}M",
+        )
+        for name, m in models.items()
+    ]
     ratio, closeness = result["time_ratio"], result["time_over_flop_ratio"]
     rows.append(("dpa / original", f"{result['flop_ratio']:.3f}", f"{ratio['min']:.3f} / {ratio['median']:.3f}", ""))
     rows.append(("(time ratio) / (FLOP ratio)", "", f"{closeness['min']:.3f} / {closeness['median']:.3f}", ""))
@@ -239,8 +290,13 @@ def _train_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def train_table(result: dict[str, Any]) -> Table:
-    table = Table("model", "GFLOPs per step", "step seconds (min / median)", "params",
-                  title=f"dpa bench train: stage-2 step, batch {result['batch']}, {result['repeats']} timed steps")  # fmt: skip
+    table = Table(
+        "model",
+        "GFLOPs per step",
+        "step seconds (min / median)",
+        "params",
+        title=f"dpa bench train: stage-2 step, batch {result['batch']}, {result['repeats']} timed steps",
+    )
     for row in _train_rows(result):
         table.add_row(*row)
     return table
@@ -253,18 +309,41 @@ def train_markdown(result: dict[str, Any]) -> str:
 
 @bench_app.command("infer")
 def infer(
-    model: Annotated[str | None, typer.Argument(help="The DPA model: a workspace, a stage folder or an export "
-                                                     "\\[default: a synthetic pair built for the run].", show_default=False)] = None,
-    baseline: Annotated[str | None, typer.Option(help="The original LLaVA model \\[default: the target recorded in the "
-                                                      "workspace's dpa.yaml].", show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda \\[default: cuda when present].", show_default=False)] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="The DPA model: a workspace, a stage folder or an export "
+            "\\[default: a synthetic pair built for the run].",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="The original LLaVA model \\[default: the target recorded in the workspace's dpa.yaml].",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda \\[default: cuda when present].", show_default=False)
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per prompt (exactly this many).")] = 32,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed passes over the prompt set per model, after a warm-up.")] = 3,
-    prompts: Annotated[int, typer.Option(min=1, max=3, help="How many of the 3 fixed prompts (one image each) to use.")] = 3,
-    sequential: Annotated[bool, typer.Option("--sequential", help="Hold one model in memory at a time (for pairs "
-                                                                  "that do not fit together).")] = False,
-    synthetic: Annotated[str, typer.Option(help="Without MODEL: size of the synthetic pair, quick or default.")] = "default",
-    workdir: Annotated[Path | None, typer.Option(help="Where to build a synthetic pair (default: a temporary folder).")] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Timed passes over the prompt set per model, after a warm-up.")
+    ] = 3,
+    prompts: Annotated[
+        int, typer.Option(min=1, max=3, help="How many of the 3 fixed prompts (one image each) to use.")
+    ] = 3,
+    sequential: Annotated[
+        bool,
+        typer.Option("--sequential", help="Hold one model in memory at a time (for pairs that do not fit together)."),
+    ] = False,
+    synthetic: Annotated[
+        str, typer.Option(help="Without MODEL: size of the synthetic pair, quick or default.")
+    ] = "default",
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to build a synthetic pair (default: a temporary folder).")
+    ] = None,
     trust_remote_code: TrustRemoteCodeFlag = False,
     write_docs: WriteDocsFlag = False,
     json_: JsonFlag = False,
@@ -284,8 +363,16 @@ def infer(
     """
     from dpa_cli.bench.infer import bench_infer
     from dpa_cli.bench.pairs import PAIRS, build_pair
-    from dpa_cli.cli.bench_tables import INFER_COLUMNS, PAPER_COLUMNS, infer_markdown, infer_rows, infer_title
-    from dpa_cli.cli.bench_tables import paper_rows, paper_title, rich_table
+    from dpa_cli.cli.bench_tables import (
+        INFER_COLUMNS,
+        PAPER_COLUMNS,
+        infer_markdown,
+        infer_rows,
+        infer_title,
+        paper_rows,
+        paper_title,
+        rich_table,
+    )
     from dpa_cli.errors import BadInputError
 
     if model is None and synthetic not in PAIRS:
@@ -332,10 +419,18 @@ def flops(
 
 @bench_app.command("all")
 def all_(
-    quick: Annotated[bool, typer.Option("--quick", help="Tiny-but-not-trivial inputs: a few minutes on a CPU.")] = False,
-    only: Annotated[list[str] | None, typer.Option(help="Run only this bench (repeat for several): upgrade, train, "
-                                                        "export, infer.", show_default=False)] = None,
-    workdir: Annotated[Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny-but-not-trivial inputs: a few minutes on a CPU.")
+    ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this bench (repeat for several): upgrade, train, export, infer.", show_default=False
+        ),
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to build the inputs (default: a temporary folder).")
+    ] = None,
     write_docs: Annotated[bool, typer.Option("--write-docs", help=f"Append the summary to {PERFORMANCE_DOC}.")] = False,
     json_: JsonFlag = False,
 ) -> None:
@@ -359,10 +454,15 @@ def all_(
     with _scratch(workdir) as tmp:
         result = bench_all(Path(tmp), quick, names, say=lambda line: err.print(line))
     result["machine"] = machine()
-    title = f"dpa bench all{' --quick' if quick else ''}: seconds " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items())
+    title = f"dpa bench all{' --quick' if quick else ''}: seconds " + ", ".join(
+        f"{k} {v}" for k, v in result["seconds"].items()
+    )
     if json_:
         print_json(result)
     else:
         out.print(rich_table(ALL_COLUMNS, all_rows(result), title))
     if write_docs:
-        append_doc(f"dpa bench all{' --quick' if quick else ''}", title + ".\n\n" + markdown_table(ALL_COLUMNS, all_rows(result)))
+        append_doc(
+            f"dpa bench all{' --quick' if quick else ''}",
+            title + ".\n\n" + markdown_table(ALL_COLUMNS, all_rows(result)),
+        )

@@ -22,8 +22,18 @@ def catalog(json_: JsonFlag = False) -> None:
     """
     aliases = load_catalog().values()
     if json_:
-        print_json([{"name": a.name, "kind": a.kind, "source": a.source, "description": a.description,
-                     "catalog": str(a.origin)} for a in aliases])  # fmt: skip
+        print_json(
+            [
+                {
+                    "name": a.name,
+                    "kind": a.kind,
+                    "source": a.source,
+                    "description": a.description,
+                    "catalog": str(a.origin),
+                }
+                for a in aliases
+            ]
+        )
         return
     table = Table("alias", "kind", "source", "description")
     for alias in aliases:

@@ -18,15 +18,38 @@ data_app = DpaTyper(help="Training data: check a dataset against a workspace bef
 
 @data_app.command("check", no_args_is_help=True)
 def check(
-    data: Annotated[str, typer.Argument(help="LLaVA JSON/JSONL file, or a Hugging Face datasets folder / parquet / arrow file.", show_default=False)],
-    image_root: Annotated[str | None, typer.Option(metavar="DIR", help="Folder the data's image paths are relative to (default: the data's folder).")] = None,
-    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace whose processor is used (default: found like git finds a repo).")] = None,
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="LLaVA JSON/JSONL file, or a Hugging Face datasets folder / parquet / arrow file.", show_default=False
+        ),
+    ],
+    image_root: Annotated[
+        str | None,
+        typer.Option(metavar="DIR", help="Folder the data's image paths are relative to (default: the data's folder)."),
+    ] = None,
+    workspace: Annotated[
+        Path | None,
+        typer.Option(
+            "--workspace", "-w", help="Workspace whose processor is used (default: found like git finds a repo)."
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N samples.")] = None,
-    fast: Annotated[bool, typer.Option("--fast", help="Read image headers only (size, mode) instead of decoding images.")] = False,
-    stage: Annotated[int, typer.Option(min=1, max=2, help="1: captions (the caption is supervised); 2: instructions.")] = 2,
-    max_length: Annotated[int | None, typer.Option(min=1, help="Longest sample in target tokens (default: the recipe's max_length).")] = None,
-    recipe: Annotated[str | None, typer.Option(help="The recipe training will use, for its max_length (default: the stage's).")] = None,
-    preview: Annotated[bool, typer.Option("--preview", help="Also show what the perceiver reads for each image of the sample shown.")] = False,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Read image headers only (size, mode) instead of decoding images.")
+    ] = False,
+    stage: Annotated[
+        int, typer.Option(min=1, max=2, help="1: captions (the caption is supervised); 2: instructions.")
+    ] = 2,
+    max_length: Annotated[
+        int | None, typer.Option(min=1, help="Longest sample in target tokens (default: the recipe's max_length).")
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="The recipe training will use, for its max_length (default: the stage's).")
+    ] = None,
+    preview: Annotated[
+        bool, typer.Option("--preview", help="Also show what the perceiver reads for each image of the sample shown.")
+    ] = False,
     json_: JsonFlag = False,
 ) -> None:
     """Check a dataset before training: images, markers, turns, supervised tokens, lengths, duplicate ids.
@@ -51,8 +74,16 @@ def check(
     folder = find_workspace(workspace)
     max_length = max_length or recipe_max_length(stage, recipe)  # what training cuts at
     with _progress(quiet=json_) as report:
-        result = check_dataset(data, folder, image_root=image_root, limit=limit, fast=fast, max_length=max_length,
-                               stage=stage, progress=report)  # fmt: skip
+        result = check_dataset(
+            data,
+            folder,
+            image_root=image_root,
+            limit=limit,
+            fast=fast,
+            max_length=max_length,
+            stage=stage,
+            progress=report,
+        )
     if json_:
         print_json(result)
     else:
@@ -65,8 +96,18 @@ class _progress:
     """A progress bar on stderr while samples are checked (none with --json)."""
 
     def __init__(self, quiet: bool):
-        self.bar = None if quiet else Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(),
-                                               TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+        self.bar = (
+            None
+            if quiet
+            else Progress(
+                TextColumn("checking"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            )
+        )
         self.task = None
 
     def __enter__(self):
@@ -99,19 +140,33 @@ def show(result: dict[str, Any], preview: bool = False) -> None:
     elif preview:
         out.print("no sample to preview: none was encoded without an error")
     if result["problems"]:
-        table = Table(Column("kind", no_wrap=True), "severity", Column("count", justify="right"),
-                      Column("first samples", overflow="fold"), Column("example", overflow="fold", ratio=1),
-                      title="problems", title_justify="left")  # fmt: skip
+        table = Table(
+            Column("kind", no_wrap=True),
+            "severity",
+            Column("count", justify="right"),
+            Column("first samples", overflow="fold"),
+            Column("example", overflow="fold", ratio=1),
+            title="problems",
+            title_justify="left",
+        )
         for problem in result["problems"]:
             colour = "red" if problem["severity"] == "error" else "yellow"
             # Ids and messages quote the data (paths like `a[/b].png`): plain Text, never read as markup.
-            table.add_row(problem["kind"], f"[{colour}]{problem['severity']}[/]", str(problem["count"]),
-                          Text(", ".join(problem["examples"])), Text(problem["message"]))  # fmt: skip
+            table.add_row(
+                problem["kind"],
+                f"[{colour}]{problem['severity']}[/]",
+                str(problem["count"]),
+                Text(", ".join(problem["examples"])),
+                Text(problem["message"]),
+            )
         out.print(table)
     out.print(stats_table(result["stats"]))
     rate, per_core = result["samples_per_second"], result["samples_per_cpu_second"]
-    shown = result["samples"] if result["samples"] == result["total_samples"] else (
-        f"{result['samples']} of {result['total_samples']}")
+    shown = (
+        result["samples"]
+        if result["samples"] == result["total_samples"]
+        else (f"{result['samples']} of {result['total_samples']}")
+    )
     line = f"checked {shown} samples in {result['seconds']:.2f} s, {result['mode']} mode"
     if rate and per_core:
         line += f": {rate:,.0f} samples/s, {per_core:,.0f} samples per CPU-second (one core)"
@@ -123,8 +178,13 @@ def show(result: dict[str, Any], preview: bool = False) -> None:
 
 
 def stats_table(stats: dict[str, Any]) -> Table:
-    table = Table("tokens", "total", "mean per sample", title=f"stage {stats['stage']}, max_length "
-                  f"{stats['max_length']}", title_justify="left")  # fmt: skip
+    table = Table(
+        "tokens",
+        "total",
+        "mean per sample",
+        title=f"stage {stats['stage']}, max_length {stats['max_length']}",
+        title_justify="left",
+    )
     for name in ("prompt", "answer", "image"):
         entry = stats[f"{name}_tokens"]
         table.add_row(name, f"{entry['total']:,}", f"{entry['mean']:,}")

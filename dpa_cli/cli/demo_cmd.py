@@ -16,8 +16,12 @@ from dpa_cli.errors import BadInputError
 
 def demo(
     ctx: typer.Context,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's data, models and report.")] = Path("dpa-demo"),
-    steps_scale: Annotated[float, typer.Option(help="Scale the training steps: 1.0 shows learning, 0.1 is a quick check.")] = 1.0,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the demo's data, models and report.")
+    ] = Path("dpa-demo"),
+    steps_scale: Annotated[
+        float, typer.Option(help="Scale the training steps: 1.0 shows learning, 0.1 is a quick check.")
+    ] = 1.0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing demo folder.")] = False,
     json_: JsonFlag = False,
 ) -> None:

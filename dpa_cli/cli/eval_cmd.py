@@ -15,15 +15,64 @@ from dpa_cli.cli.render import err, out, print_json
 
 def eval_(
     model: RunModelArg,
-    data: Annotated[str, typer.Option("--data", "-d", help="Items: VQA / multiple-choice JSONL or JSON, MMLU-style CSV, or a datasets folder (save_to_disk).", show_default=False)],
-    metric: Annotated[str | None, typer.Option("--metric", "-m", help="exact, anls or choice \\[default: choice when the items have options, else exact].", show_default=False)] = None,
-    scoring: Annotated[str, typer.Option("--scoring", help="Multiple choice: loglik (each option letter's log-likelihood, as MMLU) or generate (parse the reply).")] = "loglik",
-    baseline: Annotated[str | None, typer.Option("--baseline", "-b", help="Also score this model (e.g. the original LLaVA or LLM) on the same items.", show_default=False)] = None,
-    image_root: Annotated[str | None, typer.Option(metavar="DIR", help="Folder the items' image paths are relative to (default: the data's folder).")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Predictions JSONL \\[default: DATA-NAME.predictions.jsonl here].", show_default=False)] = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Items: VQA / multiple-choice JSONL or JSON, MMLU-style CSV, or a datasets folder (save_to_disk).",
+            show_default=False,
+        ),
+    ],
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            help="exact, anls or choice \\[default: choice when the items have options, else exact].",
+            show_default=False,
+        ),
+    ] = None,
+    scoring: Annotated[
+        str,
+        typer.Option(
+            "--scoring",
+            help="Multiple choice: loglik (each option letter's log-likelihood, as MMLU) "
+            "or generate (parse the reply).",
+        ),
+    ] = "loglik",
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            "-b",
+            help="Also score this model (e.g. the original LLaVA or LLM) on the same items.",
+            show_default=False,
+        ),
+    ] = None,
+    image_root: Annotated[
+        str | None,
+        typer.Option(metavar="DIR", help="Folder the items' image paths are relative to (default: the data's folder)."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Predictions JSONL \\[default: DATA-NAME.predictions.jsonl here].",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass (left-padded).")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest generated answer.")] = 32,
-    instruction: Annotated[str | None, typer.Option("--instruction", help="Line after each question \\[default: LLaVA's short-answer / option-letter line]; '' for none.", show_default=False)] = None,
+    instruction: Annotated[
+        str | None,
+        typer.Option(
+            "--instruction",
+            help="Line after each question \\[default: LLaVA's short-answer / option-letter line]; '' for none.",
+            show_default=False,
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items.")] = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing predictions file.")] = False,
@@ -44,10 +93,23 @@ def eval_(
     from dpa_cli.evaluation import evaluate
 
     output = output or Path(f"{Path(data).name.split('.')[0]}.predictions.jsonl")
-    result = evaluate(str(model), data, output, metric=metric, scoring=scoring, baseline=baseline,
-                      image_root=image_root, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      instruction=instruction, device=device, force=force, allow_code=trust_remote_code,
-                      progress=None if json_ else _say_progress)  # fmt: skip
+    result = evaluate(
+        str(model),
+        data,
+        output,
+        metric=metric,
+        scoring=scoring,
+        baseline=baseline,
+        image_root=image_root,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        instruction=instruction,
+        device=device,
+        force=force,
+        allow_code=trust_remote_code,
+        progress=None if json_ else _say_progress,
+    )
     if json_:
         print_json(result)
         return

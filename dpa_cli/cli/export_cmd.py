@@ -10,8 +10,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from dpa_cli.cli.inspect_cmd import human_bytes
 from dpa_cli.cli.options import JsonFlag, SizeOption, TrustRemoteCodeFlag
-from dpa_cli.defaults import SHARD_SIZE_TEXT
 from dpa_cli.cli.render import err, out, print_json
+from dpa_cli.defaults import SHARD_SIZE_TEXT
 from dpa_cli.export.card import load_line
 
 SPINNERS = {
@@ -21,13 +21,26 @@ SPINNERS = {
 
 
 def export(
-    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace \\[default: found like git finds a repo].")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder to write \\[default: WORKSPACE/export].")] = None,
-    stage: Annotated[int | None, typer.Option("--stage", help="Export stage 1 or 2 \\[default: the latest finished].", show_default=False)] = None,
-    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="Merge a LoRA adapter into the weights (the default).")] = False,
-    keep_adapter: Annotated[bool, typer.Option("--keep-adapter", help="Ship the LoRA adapter unmerged, in OUT/adapter/.")] = False,
+    workspace: Annotated[
+        Path | None, typer.Option("--workspace", "-w", help="Workspace \\[default: found like git finds a repo].")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder to write \\[default: WORKSPACE/export].")
+    ] = None,
+    stage: Annotated[
+        int | None,
+        typer.Option("--stage", help="Export stage 1 or 2 \\[default: the latest finished].", show_default=False),
+    ] = None,
+    merge_lora: Annotated[
+        bool, typer.Option("--merge-lora", help="Merge a LoRA adapter into the weights (the default).")
+    ] = False,
+    keep_adapter: Annotated[
+        bool, typer.Option("--keep-adapter", help="Ship the LoRA adapter unmerged, in OUT/adapter/.")
+    ] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as trained), bf16, fp16 or fp32.")] = "auto",
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload with plain transformers and compare logits.")] = True,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Reload with plain transformers and compare logits.")
+    ] = True,
     shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = SHARD_SIZE_TEXT,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     trust_remote_code: TrustRemoteCodeFlag = False,
@@ -53,10 +66,17 @@ def export(
     from dpa_cli.workspace.manifest import find_workspace
 
     request = ExportRequest(
-        workspace=find_workspace(workspace), output=output, stage=stage, merge_lora=merge_lora,
-        keep_adapter=keep_adapter, dtype=dtype, verify=verify, shard_size=shard_size, force=force,
+        workspace=find_workspace(workspace),
+        output=output,
+        stage=stage,
+        merge_lora=merge_lora,
+        keep_adapter=keep_adapter,
+        dtype=dtype,
+        verify=verify,
+        shard_size=shard_size,
+        force=force,
         allow_code=trust_remote_code,
-    )  # fmt: skip
+    )
     plan = plan_export(request)  # every refusal comes before any output
     display = _Display(output_bytes(plan.result.model_dir, plan.dtype), quiet=json_)
     try:
@@ -72,9 +92,14 @@ class _Display:
     def __init__(self, total: int, quiet: bool):
         self.quiet, self.live = quiet, None
         self.bar = Progress(
-            TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=err, transient=True,
-        )  # fmt: skip
+            TextColumn("writing"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
         self.task = self.bar.add_task("writing", total=total)
 
     def phase(self, name: str) -> None:

@@ -17,10 +17,18 @@ RunModelArg = Annotated[
         show_default=False,
     ),
 ]
-StageOpt = Annotated[int | None, typer.Option("--stage", help="With a workspace: run stage 1 or 2 \\[default: the latest].", show_default=False)]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda \\[default: cuda when present].", show_default=False)]
+StageOpt = Annotated[
+    int | None,
+    typer.Option("--stage", help="With a workspace: run stage 1 or 2 \\[default: the latest].", show_default=False),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="cpu or cuda \\[default: cuda when present].", show_default=False)
+]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Stop after this many new tokens.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 decodes greedily (the same tokens every run); above 0 samples.")]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option("--temperature", min=0.0, help="0 decodes greedily (the same tokens every run); above 0 samples."),
+]
 
 
 def describe(runnable) -> str:
@@ -36,7 +44,10 @@ def generate(
     model: RunModelArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The user's message.", show_default=False)],
     # str, not Path: Path would turn `https://x` into `https:/x`, hiding that a URL was given.
-    image: Annotated[list[str] | None, typer.Option("--image", "-i", help="An image file; repeat for several (in order).", show_default=False)] = None,
+    image: Annotated[
+        list[str] | None,
+        typer.Option("--image", "-i", help="An image file; repeat for several (in order).", show_default=False),
+    ] = None,
     max_new_tokens: MaxNewTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     device: DeviceOpt = None,
@@ -60,9 +71,15 @@ def generate(
     messages = [user_turn(prompt, images)]
     if json_:
         result = reply(runnable, messages, max_new_tokens, temperature)
-        print_json({**result, "model": str(runnable.source.model_dir), "stage": runnable.source.name,
-                    "adapter": str(runnable.source.adapter_dir) if runnable.source.adapter_dir else None,
-                    "device": runnable.device})  # fmt: skip
+        print_json(
+            {
+                **result,
+                "model": str(runnable.source.model_dir),
+                "stage": runnable.source.name,
+                "adapter": str(runnable.source.adapter_dir) if runnable.source.adapter_dir else None,
+                "device": runnable.device,
+            }
+        )
         return
     err.print(f"[dim]{describe(runnable)}[/]")
     reply(runnable, messages, max_new_tokens, temperature, on_text=_write)

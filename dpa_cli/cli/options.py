@@ -6,9 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-JsonFlag = Annotated[
-    bool, typer.Option("--json", help="Print the result as one JSON object on stdout, for scripts.")
-]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout, for scripts.")]
 ModelArg = Annotated[
     str,
     typer.Argument(

@@ -19,32 +19,85 @@ from dpa_cli.defaults import OnBadSample
 from dpa_cli.errors import BadInputError, DpaError
 from dpa_cli.train.config_file import OPTIONS
 
+
 def train(
     ctx: typer.Context,
-    config_file: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="A YAML file holding this command's options and recipe values (flags win).", show_default=False)] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="The same as CONFIG, as an option.", show_default=False)] = None,
-    stage: Annotated[int | None, typer.Option("--stage", help="1: align phi on captions; 2: instruction tuning.", show_default=False)] = None,
-    data: Annotated[str | None, typer.Option("--data", help="LLaVA JSON/JSONL file or a Hugging Face datasets folder.", show_default=False)] = None,
-    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace (default: found like git finds a repo).")] = None,
-    image_root: Annotated[str | None, typer.Option(metavar="DIR", help="Folder the data's image paths are relative to.")] = None,
-    recipe: Annotated[str | None, typer.Option(help="stage1, stage2-full, stage2-lora or a YAML file (default: by stage).")] = None,
-    lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters (stage2-lora: every linear layer of every part).")] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="CONFIG",
+            help="A YAML file holding this command's options and recipe values (flags win).",
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="The same as CONFIG, as an option.", show_default=False)
+    ] = None,
+    stage: Annotated[
+        int | None, typer.Option("--stage", help="1: align phi on captions; 2: instruction tuning.", show_default=False)
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="LLaVA JSON/JSONL file or a Hugging Face datasets folder.", show_default=False),
+    ] = None,
+    workspace: Annotated[
+        Path | None, typer.Option("--workspace", "-w", help="Workspace (default: found like git finds a repo).")
+    ] = None,
+    image_root: Annotated[
+        str | None, typer.Option(metavar="DIR", help="Folder the data's image paths are relative to.")
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="stage1, stage2-full, stage2-lora or a YAML file (default: by stage).")
+    ] = None,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="LoRA adapters (stage2-lora: every linear layer of every part).")
+    ] = False,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning of the target LLM (stage2-full).")] = False,
-    freeze_perceiver: Annotated[bool, typer.Option("--freeze-perceiver", help="Keep the whole perceiver frozen.")] = False,
-    lora_targets: Annotated[str | None, typer.Option(help="Regex over module names for LoRA adapters, or all-linear.")] = None,
+    freeze_perceiver: Annotated[
+        bool, typer.Option("--freeze-perceiver", help="Keep the whole perceiver frozen.")
+    ] = False,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="Regex over module names for LoRA adapters, or all-linear.")
+    ] = None,
     deepspeed: Annotated[str | None, typer.Option(help="zero2, zero3 or a DeepSpeed JSON file.")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Processes on this node (relaunches under torchrun).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the stage from its latest checkpoint.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the stage's run and start it over.")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps (wins over epochs).")] = None,
-    from_model: Annotated[str | None, typer.Option("--from", help="Start from: model (the upgrade), stage1, or a folder.")] = None,
-    on_bad_sample: Annotated[str, typer.Option(help="fail (before training starts) or skip (counted, reported).")] = "fail",
-    pack: Annotated[bool, typer.Option("--pack", help="Pack several samples per row up to max_length (recipe key pack).")] = False,
-    report_to: Annotated[str | None, typer.Option("--report-to", help="tensorboard, wandb, mlflow or none (default: tensorboard when installed; events in WORKSPACE/stageN/runs/).", show_default=False)] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything and print the plan; load and write nothing.")] = False,
-    gpu_memory: Annotated[str | None, typer.Option(help="--dry-run: memory of one GPU, e.g. 80GB, 24GiB [default: 80GB, an A100-80GB].", show_default=False)] = None,
-    gpu_tflops: Annotated[float | None, typer.Option(help="--dry-run: dense bf16 TFLOP/s of one GPU [default: 312, an A100].", show_default=False)] = None,
+    from_model: Annotated[
+        str | None, typer.Option("--from", help="Start from: model (the upgrade), stage1, or a folder.")
+    ] = None,
+    on_bad_sample: Annotated[
+        str, typer.Option(help="fail (before training starts) or skip (counted, reported).")
+    ] = "fail",
+    pack: Annotated[
+        bool, typer.Option("--pack", help="Pack several samples per row up to max_length (recipe key pack).")
+    ] = False,
+    report_to: Annotated[
+        str | None,
+        typer.Option(
+            "--report-to",
+            help="tensorboard, wandb, mlflow or none "
+            "(default: tensorboard when installed; events in WORKSPACE/stageN/runs/).",
+            show_default=False,
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key: --set learning_rate=2e-5.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check everything and print the plan; load and write nothing.")
+    ] = False,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="--dry-run: memory of one GPU, e.g. 80GB, 24GiB [default: 80GB, an A100-80GB].", show_default=False
+        ),
+    ] = None,
+    gpu_tflops: Annotated[
+        float | None,
+        typer.Option(help="--dry-run: dense bf16 TFLOP/s of one GPU [default: 312, an A100].", show_default=False),
+    ] = None,
     json_: JsonFlag = False,
 ) -> None:
     """Train stage 1 or 2 of the DPA recipe; the result lands in WORKSPACE/stageN/ for the next command.
@@ -74,8 +127,9 @@ def train(
     given = {k: v for k, v in locals().items() if k in TRAIN_OPTIONS}
     options, values, sets = _with_config_file(ctx, given, config_file, config)
     stage, data, nproc = options["stage"], options["data"], options["nproc"]
-    _check_flags(stage, data, options["lora"], options["full"], options["resume"], options["restart"],
-                 options["on_bad_sample"])  # fmt: skip
+    _check_flags(
+        stage, data, options["lora"], options["full"], options["resume"], options["restart"], options["on_bad_sample"]
+    )
     if not dry_run and (gpu_memory, gpu_tflops) != (None, None):
         flag = "--gpu-memory" if gpu_memory is not None else "--gpu-tflops"
         raise BadInputError(f"{flag} is read by --dry-run only", hint="add --dry-run to see whether the run fits")
@@ -88,15 +142,24 @@ def train(
 
     image_root = options["image_root"]
     request = TrainRequest(
-        stage=stage, data=data, workspace=find_workspace(options["workspace"]),
-        image_root=str(image_root) if image_root else None, recipe=options["recipe"],
-        overrides=[*sets, *([f"report_to={report_to}"] if report_to else []), *(set_ or [])], values=values,
+        stage=stage,
+        data=data,
+        workspace=find_workspace(options["workspace"]),
+        image_root=str(image_root) if image_root else None,
+        recipe=options["recipe"],
+        overrides=[*sets, *([f"report_to={report_to}"] if report_to else []), *(set_ or [])],
+        values=values,
         lora=True if options["lora"] else (False if options["full"] else None),
-        freeze_perceiver=options["freeze_perceiver"], lora_targets=options["lora_targets"],
-        deepspeed=options["deepspeed"], resume=options["resume"], restart=options["restart"],
-        max_steps=options["max_steps"], from_model=options["from_model"], on_bad_sample=options["on_bad_sample"],
+        freeze_perceiver=options["freeze_perceiver"],
+        lora_targets=options["lora_targets"],
+        deepspeed=options["deepspeed"],
+        resume=options["resume"],
+        restart=options["restart"],
+        max_steps=options["max_steps"],
+        from_model=options["from_model"],
+        on_bad_sample=options["on_bad_sample"],
         pack=pack,
-    )  # fmt: skip
+    )
     if dry_run:
         from dpa_cli.train.plan import dry_run as plan_only
 
@@ -165,8 +228,10 @@ def _print_plan(plan: dict[str, Any]) -> None:
         out.print(f"built in {plan['builds_in']}, put in place when finished (the old stage stays until then)")
     out.print(f"resume from: {plan['resume_from'] or 'no (a fresh run)'}")
     out.print(f"data: {plan['data']} ({plan['samples'] if plan['samples'] is not None else 'streamed'} samples)")
-    out.print(f"{plan['world_size']} process(es), gradient accumulation {plan['gradient_accumulation_steps']}, "
-              f"DeepSpeed {plan['deepspeed'] or 'off'}")  # fmt: skip
+    out.print(
+        f"{plan['world_size']} process(es), gradient accumulation {plan['gradient_accumulation_steps']}, "
+        f"DeepSpeed {plan['deepspeed'] or 'off'}"
+    )
     values = Table("key", "value", title="recipe (after flags and --set)", title_justify="left")
     for key, value in recipe.items():
         values.add_row(key, str(value))
@@ -188,22 +253,32 @@ def _trainable_table(trainable: dict[str, dict[str, Any]]) -> None:
 def _fit_table(fit: dict[str, Any]) -> None:
     """Per-GPU memory under the chosen ZeRO stage, activations both ways, and the step time at the stated MFU."""
     chosen = "with" if fit["gradient_checkpointing"] else "without"
-    table = Table("per GPU", "GiB", title=f"will it fit: {fit['gpus']} x {fit['gpu']} ({fit['gpu_memory_gib']} GiB, "
-                  f"{fit['gpu_tflops']:g} TFLOP/s), ZeRO-{fit['zero_stage']}, {fit['dtype']}", title_justify="left")
+    table = Table(
+        "per GPU",
+        "GiB",
+        title=f"will it fit: {fit['gpus']} x {fit['gpu']} ({fit['gpu_memory_gib']} GiB, "
+        f"{fit['gpu_tflops']:g} TFLOP/s), ZeRO-{fit['zero_stage']}, {fit['dtype']}",
+        title_justify="left",
+    )
     table.add_row("model states", str(fit["model_states_gib"]))
     for key, words in (("without_checkpointing", "without"), ("with_checkpointing", "with")):
         mark = " (this run)" if words == chosen else ""
         table.add_row(f"activations {words} checkpointing{mark}", str(fit["activations_gib"][key]))
     table.add_row("total", f"{fit['total_gib']} ({'fits' if fit['fits'] else 'does not fit'})")
     out.print(table)
-    out.print(f"model states: {fit['model_states_how']}; trainable {human_count(fit['trainable'])}, frozen "
-              f"{human_count(fit['frozen'])} (no gradients or optimizer states)")  # fmt: skip
-    out.print(f"activations: micro batch {fit['micro_batch']} x max_length {fit['max_length']}; step about "
-              f"{fit['step_seconds']:.3g} s at {fit['mfu']:.0%} MFU ({fit['tokens_per_gpu_step']} tokens per GPU per step)")
+    out.print(
+        f"model states: {fit['model_states_how']}; trainable {human_count(fit['trainable'])}, frozen "
+        f"{human_count(fit['frozen'])} (no gradients or optimizer states)"
+    )
+    out.print(
+        f"activations: micro batch {fit['micro_batch']} x max_length {fit['max_length']}; step about "
+        f"{fit['step_seconds']:.3g} s at {fit['mfu']:.0%} MFU ({fit['tokens_per_gpu_step']} tokens per GPU per step)"
+    )
 
 
-def _check_flags(stage: int | None, data: str | None, lora: bool, full: bool, resume: bool, restart: bool,
-                 on_bad_sample: str) -> None:  # fmt: skip
+def _check_flags(
+    stage: int | None, data: str | None, lora: bool, full: bool, resume: bool, restart: bool, on_bad_sample: str
+) -> None:
     for value, flag, key in ((stage, "--stage", "stage"), (data, "--data", "data")):
         if value is None:
             hint = f"pass {flag}, or write `{key}:` in a config file (dpa train CONFIG.yaml)"
@@ -283,8 +358,10 @@ class RichReporter:
         if self.quiet:
             return
         recipe = info["recipe"]
-        out.print(f"[bold]stage {recipe['stage']}[/] from {info['source']} (recipe {recipe['name']}, "
-                  f"{info['world_size']} process(es))")  # fmt: skip
+        out.print(
+            f"[bold]stage {recipe['stage']}[/] from {info['source']} (recipe {recipe['name']}, "
+            f"{info['world_size']} process(es))"
+        )
         out.print(info["sample"])
         _trainable_table(info["trainable"])
         for note in info["notes"]:
@@ -292,9 +369,14 @@ class RichReporter:
         if info["resume_from"]:
             out.print(f"resuming from {info['resume_from']}")
         self.progress = Progress(
-            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"), console=err,
-        )  # fmt: skip
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=err,
+        )
         self.progress.start()
 
     def on_log(self, step: int, max_steps: int, metrics: dict[str, Any]) -> None:
@@ -302,11 +384,13 @@ class RichReporter:
             return
         if self.task is None:
             self.task = self.progress.add_task("train", total=max_steps, metrics="")
-        shown = [f"loss {metrics['loss']:.4f}" if "loss" in metrics else "",
-                 f"gnorm {metrics['grad_norm']:.3g}" if "grad_norm" in metrics else "",
-                 f"lr {metrics['learning_rate']:.2e}" if "learning_rate" in metrics else "",
-                 f"{metrics['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in metrics else "",
-                 f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""]  # fmt: skip
+        shown = [
+            f"loss {metrics['loss']:.4f}" if "loss" in metrics else "",
+            f"gnorm {metrics['grad_norm']:.3g}" if "grad_norm" in metrics else "",
+            f"lr {metrics['learning_rate']:.2e}" if "learning_rate" in metrics else "",
+            f"{metrics['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in metrics else "",
+            f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "",
+        ]
         self.progress.update(self.task, completed=step, metrics="  ".join(s for s in shown if s))
 
     def after_training(self, summary: dict[str, Any]) -> None:
@@ -314,7 +398,10 @@ class RichReporter:
             self.progress.stop()
         if self.quiet:
             return
-        out.print(f"[green]done[/]: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
-                  f"{summary['final_loss']}, {summary['tokens_seen']} tokens")  # fmt: skip
-        if summary["skipped_samples"]:
-            out.print(f"[yellow]skipped[/] {summary['skipped_samples']['count']} bad samples: {summary['skipped_samples']['by_kind']}")
+        out.print(
+            f"[green]done[/]: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
+            f"{summary['final_loss']}, {summary['tokens_seen']} tokens"
+        )
+        skipped = summary["skipped_samples"]
+        if skipped:
+            out.print(f"[yellow]skipped[/] {skipped['count']} bad samples: {skipped['by_kind']}")

@@ -16,20 +16,63 @@ from dpa_cli.defaults import SHARD_SIZE_TEXT, Dtype
 
 
 def upgrade(
-    target: Annotated[str, typer.Argument(help="The LLaVA-style model to upgrade: folder, cached repo id or alias.", show_default=False)],
-    perceiver: Annotated[str | None, typer.Option("--perceiver", "-p", help="A small VLM (folder, repo id, alias) or vit=<target|source>,lm=<text model>; none for an official DPA checkpoint.", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Workspace folder to create (default: ./<target>-dpa-<perceiver>).")] = None,
-    projector: Annotated[str, typer.Option(help="phi: mlp2x_relu (the paper's), mlp2x_gelu (LLaVA's) or linear.")] = "mlp2x_relu",
-    feature_span: Annotated[str | None, typer.Option(help="Perceiver positions fed to the target: image, or image+markers (N+2). Default: the encoding's (image; paper: image+markers).", show_default=False)] = None,
-    early_fusion: Annotated[bool, typer.Option("--early-fusion", help="Also feed the user's turn text to the perceiver, before the image.")] = False,
-    encoding: Annotated[str | None, typer.Option(help="Text encoding: dpa (the target's chat template) or paper (the official DPA code's, token for token). Default: paper for the paper's pair (a paper-skeleton perceiver, a Qwen3 target), else dpa.", show_default=False)] = None,
+    target: Annotated[
+        str,
+        typer.Argument(help="The LLaVA-style model to upgrade: folder, cached repo id or alias.", show_default=False),
+    ],
+    perceiver: Annotated[
+        str | None,
+        typer.Option(
+            "--perceiver",
+            "-p",
+            help="A small VLM (folder, repo id, alias) or vit=<target|source>,lm=<text model>; "
+            "none for an official DPA checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Workspace folder to create (default: ./<target>-dpa-<perceiver>)."),
+    ] = None,
+    projector: Annotated[
+        str, typer.Option(help="phi: mlp2x_relu (the paper's), mlp2x_gelu (LLaVA's) or linear.")
+    ] = "mlp2x_relu",
+    feature_span: Annotated[
+        str | None,
+        typer.Option(
+            help="Perceiver positions fed to the target: image, or image+markers (N+2). "
+            "Default: the encoding's (image; paper: image+markers).",
+            show_default=False,
+        ),
+    ] = None,
+    early_fusion: Annotated[
+        bool, typer.Option("--early-fusion", help="Also feed the user's turn text to the perceiver, before the image.")
+    ] = False,
+    encoding: Annotated[
+        str | None,
+        typer.Option(
+            help="Text encoding: dpa (the target's chat template) or paper (the official DPA code's, token for token). "
+            "Default: paper for the paper's pair (a paper-skeleton perceiver, a Qwen3 target), else dpa.",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the target's), bf16, fp16 or fp32.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the new projector weights (same seed, same bytes).")] = 0,
-    perceiver_layers: Annotated[int | None, typer.Option(min=0, help="Keep only the perceiver's first N language blocks (0: the ViT-only ablation).")] = None,
+    perceiver_layers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Keep only the perceiver's first N language blocks (0: the ViT-only ablation)."),
+    ] = None,
     shard_size: Annotated[int, SizeOption("Largest output shard, e.g. 200MB, 5GB.")] = SHARD_SIZE_TEXT,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing workspace.")] = False,
-    verify_load: Annotated[bool | None, typer.Option("--verify-load/--no-verify-load", help="Load and run the result (default: when at most 2 GB).", show_default=False)] = None,
+    verify_load: Annotated[
+        bool | None,
+        typer.Option(
+            "--verify-load/--no-verify-load",
+            help="Load and run the result (default: when at most 2 GB).",
+            show_default=False,
+        ),
+    ] = None,
     json_: JsonFlag = False,
 ) -> None:
     """Turn a LLaVA-style checkpoint into a DPA workspace: its ViT is replaced by a small VLM, the perceiver.
@@ -62,13 +105,17 @@ def upgrade(
         summary = plan_summary(plan)
         workspace = output or default_workspace(target, perceiver)
         if dry_run:
-            print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(summary, workspace)
+            print_json({"dry_run": True, "workspace": str(workspace), **summary}) if json_ else render_plan(
+                summary, workspace
+            )
             return
         check_output(workspace, plan.sources, force)  # refuse before printing a plan the user must scroll past
         if not json_:
             render_plan(summary, workspace)
         with _progress(plan.output_bytes, quiet=json_) as on_bytes:
-            result = run_upgrade(plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes, inputs=inputs)
+            result = run_upgrade(
+                plan, workspace, force=force, verify_load=verify_load, on_bytes=on_bytes, inputs=inputs
+            )
     finally:
         if inputs is not None:
             inputs.cancel()  # a refusal or a failure does not wait for the hashing
@@ -83,7 +130,12 @@ def _check_choices(options: Any) -> None:
     from dpa_cli.errors import BadInputError
     from dpa_cli.model.configuration_dpa import ENCODINGS, FEATURE_SPANS, PROJECTOR_TYPES
 
-    choices = {"projector": PROJECTOR_TYPES, "feature_span": FEATURE_SPANS, "encoding": ENCODINGS, "dtype": Dtype.names()}
+    choices = {
+        "projector": PROJECTOR_TYPES,
+        "feature_span": FEATURE_SPANS,
+        "encoding": ENCODINGS,
+        "dtype": Dtype.names(),
+    }
     for name, allowed in choices.items():
         value = getattr(options, name)
         if value is not None and value not in allowed:
@@ -97,9 +149,15 @@ class _progress:
     def __init__(self, total: int, quiet: bool):
         self.total, self.quiet = total, quiet
         self.bar = Progress(
-            TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=err, transient=True, disable=quiet,
-        )  # fmt: skip
+            TextColumn("writing"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=quiet,
+        )
 
     def __enter__(self):
         self.bar.start()
@@ -119,8 +177,10 @@ def render_plan(summary: dict[str, Any], workspace: Path) -> None:
     out.print(f"perceiver {what} ({perceiver['family']}, {perceiver['kind']})")
     out.print(f"phi       {dims['phi']} (perceiver width -> target width)")
     config = summary["config"]
-    out.print(f"features  {config['feature_span']}; encoding {config['encoding']}"
-              f"{'; early fusion' if config['early_fusion'] else ''}")  # fmt: skip
+    out.print(
+        f"features  {config['feature_span']}; encoding {config['encoding']}"
+        f"{'; early fusion' if config['early_fusion'] else ''}"
+    )
     table = Table("part", "from", "tensors", "params", title="kept", title_justify="left")
     for name, part in summary["kept"].items():
         table.add_row(name, ", ".join(part["from"]), str(part["tensors"]), human_count(part["params"]))
@@ -131,7 +191,10 @@ def render_plan(summary: dict[str, Any], workspace: Path) -> None:
     out.print(dropped)
     for name, new in summary["new"].items():
         shapes = ", ".join("x".join(map(str, s)) for s in new["shapes"].values())
-        out.print(f"new {name}: {human_count(new['params'])} params ({shapes}), init {'/'.join(new['init'])}, seed {new['seed']}")
+        out.print(
+            f"new {name}: {human_count(new['params'])} params ({shapes}), "
+            f"init {'/'.join(new['init'])}, seed {new['seed']}"
+        )
     out.print(
         f"output: {human_count(summary['total_params'])} params, {summary['dtype']}, "
         f"{human_bytes(summary['output_bytes'])} in {summary['num_shards']} shard(s)"
@@ -150,5 +213,7 @@ def render_result(result: dict[str, Any]) -> None:
     if "loaded" in upgrade:
         out.print("verified: loads with transformers (remote code) and runs a forward on an image")
     plan = result["plan"]
-    out.print(f"trainable in stage 1: {human_count(plan['trainable_stage1_params'])} params (phi"
-              f"{' + phi_p' if 'phi_p' in plan['new'] else ''}); next: dpa train --stage 1 --data captions.json")  # fmt: skip
+    out.print(
+        f"trainable in stage 1: {human_count(plan['trainable_stage1_params'])} params (phi"
+        f"{' + phi_p' if 'phi_p' in plan['new'] else ''}); next: dpa train --stage 1 --data captions.json"
+    )

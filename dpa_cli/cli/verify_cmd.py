@@ -14,7 +14,9 @@ SHOWN = 20  # files listed per kind before "... and N more"
 
 
 def verify(
-    path: Annotated[Path, typer.Argument(help="A workspace (dpa.yaml) or an export (dpa_export.json).", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="A workspace (dpa.yaml) or an export (dpa_export.json).", show_default=False)
+    ],
     json_: JsonFlag = False,
 ) -> None:
     """Check that every file dpa wrote is still what it wrote: report each changed, missing or extra file.
@@ -49,4 +51,6 @@ def render(result: dict[str, Any]) -> None:
         if len(names) > SHOWN:
             out.print(f"[{colour}]{kind:8}[/] ... and {len(names) - SHOWN} more")
     counts = ", ".join(f"{len(result[k])} {k}" for k in ("changed", "missing", "extra") if result[k])
-    err.print(f"[bold red]error:[/] {result['path']} differs from its manifest: {counts} ({result['checked']} files recorded)")
+    err.print(
+        f"[bold red]error:[/] {result['path']} differs from its manifest: {counts} ({result['checked']} files recorded)"
+    )

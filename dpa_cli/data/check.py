@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli import loading
-from dpa_cli.data.encode import CUT, IGNORE_INDEX, length_verdict, SampleEncoder, expand
+from dpa_cli.data.encode import CUT, IGNORE_INDEX, SampleEncoder, expand, length_verdict
 from dpa_cli.data.formats import open_samples
 from dpa_cli.data.images import ImageError, load_image, probe_image
 from dpa_cli.data.render import perceiver_segments, supervised_segments
@@ -25,8 +25,10 @@ from dpa_cli.workspace.layout import MODEL_DIR
 # kind -> (severity, what it means). Errors make `dpa data check` exit 2; warnings are said, not fatal.
 PROBLEMS: dict[str, tuple[str, str]] = {
     "bad_record": ("error", "malformed sample (missing fields, wrong types, template refuses it)"),
-    "video_sample": ("error", "a video sample (`video` / `videos` entry, <video> marker, video block): dpa trains on "
-                              "images; extract frames"),
+    "video_sample": (
+        "error",
+        "a video sample (`video` / `videos` entry, <video> marker, video block): dpa trains on images; extract frames",
+    ),
     "empty_conversation": ("error", "no turns"),
     "no_assistant": ("error", "no assistant answer to learn"),
     "marker_mismatch": ("error", "<image> markers differ from the number of images"),
@@ -34,17 +36,25 @@ PROBLEMS: dict[str, tuple[str, str]] = {
     "missing_image": ("error", "image file not found"),
     "unsafe_image_path": ("error", "image path leaves the image root (.., absolute path, ~, file:, symlink)"),
     "unsupported_image": ("error", "a URL or a video, not an image file (dpa never downloads)"),
-    "bad_image_ref": ("error", "an image entry that names no image: a number, nested list, base64 text, "
-                               "control characters, an overlong path, a broken data: URI"),  # fmt: skip
+    "bad_image_ref": (
+        "error",
+        "an image entry that names no image: a number, nested list, base64 text, "
+        "control characters, an overlong path, a broken data: URI",
+    ),
     "unreadable_image": ("error", "not a readable image (corrupt, empty file, unknown format)"),
     "truncated_image": ("error", "image file is truncated"),
     "image_too_large": ("error", "image over the decompression-bomb limit"),
     "processor_error": ("error", "the DPA processor refuses the sample"),
     "no_supervised": ("error", "no supervised token after rendering with the chat template"),
-    "too_long": ("error", "over max_length (image slots included), and training cannot cut it (it would split an "
-                          "image's slots or leave nothing supervised): dropped"),
-    "cut_at_max_length": ("warning", "over max_length: training cuts it there (after its last image); the rest of "
-                                     "the answer is not learned"),
+    "too_long": (
+        "error",
+        "over max_length (image slots included), and training cannot cut it (it would split an "
+        "image's slots or leave nothing supervised): dropped",
+    ),
+    "cut_at_max_length": (
+        "warning",
+        "over max_length: training cuts it there (after its last image); the rest of the answer is not learned",
+    ),
     "duplicate_id": ("error", "the same id as an earlier sample"),
     "converted_cmyk": ("warning", "CMYK image, converted to RGB"),
     "converted_alpha": ("warning", "image with transparency, composited on white"),
@@ -88,10 +98,16 @@ class Report:
 
     def result(self) -> dict[str, Any]:
         problems = [
-            {"kind": kind, "severity": PROBLEMS[kind][0], "count": entry["count"], "examples": entry["examples"],
-             "description": PROBLEMS[kind][1], "message": entry["message"]}
+            {
+                "kind": kind,
+                "severity": PROBLEMS[kind][0],
+                "count": entry["count"],
+                "examples": entry["examples"],
+                "description": PROBLEMS[kind][1],
+                "message": entry["message"],
+            }
             for kind, entry in self.problems.items()
-        ]  # fmt: skip
+        ]
         problems.sort(key=lambda p: (p["severity"] != "error", list(PROBLEMS).index(p["kind"])))
         return {"problems": problems, "stats": self.stats()}
 
@@ -101,11 +117,20 @@ class Report:
             f"{name}_tokens": {"total": total, "mean": round(total / counted, 1)} for name, total in self.tokens.items()
         }
         stats["images"], stats["text_only_samples"], stats["encoded_samples"] = (
-            self.images, self.text_only, len(lengths))
+            self.images,
+            self.text_only,
+            len(lengths),
+        )
         if lengths:
             pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
-            stats["length"] = {"min": lengths[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
-                               "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1)}  # fmt: skip
+            stats["length"] = {
+                "min": lengths[0],
+                "p50": pick(0.5),
+                "p90": pick(0.9),
+                "p99": pick(0.99),
+                "max": lengths[-1],
+                "mean": round(sum(lengths) / len(lengths), 1),
+            }
         return stats
 
 
@@ -138,7 +163,9 @@ class Checker:
                 self.report.add(sample.id, kind, message)
         return images, sizes, ok
 
-    def _encoded(self, sample: Sample, images: list[Any], sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
+    def _encoded(
+        self, sample: Sample, images: list[Any], sizes: list[tuple[int, int]]
+    ) -> tuple[list[int], list[int], int]:
         """(ids, labels, image slots): from the processor by default, from image sizes with `fast`."""
         if self.fast and self.shown is not None:
             counts = [self.counter(size) for size in sizes]
@@ -207,13 +234,20 @@ def check_dataset(
     result["warnings"] = sum(p["count"] for p in result["problems"] if p["severity"] == "warning")
     result["stats"]["max_length"], result["stats"]["stage"] = max_length, stage
     shown = checker.shown
-    result["sample"] = None if shown is None else {
-        "id": shown["sample_id"], "tokens": len(shown["labels"]),
-        "supervised_tokens": int((shown["labels"] != IGNORE_INDEX).sum()),
-        "segments": [list(s) for s in supervised_segments(processor, shown)],
-        "perceiver": [{"features": count, "segments": [list(s) for s in segments]} for count, segments in
-                      zip(processor.feature_counts(shown), perceiver_segments(processor, shown))],
-    }  # fmt: skip
+    result["sample"] = (
+        None
+        if shown is None
+        else {
+            "id": shown["sample_id"],
+            "tokens": len(shown["labels"]),
+            "supervised_tokens": int((shown["labels"] != IGNORE_INDEX).sum()),
+            "segments": [list(s) for s in supervised_segments(processor, shown)],
+            "perceiver": [
+                {"features": count, "segments": [list(s) for s in segments]}
+                for count, segments in zip(processor.feature_counts(shown), perceiver_segments(processor, shown))
+            ],
+        }
+    )
     result["mode"] = "fast" if fast else "decode"
     result["seconds"], result["cpu_seconds"] = round(seconds, 3), round(cpu_seconds, 3)
     result["samples_per_second"] = round(total / seconds, 1) if seconds > 0 else None

@@ -47,11 +47,16 @@ def precheck(source: Any) -> None:
             first = first or BadSampleError(sample.id, kind, message)
     if first is None:
         return
-    summary = "; ".join(f"{len(ids)} {kind} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
-                        for kind, ids in found.items())  # fmt: skip
+    summary = "; ".join(
+        f"{len(ids)} {kind} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})" for kind, ids in found.items()
+    )
     where = f" (in {source.path})" if getattr(source, "path", None) is not None else ""
-    raise BadSampleError(first.sample_id, first.kind, f"{first.detail}{where}. Bad samples: {summary}",
-                         hint="see `dpa data check`, fix the data, or pass --on-bad-sample skip")  # fmt: skip
+    raise BadSampleError(
+        first.sample_id,
+        first.kind,
+        f"{first.detail}{where}. Bad samples: {summary}",
+        hint="see `dpa data check`, fix the data, or pass --on-bad-sample skip",
+    )
 
 
 def _check_mode(on_bad_sample: str) -> None:

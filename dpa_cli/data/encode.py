@@ -112,8 +112,9 @@ class SampleEncoder:
         texts = self.processor.perceiver_texts(sample.messages)
         kwargs = {"perceiver_text": texts} if images and texts is not None else {}
         try:
-            inputs = self.processor(images=images or None, text=layout.text, add_special_tokens=False,
-                                    return_tensors="pt", **kwargs)  # fmt: skip
+            inputs = self.processor(
+                images=images or None, text=layout.text, add_special_tokens=False, return_tensors="pt", **kwargs
+            )
         except ValueError as err:  # e.g. an image too thin for the perceiver's patch grid
             raise BadSampleError(sample.id, "processor_error", f"the DPA processor refuses it ({err})") from None
         ids, labels = expand(self.processor, layout, self.processor.feature_counts(inputs))

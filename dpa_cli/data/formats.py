@@ -330,9 +330,11 @@ def refuse_urls(data: str | Path, image_root: str | Path | None) -> None:
     for flag, value in (("--data", data), ("--image-root", image_root)):
         scheme = url_scheme(str(value)) if value is not None else None
         if scheme:
-            raise BadInputError(f"{flag} {value}: a URL ({scheme}://); dpa never downloads",
-                                hint="download it first (e.g. `curl -LO URL`, `hf download --repo-type dataset REPO`) "
-                                     "and pass the local file or folder")  # fmt: skip
+            raise BadInputError(
+                f"{flag} {value}: a URL ({scheme}://); dpa never downloads",
+                hint="download it first (e.g. `curl -LO URL`, `hf download --repo-type dataset REPO`) "
+                "and pass the local file or folder",
+            )
 
 
 def open_samples(data: str | Path, image_root: str | Path | None = None, streaming: bool = False) -> SampleSource:

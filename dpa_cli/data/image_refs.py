@@ -24,9 +24,7 @@ from urllib.parse import unquote
 MAX_PATH_BYTES = 4096  # Linux PATH_MAX: a longer "path" is no file name (the OS would say "File name too long")
 MAX_NAME_BYTES = 255  # NAME_MAX: one file or folder name
 MAX_EMBEDDED_BYTES = 64 << 20  # a data: URI's decoded size; far above any image a perceiver reads
-VIDEO_SUFFIXES = frozenset(
-    ".mp4 .m4v .mov .avi .mkv .webm .flv .wmv .mpg .mpeg .3gp .ogv .mts .m2ts .vob .y4m".split()
-)  # fmt: skip
+VIDEO_SUFFIXES = frozenset(".mp4 .m4v .mov .avi .mkv .webm .flv .wmv .mpg .mpeg .3gp .ogv .mts .m2ts .vob .y4m".split())
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)://")  # a scheme of 2+ letters: `C://` is a drive, not a URL
 _WINDOWS_ABSOLUTE = re.compile(r"[A-Za-z]:[\\/]|[\\/]{2}|\\")  # C:\x, C:/x, \\server\share, \x
@@ -115,8 +113,11 @@ def _from_dict(item: dict, root: Path | None, depth: int) -> ImageRef:
     data = item.get("bytes")
     if data is not None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            return _bad("bad_image_ref", f"`bytes` holds a {type(data).__name__}, not bytes "
-                                         "(in JSON, embed an image as a data:image/...;base64, URI)")  # fmt: skip
+            return _bad(
+                "bad_image_ref",
+                f"`bytes` holds a {type(data).__name__}, not bytes "
+                "(in JSON, embed an image as a data:image/...;base64, URI)",
+            )
         name = item.get("path")
         return ImageRef(path=name if isinstance(name, str) else None, data=bytes(data))
     # A datasets cell without bytes, or a chat block: its path / URL is judged like any other (not trusted as is).
@@ -184,16 +185,21 @@ def path_problem(path: str, confined: bool) -> tuple[str, str] | None:
     size = len(path.encode("utf-8", "surrogatepass"))
     longest = max(len(part.encode("utf-8", "surrogatepass")) for part in _SEPARATORS.split(path))
     if size > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
-        return "bad_image_ref", (f"{shown}: too long for a path ({size:,} bytes; a name may have "
-                                 f"{MAX_NAME_BYTES}, a path {MAX_PATH_BYTES:,})")  # fmt: skip
+        return "bad_image_ref", (
+            f"{shown}: too long for a path ({size:,} bytes; a name may have "
+            f"{MAX_NAME_BYTES}, a path {MAX_PATH_BYTES:,})"
+        )
     if path[:5].lower() == "file:":
         if confined:
             return "unsafe_image_path", f"{shown}: a file: URI (paths are relative to the image root)"
         return "unsupported_image", f"{shown}: a file: URI; pass the file's path instead"
     scheme = url_scheme(path)
     if scheme:
-        fix = URL_FIX if confined else "dpa never downloads: download it first (e.g. `curl -o image.png URL`) and " \
-                                       "pass the file's path"
+        fix = (
+            URL_FIX
+            if confined
+            else "dpa never downloads: download it first (e.g. `curl -o image.png URL`) and pass the file's path"
+        )
         return "unsupported_image", f"{shown}: a URL ({scheme}://); {fix}"
     suffix = os.path.splitext(path)[1].lower()
     if suffix in VIDEO_SUFFIXES:
@@ -222,8 +228,9 @@ def _confined(ref: ImageRef) -> str:
     expected = os.path.join(_real_folder(str(ref.root)), os.path.normpath(ref.path or ""))
     # The folder part resolves once per folder (cached); the file itself is checked on every call.
     if _real_folder(os.path.dirname(expected)) != os.path.dirname(expected) or os.path.islink(expected):
-        raise ImageError("unsafe_image_path", f"{ref.describe()}: goes through a symlink (images must be files "
-                                              "under the root)")  # fmt: skip
+        raise ImageError(
+            "unsafe_image_path", f"{ref.describe()}: goes through a symlink (images must be files under the root)"
+        )
     return expected
 
 

@@ -54,16 +54,20 @@ def _open(ref: ImageRef) -> Any:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(handle)
         except Image.DecompressionBombError:
-            raise ImageError("image_too_large", f"{name}: larger than {MAX_IMAGE_PIXELS:,} pixels "
-                                                "(refused as a decompression bomb)") from None  # fmt: skip
+            raise ImageError(
+                "image_too_large", f"{name}: larger than {MAX_IMAGE_PIXELS:,} pixels (refused as a decompression bomb)"
+            ) from None
         except UnidentifiedImageError:
             raise ImageError("unreadable_image", f"{name}: not a readable image (no format PIL knows)") from None
         except Exception as err:  # noqa: BLE001  PIL's header parsers raise many types on forged input
             raise ImageError("unreadable_image", f"{name}: not a readable image ({_reason(err)})") from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageError("image_too_large", f"{ref.describe()}: {width}x{height} pixels, more than "
-                                            f"{MAX_IMAGE_PIXELS:,} (refused as a decompression bomb)")  # fmt: skip
+        raise ImageError(
+            "image_too_large",
+            f"{ref.describe()}: {width}x{height} pixels, more than "
+            f"{MAX_IMAGE_PIXELS:,} (refused as a decompression bomb)",
+        )
     if width == 0 or height == 0:
         raise ImageError("unreadable_image", f"{ref.describe()}: the image is {width}x{height} pixels")
     return image
@@ -122,8 +126,9 @@ def load_image(ref: ImageRef) -> tuple[Any, list[tuple[str, str]]]:
             image.load()
     except OSError as err:
         kind = "truncated_image" if "truncated" in str(err) or "broken data" in str(err) else "unreadable_image"
-        raise ImageError(kind, f"{ref.describe()}: {'truncated' if kind == 'truncated_image' else 'unreadable'} "
-                               f"({_reason(err)})") from None  # fmt: skip
+        raise ImageError(
+            kind, f"{ref.describe()}: {'truncated' if kind == 'truncated_image' else 'unreadable'} ({_reason(err)})"
+        ) from None
     except Exception as err:  # noqa: BLE001  as in _open: a decoder fed forged data may raise anything
         raise ImageError("unreadable_image", f"{ref.describe()}: unreadable ({_reason(err)})") from None
     warnings_ = [(conversion[0], f"{ref.describe()}: {conversion[1]}")] if conversion else []

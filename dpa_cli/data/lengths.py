@@ -56,8 +56,10 @@ def expanded_length(encoder: SampleEncoder, entry: list, counts: list[int]) -> t
     """(length before any cut, `verdict_of` it) for a skeleton whose images have `counts` features: each image
     marker becomes its `image_slots` (the processor's rule), which moves everything after it."""
     size, first, last_text_slot, markers, wrapped, _ = entry
-    spans = [sum(map(len, (before, after))) + pads
-             for before, pads, after in map(encoder.processor.image_slots, counts, wrapped)]  # fmt: skip
+    spans = [
+        sum(map(len, (before, after))) + pads
+        for before, pads, after in map(encoder.processor.image_slots, counts, wrapped)
+    ]
 
     def at(position: int) -> int:  # where an unexpanded position lands once the images before it are expanded
         return position + sum(span - 1 for marker, span in zip(markers, spans) if marker < position)
@@ -84,9 +86,16 @@ def _identity(encoder: SampleEncoder) -> str:
     slots, the stage (stage 1 learns captions only), and this module's skeleton version."""
     processor, digest = encoder.processor, hashlib.sha256()
     tokenizer = processor.tokenizer
-    parts = [SKELETON_VERSION, encoder.stage, encoder.masker.template, processor.image_token_id,
-             sorted(encoder.slot_ids), processor.marker_slots, getattr(processor, "encoding", "dpa"),
-             type(tokenizer).__name__]  # fmt: skip
+    parts = [
+        SKELETON_VERSION,
+        encoder.stage,
+        encoder.masker.template,
+        processor.image_token_id,
+        sorted(encoder.slot_ids),
+        processor.marker_slots,
+        getattr(processor, "encoding", "dpa"),
+        type(tokenizer).__name__,
+    ]
     digest.update(json.dumps(parts, default=str).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
     return digest.hexdigest()
@@ -173,8 +182,10 @@ def sample_lengths(dataset: Any, cache_dir: str | Path | None = None) -> list[in
     """
     source, encoder = dataset.source, dataset.encoder
     if getattr(source, "streaming", False):
-        raise BadInputError("a streaming dataset has no lengths known before training",
-                            hint="drop --streaming to group by length or pack")  # fmt: skip
+        raise BadInputError(
+            "a streaming dataset has no lengths known before training",
+            hint="drop --streaming to group by length or pack",
+        )
     entries, save = skeletons(source, encoder, Path(cache_dir) if cache_dir is not None else None)
     own = own_lengths(source, encoder, entries)
     for item in own:

@@ -44,8 +44,10 @@ class TemplateMasker:
         self.tokenizer = processor.tokenizer
         self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         if not self.template:
-            raise DpaError("the target tokenizer has no chat template: labels cannot be masked by turn",
-                           hint="add the target's chat_template.jinja to the workspace model folder")  # fmt: skip
+            raise DpaError(
+                "the target tokenizer has no chat template: labels cannot be masked by turn",
+                hint="add the target's chat_template.jinja to the workspace model folder",
+            )
         if getattr(self.tokenizer, "backend_tokenizer", None) is None:
             raise DpaError("the target tokenizer is not a fast (tokenizers) tokenizer: dpa needs its character offsets")
         self.stage = stage
@@ -111,8 +113,12 @@ class TemplateMasker:
             start = max(cursor, start - self._header_overlap(parts))
             span = self._locate(text, [p for p in parts if p.strip()], start)
             if span is None:
-                raise BadSampleError(sample.id, "no_supervised", f"the chat template does not render assistant turn "
-                                     f"{k}'s text as written, so it cannot be supervised")  # fmt: skip
+                raise BadSampleError(
+                    sample.id,
+                    "no_supervised",
+                    f"the chat template does not render assistant turn "
+                    f"{k}'s text as written, so it cannot be supervised",
+                )
             spans.append(span)
             answers.append(text[span[0] : span[1]])
             cursor = span[1]
@@ -145,6 +151,7 @@ class TemplateMasker:
                 first = first or span
                 span = _find_in_order(text, variant, span[0] + 1)
         return first
+
     def layout(self, sample: Sample) -> Layout:
         try:
             text = self.render(sample.messages)

@@ -95,7 +95,11 @@ class PackedDataset(_SkipReport, torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> list[dict[str, Any]]:
         for step in range(len(self.rows)):
-            row = [f for i in self.rows[(index + step) % len(self.rows)] if (f := self.dataset.encode_or_skip(i)) is not None]
+            row = [
+                f
+                for i in self.rows[(index + step) % len(self.rows)]
+                if (f := self.dataset.encode_or_skip(i)) is not None
+            ]
             if row:
                 return self._checked(index, row)
         raise BadInputError("every sample of the dataset is bad", hint="run `dpa data check` on it")

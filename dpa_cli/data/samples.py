@@ -20,8 +20,14 @@ IMAGE_MARKER = "<image>"  # LLaVA's marker in the data, whatever the target's ow
 VIDEO_MARKER = "<video>"  # LLaVA-Video / ms-swift / LLaMA-Factory write it where a video goes
 VIDEO_KEYS = ("video", "videos")  # ShareGPT (LLaMA-Factory) and ms-swift rows
 VIDEO_BLOCKS = ("video", "video_url")  # transformers / OpenAI content blocks
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "system": "system"}  # fmt: skip
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 class BadSampleError(BadInputError):
@@ -83,8 +89,9 @@ def _sample_id(record: dict, index: int) -> str:
 def from_llava(record: Any, index: int, root: Path | None) -> Sample:
     """A LLaVA record: `{"id", "image": path | [paths], "conversations": [{"from", "value"}, ...]}`."""
     if not isinstance(record, dict):
-        return Sample(f"#{index}", [], [], index, [("bad_record", f"a sample is a JSON {type(record).__name__}, "
-                                                                  "not an object")])  # fmt: skip
+        return Sample(
+            f"#{index}", [], [], index, [("bad_record", f"a sample is a JSON {type(record).__name__}, not an object")]
+        )
     conversation = record.get("conversations")
     if conversation is None and "messages" in record:
         return from_chat(record, index, root)
@@ -98,8 +105,9 @@ def from_llava(record: Any, index: int, root: Path | None) -> Sample:
         role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) if isinstance(turn, dict) else None
         value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
         if role is None or not isinstance(value, str):
-            problems.append(("bad_record", f"conversations[{turn_index}] needs `from` (human|gpt|system) and a "
-                                           "string `value`"))  # fmt: skip
+            problems.append(
+                ("bad_record", f"conversations[{turn_index}] needs `from` (human|gpt|system) and a string `value`")
+            )
             continue
         messages.append({"role": role, "content": text_blocks(value)})
     return Sample(_sample_id(record, index), images, with_system(record, messages, problems), index, problems)
@@ -138,8 +146,13 @@ def from_chat(record: dict, index: int, root: Path | None) -> Sample:
         role = ROLES.get(str(message.get("role", "")).lower()) if isinstance(message, dict) else None
         blocks = _chat_blocks(message.get("content")) if isinstance(message, dict) else None
         if role is None or blocks is None:
-            problems.append(("bad_record", f"messages[{turn_index}] needs a role (system|user|assistant) and "
-                                           "content (a string or a list of image/text blocks)"))  # fmt: skip
+            problems.append(
+                (
+                    "bad_record",
+                    f"messages[{turn_index}] needs a role (system|user|assistant) and "
+                    "content (a string or a list of image/text blocks)",
+                )
+            )
             continue
         messages.append({"role": role, "content": blocks})
     return Sample(_sample_id(record, index), images, with_system(record, messages, problems), index, problems)

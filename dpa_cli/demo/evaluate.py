@@ -36,5 +36,7 @@ def score(model_dir: Path, heldout: Path, image_root: Path) -> dict[str, Any]:
 def chance(heldout: list[dict[str, Any]]) -> dict[str, Any]:
     """Guessing uniformly among each question's possible answers, weighted like the held-out questions."""
     kinds = [item["kind"] for item in heldout]
-    return {"accuracy": {kind: CHANCE[kind] for kind in dict.fromkeys(kinds)},
-            "overall": sum(CHANCE[kind] for kind in kinds) / len(kinds)}  # fmt: skip
+    return {
+        "accuracy": {kind: CHANCE[kind] for kind in dict.fromkeys(kinds)},
+        "overall": sum(CHANCE[kind] for kind in kinds) / len(kinds),
+    }

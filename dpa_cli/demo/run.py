@@ -48,9 +48,22 @@ class Budget:
 
 
 def _train_flags(budget: Budget) -> list[str]:
-    return ["--set", f"global_batch_size={budget.batch}", "--set", f"per_device_train_batch_size={budget.batch}",
-            "--set", "max_length=256", "--set", "gradient_checkpointing=false", "--set", "save_steps=100000",
-            "--set", "logging_steps=5", "--set", "warmup_steps=0.05"]  # fmt: skip
+    return [
+        "--set",
+        f"global_batch_size={budget.batch}",
+        "--set",
+        f"per_device_train_batch_size={budget.batch}",
+        "--set",
+        "max_length=256",
+        "--set",
+        "gradient_checkpointing=false",
+        "--set",
+        "save_steps=100000",
+        "--set",
+        "logging_steps=5",
+        "--set",
+        "warmup_steps=0.05",
+    ]
 
 
 class Driver:
@@ -85,11 +98,42 @@ def is_demo_folder(folder: Path) -> bool:
 
 def _train_and_export(dpa: Driver, workspace: Path, data: dict[str, Path], budget: Budget) -> Path:
     flags = _train_flags(budget)
-    dpa("train", "--stage", 1, "--workspace", workspace, "--data", data["captions"], "--image-root", data["images"],
-        *flags, "--max-steps", budget.stage1_steps, "--set", "learning_rate=2e-3")  # fmt: skip
-    dpa("train", "--stage", 2, "--workspace", workspace, "--data", data["instruct"], "--image-root", data["images"],
-        *flags, "--max-steps", budget.stage2_steps, "--set", "learning_rate=1e-3", "--set", "learning_rates.vit=1e-3",
-        "--set", "learning_rates.phi_p=1e-3")  # fmt: skip
+    dpa(
+        "train",
+        "--stage",
+        1,
+        "--workspace",
+        workspace,
+        "--data",
+        data["captions"],
+        "--image-root",
+        data["images"],
+        *flags,
+        "--max-steps",
+        budget.stage1_steps,
+        "--set",
+        "learning_rate=2e-3",
+    )
+    dpa(
+        "train",
+        "--stage",
+        2,
+        "--workspace",
+        workspace,
+        "--data",
+        data["instruct"],
+        "--image-root",
+        data["images"],
+        *flags,
+        "--max-steps",
+        budget.stage2_steps,
+        "--set",
+        "learning_rate=1e-3",
+        "--set",
+        "learning_rates.vit=1e-3",
+        "--set",
+        "learning_rates.phi_p=1e-3",
+    )
     dpa("export", "--workspace", workspace)
     return workspace / "export"
 
@@ -97,18 +141,27 @@ def _train_and_export(dpa: Driver, workspace: Path, data: dict[str, Path], budge
 def _three_images(held: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One question on each of three different held-out images, a different kind of question each."""
     images = sorted({item["image"] for item in held})[:3]
-    return [next(item for item in held if item["image"] == image and item["kind"] == kind)
-            for image, kind in zip(images, ("colour", "shape", "count"))]  # fmt: skip
+    return [
+        next(item for item in held if item["image"] == image and item["kind"] == kind)
+        for image, kind in zip(images, ("colour", "shape", "count"))
+    ]
 
 
 def _loss_fell(workspace: Path) -> bool:
-    losses = [json.loads(line).get("loss") for line in (stage_dir(workspace, 2) / METRICS_FILE).read_text().splitlines()]
+    losses = [
+        json.loads(line).get("loss") for line in (stage_dir(workspace, 2) / METRICS_FILE).read_text().splitlines()
+    ]
     losses = [loss for loss in losses if loss is not None]
     return len(losses) >= 2 and losses[-1] < losses[0]
 
 
-def run_demo(folder: Path, cli: Callable[..., Any], scale: float = 1.0, say: Callable[[str], None] = print,
-             json_output: bool = False) -> dict[str, Any]:  # fmt: skip
+def run_demo(
+    folder: Path,
+    cli: Callable[..., Any],
+    scale: float = 1.0,
+    say: Callable[[str], None] = print,
+    json_output: bool = False,
+) -> dict[str, Any]:
     """The whole pipeline in `folder`, driving `cli` (the `dpa` command line) as a user would type it.
 
     The commands run inside `folder` with relative paths, so the folder can be renamed into place afterwards and
@@ -145,24 +198,53 @@ def _run(cli: Callable[..., Any], scale: float, say: Callable[[str], None], json
     workspaces = {"DPA": Path("dpa"), "ViT-only": Path("vit-only")}
     dpa("upgrade", target, "--perceiver", perceiver, "-o", workspaces["DPA"])
     dpa("upgrade", target, "--perceiver", perceiver, "-o", workspaces["ViT-only"], "--perceiver-layers", 0)
-    dpa("data", "check", data["instruct"], "--workspace", workspaces["DPA"], "--image-root", data["images"], "--limit", 200)
+    dpa(
+        "data",
+        "check",
+        data["instruct"],
+        "--workspace",
+        workspaces["DPA"],
+        "--image-root",
+        data["images"],
+        "--limit",
+        200,
+    )
     exports = {name: _train_and_export(dpa, ws, data, budget) for name, ws in workspaces.items()}
     held = json.loads(data["heldout"].read_text())
     examples = _three_images(held)
     for item in examples:
-        dpa("generate", exports["DPA"], "--image", data["images"] / item["image"], "--prompt", item["question"],
-            "--max-new-tokens", 4)  # fmt: skip
+        dpa(
+            "generate",
+            exports["DPA"],
+            "--image",
+            data["images"] / item["image"],
+            "--prompt",
+            item["question"],
+            "--max-new-tokens",
+            4,
+        )
     scores = {name: score(path, data["heldout"], data["images"]) for name, path in exports.items()}
     scores["chance"] = chance(held)
     plot_losses(workspaces, Path("loss.png"))
-    facts = {"train_images": budget.train_images, "heldout_questions": len(held), "stage1_steps": budget.stage1_steps,
-             "stage2_steps": budget.stage2_steps, "batch": budget.batch, "commands": dpa.commands,
-             "seconds": time.perf_counter() - started}  # fmt: skip
+    facts = {
+        "train_images": budget.train_images,
+        "heldout_questions": len(held),
+        "stage1_steps": budget.stage1_steps,
+        "stage2_steps": budget.stage2_steps,
+        "batch": budget.batch,
+        "commands": dpa.commands,
+        "seconds": time.perf_counter() - started,
+    }
     answers = {(a["image"], a["question"]): a for a in scores["DPA"]["answers"]}
     report = write_report(Path("."), scores, [answers[(e["image"], e["question"])] for e in examples], facts)
-    result = {"scores": {k: {"accuracy": v["accuracy"], "overall": v["overall"]} for k, v in scores.items()},
-              "report": str(report), "plot": "loss.png", "scale": scale,
-              "stage2_loss_fell": _loss_fell(workspaces["DPA"]), **facts}  # fmt: skip
+    result = {
+        "scores": {k: {"accuracy": v["accuracy"], "overall": v["overall"]} for k, v in scores.items()},
+        "report": str(report),
+        "plot": "loss.png",
+        "scale": scale,
+        "stage2_loss_fell": _loss_fell(workspaces["DPA"]),
+        **facts,
+    }
     Path(DEMO_RECORD).write_text(json.dumps({"dpa_demo": 1, "dpa": __version__, **result}, indent=2) + "\n")
     return result
 

@@ -92,10 +92,20 @@ def write_dataset(folder: Path, train: int, heldout: int, seed: int = 0) -> dict
         scene, name = random_scene(rng), f"{i:05d}.png"
         draw(scene).save(images / name)
         if i >= train:
-            scored += [{"id": f"held-{i}-{kind}", "image": name, "kind": kind, "question": question,
-                        "answer": scene.answer(kind)} for kind, question in QUESTIONS.items()]  # fmt: skip
+            scored += [
+                {
+                    "id": f"held-{i}-{kind}",
+                    "image": name,
+                    "kind": kind,
+                    "question": question,
+                    "answer": scene.answer(kind),
+                }
+                for kind, question in QUESTIONS.items()
+            ]
             continue
-        captions.append({"id": f"cap-{i}", "image": name, "conversations": _turns([("Describe the image.", scene.caption())], True)})
+        captions.append(
+            {"id": f"cap-{i}", "image": name, "conversations": _turns([("Describe the image.", scene.caption())], True)}
+        )
         kinds = rng.sample(list(QUESTIONS), rng.choice((1, 2)))  # some conversations are multi-turn
         pairs = [(QUESTIONS[kind], scene.answer(kind) + ".") for kind in kinds]
         instruct.append({"id": f"ins-{i}", "image": name, "conversations": _turns(pairs, True)})
@@ -109,5 +119,12 @@ def write_dataset(folder: Path, train: int, heldout: int, seed: int = 0) -> dict
 
 def corpus() -> tuple[str, ...]:
     """Every word the demo's conversations use, for training its tokenizer (so answers are few tokens)."""
-    words = [*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *COUNTS.values(), *QUESTIONS.values(), "Describe the image."]
+    words = [
+        *COLOURS,
+        *SHAPES,
+        *(s + "s" for s in SHAPES),
+        *COUNTS.values(),
+        *QUESTIONS.values(),
+        "Describe the image.",
+    ]
     return tuple(words + [q + " " + a for q, a in TEXT_ONLY])

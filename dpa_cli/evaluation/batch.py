@@ -22,9 +22,8 @@ _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)  # Qwen3's (possibl
 
 
 def _is_text_only(model_dir: Path) -> bool:
-    from dpa_cli.families import detect_family
-
     from dpa_cli.describe import read_config
+    from dpa_cli.families import detect_family
 
     return detect_family(read_config(model_dir), str(model_dir / "config.json")).name == "causal_lm"
 
@@ -34,8 +33,8 @@ def open_model(spec: str, device: str | None = None, allow_code: bool = False) -
     import torch
 
     from dpa_cli import loading
-    from dpa_cli.workspace.results import find_runnable
     from dpa_cli.generate import Runnable, open_runnable, pick_device
+    from dpa_cli.workspace.results import find_runnable
 
     source = find_runnable(spec)
     if not _is_text_only(source.model_dir):
@@ -84,14 +83,23 @@ def batch_inputs(runnable: Any, texts: list[str], images: list[Any], answer_next
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if any(image is not None for image in images) and not is_vision(runnable):
-        raise BadInputError(f"{runnable.source.model_dir} is a text-only model and the items hold images",
-                            hint="evaluate it on text-only items (e.g. MMLU-style files)")  # fmt: skip
+        raise BadInputError(
+            f"{runnable.source.model_dir} is a text-only model and the items hold images",
+            hint="evaluate it on text-only items (e.g. MMLU-style files)",
+        )
     if processor.chat_template:
         conversations = [_conversation(runnable, text, image) for text, image in zip(texts, images)]
         padding = {"processor_kwargs": {"padding": True}} if is_vision(runnable) else {"padding": True}
         closed = {"enable_thinking": False} if answer_next and opens_thinking(processor) else {}
-        inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt", **padding, **closed)  # fmt: skip
+        inputs = processor.apply_chat_template(
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            **padding,
+            **closed,
+        )
     elif is_vision(runnable):
         marker = f"{processor.image_token}\n"
         prompts = [(marker if image is not None else "") + text for text, image in zip(texts, images)]
@@ -111,8 +119,9 @@ def generate_answers(runnable: Any, texts: list[str], images: list[Any], max_new
     tokenizer = tokenizer_of(runnable)
     inputs = batch_inputs(runnable, texts, images)
     with torch.no_grad():
-        output = runnable.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        output = runnable.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     from dpa_cli.generate import answer_text
 
     new = output[:, inputs["input_ids"].shape[1] :]
@@ -127,8 +136,10 @@ def letter_token_ids(runnable: Any, count: int) -> list[int]:
     prefix = "" if runnable.processor.chat_template else " "
     ids = [tokenizer.encode(prefix + letter, add_special_tokens=False)[0] for letter in LETTERS[:count]]
     if len(set(ids)) != len(ids):
-        raise BadInputError(f"{runnable.source.model_dir}: its tokenizer does not give each option letter its own "
-                            "first token", hint="use --scoring generate")  # fmt: skip
+        raise BadInputError(
+            f"{runnable.source.model_dir}: its tokenizer does not give each option letter its own first token",
+            hint="use --scoring generate",
+        )
     return ids
 
 

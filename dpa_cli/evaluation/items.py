@@ -67,7 +67,9 @@ def _options(record: dict, question: str) -> tuple[list[str], str]:
             inline.append(match.group(2))
     if len(inline) < 2:
         return [], question
-    kept = [line for line in lines if not (_INLINE_OPTION.match(line) and _INLINE_OPTION.match(line).group(2) in inline)]
+    kept = [
+        line for line in lines if not (_INLINE_OPTION.match(line) and _INLINE_OPTION.match(line).group(2) in inline)
+    ]
     return inline, "\n".join(kept).strip()
 
 
@@ -95,18 +97,23 @@ def to_item(record: Any, index: int, root: Path, where: str) -> Item:
     item_id = str(_first(record, "id", "question_id", "index") or f"#{index}")
     question = _first(record, "question", "query", "text")
     if not isinstance(question, str):
-        raise BadInputError(f"{where}: item {item_id} has no `question`", hint="each item needs `question` and `answer`")
+        raise BadInputError(
+            f"{where}: item {item_id} has no `question`", hint="each item needs `question` and `answer`"
+        )
     answer = _first(record, "answer", "answers", "label")
     options, question = _options(record, question)
     image = _image_ref(_first(record, "image", "image_path", "images"), root)
     category = _first(record, "category", "subject")
-    item = Item(item_id, question, [], image, options, str(category) if category is not None else None,
-                _first(record, "prompt"))  # fmt: skip
+    item = Item(
+        item_id, question, [], image, options, str(category) if category is not None else None, _first(record, "prompt")
+    )
     if options:
         gold = _gold_letter(answer, options)
         if gold is None:
-            raise BadInputError(f"{where}: item {item_id}: answer {answer!r} is neither an option letter "
-                                f"({LETTERS[0]}-{LETTERS[len(options) - 1]}), an option index nor an option's text")  # fmt: skip
+            raise BadInputError(
+                f"{where}: item {item_id}: answer {answer!r} is neither an option letter "
+                f"({LETTERS[0]}-{LETTERS[len(options) - 1]}), an option index nor an option's text"
+            )
         item.answers = [gold]
     elif isinstance(answer, list) and answer:
         item.answers = [str(value) for value in answer]
@@ -154,8 +161,10 @@ def _read_dataset(path: Path) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise BadInputError(f"{path}: a folder needs the `datasets` package to read",
-                            hint="pip install datasets, or export the items as JSONL") from None  # fmt: skip
+        raise BadInputError(
+            f"{path}: a folder needs the `datasets` package to read",
+            hint="pip install datasets, or export the items as JSONL",
+        ) from None
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as err:

@@ -61,8 +61,14 @@ class DPA(_Base):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str | None = None, max_new_tokens: int = 1024,
-                 trust_remote_code: bool | str = False, **_harness: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        max_new_tokens: int = 1024,
+        trust_remote_code: bool | str = False,
+        **_harness: Any,
+    ) -> None:
         super().__init__()
         from dpa_cli.generate import open_runnable
 

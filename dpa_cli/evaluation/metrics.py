@@ -12,8 +12,20 @@ import string
 ANLS_THRESHOLD = 0.5
 LETTERS = string.ascii_uppercase
 ARTICLES = {"a", "an", "the"}
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _DECIMAL_OR_THOUSANDS = re.compile(r"(?<=\d)[.,](?=\d)")  # "3.5" and "1,000" keep their digits together
 
@@ -84,11 +96,17 @@ def parse_choice(text: str, options: list[str]) -> str | None:
         if match and match.group(1).upper() in valid:
             return match.group(1).upper()
     reply = f" {normalize_answer(text)} "
-    named = {letter: norm for letter, option in zip(valid, options)
-             if (norm := normalize_answer(option)) and f" {norm} " in reply}  # fmt: skip
+    named = {
+        letter: norm
+        for letter, option in zip(valid, options)
+        if (norm := normalize_answer(option)) and f" {norm} " in reply
+    }
     # An option named only as part of a longer named option ("green" in "dark green") is not named itself.
-    named = [letter for letter, norm in named.items()
-             if not any(f" {norm} " in f" {other} " and other != norm for other in named.values())]  # fmt: skip
+    named = [
+        letter
+        for letter, norm in named.items()
+        if not any(f" {norm} " in f" {other} " and other != norm for other in named.values())
+    ]
     if len(named) == 1:
         return named[0]
     alone = set(re.findall(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text)) & set(valid)

@@ -33,8 +33,10 @@ def pick_metric(items: list[Item], metric: str | None) -> str:
         raise BadInputError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     if metric == "choice" and with_options < len(items):
         first = next(item for item in items if not item.options)
-        raise BadInputError(f"--metric choice: item {first.id} has no options",
-                            hint="give each item `options` (or `choices`, or inline 'A. ...' lines)")  # fmt: skip
+        raise BadInputError(
+            f"--metric choice: item {first.id} has no options",
+            hint="give each item `options` (or `choices`, or inline 'A. ...' lines)",
+        )
     return metric
 
 
@@ -71,8 +73,15 @@ def _batches(count: int, images: list[Any], size: int) -> Iterator[list[int]]:
         yield current
 
 
-def predict(runnable: Any, items: list[Item], images: list[Any], metric: str, scoring: str, settings: dict,
-            on_done: Callable[[int], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def predict(
+    runnable: Any,
+    items: list[Item],
+    images: list[Any],
+    metric: str,
+    scoring: str,
+    settings: dict,
+    on_done: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
     """One prediction row per item: the answer (or letter log-likelihoods) and its score."""
     rows: list[dict[str, Any]] = []
     for indices in _batches(len(items), images, settings["batch_size"]):
@@ -80,8 +89,9 @@ def predict(runnable: Any, items: list[Item], images: list[Any], metric: str, sc
         texts = [calls.prompt_text(item, settings["instruction"]) for item in chunk]
         pictures = [images[i] for i in indices]
         if metric == "choice" and scoring == "loglik":
-            for item, logprobs in zip(chunk, calls.letter_logprobs(runnable, texts, pictures,
-                                                                   [len(i.options) for i in chunk])):  # fmt: skip
+            for item, logprobs in zip(
+                chunk, calls.letter_logprobs(runnable, texts, pictures, [len(i.options) for i in chunk])
+            ):
                 letter = max(logprobs, key=logprobs.get)
                 rows.append(_row(item, letter, choice_score(letter, item.answers[0]), letter, logprobs))
         else:
@@ -94,8 +104,14 @@ def predict(runnable: Any, items: list[Item], images: list[Any], metric: str, sc
 
 
 def _row(item: Item, prediction: str, score: float, letter: str | None = None, logprobs: dict | None = None) -> dict:
-    row = {"id": item.id, "question": item.question, "answers": item.answers, "prediction": prediction,
-           "score": score, "category": item.category}  # fmt: skip
+    row = {
+        "id": item.id,
+        "question": item.question,
+        "answers": item.answers,
+        "prediction": prediction,
+        "score": score,
+        "category": item.category,
+    }
     if item.options:
         row.update(options=item.options, choice=letter, logprobs=logprobs)
     return row
@@ -108,8 +124,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if row["category"] is not None:
             by_category[row["category"]].append(row["score"])
     percent = lambda scores: round(100 * sum(scores) / len(scores), 2)  # noqa: E731
-    return {"score": percent([row["score"] for row in rows]), "items": len(rows),
-            "categories": {name: percent(scores) for name, scores in sorted(by_category.items())}}  # fmt: skip
+    return {
+        "score": percent([row["score"] for row in rows]),
+        "items": len(rows),
+        "categories": {name: percent(scores) for name, scores in sorted(by_category.items())},
+    }
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -119,11 +138,23 @@ def check_output(path: Path, force: bool) -> None:
         raise BadInputError(f"{path} exists", hint="pass --force to replace it, or another -o")
 
 
-def evaluate(model: str, data: str | Path, output: Path, metric: str | None = None, scoring: str = "loglik",
-             baseline: str | None = None, image_root: str | Path | None = None, limit: int | None = None,
-             batch_size: int = 8, max_new_tokens: int = 32, instruction: str | None = None,
-             device: str | None = None, force: bool = False, progress: Progress | None = None,
-             allow_code: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    model: str,
+    data: str | Path,
+    output: Path,
+    metric: str | None = None,
+    scoring: str = "loglik",
+    baseline: str | None = None,
+    image_root: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    instruction: str | None = None,
+    device: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    allow_code: bool = False,
+) -> dict[str, Any]:
     """Predictions of MODEL (and `baseline`) on every item, written as JSONL, and the scores. `allow_code`
     (--trust-remote-code) lets both models' folders run their own model code."""
     started = time.perf_counter()
@@ -150,5 +181,12 @@ def evaluate(model: str, data: str | Path, output: Path, metric: str | None = No
         del runnable
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(output), "\n".join(lines) + "\n")
-    return {"metric": metric, "scoring": scoring, "data": str(data), "items": len(items), "models": models,
-            "predictions": str(output), "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    return {
+        "metric": metric,
+        "scoring": scoring,
+        "data": str(data),
+        "items": len(items),
+        "models": models,
+        "predictions": str(output),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

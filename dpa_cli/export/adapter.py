@@ -14,8 +14,8 @@ from typing import Any
 
 from dpa_cli.checkpoint import CheckpointIndex, read_checkpoint_index
 from dpa_cli.errors import CheckpointError
-from dpa_cli.workspace.layout import ADAPTER_CONFIG
 from dpa_cli.jsonio import read_json
+from dpa_cli.workspace.layout import ADAPTER_CONFIG
 
 # peft's save_pretrained: `base_model.model.<module in memory>.lora_A.weight` (the adapter name removed).
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")

@@ -25,15 +25,20 @@ def _sources(plan: dict[str, Any]) -> list[str]:
     perceiver = plan.get("perceiver") or {}
     rows = ["| role | model |", "|---|---|", f"| target | {_source(plan.get('target'))} |"]
     if perceiver.get("kind") == "composed":
-        rows += [f"| perceiver ViT | {_source(perceiver.get('vit'))} |",
-                 f"| perceiver language model | {_source(perceiver.get('lm'))} |"]  # fmt: skip
+        rows += [
+            f"| perceiver ViT | {_source(perceiver.get('vit'))} |",
+            f"| perceiver language model | {_source(perceiver.get('lm'))} |",
+        ]
     else:
         rows.append(f"| perceiver | {_source(perceiver)} |")
     dims = plan.get("dimensions") or {}
     config = plan.get("config") or {}
-    rows += ["", f"Projector phi: {dims.get('phi', '?')}; features: {config.get('feature_span', 'image')}; "
-                 f"early fusion: {'on' if config.get('early_fusion') else 'off'}; "
-                 f"encoding: {config.get('encoding', 'dpa')}."]  # fmt: skip
+    rows += [
+        "",
+        f"Projector phi: {dims.get('phi', '?')}; features: {config.get('feature_span', 'image')}; "
+        f"early fusion: {'on' if config.get('early_fusion') else 'off'}; "
+        f"encoding: {config.get('encoding', 'dpa')}.",
+    ]
     return rows
 
 
@@ -47,22 +52,30 @@ def _short(value: Any) -> str:
 
 def _stage_row(name: str, stage: dict[str, Any]) -> str:
     recipe = stage.get("recipe") or {}
-    trained = ", ".join(f"{part} {mode}" for part, mode in (recipe.get("trainable") or {}).items() if mode != PartMode.FROZEN)
+    trained = ", ".join(
+        f"{part} {mode}" for part, mode in (recipe.get("trainable") or {}).items() if mode != PartMode.FROZEN
+    )
     data = stage.get("data") or {}
     loss = stage.get("final_loss")
     cells = [
-        name, f"{recipe.get('name', '?')} ({trained or 'nothing'})", f"`{data.get('path', '-')}`",
-        _short(data.get("fingerprint")), str(stage.get("steps", "-")),
-        f"{loss:.4g}" if isinstance(loss, (int, float)) else "-", str(stage.get("tokens_seen", "-")),
-    ]  # fmt: skip
+        name,
+        f"{recipe.get('name', '?')} ({trained or 'nothing'})",
+        f"`{data.get('path', '-')}`",
+        _short(data.get("fingerprint")),
+        str(stage.get("steps", "-")),
+        f"{loss:.4g}" if isinstance(loss, (int, float)) else "-",
+        str(stage.get("tokens_seen", "-")),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
 def _training(stages: dict[str, Any]) -> list[str]:
     if not stages:
         return ["No stage has been trained: this is the upgraded model, with an untrained projector phi."]
-    rows = ["| stage | recipe (trained parts) | data | data fingerprint | steps | final loss | tokens seen |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| stage | recipe (trained parts) | data | data fingerprint | steps | final loss | tokens seen |",
+        "|---|---|---|---|---|---|---|",
+    ]
     return rows + [_stage_row(name, stage) for name, stage in sorted(stages.items()) if isinstance(stage, dict)]
 
 
@@ -70,8 +83,9 @@ def _export(export: dict[str, Any]) -> list[str]:
     verified = (
         f"reloaded with plain transformers in a fresh process; max |logit difference| on the probe "
         f"{export['max_abs_diff']:.3g} (tolerance {export['tolerance']:.3g})"
-        if export.get("verified") else "not verified (--no-verify)"
-    )  # fmt: skip
+        if export.get("verified")
+        else "not verified (--no-verify)"
+    )
     lora = {"merged": "LoRA merged into the weights", "kept": "LoRA adapter kept in `adapter/`"}
     return [
         f"- from: {export['stage']} of the workspace",
@@ -80,7 +94,7 @@ def _export(export: dict[str, Any]) -> list[str]:
     ]
 
 
-_LOAD = '''```python
+_LOAD = """```python
 from PIL import Image
 {imports}
 
@@ -93,17 +107,21 @@ inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tok
                                        return_dict=True, return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=64)
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```'''
+```"""
 # (imports, the line that loads the model, what it needs): the weights alone, or with the kept adapter on top.
 _MODEL = {
-    "weights": ("from transformers import AutoModelForImageTextToText, AutoProcessor",
-                "model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)",
-                "nothing else is needed"),
-    "adapter": ("from peft import AutoPeftModel\nfrom transformers import AutoProcessor",
-                "# the adapter in adapter/ names this folder as its base; peft loads both and applies it unmerged\n"
-                'model = AutoPeftModel.from_pretrained(f"{path}/adapter", trust_remote_code=True)',
-                "peft applies the adapter, nothing else is needed"),
-}  # fmt: skip
+    "weights": (
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)",
+        "nothing else is needed",
+    ),
+    "adapter": (
+        "from peft import AutoPeftModel\nfrom transformers import AutoProcessor",
+        "# the adapter in adapter/ names this folder as its base; peft loads both and applies it unmerged\n"
+        'model = AutoPeftModel.from_pretrained(f"{path}/adapter", trust_remote_code=True)',
+        "peft applies the adapter, nothing else is needed",
+    ),
+}
 
 
 def load_line(path: Path, kept_adapter: bool) -> str:
@@ -151,9 +169,12 @@ def base_models(plan: dict[str, Any]) -> list[str]:
 def _card_data(plan: dict[str, Any]) -> Any:
     from huggingface_hub import ModelCardData
 
-    return ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
-                         tags=["dpa", "deep-pre-alignment", "vision-language", "custom_code"],
-                         base_model=base_models(plan) or None)  # fmt: skip
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=["dpa", "deep-pre-alignment", "vision-language", "custom_code"],
+        base_model=base_models(plan) or None,
+    )
 
 
 def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, title: str) -> str:
@@ -162,16 +183,31 @@ def model_card(manifest: dict[str, Any], export: dict[str, Any], path: Path, tit
     imports, model, needed = _MODEL["adapter" if export.get("lora") == ExportLora.KEPT else "weights"]
     load = _LOAD.format(path=path, imports=imports, model=model)
     lines = [
-        f"# {title}", "",
+        f"# {title}",
+        "",
         f"A vision-language model upgraded with {PAPER}: the target language model reads the final hidden states "
         "of a small VLM, the perceiver, at the image positions, mapped to its width by the projector phi. "
-        f"Exported by dpa {__version__}.", "",
-        "## Sources", "", *_sources(plan), "",
-        "## Training", "", *_training(manifest.get("stages") or {}), "",
-        "## This export", "", *_export(export), "",
-        "## How to load", "", f"The model code ships in this folder (`trust_remote_code=True`); {needed}.",
-        "", load, "",
-    ]  # fmt: skip
+        f"Exported by dpa {__version__}.",
+        "",
+        "## Sources",
+        "",
+        *_sources(plan),
+        "",
+        "## Training",
+        "",
+        *_training(manifest.get("stages") or {}),
+        "",
+        "## This export",
+        "",
+        *_export(export),
+        "",
+        "## How to load",
+        "",
+        f"The model code ships in this folder (`trust_remote_code=True`); {needed}.",
+        "",
+        load,
+        "",
+    ]
     from huggingface_hub import ModelCard
 
     return str(ModelCard(f"---\n{_card_data(plan).to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -11,12 +11,17 @@ from typing import Any
 
 import torch
 
-from dpa_cli.errors import CheckpointError
-from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_RECORD
-from dpa_cli.jsonio import read_json
 from dpa_cli.checkpoint.side_files import (
-    EXPORT_AUTO_MAP, copy_model_code, point_adapter_at, remote_code_config, write_generation_config, write_json,
+    EXPORT_AUTO_MAP,
+    copy_model_code,
+    point_adapter_at,
+    remote_code_config,
+    write_generation_config,
+    write_json,
 )
+from dpa_cli.errors import CheckpointError
+from dpa_cli.jsonio import read_json
+from dpa_cli.workspace.layout import ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_RECORD
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

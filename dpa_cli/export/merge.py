@@ -2,7 +2,8 @@
 
 Each tensor is produced, written and freed on its own, so peak memory is the largest merged tensor (in float32
 unless the bf16 fast path of `products.py` applies) whatever the model size. A tensor whose bytes do not change
-is copied by the kernel and never loaded; a cast is converted a chunk at a time while it is written. A tied LM head is not on disk, so it stays tied and is written once.
+is copied by the kernel and never loaded; a cast is converted a chunk at a time while it is written. A tied LM
+head is not on disk, so it stays tied and is written once.
 `export_weights` takes folders only, so `dpa bench` can time it on its own.
 """
 
@@ -80,7 +81,9 @@ class _Producer:
     def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice | CastSlice:
         pair = self.targets.get(spec.name)
         if pair is not None:  # targets are only ever given with their adapter's reader
-            return merged(self.base.get(spec.name), self.lora.get(pair.a_key), self.lora.get(pair.b_key), pair.scale, spec.dtype)
+            return merged(
+                self.base.get(spec.name), self.lora.get(pair.a_key), self.lora.get(pair.b_key), pair.scale, spec.dtype
+            )
         stored = torch_dtype(self.base.index.tensors[spec.name].dtype)
         piece = self.base.slice(spec.name)
         return piece if stored == spec.dtype else CastSlice(piece, stored)

@@ -42,8 +42,11 @@ def probe_inputs(processor) -> dict[str, torch.Tensor]:
         content = [{"type": "image", "image": probe_image()}, {"type": "text", "text": PROBE_PROMPT}]
         inputs = processor.apply_chat_template(
             [{"role": "user", "content": content}],
-            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        )  # fmt: skip
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
     else:  # a base model without a chat template: the bare image marker and the prompt
         fusion = {"perceiver_text": PROBE_PROMPT} if getattr(processor, "early_fusion", False) else {}
         text = f"{processor.image_token}\n{PROBE_PROMPT}"
@@ -73,9 +76,10 @@ def check(folder: str, probe: str, adapter: str | None = None) -> dict:
     saved = load_file(probe)
     inputs = probe_inputs(AutoProcessor.from_pretrained(folder, trust_remote_code=trusted()))
     mismatched = sorted(
-        name for name in set(inputs) | (set(saved) - {LOGITS})
+        name
+        for name in set(inputs) | (set(saved) - {LOGITS})
         if name not in inputs or name not in saved or not torch.equal(inputs[name], saved[name])
-    )  # fmt: skip
+    )
     model, problems = _load(folder, adapter)
     with torch.no_grad():
         logits = model(**inputs).logits

@@ -34,5 +34,7 @@ def merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
     cast to `dtype`."""
     if weight.dtype == dtype == torch.bfloat16 and weight.device.type == "cpu" and native_bf16():
         (a_high, a_low), (b_high, b_low) = _split(a), _split(b)
-        return torch.addmm(weight, torch.cat([b_high, b_high, b_low], 1), torch.cat([a_high, a_low, a_high], 0), alpha=scale)
+        return torch.addmm(
+            weight, torch.cat([b_high, b_high, b_low], 1), torch.cat([a_high, a_low, a_high], 0), alpha=scale
+        )
     return weight.float().addmm_(b.float(), a.float(), alpha=scale).to(dtype)

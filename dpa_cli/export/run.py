@@ -17,20 +17,19 @@ from typing import Any
 import torch
 
 from dpa_cli.checkpoint.atomic import check_replaceable, staged_folder
-from dpa_cli.checksums import CHECKSUMS, tree_checksums
 from dpa_cli.checkpoint.side_files import copy_side_files
+from dpa_cli.checksums import CHECKSUMS, tree_checksums
 from dpa_cli.defaults import SHARD_SIZE, Dtype, ExportLora
 from dpa_cli.errors import BadInputError, CheckpointError
 from dpa_cli.export import files
 from dpa_cli.export.card import model_card
 from dpa_cli.export.merge import export_weights
-from dpa_cli.workspace.results import StageResult, stage_result
 from dpa_cli.export.verify import check_export, reference_probe
 from dpa_cli.loading import refuse_carried_code
 from dpa_cli.records import is_export
 from dpa_cli.workspace.layout import ADAPTER_DIR, EXPORT_DIR, EXPORT_RECORD, MODEL_DIR
 from dpa_cli.workspace.manifest import read_manifest
-
+from dpa_cli.workspace.results import StageResult, stage_result
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,13 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     check_output(output, result, request.force)
     for folder in result.inputs:  # the export copies the stage's side files: its code would ship and run
         refuse_carried_code(folder, request.allow_code, "an export would ship it to be run as the model's code")
-    lora = ExportLora.NONE if result.adapter_dir is None else ExportLora.KEPT if request.keep_adapter else ExportLora.MERGED
+    lora = (
+        ExportLora.NONE
+        if result.adapter_dir is None
+        else ExportLora.KEPT
+        if request.keep_adapter
+        else ExportLora.MERGED
+    )
     return ExportPlan(request, result, output, Dtype(request.dtype).torch(), lora.value)
 
 
@@ -154,10 +159,15 @@ def run_export(
             check = check_export(staging, probe, adapter, plan.request.allow_code)
         dtype = weights.pop("dtype")
         summary = {
-            "path": str(plan.output), **check, "stage": plan.result.name, "source": str(plan.result.model_dir),
-            "lora": plan.lora, "dtype": dtype, "weights": weights,
+            "path": str(plan.output),
+            **check,
+            "stage": plan.result.name,
+            "source": str(plan.result.model_dir),
+            "lora": plan.lora,
+            "dtype": dtype,
+            "weights": weights,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }  # fmt: skip
+        }
         # The default folder name says nothing; the workspace's name says which model this is.
         title = plan.output.name if plan.output.name != EXPORT_DIR else plan.result.workspace.name
         (staging / "README.md").write_text(model_card(manifest, summary, plan.output, title), encoding="utf-8")

@@ -26,9 +26,8 @@ from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.describe import read_config
 from dpa_cli.errors import DpaError
 from dpa_cli.export import probe_check
-from dpa_cli.loading import load_as_trained, load_processor
+from dpa_cli.loading import load_as_trained, load_processor, may_run_code
 from dpa_cli.workspace.results import StageResult
-from dpa_cli.loading import may_run_code
 
 FP32_TOLERANCE = 1e-4
 # Storing weights in 16 bits rounds each by at most u of its size (the unit roundoff: 2**-8 in bf16,

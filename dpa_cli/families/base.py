@@ -118,7 +118,9 @@ LLAVA_COMPOSITION = Composition(
     {"model.vision_tower.": "model.perceiver.vision_tower."},
     ("model.perceiver.multi_modal_projector.", "model.perceiver.image_newline"),
 )
-PAPER_COMPOSITION = Composition({"model.visual.": "model.perceiver.visual."}, ("model.perceiver.visual.merger.mlp.",), True)
+PAPER_COMPOSITION = Composition(
+    {"model.visual.": "model.perceiver.visual."}, ("model.perceiver.visual.merger.mlp.",), True
+)
 
 
 @dataclass(frozen=True, eq=False)

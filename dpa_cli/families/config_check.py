@@ -22,10 +22,23 @@ from dpa_cli.schema import Bool, Context, Int, ListOf, Record, Spec, Str, show
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "depth")
 # Shapes transformers builds layers from; optional (real configs say `head_dim: null`), but never wrong.
 BUILD_SIZES = (
-    "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_heads", "out_hidden_size",
-    "max_position_embeddings", "image_seq_length", "num_channels", "in_channels", "spatial_merge_size",
-    "temporal_patch_size", "projection_dim", "window_size", "scale_factor", "num_position_embeddings",
-)  # fmt: skip
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_heads",
+    "out_hidden_size",
+    "max_position_embeddings",
+    "image_seq_length",
+    "num_channels",
+    "in_channels",
+    "spatial_merge_size",
+    "temporal_patch_size",
+    "projection_dim",
+    "window_size",
+    "scale_factor",
+    "num_position_embeddings",
+)
 TOKEN_LISTS = ("perceiver_marker_token_ids", "target_marker_token_ids")
 EXTRA_TOKENS = ("video_token_id", "video_token_index", "perceiver_image_token_id")
 GENERATION_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -126,8 +139,11 @@ def check_with_transformers(config: Mapping[str, Any], family: Family, where: st
     from transformers import CONFIG_MAPPING
 
     _require_text_fields(config, family, where)
-    parts = [(key, config[key]) for key in (family.text_config_key, family.vision_config_key)
-             if key and isinstance(config.get(key), Mapping)]  # fmt: skip
+    parts = [
+        (key, config[key])
+        for key in (family.text_config_key, family.vision_config_key)
+        if key and isinstance(config.get(key), Mapping)
+    ]
     parts.append(("", family.text_config(config) if family.text_config_fn else config))
     for prefix, part in parts:
         kind = part.get("model_type")
@@ -138,5 +154,7 @@ def check_with_transformers(config: Mapping[str, Any], family: Family, where: st
         except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:
             name, said = _transformers_words(err)
             path = ".".join(p for p in (prefix, name) if p) or "the config"
-            raise CheckpointError(f"{where}: {path}: transformers refuses it ({said})",
-                                  hint="fix the value in config.json, or re-download the model") from None
+            raise CheckpointError(
+                f"{where}: {path}: transformers refuses it ({said})",
+                hint="fix the value in config.json, or re-download the model",
+            ) from None

@@ -17,8 +17,14 @@ from typing import Any
 
 from dpa_cli.errors import CheckpointError, ModelNotFoundError
 from dpa_cli.families.base import Family, Role, layout
-from dpa_cli.families.paper import DEFAULT_MROPE, memory_names, rope_parameters, skeleton_config, skeleton_text
-from dpa_cli.families.paper import text_part
+from dpa_cli.families.paper import (
+    DEFAULT_MROPE,
+    memory_names,
+    rope_parameters,
+    skeleton_config,
+    skeleton_text,
+    text_part,
+)
 from dpa_cli.jsonio import read_json
 
 # Defaults of the official config classes, used when a config.json leaves the key out.
@@ -74,8 +80,15 @@ LLAVA_BASELINE = Family(
     description="The paper's perceiver, official format (remote code not run): the skeleton from vit_path + llm_path",
     # The perceiver; with llm_path Qwen3-4B, the baseline target as it trains (transcription sec. 1.2).
     roles=frozenset({Role.TARGET, Role.PERCEIVER}),
-    layouts=(layout("official", vision="model.vlm.visual", projector="model.vlm.visual.merger",
-                    language_model="model.vlm.language_model", lm_head="lm_head"),),  # fmt: skip
+    layouts=(
+        layout(
+            "official",
+            vision="model.vlm.visual",
+            projector="model.vlm.visual.merger",
+            language_model="model.vlm.language_model",
+            lm_head="lm_head",
+        ),
+    ),
     model_types=("llava_baseline",),
     architectures=("LLaVABaselineModelForConditionalGeneration",),
     text_config_fn=lambda config: _baseline_native(config)["text_config"],
@@ -103,8 +116,15 @@ OFFICIAL_DPA = Family(
     description="An official DPA checkpoint (DPA-4B-init, DPA-4B; remote code not run): llava_baseline perceiver "
     "-> linear_align_dim -> Qwen3 thinker; `dpa upgrade` with no --perceiver makes it a workspace",
     roles=frozenset(),
-    layouts=(layout("official", perceiver="model.perceiver", projector="model.linear_align_dim",
-                    language_model="model.thinker.model", lm_head=("lm_head", "model.thinker.lm_head")),),  # fmt: skip
+    layouts=(
+        layout(
+            "official",
+            perceiver="model.perceiver",
+            projector="model.linear_align_dim",
+            language_model="model.thinker.model",
+            lm_head=("lm_head", "model.thinker.lm_head"),
+        ),
+    ),
     model_types=("forward_visual_tokens_llava_arch",),
     architectures=("ForwardVisualTokensArchForCausalLM",),
     text_config_fn=thinker_config,

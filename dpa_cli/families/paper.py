@@ -27,9 +27,20 @@ TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "visi
 DEFAULT_MROPE = [16, 24, 24]
 # Keys that describe a saved file or a tokenizer, not the architecture; dropped when a config is rebuilt.
 _NOT_ARCHITECTURE = (
-    "architectures", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "model_type",
-    "image_token_id", "video_token_id", "vision_token_id", "rope_scaling", "rope_theta", "rope_parameters",
-)  # fmt: skip
+    "architectures",
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "model_type",
+    "image_token_id",
+    "video_token_id",
+    "vision_token_id",
+    "rope_scaling",
+    "rope_theta",
+    "rope_parameters",
+)
 
 
 def text_part(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,11 +153,21 @@ def memory_names(config: Mapping[str, Any], keys: Iterable[str]) -> dict[str, st
 
 
 SKELETON_LAYOUTS = (
-    layout("v5", vision="model.visual", projector="model.visual.merger", language_model="model.language_model",
-           lm_head="lm_head"),
-    layout("hub", vision="visual", projector="visual.merger",
-           language_model=("model.embed_tokens", "model.layers", "model.norm"), lm_head="lm_head"),
-)  # fmt: skip
+    layout(
+        "v5",
+        vision="model.visual",
+        projector="model.visual.merger",
+        language_model="model.language_model",
+        lm_head="lm_head",
+    ),
+    layout(
+        "hub",
+        vision="visual",
+        projector="visual.merger",
+        language_model=("model.embed_tokens", "model.layers", "model.norm"),
+        lm_head="lm_head",
+    ),
+)
 _SKELETON = dict(
     roles=frozenset({Role.TARGET, Role.PERCEIVER}),
     layouts=SKELETON_LAYOUTS,

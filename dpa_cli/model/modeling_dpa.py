@@ -16,7 +16,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_dpa import DPAConfig
-
 from .modeling_paper_dpa import Qwen2_5_VLQwen3Model
 
 # Perceivers whose class ships with dpa's model code, built by model_type: loaded as remote code, transformers

@@ -9,8 +9,9 @@ image features. Shipped as remote code next to upgraded checkpoints, so it impor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -177,16 +178,22 @@ PERCEIVER_FAMILIES: dict[str, PerceiverFamily] = {
     "qwen2_5_vl": _QWEN_VL,
     "qwen2_5_vl_qwen3": _QWEN_VL,  # the DPA paper's skeleton (configuration_paper_dpa.py): Qwen2.5-VL's layout
     "qwen3_vl": _QWEN_VL,
-    "llava": PerceiverFamily("<image>", _real_processor("LlavaProcessor"), settings=_LLAVA_SETTINGS,
-                             required=_LLAVA_SETTINGS[:2]),
-    "llava_next": PerceiverFamily("<image>", _real_processor("LlavaNextProcessor"), settings=_LLAVA_SETTINGS,
-                                  required=_LLAVA_SETTINGS[:2]),
+    "llava": PerceiverFamily(
+        "<image>", _real_processor("LlavaProcessor"), settings=_LLAVA_SETTINGS, required=_LLAVA_SETTINGS[:2]
+    ),
+    "llava_next": PerceiverFamily(
+        "<image>", _real_processor("LlavaNextProcessor"), settings=_LLAVA_SETTINGS, required=_LLAVA_SETTINGS[:2]
+    ),
     "llava_onevision": PerceiverFamily(
-        "<image>", _onevision, settings=("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"),
-        required=("num_image_tokens",), unused_outputs=("batch_num_images",)),
+        "<image>",
+        _onevision,
+        settings=("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"),
+        required=("num_image_tokens",),
+        unused_outputs=("batch_num_images",),
+    ),
     "idefics3": _IDEFICS3,
     "smolvlm": _IDEFICS3,
-}  # fmt: skip
+}
 
 
 def perceiver_image_rules(model_type: str) -> PerceiverFamily:
@@ -271,8 +278,13 @@ class FeatureCounter:
         processor = self.processor
         texts = processor.perceiver_texts([{"role": "user", "content": [{"type": "image"}]}])
         kwargs = {} if texts is None else {"perceiver_text": texts}
-        return processor(images=[Image.new("RGB", size)], text=processor.image_token, add_special_tokens=False,
-                         return_tensors="pt", **kwargs)  # fmt: skip
+        return processor(
+            images=[Image.new("RGB", size)],
+            text=processor.image_token,
+            add_special_tokens=False,
+            return_tensors="pt",
+            **kwargs,
+        )
 
     def _qwen_rule(self, size: tuple[int, int]) -> int:
         images = self.processor.image_processor
@@ -680,4 +692,4 @@ __all__ = [
     "capped_size",
     "onevision_feature_count",
     "paper_chat_template",
-]  # fmt: skip
+]

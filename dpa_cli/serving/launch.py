@@ -22,8 +22,10 @@ def check_model(path: str) -> Path:
     """The DPA model folder `path` (an export, or any folder holding a DPA config.json)."""
     folder = Path(path).expanduser()
     if path.startswith("-") and not folder.is_dir():  # vLLM's options are passed through, so they must follow
-        raise BadInputError(f"{path} came where the export folder goes",
-                            hint="put the export first: dpa serve EXPORT [--host H] [--port N] [vLLM options]")  # fmt: skip
+        raise BadInputError(
+            f"{path} came where the export folder goes",
+            hint="put the export first: dpa serve EXPORT [--host H] [--port N] [vLLM options]",
+        )
     if not folder.is_dir():
         raise BadInputError(f"{path}: no such model folder", hint=FOLDER_HINT)
     config = folder / "config.json"
@@ -32,8 +34,10 @@ def check_model(path: str) -> Path:
     data = read_json(config, hint=FOLDER_HINT)
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type != "dpa":
-        raise BadInputError(f"{config}: model_type {model_type!r} is not a DPA model",
-                            hint="`dpa serve` serves DPA exports; serve other models with `vllm serve` itself")  # fmt: skip
+        raise BadInputError(
+            f"{config}: model_type {model_type!r} is not a DPA model",
+            hint="`dpa serve` serves DPA exports; serve other models with `vllm serve` itself",
+        )
     return folder
 
 
@@ -43,8 +47,18 @@ def vllm_installed() -> bool:
 
 def serve_command(folder: Path, host: str, port: int, extra: list[str]) -> list[str]:
     """vLLM's own CLI (`vllm serve`), run by this Python so the plugin installed beside dpa is the one found."""
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", host,
-            "--port", str(port), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.cli.main",
+        "serve",
+        str(folder),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *extra,
+    ]
 
 
 def serve(path: str, host: str, port: int, extra: list[str]) -> int:

@@ -66,9 +66,14 @@ class DPADummyInputsBuilder(BaseDummyInputsBuilder[DPAProcessingInfo]):
         self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions
     ) -> MultiModalDataDict:
         size = self.info.get_image_size_with_most_features()
-        return {"image": self._get_dummy_images(width=size.width, height=size.height,
-                                                num_images=mm_counts.get("image", 0),
-                                                overrides=mm_options.get("image"))}  # fmt: skip
+        return {
+            "image": self._get_dummy_images(
+                width=size.width,
+                height=size.height,
+                num_images=mm_counts.get("image", 0),
+                overrides=mm_options.get("image"),
+            )
+        }
 
 
 class DPAMultiModalProcessor(BaseMultiModalProcessor[DPAProcessingInfo]):
@@ -83,14 +88,19 @@ class DPAMultiModalProcessor(BaseMultiModalProcessor[DPAProcessingInfo]):
         num_images = int(hf_inputs["perceiver_input_ids"].shape[0]) if "perceiver_input_ids" in hf_inputs else 0
         fields = {}
         for key, sizes in spec.field_sizes(hf_inputs, num_images).items():
-            fields[key] = (MultiModalFieldConfig.batched("image") if sizes is None
-                           else MultiModalFieldConfig.flat_from_sizes("image", torch.tensor(sizes)))  # fmt: skip
+            fields[key] = (
+                MultiModalFieldConfig.batched("image")
+                if sizes is None
+                else MultiModalFieldConfig.flat_from_sizes("image", torch.tensor(sizes))
+            )
         return fields
 
     def _get_prompt_updates(
-        self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:  # fmt: skip
+    ) -> Sequence[PromptUpdate]:
         processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
         image_token_id = processor.image_token_id
 
@@ -114,12 +124,17 @@ class DPAEncoder(nn.Module):
         self.config = config
         perceiver, own = config.perceiver_config, OWN_PERCEIVERS.get(config.perceiver_config.model_type)
         self.perceiver = own._from_config(perceiver) if own else AutoModel.from_config(perceiver)
-        self.multi_modal_projector = DPAProjector(config.perceiver_hidden_size, config.text_config.hidden_size,
-                                                  kind=config.projector_type, bias=config.projector_bias)  # fmt: skip
+        self.multi_modal_projector = DPAProjector(
+            config.perceiver_hidden_size,
+            config.text_config.hidden_size,
+            kind=config.projector_type,
+            bias=config.projector_bias,
+        )
 
 
-@MULTIMODAL_REGISTRY.register_processor(DPAMultiModalProcessor, info=DPAProcessingInfo,
-                                        dummy_inputs=DPADummyInputsBuilder)  # fmt: skip
+@MULTIMODAL_REGISTRY.register_processor(
+    DPAMultiModalProcessor, info=DPAProcessingInfo, dummy_inputs=DPADummyInputsBuilder
+)
 class DPAForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix=dict(spec.PREFIXES))
 
@@ -133,14 +148,16 @@ class DPAForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size,
-                                         mm_token_ids=list(config.image_slot_token_ids))  # fmt: skip
+        self.configure_mm_token_handling(
+            vocab_size=config.text_config.vocab_size, mm_token_ids=list(config.image_slot_token_ids)
+        )
         with self._mark_tower_model(vllm_config, "image"):
             self.encoder = DPAEncoder(config)
         text_config = type(config.text_config).from_dict(spec.target_hf_config(config))
         with self._mark_language_model(vllm_config):
-            self.language_model = init_vllm_registered_model(vllm_config=vllm_config, hf_config=text_config,
-                                                             prefix=maybe_prefix(prefix, "language_model"))  # fmt: skip
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config, hf_config=text_config, prefix=maybe_prefix(prefix, "language_model")
+            )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:

@@ -100,8 +100,10 @@ def vllm_llm_parameters(config: Any) -> dict[str, set[str | int | None]]:
     text = target_hf_config(config)
     kind = text["model_type"]
     qkv_bias = kind == "qwen2" or bool(text.get("attention_bias"))
-    params: dict[str, set[str | int | None]] = {"language_model.model.embed_tokens.weight": {None},
-                                                "language_model.model.norm.weight": {None}}  # fmt: skip
+    params: dict[str, set[str | int | None]] = {
+        "language_model.model.embed_tokens.weight": {None},
+        "language_model.model.norm.weight": {None},
+    }
     if not text["tie_word_embeddings"]:
         params["language_model.lm_head.weight"] = {None}
     for layer in range(text["num_hidden_layers"]):
@@ -198,6 +200,18 @@ def image_inputs(inputs: Mapping[str, Any], layout: Mapping[str, list[int] | Non
     return one
 
 
-__all__ = ["ARCHITECTURE", "PREFIXES", "STACKED", "TARGET_ARCHITECTURES", "UnservableError", "field_sizes",
-           "image_feature_counts", "image_inputs", "largest_image_size", "target_architecture", "target_hf_config",
-           "vllm_llm_parameters", "vllm_weight_name"]  # fmt: skip
+__all__ = [
+    "ARCHITECTURE",
+    "PREFIXES",
+    "STACKED",
+    "TARGET_ARCHITECTURES",
+    "UnservableError",
+    "field_sizes",
+    "image_feature_counts",
+    "image_inputs",
+    "largest_image_size",
+    "target_architecture",
+    "target_hf_config",
+    "vllm_llm_parameters",
+    "vllm_weight_name",
+]

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
+from dpa_cli.checkpoint.naming import meta_model, meta_state
+from dpa_cli.checkpoint.seeds import tensor_seed
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.defaults import SHARD_SIZE
-from dpa_cli.checkpoint.naming import meta_model, meta_state
 from dpa_cli.synthetic.tokenizers import tiny_tokenizer
-from dpa_cli.checkpoint.seeds import tensor_seed
 
 
 def text_config(hidden: int, layers: int, vocab: int, tie: bool = True, **extra: Any) -> dict[str, Any]:
@@ -38,8 +38,9 @@ def text_config(hidden: int, layers: int, vocab: int, tie: bool = True, **extra:
     }
 
 
-def llava_next_config(text: dict[str, Any], vit_hidden: int, vit_layers: int, image_size: int, patch: int,
-                      image_token_id: int) -> dict[str, Any]:  # fmt: skip
+def llava_next_config(
+    text: dict[str, Any], vit_hidden: int, vit_layers: int, image_size: int, patch: int, image_token_id: int
+) -> dict[str, Any]:
     """A LLaVA-NeXT config (CLIP ViT, AnyRes on a 2x2 grid of `image_size` tiles) around `text`."""
     return {
         "model_type": "llava_next",
@@ -106,20 +107,35 @@ def save_llava_next_image_processor(folder: Path, config: dict[str, Any]) -> Non
 
     size = config["vision_config"]["image_size"]
     LlavaNextImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_grid_pinpoints=config["image_grid_pinpoints"],
-    ).save_pretrained(folder)  # fmt: skip
-    settings = {"processor_class": "LlavaNextProcessor", "patch_size": config["vision_config"]["patch_size"],
-                "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}  # fmt: skip
+    ).save_pretrained(folder)
+    settings = {
+        "processor_class": "LlavaNextProcessor",
+        "patch_size": config["vision_config"]["patch_size"],
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+    }
     (Path(folder) / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def build_llava_next_target(folder: Path, text: dict[str, Any], vit_hidden: int = 256, vit_layers: int = 2,
-                            image_size: int = 56, patch: int = 14, shard_size: int = SHARD_SIZE,
-                            tokenizer: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
+def build_llava_next_target(
+    folder: Path,
+    text: dict[str, Any],
+    vit_hidden: int = 256,
+    vit_layers: int = 2,
+    image_size: int = 56,
+    patch: int = 14,
+    shard_size: int = SHARD_SIZE,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """A LLaVA-NeXT checkpoint with random weights, its tokenizer (Qwen3 template, `<image>`) and image processor."""
     tokenizer = tokenizer or tiny_tokenizer("qwen3_llava")
-    config = llava_next_config(text, vit_hidden, vit_layers, image_size, patch, tokenizer.convert_tokens_to_ids("<image>"))
+    config = llava_next_config(
+        text, vit_hidden, vit_layers, image_size, patch, tokenizer.convert_tokens_to_ids("<image>")
+    )
     write_random_checkpoint(config, "AutoModelForImageTextToText", folder, shard_size=shard_size, dtype=dtype)
     tokenizer.save_pretrained(folder)
     save_llava_next_image_processor(folder, config)
@@ -135,8 +151,13 @@ def write_stop_tokens(folder: Path) -> None:
     write_generation_config(folder, [], {}, tokenizer_folder=Path(folder))
 
 
-def build_text_lm(folder: Path, text: dict[str, Any], shard_size: int = SHARD_SIZE, tokenizer: Any = None,
-                  dtype: torch.dtype = torch.bfloat16) -> Path:  # fmt: skip
+def build_text_lm(
+    folder: Path,
+    text: dict[str, Any],
+    shard_size: int = SHARD_SIZE,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """A Qwen3 causal LM with random weights and its tokenizer (which has `<|image_pad|>`)."""
     write_random_checkpoint(text, "AutoModelForCausalLM", folder, shard_size=shard_size, dtype=dtype)
     (tokenizer or tiny_tokenizer("qwen3")).save_pretrained(folder)

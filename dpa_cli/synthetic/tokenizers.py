@@ -119,29 +119,59 @@ _LLAMA3 = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end
 _THINK = ("<think>", "</think>")
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
-    "qwen3": TokenizerSpec(_QWEN + QWEN_VISION, "<|im_end|>", pad="<|endoftext|>", plain=_THINK,
-                           template=qwen3_template(QWEN_IMAGE)),
-    "qwen3_llava": TokenizerSpec(_QWEN + QWEN_VISION + ("<image>",), "<|im_end|>", pad="<|endoftext|>",
-                                 plain=_THINK, template=qwen3_template("<image>\n")),
-    "qwen2": TokenizerSpec(_QWEN + QWEN_VISION, "<|im_end|>", pad="<|endoftext|>",
-                           template=chatml_template(QWEN_IMAGE)),
-    "qwen3_vl": TokenizerSpec(_QWEN + QWEN_VISION, "<|im_end|>", pad="<|endoftext|>", plain=_THINK,
-                              template=chatml_template(QWEN_IMAGE, system=None)),
-    "qwen2_llava": TokenizerSpec(_QWEN + QWEN_VISION + ("<image>", "<video>"), "<|im_end|>", pad="<|endoftext|>",
-                                 template=chatml_template("<image>\n")),
-    "llama3": TokenizerSpec(_LLAMA3 + ("<image>",), "<|eot_id|>", bos="<|begin_of_text|>",
-                            pad="<|end_of_text|>", template=llama3_template("<image>\n"), prepend_bos=True),
+    "qwen3": TokenizerSpec(
+        _QWEN + QWEN_VISION, "<|im_end|>", pad="<|endoftext|>", plain=_THINK, template=qwen3_template(QWEN_IMAGE)
+    ),
+    "qwen3_llava": TokenizerSpec(
+        _QWEN + QWEN_VISION + ("<image>",),
+        "<|im_end|>",
+        pad="<|endoftext|>",
+        plain=_THINK,
+        template=qwen3_template("<image>\n"),
+    ),
+    "qwen2": TokenizerSpec(
+        _QWEN + QWEN_VISION, "<|im_end|>", pad="<|endoftext|>", template=chatml_template(QWEN_IMAGE)
+    ),
+    "qwen3_vl": TokenizerSpec(
+        _QWEN + QWEN_VISION,
+        "<|im_end|>",
+        pad="<|endoftext|>",
+        plain=_THINK,
+        template=chatml_template(QWEN_IMAGE, system=None),
+    ),
+    "qwen2_llava": TokenizerSpec(
+        _QWEN + QWEN_VISION + ("<image>", "<video>"),
+        "<|im_end|>",
+        pad="<|endoftext|>",
+        template=chatml_template("<image>\n"),
+    ),
+    "llama3": TokenizerSpec(
+        _LLAMA3 + ("<image>",),
+        "<|eot_id|>",
+        bos="<|begin_of_text|>",
+        pad="<|end_of_text|>",
+        template=llama3_template("<image>\n"),
+        prepend_bos=True,
+    ),
     "vicuna": TokenizerSpec(("<unk>", "<s>", "</s>"), "</s>", bos="<s>", unk="<unk>", prepend_bos=True),
-    "idefics3": TokenizerSpec(("<|begin_of_text|>", "<|end_of_text|>", "<end_of_utterance>") + IDEFICS_IMAGE,
-                              "<end_of_utterance>", bos="<|begin_of_text|>", pad="<|end_of_text|>",
-                              template=idefics3_template("<|begin_of_text|>")),
-    "smolvlm": TokenizerSpec(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>") + IDEFICS_IMAGE,
-                             "<end_of_utterance>", bos="<|im_start|>", pad="<|im_end|>",
-                             template=idefics3_template("<|im_start|>")),
-}  # fmt: skip
+    "idefics3": TokenizerSpec(
+        ("<|begin_of_text|>", "<|end_of_text|>", "<end_of_utterance>") + IDEFICS_IMAGE,
+        "<end_of_utterance>",
+        bos="<|begin_of_text|>",
+        pad="<|end_of_text|>",
+        template=idefics3_template("<|begin_of_text|>"),
+    ),
+    "smolvlm": TokenizerSpec(
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>") + IDEFICS_IMAGE,
+        "<end_of_utterance>",
+        bos="<|im_start|>",
+        pad="<|im_end|>",
+        template=idefics3_template("<|im_start|>"),
+    ),
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_bpe(corpus: tuple[str, ...] = CORPUS, vocab_size: int = BASE_VOCAB) -> str:
     """The byte-level BPE model, trained once per process and kept as JSON (callers get fresh copies)."""
     tokenizer = Tokenizer(models.BPE())
@@ -154,7 +184,9 @@ def _trained_bpe(corpus: tuple[str, ...] = CORPUS, vocab_size: int = BASE_VOCAB)
     return tokenizer.to_str()
 
 
-def tiny_tokenizer(kind: str, corpus: tuple[str, ...] = CORPUS, vocab_size: int = BASE_VOCAB) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    kind: str, corpus: tuple[str, ...] = CORPUS, vocab_size: int = BASE_VOCAB
+) -> PreTrainedTokenizerFast:
     """A fresh tokenizer of `kind` (see TOKENIZERS): BPE trained on `corpus`, specials after its vocabulary,
     chat template set."""
     spec = TOKENIZERS[kind]

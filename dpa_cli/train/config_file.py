@@ -21,13 +21,23 @@ from dpa_cli.train.fieldtypes import Mismatch, coerce
 # File key -> (the `dpa train` parameter it sets, its type). `from` is a Python keyword: the parameter is
 # `from_model`. Keys that are recipe keys too (`lora_targets`, `max_steps`) are options here: same effect.
 OPTIONS: dict[str, tuple[str, Any]] = {
-    "stage": ("stage", int), "data": ("data", str), "workspace": ("workspace", str),
-    "image_root": ("image_root", str), "recipe": ("recipe", str), "lora": ("lora", bool), "full": ("full", bool),
-    "freeze_perceiver": ("freeze_perceiver", bool), "lora_targets": ("lora_targets", str),
-    "deepspeed": ("deepspeed", str), "nproc": ("nproc", int), "resume": ("resume", bool),
-    "restart": ("restart", bool), "max_steps": ("max_steps", int), "from": ("from_model", str),
+    "stage": ("stage", int),
+    "data": ("data", str),
+    "workspace": ("workspace", str),
+    "image_root": ("image_root", str),
+    "recipe": ("recipe", str),
+    "lora": ("lora", bool),
+    "full": ("full", bool),
+    "freeze_perceiver": ("freeze_perceiver", bool),
+    "lora_targets": ("lora_targets", str),
+    "deepspeed": ("deepspeed", str),
+    "nproc": ("nproc", int),
+    "resume": ("resume", bool),
+    "restart": ("restart", bool),
+    "max_steps": ("max_steps", int),
+    "from": ("from_model", str),
     "on_bad_sample": ("on_bad_sample", str),
-}  # fmt: skip
+}
 # Flags that exclude each other: one of a pair on the command line overrides both in the file.
 PAIRS = (("lora", "full"), ("resume", "restart"))
 PATH_OPTIONS = ("workspace",)  # options whose value becomes a Path
@@ -52,8 +62,10 @@ def read_train_config(path: Path) -> TrainConfig:
         raise BadInputError(f"config file {path}: {what}", hint="pass a YAML file: dpa train CONFIG.yaml")
     written = read_yaml(path, hint="fix the config file", loader=_RecipeLoader)
     if not isinstance(written, dict):
-        raise BadInputError(f"config file {path}: the top level must be a mapping of keys to values",
-                            hint="write one `key: value` per line (see docs/training.md)")  # fmt: skip
+        raise BadInputError(
+            f"config file {path}: the top level must be a mapping of keys to values",
+            hint="write one `key: value` per line (see docs/training.md)",
+        )
     config = TrainConfig(path)
     for key, value in written.items():
         key = str(key)
@@ -91,8 +103,10 @@ def _read_set(config: TrainConfig, value: Any) -> None:
                 _check_recipe_key(config.path, key.strip())
         config.sets.extend(value)
     elif value is not None:
-        raise BadInputError(f"config file {config.path}: set={value!r} is not a mapping or a list of key=value",
-                            hint="e.g. set: {learning_rate: 2.0e-5}")  # fmt: skip
+        raise BadInputError(
+            f"config file {config.path}: set={value!r} is not a mapping or a list of key=value",
+            hint="e.g. set: {learning_rate: 2.0e-5}",
+        )
 
 
 def _add_value(config: TrainConfig, key: str, value: Any) -> None:
@@ -116,8 +130,10 @@ def _check_recipe_key(path: Path, key: str) -> None:
     if dot and head in NESTED and part not in PARTS:
         raise BadInputError(f"config file {path}: unknown part {key!r}", hint=f"parts: {', '.join(PARTS)}")
     if key in MANAGED:
-        raise BadInputError(f"config file {path}: key {key!r} is set by dpa itself",
-                            hint="remove it (dpa trains into WORKSPACE/stageN; name the workspace with `workspace:`)")
+        raise BadInputError(
+            f"config file {path}: key {key!r} is set by dpa itself",
+            hint="remove it (dpa trains into WORKSPACE/stageN; name the workspace with `workspace:`)",
+        )
     if (dot and head in NESTED) or key in OWN_FIELDS or key in training_fields():
         return
     known = set(OPTIONS) | set(OWN_FIELDS) | set(training_fields()) | {"set"}

@@ -65,7 +65,11 @@ def _union(value: Any, args: tuple[Any, ...]) -> Any:
         if typing.get_origin(arg) is list and inner and isinstance(inner[0], type) and issubclass(inner[0], Enum):
             _list(value.split() if isinstance(value, str) else value, inner[0])
             return value
-    if isinstance(value, str) and value.startswith("{") and any(a is dict or typing.get_origin(a) is dict for a in args):
+    if (
+        isinstance(value, str)
+        and value.startswith("{")
+        and any(a is dict or typing.get_origin(a) is dict for a in args)
+    ):
         return _json_mapping(value)  # TrainingArguments reads such text as JSON (other text is a file path)
     for arg in args:
         if arg is type(None):

@@ -1,4 +1,4 @@
-""""Will it fit": per-GPU memory and step time of a planned run, from the model built on the meta device.
+""" "Will it fit": per-GPU memory and step time of a planned run, from the model built on the meta device.
 
 Model states (weights, gradients, optimizer states) come from DeepSpeed's own estimators, fed the *trainable*
 parameter count: a frozen parameter has no gradient and no optimizer state, only its 16-bit (or fp32) weight,
@@ -21,8 +21,18 @@ MFU = 0.40  # a stated, typical model-FLOPs utilisation for bf16 training of bil
 DEFAULT_GPU = "A100-80GB"
 DEFAULT_MEMORY = "80GB"
 DEFAULT_TFLOPS = 312.0  # A100 dense bf16 peak (dpa_cli.flops.PEAK_BF16)
-UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40, "tb": 2**40,
-         "tib": 2**40}  # fmt: skip
+UNITS = {
+    "": GIB,
+    "g": GIB,
+    "gb": GIB,
+    "gib": GIB,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_memory(text: str) -> int:
@@ -37,8 +47,10 @@ def parse_memory(text: str) -> int:
 
 def check_tflops(tflops: float) -> float:
     if not tflops > 0 or tflops == float("inf"):
-        raise BadInputError(f"--gpu-tflops {tflops}: must be a positive number (dense bf16 TFLOP/s of one GPU)",
-                            hint="e.g. 312 for an A100, 989 for an H100")  # fmt: skip
+        raise BadInputError(
+            f"--gpu-tflops {tflops}: must be a positive number (dense bf16 TFLOP/s of one GPU)",
+            hint="e.g. 312 for an A100, 989 for an H100",
+        )
     return tflops
 
 
@@ -62,12 +74,15 @@ def zero_settings(ds_config: dict[str, Any] | None) -> tuple[int, bool, bool]:
     if not ds_config:
         return 0, False, False
     zero = ds_config.get("zero_optimization") or {}
-    device = lambda key: (zero.get(key) or {}).get("device") in ("cpu", "nvme")
-    return int(zero.get("stage", 0)), device("offload_optimizer"), device("offload_param")
+    offloaded = {
+        key: (zero.get(key) or {}).get("device") in ("cpu", "nvme") for key in ("offload_optimizer", "offload_param")
+    }
+    return int(zero.get("stage", 0)), offloaded["offload_optimizer"], offloaded["offload_param"]
 
 
-def model_states(params: dict[str, int], stage: int, gpus: int, weight_bytes: int,
-                 offload: tuple[bool, bool] = (False, False)) -> dict[str, Any]:  # fmt: skip
+def model_states(
+    params: dict[str, int], stage: int, gpus: int, weight_bytes: int, offload: tuple[bool, bool] = (False, False)
+) -> dict[str, Any]:
     """Per-GPU bytes of weights, gradients and optimizer states, and how they were counted.
 
     ZeRO-2 (and ZeRO-1, counted the same): `estimate_zero2_model_states_mem_needs(trainable)` plus the frozen
@@ -81,8 +96,12 @@ def model_states(params: dict[str, int], stage: int, gpus: int, weight_bytes: in
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
         _, states, _ = estimate_zero3_model_states_mem_needs(
-            trainable, params["largest_layer"], num_gpus_per_node=gpus, cpu_offload=optimizer_off,
-            cpu_offload_params=params_off)  # fmt: skip
+            trainable,
+            params["largest_layer"],
+            num_gpus_per_node=gpus,
+            cpu_offload=optimizer_off,
+            cpu_offload_params=params_off,
+        )
         frozen_bytes = 0 if params_off else 2 * frozen // gpus
         how = "DeepSpeed estimate_zero3_model_states_mem_needs(trainable) + 2 B x frozen / GPUs"
     elif stage >= 1:
@@ -93,9 +112,16 @@ def model_states(params: dict[str, int], stage: int, gpus: int, weight_bytes: in
         how = "DeepSpeed estimate_zero2_model_states_mem_needs(trainable) + 2 B x frozen"
     else:
         states, frozen_bytes = 4 * weight_bytes * trainable, weight_bytes * frozen
-        how = f"no DeepSpeed: {4 * weight_bytes} B x trainable (weight, gradient, 2 AdamW states) + {weight_bytes} B x frozen"
-    return {"bytes": int(states + frozen_bytes), "trainable_states": int(states), "frozen_weights": int(frozen_bytes),
-            "how": how}  # fmt: skip
+        how = (
+            f"no DeepSpeed: {4 * weight_bytes} B x trainable (weight, gradient, 2 AdamW states) "
+            f"+ {weight_bytes} B x frozen"
+        )
+    return {
+        "bytes": int(states + frozen_bytes),
+        "trainable_states": int(states),
+        "frozen_weights": int(frozen_bytes),
+        "how": how,
+    }
 
 
 def layer_activation_bytes(stack: Stack, tokens: int, dtype_bytes: int) -> int:
@@ -116,8 +142,10 @@ def layer_activation_bytes(stack: Stack, tokens: int, dtype_bytes: int) -> int:
 def stack_activations(stack: Stack, tokens: int, dtype_bytes: int) -> dict[str, int]:
     """All layers' activations; with gradient checkpointing, each layer's input plus one layer recomputed."""
     layer = layer_activation_bytes(stack, tokens, dtype_bytes)
-    return {"without_checkpointing": stack.layers * layer,
-            "with_checkpointing": stack.layers * dtype_bytes * tokens * stack.hidden + layer}  # fmt: skip
+    return {
+        "without_checkpointing": stack.layers * layer,
+        "with_checkpointing": stack.layers * dtype_bytes * tokens * stack.hidden + layer,
+    }
 
 
 def activations(config: Any, tokens: int, dtype_bytes: int, perceiver_trains: bool) -> dict[str, int]:
@@ -134,7 +162,9 @@ def activations(config: Any, tokens: int, dtype_bytes: int, perceiver_trains: bo
 
 def _stack(text: dict[str, Any]) -> Stack:
     """The layer shapes of a text config (an MLP width it does not name is taken as 4 h, the classic ratio)."""
-    return Stack.from_text_config({**text, "intermediate_size": text.get("intermediate_size") or 4 * text["hidden_size"]})
+    return Stack.from_text_config(
+        {**text, "intermediate_size": text.get("intermediate_size") or 4 * text["hidden_size"]}
+    )
 
 
 def perceiver_trains(trainable: dict[str, dict[str, Any]]) -> bool:
@@ -161,14 +191,26 @@ def estimate(plan: Any, model: Any, trainable: dict[str, dict[str, Any]], gpu: G
     seconds = tokens * per_token / (gpu.tflops * 1e12 * MFU)
     total = states["bytes"] + chosen
     return {
-        "gpu": gpu.name, "gpu_memory_gib": round(gpu.memory / GIB, 2), "gpu_tflops": gpu.tflops, "mfu": MFU,
-        "gpus": gpus, "zero_stage": stage, "dtype": "bf16" if bf16 else "fp32", **params,
-        "model_states_gib": _gib(states["bytes"]), "model_states_how": states["how"],
-        "activations_gib": {key: _gib(value) for key, value in acts.items()}, "gradient_checkpointing": checkpointing,
-        "micro_batch": micro, "max_length": recipe.max_length, "total_gib": _gib(total),
-        "fits": total <= gpu.memory, "flops_per_token": per_token, "tokens_per_gpu_step": tokens,
+        "gpu": gpu.name,
+        "gpu_memory_gib": round(gpu.memory / GIB, 2),
+        "gpu_tflops": gpu.tflops,
+        "mfu": MFU,
+        "gpus": gpus,
+        "zero_stage": stage,
+        "dtype": "bf16" if bf16 else "fp32",
+        **params,
+        "model_states_gib": _gib(states["bytes"]),
+        "model_states_how": states["how"],
+        "activations_gib": {key: _gib(value) for key, value in acts.items()},
+        "gradient_checkpointing": checkpointing,
+        "micro_batch": micro,
+        "max_length": recipe.max_length,
+        "total_gib": _gib(total),
+        "fits": total <= gpu.memory,
+        "flops_per_token": per_token,
+        "tokens_per_gpu_step": tokens,
         "step_seconds": round(seconds, 3),
-    }  # fmt: skip
+    }
 
 
 def _gib(value: int) -> float:

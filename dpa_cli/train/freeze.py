@@ -58,9 +58,13 @@ def lora_modules(model: torch.nn.Module, targets: str, trainable: dict[str, str]
     if targets != ALL_LINEAR:
         return [(name, module) for name, module in model.named_modules() if name and re.fullmatch(targets, name)]
     family, head = perceiver_family(model.config), model.get_output_embeddings()
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head
-            and trainable.get(part_of(f"{name}.weight", family)) == PartMode.LORA]  # fmt: skip
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and module is not head
+        and trainable.get(part_of(f"{name}.weight", family)) == PartMode.LORA
+    ]
 
 
 def check_lora_targets(model: torch.nn.Module, targets: str, trainable: dict[str, str]) -> None:
@@ -113,7 +117,11 @@ def parameter_groups(model: torch.nn.Module, base_lr: float, part_lrs: dict[str,
         decays = param.ndim >= 2 and "embed" not in name and "norm" not in name
         groups.setdefault((part_of(name, family), decays), []).append(param)
     return [
-        {"params": params, "lr": part_lrs.get(part, base_lr), "weight_decay": weight_decay if decays else 0.0,
-         "name": f"{part}{'' if decays else ' (no decay)'}"}
+        {
+            "params": params,
+            "lr": part_lrs.get(part, base_lr),
+            "weight_decay": weight_decay if decays else 0.0,
+            "name": f"{part}{'' if decays else ' (no decay)'}",
+        }
         for (part, decays), params in sorted(groups.items())
-    ]  # fmt: skip
+    ]

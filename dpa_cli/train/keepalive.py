@@ -29,8 +29,9 @@ class KeepaliveCollator:
         from PIL import Image
 
         self.collator = collator
-        blank = processor(images=[Image.new("RGB", (32, 32), (127, 127, 127))], text=[processor.image_token],
-                          return_tensors="pt")  # fmt: skip
+        blank = processor(
+            images=[Image.new("RGB", (32, 32), (127, 127, 127))], text=[processor.image_token], return_tensors="pt"
+        )
         self.stand_in = {k: v for k, v in blank.items() if k not in _TARGET_KEYS}
         self.stand_ins = 0  # batches of this process that ran the perceiver on the stand-in (data workers: 0)
 

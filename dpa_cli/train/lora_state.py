@@ -81,8 +81,11 @@ def check_resume(model: torch.nn.Module, checkpoint: Path) -> bool:
     checkpoint = Path(checkpoint)
     lora = is_peft(model)
     if lora != (checkpoint / ADAPTER_CONFIG).is_file():
-        what = "holds no LoRA adapter, but this run trains with LoRA" if lora else \
-            "holds a LoRA adapter, but this run trains the LLM in full"  # fmt: skip
+        what = (
+            "holds no LoRA adapter, but this run trains with LoRA"
+            if lora
+            else "holds a LoRA adapter, but this run trains the LLM in full"
+        )
         raise BadInputError(f"{checkpoint} {what}", hint=SAME_FLAGS)
     expected = trained_in_full(model) if lora else {}
     path = checkpoint / TRAINED_IN_FULL
@@ -98,8 +101,9 @@ def check_resume(model: torch.nn.Module, checkpoint: Path) -> bool:
         shard, stored = read_shard(path)
         verify_data_size(shard)
     except CheckpointError as err:
-        raise CheckpointError(err.message, hint=f"delete {checkpoint.name} to resume from an earlier one, "
-                                                "or start over with --restart") from None  # fmt: skip
+        raise CheckpointError(
+            err.message, hint=f"delete {checkpoint.name} to resume from an earlier one, or start over with --restart"
+        ) from None
     _check_tensors(model, path, expected, stored)
     return True
 

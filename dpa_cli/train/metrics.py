@@ -12,7 +12,6 @@ from transformers import TrainerCallback
 from dpa_cli.workspace.layout import METRICS_FILE
 
 
-
 class Reporter(Protocol):
     """Where the library sends what a person watching a run should see (the CLI draws it)."""
 

@@ -43,20 +43,32 @@ class StagePlan:
         recipe = self.recipe
         if not recipe.uses_lora:
             return None
-        return {"r": recipe.lora_r, "alpha": recipe.lora_alpha, "dropout": recipe.lora_dropout,
-                "targets": recipe.lora_targets, "seed": self.args.seed}  # fmt: skip
+        return {
+            "r": recipe.lora_r,
+            "alpha": recipe.lora_alpha,
+            "dropout": recipe.lora_dropout,
+            "targets": recipe.lora_targets,
+            "seed": self.args.seed,
+        }
 
     def describe(self) -> dict[str, Any]:
         """The plan as `dpa train --dry-run --json` prints it (the trainable table is added by the caller)."""
         return {
-            "stage": self.request.stage, "workspace": str(self.request.workspace), "source": str(self.source),
-            "output": str(self.run.stage), "builds_in": str(self.run.folder),
+            "stage": self.request.stage,
+            "workspace": str(self.request.workspace),
+            "source": str(self.source),
+            "output": str(self.run.stage),
+            "builds_in": str(self.run.folder),
             "resume_from": str(self.run.resume_from) if self.run.resume_from else None,
-            "data": str(self.request.data), "samples": _count(self.samples), "recipe": self.recipe.as_dict(),
-            "world_size": self.processes, "deepspeed": self.request.deepspeed,
+            "data": str(self.request.data),
+            "samples": _count(self.samples),
+            "recipe": self.recipe.as_dict(),
+            "world_size": self.processes,
+            "deepspeed": self.request.deepspeed,
             "report_to": list(self.args.report_to or ["none"]),
-            "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "notes": list(self.notes),
-        }  # fmt: skip
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "notes": list(self.notes),
+        }
 
 
 def _count(samples: Any) -> int | None:
@@ -101,8 +113,9 @@ def training_arguments(recipe: Recipe, request: TrainRequest, folder: Path, note
     per_device = args["per_device_train_batch_size"]
     accumulation = gradient_accumulation(recipe.global_batch_size, per_device, processes)
     ds_config = deepspeed_config(request.deepspeed, launched=processes > world_size())
-    return TrainingArguments(output_dir=str(folder), gradient_accumulation_steps=accumulation, deepspeed=ds_config,
-                             **args)  # fmt: skip
+    return TrainingArguments(
+        output_dir=str(folder), gradient_accumulation_steps=accumulation, deepspeed=ds_config, **args
+    )
 
 
 def open_data(request: TrainRequest) -> Any:
@@ -139,9 +152,9 @@ def preview_trainable(plan: StagePlan) -> tuple[Any, dict[str, dict[str, Any]]]:
     the trainable parameters per part."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    from dpa_cli.checkpoint.naming import meta_model
     from dpa_cli.loading import load_config
     from dpa_cli.train.freeze import apply_trainable
-    from dpa_cli.checkpoint.naming import meta_model
 
     # Making the Trainer's arguments with a ZeRO-3 config told transformers to partition every model it builds
     # from now on; the preview builds on the meta device in this one process, and trains nothing after.

@@ -35,9 +35,17 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 OWN_FIELDS = (
-    "stage", "trainable", "learning_rates", "global_batch_size", "max_length",
-    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "pack",
-)  # fmt: skip
+    "stage",
+    "trainable",
+    "learning_rates",
+    "global_batch_size",
+    "max_length",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "pack",
+)
 NESTED = ("trainable", "learning_rates")  # per-part maps that `--set trainable.vit=full` reaches into
 # Set by dpa itself: the run's folder, the accumulation that keeps the global batch, the data plumbing, the
 # launcher's rank, and the settings every run fixes (arguments.FIXED).
@@ -121,7 +129,9 @@ def _scalar(text: str) -> Any:
     except yaml.YAMLError:  # not YAML (`[qk]_proj`): the text as typed
         return text
     except PARSE_ERRORS as err:
-        raise BadInputError(f"--set value {text[:40]!r}: {reason(err)}", hint="quote it, or write a plain value") from None
+        raise BadInputError(
+            f"--set value {text[:40]!r}: {reason(err)}", hint="quote it, or write a plain value"
+        ) from None
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -167,13 +177,16 @@ def load_recipe(name_or_file: str, overrides: list[str] | None = None, values: d
     data, scaled_from = rescale(written, data, set(parsed) | set(values))
     data = check_recipe(data, texts)
     if data.get("pack") and data.get("train_sampling_strategy") == "group_by_length":
-        raise BadInputError("recipe keys pack=true and train_sampling_strategy=group_by_length contradict each other",
-                            hint="packing already fills rows by length: drop one of them")  # fmt: skip
+        raise BadInputError(
+            "recipe keys pack=true and train_sampling_strategy=group_by_length contradict each other",
+            hint="packing already fills rows by length: drop one of them",
+        )
     own = {k: data[k] for k in OWN_FIELDS if k in data and k not in NESTED + ("stage",)}
     training = {k: v for k, v in data.items() if k not in OWN_FIELDS}
     notes = tuple(note for note in [schedule_note(scaled_from)] if note)
-    return Recipe(path.stem, data["stage"], data["trainable"], data["learning_rates"], **own, training_args=training,
-                  notes=notes)  # fmt: skip
+    return Recipe(
+        path.stem, data["stage"], data["trainable"], data["learning_rates"], **own, training_args=training, notes=notes
+    )
 
 
 def gradient_accumulation(global_batch: int, per_device: int, world_size: int) -> int:
@@ -181,7 +194,8 @@ def gradient_accumulation(global_batch: int, per_device: int, world_size: int) -
     per_step = per_device * world_size
     if global_batch % per_step:
         raise BadInputError(
-            f"global batch {global_batch} is not a multiple of per-device batch {per_device} x {world_size} process(es)",
+            f"global batch {global_batch} is not a multiple of per-device batch {per_device} "
+            f"x {world_size} process(es)",
             hint="change global_batch_size or per_device_train_batch_size with --set",
         )
     return global_batch // per_step

@@ -85,11 +85,17 @@ def check_checkpoint_weights(checkpoint: Path, model: Any) -> None:
         for name, info in read_safetensors_header(file)[0].items():
             shape = shapes.get(_plain(name))
             if shape is None:
-                raise _refuse(checkpoint, f"{file.name} holds {name!r}, which the model being trained does not "
-                                          "have: it comes from another model or run")  # fmt: skip
+                raise _refuse(
+                    checkpoint,
+                    f"{file.name} holds {name!r}, which the model being trained does not "
+                    "have: it comes from another model or run",
+                )
             if shape != tuple(info.shape):
-                raise _refuse(checkpoint, f"{file.name} holds {name!r} of shape {list(info.shape)}, but the model "
-                                          f"being trained has {list(shape)}: it comes from another model")  # fmt: skip
+                raise _refuse(
+                    checkpoint,
+                    f"{file.name} holds {name!r} of shape {list(info.shape)}, but the model "
+                    f"being trained has {list(shape)}: it comes from another model",
+                )
 
 
 def _check_pickles(checkpoint: Path) -> None:

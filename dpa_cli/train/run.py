@@ -16,16 +16,19 @@ from dpa_cli.flops import flops_per_token_estimate, peak_flops
 from dpa_cli.train.arguments import world_size
 from dpa_cli.train.freeze import apply_trainable
 from dpa_cli.train.keepalive import KeepaliveCollator, per_process
-from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
-from dpa_cli.train.recipe import Recipe
 from dpa_cli.train.lora_state import check_resume
+from dpa_cli.train.metrics import MetricsCallback, QuietReporter, Reporter
 from dpa_cli.train.plan import StagePlan, plan_stage
-from dpa_cli.train.save import save_stage_result
+from dpa_cli.train.recipe import Recipe
 from dpa_cli.train.resume import check_checkpoint_weights, disk_failure
+from dpa_cli.train.save import save_stage_result
 from dpa_cli.train.stage import (
-    TrainRequest, commit_run_folder, discard_run_folder, resume_hint,
+    TrainRequest,
+    commit_run_folder,
+    discard_run_folder,
+    resume_hint,
     start_run_folder,
-)  # fmt: skip
+)
 from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
@@ -132,17 +135,29 @@ def _train(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
     request, recipe, run = plan.request, plan.recipe, plan.run
     metrics = MetricsCallback(run.folder, reporter, peak_flops(), flops_per_token_estimate(model))
     trainer = DPATrainer(
-        model=model, args=plan.args, train_dataset=prepared.dataset, data_collator=prepared.collator,
-        callbacks=[LossGuard(), metrics], part_lrs=recipe.learning_rates, lengths=prepared.lengths,
-    )  # fmt: skip
+        model=model,
+        args=plan.args,
+        train_dataset=prepared.dataset,
+        data_collator=prepared.collator,
+        callbacks=[LossGuard(), metrics],
+        part_lrs=recipe.learning_rates,
+        lengths=prepared.lengths,
+    )
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the reporter, not stdout
     resume = str(run.resume_from) if run.resume_from else None
     if trainer.is_world_process_zero():
-        reporter.before_training({
-            "recipe": recipe.as_dict(), "source": str(plan.source), "trainable": prepared.trainable,
-            "notes": list(plan.notes), "sample": prepared.shown, "world_size": world_size(),
-            "tokens_per_step": recipe.global_batch_size * recipe.max_length, "resume_from": resume,
-        })  # fmt: skip
+        reporter.before_training(
+            {
+                "recipe": recipe.as_dict(),
+                "source": str(plan.source),
+                "trainable": prepared.trainable,
+                "notes": list(plan.notes),
+                "sample": prepared.shown,
+                "world_size": world_size(),
+                "tokens_per_step": recipe.global_batch_size * recipe.max_length,
+                "resume_from": resume,
+            }
+        )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
@@ -150,13 +165,21 @@ def _train(prepared: Prepared, reporter: Reporter) -> dict[str, Any]:
     stand_ins = per_process(prepared.collator.stand_ins)
     save_stage_result(trainer, prepared.processor, plan.source, run.folder, lora=recipe.uses_lora, final=run.stage)
     summary = {
-        "recipe": recipe.as_dict(), "source": str(plan.source), "data": {"path": str(request.data),
-        "fingerprint": dataset_fingerprint(request.data)}, "steps": trainer.state.global_step,
-        "final_loss": metrics.final_loss, "train_loss": result.training_loss, "seconds": round(seconds, 2),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen), "skipped_samples": _skipped(prepared.dataset),
-        "lora": recipe.uses_lora, "deepspeed": request.deepspeed, "world_size": world_size(),
-        "notes": list(plan.notes), "text_only_batches": stand_ins,
-    }  # fmt: skip
+        "recipe": recipe.as_dict(),
+        "source": str(plan.source),
+        "data": {"path": str(request.data), "fingerprint": dataset_fingerprint(request.data)},
+        "steps": trainer.state.global_step,
+        "final_loss": metrics.final_loss,
+        "train_loss": result.training_loss,
+        "seconds": round(seconds, 2),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "skipped_samples": _skipped(prepared.dataset),
+        "lora": recipe.uses_lora,
+        "deepspeed": request.deepspeed,
+        "world_size": world_size(),
+        "notes": list(plan.notes),
+        "text_only_batches": stand_ins,
+    }
     if trainer.is_world_process_zero():
         commit_run_folder(run)  # a restart's result takes the old stage's place only now
         manifest = read_manifest(request.workspace)  # again: another stage may have finished meanwhile

@@ -17,10 +17,10 @@ import torch
 from dpa_cli.checkpoint import LazyTensorReader, read_checkpoint_index
 from dpa_cli.checkpoint.atomic import replace_folder
 from dpa_cli.checkpoint.reader import torch_dtype
+from dpa_cli.checkpoint.side_files import GENERATION_CONFIG, copy_model_code, copy_side_files, point_adapter_at
 from dpa_cli.checkpoint.writer import TensorSpec, write_sharded
 from dpa_cli.defaults import SHARD_SIZE
 from dpa_cli.train.lora_state import gathered, trained_in_full
-from dpa_cli.checkpoint.side_files import GENERATION_CONFIG, copy_model_code, copy_side_files, point_adapter_at
 from dpa_cli.workspace.layout import ADAPTER_DIR, MODEL_DIR
 
 

@@ -53,8 +53,9 @@ def check_phases(kwargs: Any) -> None:
             continue
         number = _number(value)
         if number is None or not math.isfinite(number) or number < 0 or (number >= 1 and number != int(number)):
-            raise Mismatch(f"has {name}={value!r}: it must be steps (a whole number) or a fraction of all steps "
-                           "below 1")  # fmt: skip
+            raise Mismatch(
+                f"has {name}={value!r}: it must be steps (a whole number) or a fraction of all steps below 1"
+            )
 
 
 def rescale(file: dict[str, Any], data: dict[str, Any], overridden: set[str]) -> tuple[dict[str, Any], int | None]:
@@ -105,8 +106,7 @@ def scheduler_kwargs(scheduler: str, kwargs: Any, warmup: int, total: int, known
     if known_total and steps > total:
         phases = ", ".join(f"{name} {resolved[name]}" for name in given)
         raise BadInputError(
-            f"the schedule does not fit the run: warmup {warmup} + {phases} is {steps} steps, and the run has "
-            f"{total}",
+            f"the schedule does not fit the run: warmup {warmup} + {phases} is {steps} steps, and the run has {total}",
             hint=f"shorten warmup_steps or {KWARGS}, or give them as fractions of the run (below 1)",
         )
     return resolved
@@ -118,13 +118,20 @@ def build_scheduler(args: Any, optimizer: Any, total: int, known_total: bool = T
 
     warmup = args.get_warmup_steps(total)
     kwargs = scheduler_kwargs(args.lr_scheduler_type, args.lr_scheduler_kwargs, warmup, total, known_total)
-    return get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
-                         num_training_steps=total, scheduler_specific_kwargs=kwargs)  # fmt: skip
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+        scheduler_specific_kwargs=kwargs,
+    )
 
 
 def schedule_note(written: int | None) -> str | None:
     """What the resolved recipe says about a rescaled schedule."""
     if written is None:
         return None
-    return (f"the recipe's schedule is written for {written} steps: its warmup and decay are scaled to this run's "
-            "length (fractions of it)")  # fmt: skip
+    return (
+        f"the recipe's schedule is written for {written} steps: its warmup and decay are scaled to this run's "
+        "length (fractions of it)"
+    )

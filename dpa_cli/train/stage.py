@@ -61,7 +61,9 @@ def source_model(request: TrainRequest, manifest: dict[str, Any]) -> Path:
     if request.from_model in (None, "model", "stage1"):  # the workspace's own folders: the model dpa.yaml describes
         check_model_folder(source, manifest)
     else:  # any folder: it must hold this workspace's DPA model (another stage of it, a copy, an export)
-        hint = "training starts from a DPA model: pass --from model or stage1, or upgrade that folder with `dpa upgrade`"
+        hint = (
+            "training starts from a DPA model: pass --from model or stage1, or upgrade that folder with `dpa upgrade`"
+        )
         check_json_files(source)  # every JSON file read as dpa reads user files, before transformers does
         check_model_folder(source, manifest, hint=hint, what="--from ")
         _check_same_tensors(source, workspace / MODEL_DIR)
@@ -72,8 +74,8 @@ def _check_same_tensors(source: Path, reference: Path) -> None:
     """A --from folder holds this workspace's model only with the same tensors of the same shapes (headers only;
     names compared as transformers loads them, so legacy key spellings and tied copies do not matter)."""
     from dpa_cli.checkpoint import read_checkpoint_index
-    from dpa_cli.loading import load_config
     from dpa_cli.checkpoint.naming import meta_model, meta_state, rename_to_memory
+    from dpa_cli.loading import load_config
 
     model = meta_model("AutoModelForImageTextToText", load_config(reference))
     wanted = {name: tuple(tensor.shape) for name, tensor in meta_state(model).items()}
@@ -85,9 +87,11 @@ def _check_same_tensors(source: Path, reference: Path) -> None:
         if found.get(name) != wanted.get(name):
             have = f"{list(found[name])}" if name in found else "nothing"
             want = f"{list(wanted[name])}" if name in wanted else "no such tensor"
-            raise BadInputError(f"--from {source} holds another model than this workspace's: tensor {name!r} has "
-                                f"{have} there, {want} here",
-                                hint="pass --from model or stage1, or a stage result of this workspace")  # fmt: skip
+            raise BadInputError(
+                f"--from {source} holds another model than this workspace's: tensor {name!r} has "
+                f"{have} there, {want} here",
+                hint="pass --from model or stage1, or a stage result of this workspace",
+            )
 
 
 @dataclass(frozen=True)
@@ -165,8 +169,10 @@ def resume_hint(workspace: Path, stage: int) -> str:
     """What to do after a run stopped: resume it from its last checkpoint, or run again."""
     folder, pending = stage_dir(workspace, stage), restart_dir(workspace, stage)
     if latest_checkpoint(pending) is not None:
-        return f"{folder.name} is untouched; run the same command with --resume instead of --restart to continue " \
-               f"from {latest_checkpoint(pending).name}"
+        return (
+            f"{folder.name} is untouched; run the same command with --resume instead of --restart to continue "
+            f"from {latest_checkpoint(pending).name}"
+        )
     if (folder / MODEL_DIR).is_dir():
         return f"{folder.name}'s finished result is untouched: run the command again"
     checkpoint = latest_checkpoint(folder)

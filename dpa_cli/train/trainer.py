@@ -35,8 +35,9 @@ class TrainingStopped(DpaError):
 
 
 class DPATrainer(Trainer):
-    def __init__(self, *args: Any, part_lrs: dict[str, float] | None = None, lengths: list[int] | None = None,
-                 **kwargs: Any):  # fmt: skip
+    def __init__(
+        self, *args: Any, part_lrs: dict[str, float] | None = None, lengths: list[int] | None = None, **kwargs: Any
+    ):
         self.part_lrs = part_lrs or {}
         self.lengths = lengths  # every sample's length, for group_by_length (data/lengths.py)
         self._saving = False
@@ -150,8 +151,14 @@ class LossGuard(TrainerCallback):
 def check_weights_finite(model: torch.nn.Module, step: int) -> None:
     """TrainingStopped naming the first trained parameter that holds a NaN or inf. Every process agrees: under
     ZeRO-3 each one holds only its shard (`ds_tensor`), so the verdict is all-reduced before anyone raises."""
-    bad = next((name for name, param in model.named_parameters()
-                if param.requires_grad and not torch.isfinite(getattr(param, "ds_tensor", param)).all()), None)  # fmt: skip
+    bad = next(
+        (
+            name
+            for name, param in model.named_parameters()
+            if param.requires_grad and not torch.isfinite(getattr(param, "ds_tensor", param)).all()
+        ),
+        None,
+    )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         flag = torch.tensor([bad is not None], dtype=torch.int32, device=device)
@@ -160,4 +167,3 @@ def check_weights_finite(model: torch.nn.Module, step: int) -> None:
     if bad is not None:
         said = f"step {step}: the trained weights are no longer finite ({bad} holds NaN or inf)"
         raise TrainingStopped(said, hint=DIVERGED)
-

@@ -28,10 +28,15 @@ from dpa_cli.train.schedule import build_scheduler, check_phases
 
 MODES = PartMode.names()
 OWN_TYPES: dict[str, Any] = {
-    "stage": int, "global_batch_size": int, "max_length": int,
-    "lora_r": int, "lora_alpha": int | float, "lora_dropout": float, "lora_targets": str,
+    "stage": int,
+    "global_batch_size": int,
+    "max_length": int,
+    "lora_r": int,
+    "lora_alpha": int | float,
+    "lora_dropout": float,
+    "lora_targets": str,
     "pack": bool,
-}  # fmt: skip
+}
 # Installable package of a reporting backend, where it is not the backend's own name.
 PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "tensorboard": "tensorboard", "neptune": "neptune"}
 
@@ -73,31 +78,56 @@ def _regex(value: Any) -> None:
 # What a value must satisfy beyond its type, where the meaning requires it (fields of other transformers
 # versions are simply never met).
 CHECKS: dict[str, Callable[[Any], None]] = {
-    "learning_rate": RATE, "num_train_epochs": POSITIVE, "adam_epsilon": POSITIVE,
+    "learning_rate": RATE,
+    "num_train_epochs": POSITIVE,
+    "adam_epsilon": POSITIVE,
     "max_steps": Bound(0, "must be positive (or -1: train by epochs)", open_low=True, also=(-1,)),
-    "warmup_steps": NON_NEGATIVE, "warmup_ratio": FRACTION, "weight_decay": NON_NEGATIVE,
-    "adam_beta1": FRACTION, "adam_beta2": FRACTION, "max_grad_norm": NON_NEGATIVE,
-    "label_smoothing_factor": FRACTION, "neftune_noise_alpha": POSITIVE,
-    "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
-    "logging_steps": POSITIVE, "save_steps": POSITIVE, "eval_steps": POSITIVE, "eval_delay": NON_NEGATIVE,
-    "save_total_limit": AT_LEAST_1, "seed": SEED, "data_seed": SEED,
-    "dataloader_num_workers": NON_NEGATIVE, "dataloader_prefetch_factor": AT_LEAST_1,
-    "torch_empty_cache_steps": AT_LEAST_1, "eval_accumulation_steps": AT_LEAST_1,
-    "ddp_timeout": POSITIVE, "ddp_bucket_cap_mb": POSITIVE,
-    "global_batch_size": AT_LEAST_1, "max_length": AT_LEAST_1,
-    "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION, "lora_targets": _regex,
+    "warmup_steps": NON_NEGATIVE,
+    "warmup_ratio": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "max_grad_norm": NON_NEGATIVE,
+    "label_smoothing_factor": FRACTION,
+    "neftune_noise_alpha": POSITIVE,
+    "per_device_train_batch_size": AT_LEAST_1,
+    "per_device_eval_batch_size": AT_LEAST_1,
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "eval_delay": NON_NEGATIVE,
+    "save_total_limit": AT_LEAST_1,
+    "seed": SEED,
+    "data_seed": SEED,
+    "dataloader_num_workers": NON_NEGATIVE,
+    "dataloader_prefetch_factor": AT_LEAST_1,
+    "torch_empty_cache_steps": AT_LEAST_1,
+    "eval_accumulation_steps": AT_LEAST_1,
+    "ddp_timeout": POSITIVE,
+    "ddp_bucket_cap_mb": POSITIVE,
+    "global_batch_size": AT_LEAST_1,
+    "max_length": AT_LEAST_1,
+    "lora_r": AT_LEAST_1,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": FRACTION,
+    "lora_targets": _regex,
     "lr_scheduler_kwargs": check_phases,
-}  # fmt: skip
+}
 NO_EVAL = "dpa train has no evaluation set; evaluate with `dpa eval`"
 # Trainer features dpa train does not use: (the values that work, why).
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "eval_strategy": (("no",), NO_EVAL), "do_eval": ((False,), NO_EVAL), "eval_on_start": ((False,), NO_EVAL),
-    "load_best_model_at_end": ((False,), NO_EVAL), "save_strategy": (("no", "steps", "epoch"), NO_EVAL),
+    "eval_strategy": (("no",), NO_EVAL),
+    "do_eval": ((False,), NO_EVAL),
+    "eval_on_start": ((False,), NO_EVAL),
+    "load_best_model_at_end": ((False,), NO_EVAL),
+    "save_strategy": (("no", "steps", "epoch"), NO_EVAL),
     "push_to_hub": ((False,), "dpa works offline; upload the exported model yourself"),
     "fsdp": ((None, "", False), "dpa shards training with DeepSpeed: use --deepspeed zero3"),
-    "train_sampling_strategy": (("random", "sequential", "group_by_length"),
-                                "dpa samples randomly, in order, or grouped by length (group_by_length)"),
-}  # fmt: skip
+    "train_sampling_strategy": (
+        ("random", "sequential", "group_by_length"),
+        "dpa samples randomly, in order, or grouped by length (group_by_length)",
+    ),
+}
 # Packages a setting needs when it is on: (import name, pip name); transformers would fail only at Trainer init.
 REQUIRES = {"use_liger_kernel": ("liger_kernel", "liger-kernel")}
 
@@ -116,8 +146,9 @@ def _compile_backends() -> list[str]:
 
 # Choices torch knows only at run time (asked only when the key is set).
 CHOICES: dict[str, Callable[[], list[str]]] = {
-    "torch_compile_mode": _compile_modes, "torch_compile_backend": _compile_backends,
-}  # fmt: skip
+    "torch_compile_mode": _compile_modes,
+    "torch_compile_backend": _compile_backends,
+}
 
 
 @functools.cache
@@ -170,8 +201,9 @@ def check_recipe(data: dict[str, Any], texts: dict[str, str]) -> dict[str, Any]:
     take text (`--set run_name=2024-01-01` is a name, not a YAML date)."""
     fields = training_fields()
     checked = {
-        "trainable": _trainable(data.get("trainable")), "learning_rates": _learning_rates(data.get("learning_rates")),
-    }  # fmt: skip
+        "trainable": _trainable(data.get("trainable")),
+        "learning_rates": _learning_rates(data.get("learning_rates")),
+    }
     for key, value in data.items():
         if key in checked:
             continue
@@ -212,8 +244,10 @@ def _trainable(value: Any) -> dict[str, str]:
             raise BadInputError(f"trainable.{part}={mode!r} is not one of {', '.join(MODES)}")
     missing = [p for p in PARTS if p not in trainable]
     if missing:
-        raise BadInputError(f"the recipe does not say how to train {', '.join(missing)} (under trainable:)",
-                            hint="give every part a mode: frozen, full or lora")  # fmt: skip
+        raise BadInputError(
+            f"the recipe does not say how to train {', '.join(missing)} (under trainable:)",
+            hint="give every part a mode: frozen, full or lora",
+        )
     return trainable
 
 

@@ -26,7 +26,9 @@ BANNER = "{#- dpa: list content flattened to text, image items as the image plac
 # (dpa's data reader gives that newline back to the marker). Items other than text and image carry nothing the
 # DPA processor reads, so they are left out. `dict(message, content=...)` keeps every other key of the message
 # (reasoning_content, tool_calls, name, ...). Top-level `set messages` rebinds the name the LM's template reads.
-_PRELUDE = BANNER + """
+_PRELUDE = (
+    BANNER
+    + """
 {%- set dpa_ns = namespace(messages=[]) -%}
 {%- for message in messages -%}
 {%- set content = message.content if message.content is defined else none -%}
@@ -45,6 +47,7 @@ _PRELUDE = BANNER + """
 {%- endfor -%}
 {%- set messages = dpa_ns.messages -%}
 """
+)
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,15 @@ class WorkspaceTemplate:
 
     def note(self) -> str | None:
         if not self.renders_images:
-            return ("the target's chat template does not render a user turn's text and images, even flattened to "
-                    "text: chat with images will be refused; fix its chat_template.jinja")  # fmt: skip
+            return (
+                "the target's chat template does not render a user turn's text and images, even flattened to "
+                "text: chat with images will be refused; fix its chat_template.jinja"
+            )
         if self.wrapped:
-            return (f"the target's chat template renders only text: wrapped so that an image item renders as "
-                    f"{self.image_text} inside it")  # fmt: skip
+            return (
+                f"the target's chat template renders only text: wrapped so that an image item renders as "
+                f"{self.image_text} inside it"
+            )
         return None
 
 
@@ -88,16 +95,25 @@ def wrap(template: str, image: str) -> str:
 
 def _probe() -> list[dict[str, Any]]:
     """A user turn with two images, text between and after them, in the shape processors are given."""
-    return [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": PROBE_TEXT}, {"type": "image"}, {"type": "text", "text": "?"},
-    ]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": PROBE_TEXT},
+                {"type": "image"},
+                {"type": "text", "text": "?"},
+            ],
+        }
+    ]
 
 
 def renders_images(tokenizer: Any, template: str, image_token: str) -> bool:
     """Whether `template` renders the probe's two image items as the placeholder and keeps its text."""
     try:
-        text = tokenizer.apply_chat_template(_probe(), chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
+        text = tokenizer.apply_chat_template(
+            _probe(), chat_template=template, tokenize=False, add_generation_prompt=True
+        )
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError):
         return False  # a template that cannot render list content at all
     return isinstance(text, str) and text.count(image_token) == 2 and PROBE_TEXT in text

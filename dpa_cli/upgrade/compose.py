@@ -15,15 +15,21 @@ from typing import Any
 from dpa_cli.errors import BadInputError
 from dpa_cli.families import FAMILIES
 from dpa_cli.families.base import Composition
-from dpa_cli.families.paper import PAPER_VL, DEFAULT_MROPE, TEXT_MODEL_TYPE, plain_qwen3, rope_parameters, skeleton_config
-from dpa_cli.families.paper import skeleton_text, text_part
+from dpa_cli.families.paper import (
+    DEFAULT_MROPE,
+    PAPER_VL,
+    TEXT_MODEL_TYPE,
+    plain_qwen3,
+    rope_parameters,
+    skeleton_config,
+    skeleton_text,
+    text_part,
+)
 from dpa_cli.upgrade.sources import Checkpoint
 from dpa_cli.upgrade.tokens import Placeholder
 
 # Fields that describe one saved checkpoint rather than the architecture.
 _PROVENANCE = ("architectures", "auto_map", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
-
-
 
 
 # The ViT families a perceiver is composed from (`--perceiver vit=...,lm=...`): those that declare how.
@@ -47,6 +53,7 @@ def pair_encoding(sources: Any) -> str:
     """The encoding an upgrade gets when --encoding is not given: `paper` for the paper's own pair (a perceiver of
     the paper's skeleton, existing or composed from a Qwen2.5-VL ViT, and a Qwen3 target LLM: the official DPA
     model's parts), the text the official code trains them on; `dpa` (the target's chat template) otherwise."""
+
     def qwen3(checkpoint: Checkpoint) -> bool:
         return text_config(checkpoint).get("model_type") == "qwen3"
 
@@ -75,8 +82,9 @@ def text_config(checkpoint: Checkpoint, vocab_size: int | None = None) -> dict[s
     return config
 
 
-def composed_perceiver_config(vit: Checkpoint, lm: Checkpoint, image: Placeholder, vocab_size: int,
-                              tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+def composed_perceiver_config(
+    vit: Checkpoint, lm: Checkpoint, image: Placeholder, vocab_size: int, tokenizer: Any
+) -> dict[str, Any]:
     """The VLM config of `vit`'s family with `lm` as its text model and `image` (a token of `tokenizer`, the
     small LM's) as its image token."""
     composition(vit)  # refuses a ViT source no composition is declared for
@@ -91,8 +99,9 @@ def composed_perceiver_config(vit: Checkpoint, lm: Checkpoint, image: Placeholde
     return config
 
 
-def _paper_perceiver(vit: Checkpoint, lm: Checkpoint, small_lm: dict[str, Any], image: Placeholder,
-                     tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+def _paper_perceiver(
+    vit: Checkpoint, lm: Checkpoint, small_lm: dict[str, Any], image: Placeholder, tokenizer: Any
+) -> dict[str, Any]:
     """The paper skeleton: `vit`'s ViT and merger, `lm`'s Qwen3 blocks under `vit`'s M-RoPE sections."""
     if small_lm.get("model_type") != "qwen3":
         raise BadInputError(

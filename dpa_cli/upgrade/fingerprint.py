@@ -65,4 +65,3 @@ class InputHashes:
     def cancel(self) -> None:
         """Stop hashing (the result is no longer wanted); results already computed stay."""
         self._stop.set()
-

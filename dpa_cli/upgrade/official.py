@@ -62,8 +62,13 @@ def official_sources(checkpoint: Checkpoint) -> Sources:
     own_processor = all((checkpoint.path / name).is_file() for name in PROCESSOR_FILES)
     processor = checkpoint.path if own_processor else _files(config, "p_processor_name_or_path", VIT_PATH, where)
     view = dict(resolved=checkpoint.resolved, index=checkpoint.index, disk=disk)
-    target = Checkpoint("target", config=thinker, family=get_family("causal_lm"), **view,
-                        files=_files(config, "t_tokenizer_name_or_path", THINKER, where))  # fmt: skip
+    target = Checkpoint(
+        "target",
+        config=thinker,
+        family=get_family("causal_lm"),
+        **view,
+        files=_files(config, "t_tokenizer_name_or_path", THINKER, where),
+    )
     perceiver = Checkpoint("perceiver", config=skeleton, family=get_family("qwen2_5_vl_qwen3"), files=processor, **view)
     phi = Checkpoint("phi", config={}, family=checkpoint.family, **view)
     keys = list(checkpoint.index.tensors)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dpa_cli.checkpoint import TensorInfo
+from dpa_cli.checkpoint.naming import error_summary, meta_model, meta_state
 from dpa_cli.checkpoint.reader import torch_dtype
 from dpa_cli.checkpoint.writer import TensorSpec, plan_shards
 from dpa_cli.defaults import SHARD_SIZE, Dtype
@@ -22,9 +23,14 @@ from dpa_cli.families import Component, detect_family
 from dpa_cli.upgrade.chat_template import WorkspaceTemplate, workspace_template
 from dpa_cli.upgrade.compose import composed_perceiver_config, composition, dpa_config, pair_encoding, text_config
 from dpa_cli.upgrade.encoding import resolve_options, target_markers
-from dpa_cli.checkpoint.naming import error_summary, meta_model, meta_state
 from dpa_cli.upgrade.sources import Checkpoint, Sources
-from dpa_cli.upgrade.tokens import Placeholder, choose_placeholder, ensure_pad_token, existing_placeholder, load_tokenizer
+from dpa_cli.upgrade.tokens import (
+    Placeholder,
+    choose_placeholder,
+    ensure_pad_token,
+    existing_placeholder,
+    load_tokenizer,
+)
 
 # In-memory name prefix in a source model -> where it goes in the DPA model. Anything else is dropped.
 VLM_TARGET = {"model.language_model.": "model.language_model.", "lm_head.": "lm_head."}
@@ -188,13 +194,19 @@ def build_config(
         markers = list(sources.perceiver.family.marker_token_ids(sources.perceiver.config))
     else:
         vocab = _vocab(sources.lm, placeholders["perceiver"])
-        perceiver_config = composed_perceiver_config(sources.vit, sources.lm, placeholders["perceiver"], vocab,
-                                                     tokenizers["perceiver"])  # fmt: skip
+        perceiver_config = composed_perceiver_config(
+            sources.vit, sources.lm, placeholders["perceiver"], vocab, tokenizers["perceiver"]
+        )
         markers = list(detect_family(perceiver_config).marker_token_ids(perceiver_config))
     if options.perceiver_layers is not None:
         perceiver_config = _keep_blocks(perceiver_config, options.perceiver_layers)
     return dpa_config(
-        perceiver_config, target_text, placeholders["target"], placeholders["perceiver"], markers, options,
+        perceiver_config,
+        target_text,
+        placeholders["target"],
+        placeholders["perceiver"],
+        markers,
+        options,
         list(target_markers),
     )
 
@@ -217,7 +229,9 @@ def _plan_copy(name: str, meta: torch.Tensor, checkpoint: Checkpoint, key: str, 
     out_dtype = dtype if source_dtype.is_floating_point else source_dtype
     if want == have:
         return TensorPlan(name, out_dtype, want, checkpoint.role, key)
-    grows_vocab = name.endswith(("embed_tokens.weight", "lm_head.weight")) and want[1:] == have[1:] and want[0] > have[0]
+    grows_vocab = (
+        name.endswith(("embed_tokens.weight", "lm_head.weight")) and want[1:] == have[1:] and want[0] > have[0]
+    )
     if grows_vocab and have[0] == _config_vocab(checkpoint):  # rows for an image token added to the tokenizer
         return TensorPlan(name, out_dtype, want, checkpoint.role, key, pad_rows=want[0] - have[0])
     if grows_vocab:

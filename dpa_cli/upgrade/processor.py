@@ -26,7 +26,9 @@ def write_processor(plan: UpgradePlan, folder: Path) -> None:
     settings_file = images_from.files_path / "processor_config.json"
     settings = read_json(settings_file, error=CheckpointError) if settings_file.is_file() else None
     tokenizers = plan.tokenizers
-    processor = DPAProcessor.from_parts(image_processor, tokenizers["perceiver"], tokenizers["target"], plan.config, settings)
+    processor = DPAProcessor.from_parts(
+        image_processor, tokenizers["perceiver"], tokenizers["target"], plan.config, settings
+    )
     if plan.chat_template is not None and plan.chat_template.wrapped:
         processor.chat_template = plan.chat_template.template  # saved as chat_template.jinja: the tokenizer's too
     processor.save_pretrained(folder)

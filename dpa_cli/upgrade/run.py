@@ -25,7 +25,9 @@ from dpa_cli.workspace.layout import MODEL_DIR
 from dpa_cli.workspace.manifest import is_workspace, versions, write_manifest
 
 
-def plan_upgrade(target: str, perceiver: str | None, options: Options, inputs: InputHashes | None = None) -> UpgradePlan:
+def plan_upgrade(
+    target: str, perceiver: str | None, options: Options, inputs: InputHashes | None = None
+) -> UpgradePlan:
     """The surgery plan. `inputs`, when given, starts hashing the input folders first: the imports and the
     meta-device models below keep one core busy for seconds, the hashing takes the other."""
     if inputs is not None:
@@ -88,7 +90,10 @@ def _manifest(plan: UpgradePlan, fingerprints: dict[str, Any], report: dict[str,
     summary = plan_summary(plan)
     files = {str(c.path): fingerprints[c.role] for c in plan.sources.all()}
     perceiver = summary["perceiver"]
-    for source in (summary["target"], *([perceiver] if perceiver["kind"] == "existing" else [perceiver["vit"], perceiver["lm"]])):
+    for source in (
+        summary["target"],
+        *([perceiver] if perceiver["kind"] == "existing" else [perceiver["vit"], perceiver["lm"]]),
+    ):
         source["files"] = files[source["path"]]
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import families
 from dpa_cli.catalog import expand_alias
 from dpa_cli.checkpoint import CheckpointIndex, read_checkpoint_index
+from dpa_cli.checkpoint.naming import error_summary, memory_names
 from dpa_cli.describe import check_json_files, read_config
 from dpa_cli.errors import BadInputError, CheckpointError
-from dpa_cli import families
 from dpa_cli.families import Family, Role, detect_family
 from dpa_cli.families.config_check import check_with_transformers
 from dpa_cli.hub import ResolvedModel, resolve_model
-from dpa_cli.checkpoint.naming import error_summary, memory_names
 
 COMPOSED_KEYS = ("vit", "lm")
 
@@ -140,7 +140,9 @@ def parse_perceiver_spec(spec: str) -> str | ComposedSpec:
         parts[key] = value
     missing = [key for key in COMPOSED_KEYS if key not in parts]
     if missing:
-        raise BadInputError(f"composed perceiver {spec!r} lacks {' and '.join(missing)}=", hint="give both vit= and lm=")
+        raise BadInputError(
+            f"composed perceiver {spec!r} lacks {' and '.join(missing)}=", hint="give both vit= and lm="
+        )
     return ComposedSpec(parts["vit"], parts["lm"])
 
 
@@ -211,7 +213,8 @@ def open_sources(target_spec: str, perceiver_spec: str | None) -> Sources:
         return Sources(target, vit=vit, lm=lm, composed=parsed)
     perceiver = open_checkpoint(parsed, "perceiver")
     if perceiver.path == target.path:
-        raise BadInputError(f"the perceiver is the target itself ({target.path})", hint="pass a small VLM as --perceiver")
+        raise BadInputError(
+            f"the perceiver is the target itself ({target.path})", hint="pass a small VLM as --perceiver"
+        )
     _require_role(perceiver, Role.PERCEIVER, "perceiver")
     return Sources(target, perceiver=perceiver)
-

@@ -8,7 +8,6 @@ from typing import Any
 from dpa_cli.parts import part_of
 from dpa_cli.upgrade.plan import PHI, TensorPlan, UpgradePlan
 
-
 LABELS = {"vit": "perceiver vision", "perceiver_lm": "perceiver language_model", "phi": "phi"}
 
 
@@ -57,7 +56,9 @@ def plan_summary(plan: UpgradePlan) -> dict[str, Any]:
         },
         "kept": {name: part for name, part in parts.items() if "new" not in part["from"]},
         "dropped": plan.dropped,
-        "new": {} if plan.sources.converted else {
+        "new": {}
+        if plan.sources.converted
+        else {
             "phi": _new(plan, [t for t in new if t.name.startswith(PHI)]),
             **({"phi_p": _new(plan, phi_p)} if phi_p else {}),
         },

@@ -24,7 +24,9 @@ def check_written(plan: UpgradePlan, folder: Path) -> dict[str, Any]:
         if want is not None and (info.shape != want.shape or info.dtype != SAFETENSORS_DTYPES[want.dtype]):
             problems.append(name)
     if problems:
-        raise DpaError(f"{folder}: the written checkpoint differs from the plan at {problems[0]!r} ({len(problems)} keys)")
+        raise DpaError(
+            f"{folder}: the written checkpoint differs from the plan at {problems[0]!r} ({len(problems)} keys)"
+        )
     return {"keys": len(index.tensors), "shards": len(index.files), "bytes": index.total_bytes}
 
 
@@ -50,7 +52,9 @@ def _load_and_run(folder: Path) -> dict[str, Any]:
     model, info = loading.load_model(folder, output_loading_info=True, dtype=torch.float32)
     missing, unexpected = info["missing_keys"], info["unexpected_keys"]
     if missing or unexpected:
-        raise DpaError(f"{folder}: loading left keys missing {sorted(missing)[:3]} / unexpected {sorted(unexpected)[:3]}")
+        raise DpaError(
+            f"{folder}: loading left keys missing {sorted(missing)[:3]} / unexpected {sorted(unexpected)[:3]}"
+        )
     processor = loading.load_processor(folder)
     image = Image.new("RGB", (64, 48), (120, 160, 200))
     prompt = "Describe the image."

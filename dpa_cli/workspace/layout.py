@@ -1,13 +1,13 @@
 """Where everything lives in a workspace: the one place that spells its folder and file names.
 
-    WORKSPACE/
-      dpa.yaml                 the record (sources, plan, options, versions, stages done)
-      model/                   the upgraded DPA model
-      stageN/                  a stage's run: checkpoint-K/, metrics.jsonl, then its result:
-        model/                 the trained weights (a LoRA stage: the base with the trained phi)
-        adapter/               a LoRA stage's PEFT adapter, applied unmerged
-      .stageN.restart/         a `--restart` building the stage anew beside the old one
-      export/                  `dpa export`'s default output (dpa_export.json inside)
+WORKSPACE/
+  dpa.yaml                 the record (sources, plan, options, versions, stages done)
+  model/                   the upgraded DPA model
+  stageN/                  a stage's run: checkpoint-K/, metrics.jsonl, then its result:
+    model/                 the trained weights (a LoRA stage: the base with the trained phi)
+    adapter/               a LoRA stage's PEFT adapter, applied unmerged
+  .stageN.restart/         a `--restart` building the stage anew beside the old one
+  export/                  `dpa export`'s default output (dpa_export.json inside)
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import yaml
 
 from dpa_cli import __version__
 from dpa_cli.checkpoint.atomic import write_text_atomic
-from dpa_cli.errors import BadInputError
 from dpa_cli.describe import check_json_files
+from dpa_cli.errors import BadInputError
 from dpa_cli.families import check_config
 from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_json, reason
 from dpa_cli.records import MANIFEST_HINT, check_manifest
@@ -85,8 +85,9 @@ def read_manifest(workspace: Path) -> dict[str, Any]:
     except PARSE_ERRORS as err:
         raise BadInputError(f"{path}: cannot read it ({reason(err)})", hint=MANIFEST_HINT) from None
     if not isinstance(manifest, dict) or manifest.get("dpa_workspace") != FORMAT:
-        raise BadInputError(f"{path}: not a dpa workspace manifest (no `dpa_workspace: {FORMAT}` mapping)",
-                            hint=MANIFEST_HINT)  # fmt: skip
+        raise BadInputError(
+            f"{path}: not a dpa workspace manifest (no `dpa_workspace: {FORMAT}` mapping)", hint=MANIFEST_HINT
+        )
     return check_manifest(manifest, Path(workspace), str(path))
 
 
@@ -105,8 +106,11 @@ def check_model_folder(folder: Path, manifest: dict[str, Any], hint: str | None 
     text = config.get("text_config")
     have = text.get("hidden_size") if isinstance(text, dict) else None
     if width is not None and have is not None and width != have:
-        raise BadInputError(f"{what}{folder} holds a DPA model of target width {have}, not the DPA model of this "
-                            f"workspace (dpa.yaml: target width {width})", hint=hint)  # fmt: skip
+        raise BadInputError(
+            f"{what}{folder} holds a DPA model of target width {have}, not the DPA model of this "
+            f"workspace (dpa.yaml: target width {width})",
+            hint=hint,
+        )
 
 
 def write_manifest(workspace: Path, manifest: dict[str, Any]) -> None:

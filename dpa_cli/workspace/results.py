@@ -61,8 +61,10 @@ def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
             hint=f"run `dpa train --stage {stage}` first, or leave out --stage for the latest finished stage",
         )
     if not (workspace / MODEL_DIR / "config.json").is_file():
-        raise BadInputError(f"{workspace / MODEL_DIR} is not a model folder (no config.json)",
-                            hint="restore it from the upgrade, or upgrade again into a new folder with -o")  # fmt: skip
+        raise BadInputError(
+            f"{workspace / MODEL_DIR} is not a model folder (no config.json)",
+            hint="restore it from the upgrade, or upgrade again into a new folder with -o",
+        )
     check_model_folder(workspace / MODEL_DIR, read_manifest(workspace))
     return StageResult(MODEL_DIR, workspace / MODEL_DIR, None, workspace)
 
