@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,12 +17,21 @@ from dpa_cli.train.recipe import DEFAULT_LORA_TARGETS
 ALL_LINEAR = "all-linear"
 
 
-def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dict[str, Any] | None = None):
-    """Set requires_grad per part, wrapping the LoRA part with PEFT adapters; returns (model, table).
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapters of a LoRA run: rank, alpha, dropout, `targets` (a regex over module names, by default the
+    target LLM's linears, or `all-linear`: every linear layer of the parts set to `lora`) and the `seed` the A
+    matrices are drawn from."""
 
-    `lora`: r, alpha, dropout, `targets` (a regex over module names, by default the target LLM's linears, or
-    `all-linear`: every linear layer of the parts set to `lora`) and the `seed` its A matrices are drawn from.
-    """
+    r: int
+    alpha: float
+    dropout: float
+    targets: str
+    seed: int = 0
+
+
+def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: LoraSpec | None = None):
+    """Set requires_grad per part, wrapping the LoRA parts with PEFT adapters (`lora`); returns (model, table)."""
     family = perceiver_family(model.config)
     if lora is not None:
         model = _add_adapters(model, lora, trainable)
@@ -33,19 +43,19 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, str], lora: dic
     return model, trainable_table(model, trainable)
 
 
-def _add_adapters(model: torch.nn.Module, lora: dict[str, Any], trainable: dict[str, str]) -> torch.nn.Module:
+def _add_adapters(model: torch.nn.Module, lora: LoraSpec, trainable: dict[str, str]) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    targets = lora["targets"]
+    targets = lora.targets
     check_lora_targets(model, targets, trainable)
     # PEFT reads a string as a regex over module names: all-linear goes to it as the names it stands for.
     modules = targets if targets != ALL_LINEAR else [name for name, _ in lora_modules(model, targets, trainable)]
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules)
     try:
         # LoRA A starts random: drawn from the run's seed, so a run repeats exactly (an interrupted one resumes
         # to the same weights) and every process of a distributed run starts from the same adapter.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(lora.get("seed", 0))
+            torch.manual_seed(lora.seed)
             return get_peft_model(model, config)
     except ValueError as err:  # the recipe gate has checked r, alpha and dropout: what is left is PEFT's view
         raise BadInputError(f"lora_targets {targets!r}: PEFT refuses them ({' '.join(str(err).split())})") from None

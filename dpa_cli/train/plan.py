@@ -18,6 +18,7 @@ from typing import Any
 from dpa_cli.defaults import OnBadSample
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.arguments import check_deepspeed_launch, trainer_kwargs, world_size
+from dpa_cli.train.freeze import LoraSpec
 from dpa_cli.train.recipe import RECIPES, Recipe, gradient_accumulation
 from dpa_cli.train.resume import check_checkpoint
 from dpa_cli.train.stage import RunFolder, TrainRequest, plan_run_folder, resolve_recipe, source_model
@@ -38,18 +39,12 @@ class StagePlan:
     processes: int  # training processes, on every node
 
     @property
-    def lora(self) -> dict[str, Any] | None:
-        """The LoRA settings of the LLM part (None without LoRA); A is drawn from the run's seed."""
+    def lora(self) -> LoraSpec | None:
+        """The adapters of the parts set to `lora` (None without LoRA); A is drawn from the run's seed."""
         recipe = self.recipe
         if not recipe.uses_lora:
             return None
-        return {
-            "r": recipe.lora_r,
-            "alpha": recipe.lora_alpha,
-            "dropout": recipe.lora_dropout,
-            "targets": recipe.lora_targets,
-            "seed": self.args.seed,
-        }
+        return LoraSpec(recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout, recipe.lora_targets, self.args.seed)
 
     def describe(self) -> dict[str, Any]:
         """The plan as `dpa train --dry-run --json` prints it (the trainable table is added by the caller)."""
