@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dpa_cli.cli.inspect_cmd import human_bytes
 from dpa_cli.cli.options import JsonFlag, SizeOption, TrustRemoteCodeFlag
-from dpa_cli.cli.render import err, out, print_json
+from dpa_cli.cli.render import byte_bar, err, out, print_json
 from dpa_cli.defaults import SHARD_SIZE_TEXT
 from dpa_cli.export.card import load_line
 
@@ -91,15 +90,7 @@ class _Display:
 
     def __init__(self, total: int, quiet: bool):
         self.quiet, self.live = quiet, None
-        self.bar = Progress(
-            TextColumn("writing"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        )
+        self.bar = byte_bar()
         self.task = self.bar.add_task("writing", total=total)
 
     def phase(self, name: str) -> None:

@@ -70,3 +70,11 @@ class DpaTyper(typer.Typer):
         kwargs.setdefault("cls", DpaCommand)
         register = super().command(*args, **kwargs)
         return lambda fn: register(report_errors(fn))
+
+
+def byte_bar(disable: bool = False) -> Any:
+    """The bar `upgrade` and `export` show while shards stream: bytes written, speed and ETA, on stderr."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=err, transient=True, disable=disable)

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from dpa_cli.cli.inspect_cmd import human_bytes, human_count
 from dpa_cli.cli.options import JsonFlag, SizeOption
-from dpa_cli.cli.render import err, out, print_json
+from dpa_cli.cli.render import byte_bar, out, print_json
 from dpa_cli.defaults import SHARD_SIZE_TEXT, Dtype
 
 
@@ -148,16 +147,7 @@ class _progress:
 
     def __init__(self, total: int, quiet: bool):
         self.total, self.quiet = total, quiet
-        self.bar = Progress(
-            TextColumn("writing"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-            disable=quiet,
-        )
+        self.bar = byte_bar(disable=quiet)
 
     def __enter__(self):
         self.bar.start()
