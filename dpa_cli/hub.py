@@ -90,11 +90,7 @@ def _snapshot(repo_id: str, revision: str | None, allow_download: bool) -> Path:
 
 
 def resolve_model(
-    spec: str,
-    *,
-    revision: str | None = None,
-    allow_download: bool = False,
-    aliases: Mapping[str, str] | None = None,
+    spec: str, *, revision: str | None = None, allow_download: bool = False, aliases: Mapping[str, str] | None = None
 ) -> ResolvedModel:
     """Turn MODEL into a local folder: an alias is looked up first, then folder, then repo id.
 

@@ -115,11 +115,7 @@ CORRUPT_HEADERS = {
     "unknown dtype": ({"t": {"dtype": "F128", "shape": [2], "data_offsets": [0, 8]}}, None, "unknown dtype"),
     "bad shape": ({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, None, "bad shape"),
     "wrong span": ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, None, "spans 8 bytes"),
-    "overlap": (
-        {**GOOD, "u": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-        None,
-        "'u' overlaps",
-    ),
+    "overlap": ({**GOOD, "u": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, None, "'u' overlaps"),
     "gap": ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, None, "unused bytes before"),
     "bad metadata": ({**GOOD, "__metadata__": {"format": 1}}, None, "__metadata__"),
 }

@@ -165,8 +165,7 @@ def test_existing_file_is_not_a_model(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize(
-    ("spec", "words"),
-    [("tiny-vlm", "neither a folder nor a repo id"), ("acme/tiny vlm", "nor a valid repo id")],
+    ("spec", "words"), [("tiny-vlm", "neither a folder nor a repo id"), ("acme/tiny vlm", "nor a valid repo id")]
 )
 def test_spec_that_is_neither_folder_nor_repo_id(cache: Path, spec: str, words: str) -> None:
     with pytest.raises(ModelNotFoundError, match=words) as err:

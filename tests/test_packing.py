@@ -17,14 +17,7 @@ from typer.testing import CliRunner
 from dpa_cli import loading
 from dpa_cli.cli.app import app
 from dpa_cli.data import DPACollator, EncodedDataset, SampleEncoder, open_samples
-from dpa_cli.data.packing import (
-    PACKED,
-    PackingCollator,
-    model_inputs,
-    pack_dataset,
-    pack_lengths,
-    uses_mrope,
-)
+from dpa_cli.data.packing import PACKED, PackingCollator, model_inputs, pack_dataset, pack_lengths, uses_mrope
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import RECIPES, load_recipe
 from tests.fixtures.data import clean_samples

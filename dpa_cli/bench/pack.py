@@ -45,11 +45,7 @@ def build_model(workdir: Path) -> Path:
     perceiver (that ViT + a Qwen3 128 x 2). Packing only removes the target LLM's padding; the perceiver's work
     is the same in both modes, so a bench whose perceiver dominates would hide the difference."""
     from dpa_cli.bench.train import VOCAB
-    from dpa_cli.synthetic.checkpoints import (
-        build_llava_next_target,
-        build_text_lm,
-        text_config,
-    )
+    from dpa_cli.synthetic.checkpoints import build_llava_next_target, build_text_lm, text_config
     from dpa_cli.upgrade.plan import Options
     from dpa_cli.upgrade.run import plan_upgrade, run_upgrade
 

@@ -6,15 +6,7 @@ import sys
 
 from rich.markup import escape
 
-from dpa_cli.cli.generate_cmd import (
-    DeviceOpt,
-    MaxNewTokensOpt,
-    RunModelArg,
-    StageOpt,
-    TemperatureOpt,
-    _write,
-    describe,
-)
+from dpa_cli.cli.generate_cmd import DeviceOpt, MaxNewTokensOpt, RunModelArg, StageOpt, TemperatureOpt, _write, describe
 from dpa_cli.cli.options import TrustRemoteCodeFlag
 from dpa_cli.cli.render import err
 from dpa_cli.errors import BadInputError

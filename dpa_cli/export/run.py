@@ -129,9 +129,7 @@ def _write(
 
 
 def run_export(
-    plan: ExportPlan,
-    on_bytes: Callable[[int], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
+    plan: ExportPlan, on_bytes: Callable[[int], None] | None = None, on_phase: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Write the planned export through a temporary sibling; verify it there (unless told not to); rename it.
 

@@ -6,11 +6,7 @@ from dpa_cli.families.base import Family, Role, layout
 
 # The hub repos and transformers v5 use the same names.
 _LAYOUT = layout(
-    "v5",
-    vision="model.vision_model",
-    projector="model.connector",
-    language_model="model.text_model",
-    lm_head="lm_head",
+    "v5", vision="model.vision_model", projector="model.connector", language_model="model.text_model", lm_head="lm_head"
 )
 
 IDEFICS3 = Family(

@@ -86,8 +86,4 @@ AutoModel.register(Qwen2_5_VLQwen3Config, Qwen2_5_VLQwen3Model, exist_ok=True)
 AutoModel.register(Qwen2_5_VLQwen3TextConfig, Qwen2_5_VLQwen3TextModel, exist_ok=True)
 AutoModelForImageTextToText.register(Qwen2_5_VLQwen3Config, Qwen2_5_VLQwen3ForConditionalGeneration, exist_ok=True)
 
-__all__ = [
-    "Qwen2_5_VLQwen3ForConditionalGeneration",
-    "Qwen2_5_VLQwen3Model",
-    "Qwen2_5_VLQwen3TextModel",
-]
+__all__ = ["Qwen2_5_VLQwen3ForConditionalGeneration", "Qwen2_5_VLQwen3Model", "Qwen2_5_VLQwen3TextModel"]

@@ -22,13 +22,7 @@ from dpa_cli.train.plan import StagePlan, plan_stage
 from dpa_cli.train.recipe import Recipe
 from dpa_cli.train.resume import check_checkpoint_weights, disk_failure
 from dpa_cli.train.save import save_stage_result
-from dpa_cli.train.stage import (
-    TrainRequest,
-    commit_run_folder,
-    discard_run_folder,
-    resume_hint,
-    start_run_folder,
-)
+from dpa_cli.train.stage import TrainRequest, commit_run_folder, discard_run_folder, resume_hint, start_run_folder
 from dpa_cli.train.trainer import DPATrainer, LossGuard
 from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
