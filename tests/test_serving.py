@@ -311,7 +311,20 @@ def _serve_cases(tmp: Path, export: Path) -> dict[str, tuple[list[str], list[str
     (tmp / "list").mkdir()
     (tmp / "list" / "config.json").write_text("[]")
     missing = ["vLLM is not installed", "pip install vllm", f"transformers serve {export} --trust-remote-code"]
+    config = json.loads((export / "config.json").read_text())
+    for name, change in UNSERVABLE.items():  # a config the plugin cannot serve as transformers runs it
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(json.dumps(_deep_update(config, change)))
+    unservable = {
+        name: ([str(tmp / name)], [f"{name}/config.json", needle, "transformers serve"])
+        for name, needle in (
+            ("markers", "feature_span 'image+markers'"),
+            ("early", "early fusion"),
+            ("gemma-target", "model_type 'gemma3_text' has no vLLM mapping"),
+        )
+    }
     return {
+        **unservable,
         "no-vllm": ([str(export)], missing),
         "no-vllm-port": ([str(export), "--port", "9001"], missing),
         "no-vllm-host-extra": ([str(export), "--host", "0.0.0.0", "--max-model-len", "64"], missing),
@@ -329,7 +342,22 @@ def _serve_cases(tmp: Path, export: Path) -> dict[str, tuple[list[str], list[str
     }
 
 
+UNSERVABLE = {
+    "markers": {"feature_span": "image+markers"},
+    "early": {"early_fusion": True},
+    "gemma-target": {"text_config": {"model_type": "gemma3_text"}},
+}
+
+
+def _deep_update(config: dict, change: dict) -> dict:
+    return {
+        **config,
+        **{k: _deep_update(config.get(k, {}), v) if isinstance(v, dict) else v for k, v in change.items()},
+    }
+
+
 SERVE_CASES = [
+    *UNSERVABLE,
     "no-vllm",
     "no-vllm-port",
     "no-vllm-host-extra",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli import loading
-from dpa_cli.data.encode import CUT, IGNORE_INDEX, SampleEncoder, expand, length_verdict
+from dpa_cli.data.encode import CUT, IGNORE_INDEX, SampleEncoder, expand, length_verdict, size_counts
 from dpa_cli.data.formats import open_samples
 from dpa_cli.data.images import ImageError, load_image, probe_image
 from dpa_cli.data.render import perceiver_segments, supervised_segments
@@ -168,7 +168,7 @@ class Checker:
     ) -> tuple[list[int], list[int], int]:
         """(ids, labels, image slots): from the processor by default, from image sizes with `fast`."""
         if self.fast and self.shown is not None:
-            counts = [self.counter(size) for size in sizes]
+            counts = size_counts(self.counter, sample.id, sizes)
             ids, labels = expand(self.processor, self.encoder.layout(sample), counts)
             return list(ids), list(labels), sum(counts)
         features = self.encoder.encode(sample, None if self.fast else images)

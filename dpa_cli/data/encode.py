@@ -24,6 +24,20 @@ TARGET_KEYS = ("input_ids", "attention_mask", "labels")
 META_KEYS = ("sample_id",)
 
 
+def processor_refusal(sample_id: str, err: ValueError) -> BadSampleError:
+    """The processor refusing a sample's image (too thin for the perceiver's patch grid, an extreme aspect ratio):
+    the sample's problem, the same whether it was encoded or only measured from its image sizes."""
+    return BadSampleError(sample_id, "processor_error", f"the DPA processor refuses it ({err})")
+
+
+def size_counts(counter: Any, sample_id: str, sizes: list[tuple[int, int]]) -> list[int]:
+    """Feature counts of a sample's images from their sizes (`FeatureCounter`), refusals as the encoder's."""
+    try:
+        return [counter(size) for size in sizes]
+    except ValueError as err:
+        raise processor_refusal(sample_id, err) from None
+
+
 def expand(processor: Any, layout: Layout, counts: list[int]) -> tuple[list[int], list[int]]:
     """Target ids with image `i`'s marker expanded to its slots (the processor's rule), and labels (-100 where not
     supervised; image slots never are)."""
@@ -116,7 +130,7 @@ class SampleEncoder:
                 images=images or None, text=layout.text, add_special_tokens=False, return_tensors="pt", **kwargs
             )
         except ValueError as err:  # e.g. an image too thin for the perceiver's patch grid
-            raise BadSampleError(sample.id, "processor_error", f"the DPA processor refuses it ({err})") from None
+            raise processor_refusal(sample.id, err) from None
         ids, labels = expand(self.processor, layout, self.processor.feature_counts(inputs))
         if ids != inputs["input_ids"][0].tolist():
             raise DpaError(

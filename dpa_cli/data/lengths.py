@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dpa_cli import __version__
 from dpa_cli.data.dataset import skippable
-from dpa_cli.data.encode import CUT, SampleEncoder, verdict_of
+from dpa_cli.data.encode import CUT, SampleEncoder, size_counts, verdict_of
 from dpa_cli.data.images import ImageError, probe_image
 from dpa_cli.data.samples import BadSampleError, Sample
 from dpa_cli.errors import BadInputError
@@ -72,22 +73,24 @@ def expanded_length(encoder: SampleEncoder, entry: list, counts: list[int]) -> t
 
 def image_counts(counter: FeatureCounter, sample: Sample) -> list[int]:
     """Each image's feature count from its header's size; a missing or unreadable file is the sample's problem."""
-    counts = []
+    sizes = []
     for ref in sample.images:
         try:
-            counts.append(counter(probe_image(ref)[0]))
+            sizes.append(probe_image(ref)[0])
         except ImageError as err:
             raise BadSampleError(sample.id, err.kind, err.message) from None
-    return counts
+    return size_counts(counter, sample.id, sizes)
 
 
 def _identity(encoder: SampleEncoder) -> str:
     """What the skeletons depend on besides the data: the target tokenizer, its template, the image marker and
-    slots, the stage (stage 1 learns captions only), and this module's skeleton version."""
+    slots, the stage (stage 1 learns captions only), this module's skeleton version and dpa's own (the masking
+    and expansion code the skeletons come from may change between releases)."""
     processor, digest = encoder.processor, hashlib.sha256()
     tokenizer = processor.tokenizer
     parts = [
         SKELETON_VERSION,
+        __version__,
         encoder.stage,
         encoder.masker.template,
         processor.image_token_id,

@@ -38,6 +38,14 @@ def check_model(path: str) -> Path:
             f"{config}: model_type {model_type!r} is not a DPA model",
             hint="`dpa serve` serves DPA exports; serve other models with `vllm serve` itself",
         )
+    from dpa_cli.serving.vllm_spec import UnservableError, check_servable
+
+    try:
+        check_servable(data)
+    except UnservableError as err:
+        raise BadInputError(
+            f"{config}: {err}", hint=f"serve it with transformers: transformers serve {path} --trust-remote-code"
+        ) from None
     return folder
 
 

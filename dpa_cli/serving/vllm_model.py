@@ -147,6 +147,7 @@ class DPAForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
+        spec.check_servable(config)  # what vLLM's placeholders and encoder step cannot reproduce is refused
         self.config = config
         self.configure_mm_token_handling(
             vocab_size=config.text_config.vocab_size, mm_token_ids=list(config.image_slot_token_ids)

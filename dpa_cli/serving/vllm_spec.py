@@ -60,6 +60,20 @@ def _as_dict(config: Any) -> dict[str, Any]:
     return dict(config) if isinstance(config, Mapping) else config.to_dict()
 
 
+def check_servable(config: Any) -> str:
+    """The target's vLLM architecture, when the plugin serves this export as transformers runs it: the image slots
+    must be the image token alone (feature_span `image`: one slot per feature, which is what vLLM's placeholders
+    are) and the perceiver must read the image without the user's text (no early fusion: vLLM's encoder step
+    sees images only)."""
+    span, fused = _get(config, "feature_span", "image"), _get(config, "early_fusion", False)
+    if span != "image" or fused:
+        what = f"feature_span {span!r}" if span != "image" else "early fusion"
+        raise UnservableError(
+            f"the vLLM plugin serves feature_span 'image' without early fusion, and this export has {what}"
+        )
+    return target_architecture(config)
+
+
 def target_architecture(config: Any) -> str:
     """The vLLM architecture that serves the export's target LLM (from a config dict or a DPAConfig)."""
     model_type = _get(_get(config, "text_config") or {}, "model_type")
@@ -210,6 +224,7 @@ __all__ = [
     "image_feature_counts",
     "image_inputs",
     "largest_image_size",
+    "check_servable",
     "target_architecture",
     "target_hf_config",
     "vllm_llm_parameters",
