@@ -156,4 +156,4 @@ def point_adapter_at(adapter: Path, base: Path) -> None:
     path = Path(adapter) / ADAPTER_CONFIG
     config = read_json(path, hint="restore the adapter folder, or train the stage again", error=CheckpointError)
     config.update(base_model_name_or_path=str(Path(base).resolve()), auto_mapping=PLAIN_AUTO_MAPPING)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(path, config)

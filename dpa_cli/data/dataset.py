@@ -107,7 +107,9 @@ class _SkipReport:
 class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
     """Map-style and lazy: item `i` is `encoder(source[i])`, or with `skip` the next good sample after it."""
 
-    def __init__(self, source: Any, encoder: SampleEncoder, on_bad_sample: str = "fail", precheck: bool = True):
+    def __init__(
+        self, source: Any, encoder: SampleEncoder, on_bad_sample: str = OnBadSample.FAIL, precheck: bool = True
+    ):
         _check_mode(on_bad_sample)
         if getattr(source, "streaming", False):
             raise BadInputError("a streaming source has no random access: use EncodedIterableDataset")
@@ -148,7 +150,7 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
 class EncodedIterableDataset(_SkipReport, torch.utils.data.IterableDataset):
     """The streaming counterpart: samples in file order, bad ones skipped and counted, or raised."""
 
-    def __init__(self, source: Any, encoder: SampleEncoder, on_bad_sample: str = "fail"):
+    def __init__(self, source: Any, encoder: SampleEncoder, on_bad_sample: str = OnBadSample.FAIL):
         _check_mode(on_bad_sample)
         self.source, self.encoder, self.on_bad_sample = source, encoder, on_bad_sample
         self._skips = _Skips()

@@ -36,6 +36,9 @@ URL_FIX = "dpa never downloads: download it first, save it under --image-root an
 VIDEO_FIX = "dpa reads still images: extract frames (e.g. `ffmpeg -i VIDEO -vf fps=1 f%04d.png`) and list them"
 
 
+VIDEO_BLOCKS = ("video", "video_url")  # transformers / OpenAI content blocks that hold a video
+
+
 class ImageError(Exception):
     """An image that cannot be used: `kind` is a problem kind of `dpa data check`."""
 
@@ -106,7 +109,7 @@ def image_ref(item: Any, root: Path | None, depth: int = 0) -> ImageRef:
 
 def _from_dict(item: dict, root: Path | None, depth: int) -> ImageRef:
     keys = ", ".join(sorted(map(str, item))) or "no keys"
-    if item.get("type") in ("video", "video_url") or item.get("video") is not None or item.get("video_url") is not None:
+    if item.get("type") in VIDEO_BLOCKS or item.get("video") is not None or item.get("video_url") is not None:
         return _bad("unsupported_image", f"a video block ({keys}): {VIDEO_FIX}")
     if depth >= _DEPTH:
         return _bad("bad_image_ref", f"an image object nested {depth + 1} levels deep ({keys})")

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpa_cli.data.image_refs import VIDEO_FIX, ImageRef, image_refs
+from dpa_cli.data.image_refs import VIDEO_BLOCKS, VIDEO_FIX, ImageRef, image_refs
 from dpa_cli.errors import BadInputError
 
 IMAGE_MARKER = "<image>"  # LLaVA's marker in the data, whatever the target's own image token is
 VIDEO_MARKER = "<video>"  # LLaVA-Video / ms-swift / LLaMA-Factory write it where a video goes
 VIDEO_KEYS = ("video", "videos")  # ShareGPT (LLaMA-Factory) and ms-swift rows
-VIDEO_BLOCKS = ("video", "video_url")  # transformers / OpenAI content blocks
 ROLES = {
     "human": "user",
     "user": "user",

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from dpa_cli.data.encode import TARGET_KEYS  # the target's keys: the stand-in keeps only the perceiver's
+
 KEEPALIVE = "perceiver_keepalive"  # the batch key of the stand-in's perceiver inputs
-# Keys the processor gives per image batch; everything else of the stand-in is thrown away.
-_TARGET_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 class KeepaliveCollator:
@@ -32,7 +32,7 @@ class KeepaliveCollator:
         blank = processor(
             images=[Image.new("RGB", (32, 32), (127, 127, 127))], text=[processor.image_token], return_tensors="pt"
         )
-        self.stand_in = {k: v for k, v in blank.items() if k not in _TARGET_KEYS}
+        self.stand_in = {k: v for k, v in blank.items() if k not in TARGET_KEYS}
         self.stand_ins = 0  # batches of this process that ran the perceiver on the stand-in (data workers: 0)
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_cli.checkpoint.atomic import replace_folder
+from dpa_cli.defaults import OnBadSample
 from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.train.recipe import Recipe, default_recipe, load_recipe
@@ -37,7 +38,7 @@ class TrainRequest:
     restart: bool = False
     max_steps: int | None = None
     from_model: str | None = None  # --from: "model", "stage1" or a folder
-    on_bad_sample: str = "fail"
+    on_bad_sample: str = OnBadSample.FAIL
     pack: bool = False  # --pack: the recipe key `pack` set to true
 
 

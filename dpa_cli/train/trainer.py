@@ -41,7 +41,6 @@ class DPATrainer(Trainer):
         self.part_lrs = part_lrs or {}
         self.lengths = lengths  # every sample's length, for group_by_length (data/lengths.py)
         self._saving = False
-        self.tokens_seen_local = 0
         super().__init__(*args, **kwargs)
         self.keepalive = PerceiverKeepalive(self.model)
 
@@ -85,8 +84,8 @@ class DPATrainer(Trainer):
                 f"step {self.state.global_step + 1}: every label in the batch is masked{ids}, nothing to learn",
                 hint="check the data with `dpa data check`; samples need assistant answers within max_length",
             )
-        self.tokens_seen_local += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
-        inputs = model_inputs(inputs)  # a packed batch loses its padding mask only now: tokens were counted from it
+        # A packed batch loses its padding mask only now: the Trainer has counted the tokens seen from it.
+        inputs = model_inputs(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # --- atomic checkpoints -------------------------------------------------------------------------
