@@ -100,6 +100,10 @@ def test_data_check_lists_every_video_sample_by_kind(shared, tmp_path):
     found = {p["kind"]: p for p in json.loads(result.stdout)["problems"]}
     assert found["video_sample"]["count"] == len(VIDEOS), found
     assert "extract frames" in found["video_sample"]["message"]
+    from dpa_cli.data.formats import open_samples
+
+    said = [[kind for kind, _ in open_samples(data)[i].problems] for i in range(1, len(VIDEOS) + 1)]
+    assert said == [["video_sample"]] * len(VIDEOS), "a video sample is said once, as a video (no bad_record beside it)"
 
 
 @pytest.mark.parametrize("sample", VIDEOS[::3], ids=lambda s: s["id"])

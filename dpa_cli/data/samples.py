@@ -135,6 +135,7 @@ def from_chat(record: dict, index: int, root: Path | None) -> Sample:
     if "messages" not in record and "conversations" in record:
         return from_llava(record, index, root)
     problems = video_problems(record, record.get("messages"), index)
+    video = bool(problems)
     images = image_refs(record.get("images", record.get("image")), root)
     raw = record.get("messages")
     if not isinstance(raw, list):
@@ -145,6 +146,8 @@ def from_chat(record: dict, index: int, root: Path | None) -> Sample:
         role = ROLES.get(str(message.get("role", "")).lower()) if isinstance(message, dict) else None
         blocks = _chat_blocks(message.get("content")) if isinstance(message, dict) else None
         if role is None or blocks is None:
+            if blocks is None and video:  # a video block: the video is the sample's problem, said once
+                continue
             problems.append(
                 (
                     "bad_record",
