@@ -120,6 +120,34 @@ def test_a_sample_over_max_length_is_cut_or_dropped_as_without_packing(dpa_works
     assert by_id["long-text"] == 128 and packed.skipped == unpacked.skipped == {"too_long": 1}
 
 
+def test_samples_known_bad_before_training_take_no_room_and_every_good_one_trains_once(
+    dpa_workspace, data_files, tmp_path
+):
+    """With --on-bad-sample skip, a sample the lengths already find bad (a missing image file, a conversation
+    without an answer) is skipped and counted up front, never planned into a row: no row is left empty, so no
+    row trains twice in an epoch in its place."""
+    rng = random.Random(3)
+    bad = [
+        {"id": f"missing-{i}", "image": f"nope-{i}.png", "conversations": [{"from": "human", "value": "<image>Hi"}]}
+        for i in range(6)
+    ]
+    extra = [*bad, *({"id": f"no-answer-{i}", "conversations": [{"from": "human", "value": "Hi"}]} for i in range(3))]
+    rng.shuffle(extra)
+    processor = loading.load_processor(dpa_workspace("next_qwen") / "model")
+    data = _samples(tmp_path, extra)
+    encoder = SampleEncoder(processor, stage=2, max_length=96)
+    unpacked = EncodedDataset(open_samples(data, data_files / "images"), encoder, on_bad_sample="skip", precheck=False)
+    good = sorted(f["sample_id"] for i in range(len(unpacked)) if (f := unpacked.encode_or_skip(i)))
+    packed = pack_dataset(
+        EncodedDataset(open_samples(data, data_files / "images"), encoder, on_bad_sample="skip", precheck=False), 96
+    )
+    assert sum(packed.skipped.values()) == len(extra) == sum(unpacked.skipped.values())
+    planned = [i for row in packed.rows for i in row]
+    assert all(packed.rows) and len(planned) == len(set(planned)) == len(good)
+    seen = sorted(f["sample_id"] for r in range(len(packed)) for f in packed[r])
+    assert seen == good  # every good sample exactly once, no bad one, no row served twice
+
+
 # --- packed == unpacked ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def paper_workspace(tiny_checkpoint, tmp_path_factory) -> Path:

@@ -133,6 +133,10 @@ class EncodedDataset(_SkipReport, torch.utils.data.Dataset):
                 return features
         raise BadInputError("every sample of the dataset is bad", hint="run `dpa data check` on it")
 
+    def skip(self, index: int, err: BadSampleError) -> None:
+        """Count sample `index` as skipped for `err` (found before training: it is never read)."""
+        self._skips.record(index, err)
+
     def encode_or_skip(self, index: int) -> dict[str, Any] | None:
         """Sample `index` encoded, or None when it is bad and skipped (counted); never another sample in its
         place, so a packed row holds exactly the samples it was planned with."""

@@ -183,6 +183,13 @@ def sample_lengths(dataset: Any, cache_dir: str | Path | None = None) -> list[in
     A sample the dataset would skip (`--on-bad-sample skip`, or too long to cut) takes the length of the good
     sample that replaces it, as `dataset[i]` does; with `fail`, a bad sample is refused here, before training.
     """
+    return _replacements(known_lengths(dataset, cache_dir))
+
+
+def known_lengths(dataset: Any, cache_dir: str | Path | None = None) -> list[int | BadSampleError]:
+    """Each sample's own encoded length, or why the dataset will skip it; a bad sample the dataset would not skip
+    (`fail`) is refused here, before training. `cache_dir`: where the text-token cache goes when the data's
+    folder cannot take it."""
     source, encoder = dataset.source, dataset.encoder
     if getattr(source, "streaming", False):
         raise BadInputError(
@@ -197,7 +204,7 @@ def sample_lengths(dataset: Any, cache_dir: str | Path | None = None) -> list[in
     if all(isinstance(item, BadSampleError) for item in own):
         raise BadInputError("every sample of the dataset is bad", hint="run `dpa data check` on it")
     save()
-    return _replacements(own)
+    return own
 
 
 def _replacements(own: list) -> list[int]:

@@ -17,6 +17,7 @@ import torch
 
 from dpa_cli.data.dataset import _SkipReport
 from dpa_cli.data.encode import IGNORE_INDEX
+from dpa_cli.data.samples import BadSampleError
 from dpa_cli.errors import BadInputError, DpaError
 
 # Marks a packed batch until `model_inputs` turns it into the model's kwargs. The padding mask stays in the
@@ -117,11 +118,20 @@ class PackedDataset(_SkipReport, torch.utils.data.Dataset):
 
 
 def pack_dataset(dataset: Any, max_length: int, cache_dir: Any = None) -> PackedDataset:
-    """The dataset's samples packed into rows, planned from their lengths (`dpa_cli.data.lengths`, no image
-    decoded; `cache_dir` where the text-token cache goes when the data's folder cannot take it)."""
-    from dpa_cli.data.lengths import sample_lengths
+    """The dataset's good samples packed into rows, planned from their lengths (`dpa_cli.data.lengths`, no image
+    decoded; `cache_dir` where the text-token cache goes when the data's folder cannot take it). A sample known
+    to be bad before training is skipped (counted) and takes no room: every sample trains once per epoch."""
+    from dpa_cli.data.lengths import known_lengths
 
-    return PackedDataset(dataset, pack_lengths(sample_lengths(dataset, cache_dir=cache_dir), max_length), max_length)
+    known = known_lengths(dataset, cache_dir=cache_dir)
+    good = []
+    for index, length in enumerate(known):
+        if isinstance(length, BadSampleError):
+            dataset.skip(index, length)
+        else:
+            good.append(index)
+    rows = pack_lengths([known[index] for index in good], max_length)
+    return PackedDataset(dataset, [[good[position] for position in row] for row in rows], max_length)
 
 
 def position_ids(lengths: list[int], total: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from dpa_cli.train.resume import check_checkpoint_weights, disk_failure
 from dpa_cli.train.save import save_stage_result
 from dpa_cli.train.stage import TrainRequest, commit_run_folder, discard_run_folder, resume_hint, start_run_folder
 from dpa_cli.train.trainer import DPATrainer, LossGuard
+from dpa_cli.workspace.layout import CACHE_DIR
 from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
 
@@ -47,7 +48,7 @@ def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: A
     if not recipe.pack:
         return dataset, DPACollator(processor)
     collator = PackingCollator(DPACollator(processor), mrope=uses_mrope(text_config))
-    return pack_dataset(dataset, recipe.max_length, cache_dir=request.workspace / ".cache"), collator
+    return pack_dataset(dataset, recipe.max_length, cache_dir=request.workspace / CACHE_DIR), collator
 
 
 @dataclass
@@ -99,7 +100,7 @@ def grouping_lengths(plan: StagePlan, dataset: Any) -> list[int] | None:
         return None
     from dpa_cli.data.lengths import sample_lengths
 
-    return sample_lengths(dataset, cache_dir=plan.request.workspace / ".cache")
+    return sample_lengths(dataset, cache_dir=plan.request.workspace / CACHE_DIR)
 
 
 def run_stage(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ WORKSPACE/
     adapter/               a LoRA stage's PEFT adapter, applied unmerged
   .stageN.restart/         a `--restart` building the stage anew beside the old one
   export/                  `dpa export`'s default output (dpa_export.json inside)
+  .cache/                  sample-length caches of data whose own folder cannot take them
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 EXPORT_DIR = "export"
 EXPORT_RECORD = "dpa_export.json"
 METRICS_FILE = "metrics.jsonl"
+CACHE_DIR = ".cache"  # sample-length caches of data whose own folder cannot take them
 STAGES = (2, 1)  # newest first
 
 
