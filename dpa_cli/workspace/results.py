@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dpa_cli.errors import BadInputError
 from dpa_cli.workspace.layout import (
@@ -49,11 +50,12 @@ def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
     workspace = Path(workspace)
     if stage is not None and stage not in STAGES:
         raise BadInputError(f"--stage {stage}: the DPA recipe has stages 1 and 2")
+    manifest = read_manifest(workspace)  # read once: the stages it records, the model every folder must hold
     for number in [stage] if stage is not None else STAGES:
         model_dir = stage_model_dir(workspace, number)
         if (model_dir / "config.json").is_file():
-            return _with_adapter(workspace, stage_name(number), model_dir)
-        if stage is None and _started(workspace, number):
+            return _with_adapter(manifest, workspace, stage_name(number), model_dir)
+        if stage is None and _started(manifest, workspace, number):
             raise _unfinished(workspace, number)
     if stage is not None:
         raise BadInputError(
@@ -65,13 +67,13 @@ def stage_result(workspace: Path, stage: int | None = None) -> StageResult:
             f"{workspace / MODEL_DIR} is not a model folder (no config.json)",
             hint="restore it from the upgrade, or upgrade again into a new folder with -o",
         )
-    check_model_folder(workspace / MODEL_DIR, read_manifest(workspace))
+    check_model_folder(workspace / MODEL_DIR, manifest)
     return StageResult(MODEL_DIR, workspace / MODEL_DIR, None, workspace)
 
 
-def _started(workspace: Path, number: int) -> bool:
+def _started(manifest: dict[str, Any], workspace: Path, number: int) -> bool:
     """A stage whose folder exists or that dpa.yaml records: the newest model, once (if ever) it finishes."""
-    recorded = (read_manifest(workspace).get("stages") or {}).get(stage_name(number))
+    recorded = (manifest.get("stages") or {}).get(stage_name(number))
     return stage_dir(workspace, number).exists() or recorded is not None
 
 
@@ -90,10 +92,9 @@ def _unfinished(workspace: Path, number: int) -> BadInputError:
     return BadInputError(what, hint=f"{finish}, or {instead}")
 
 
-def _with_adapter(workspace: Path, name: str, model_dir: Path) -> StageResult:
+def _with_adapter(manifest: dict[str, Any], workspace: Path, name: str, model_dir: Path) -> StageResult:
     """A stage with its adapter when it has one; dpa.yaml saying LoRA without the folder is an error."""
     adapter = model_dir.parent / ADAPTER_DIR
-    manifest = read_manifest(workspace)
     check_model_folder(model_dir, manifest)
     recorded = (manifest.get("stages") or {}).get(name) or {}
     if recorded.get("lora") and not has_adapter(adapter):
