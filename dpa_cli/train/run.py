@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,12 @@ def prepare(plan: StagePlan) -> Prepared:
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     model, processor = load_model(plan.source, args.bf16)
-    dataset, collator = build_data(plan.request, processor, plan.recipe, plan.samples, model.config.text_config)
+    # Packing and length grouping need every sample's length: the first process of each machine computes them
+    # (and fills the cache), the others then read the cache instead of tokenizing the whole dataset again.
+    needs_lengths = plan.recipe.pack or args.train_sampling_strategy == "group_by_length"
+    with args.main_process_first(desc="sample lengths") if needs_lengths else contextlib.nullcontext():
+        dataset, collator = build_data(plan.request, processor, plan.recipe, plan.samples, model.config.text_config)
+        lengths = grouping_lengths(plan, dataset)
     # A batch without images still runs the perceiver (on a stand-in, with zero weight): with only perceiver-side
     # parts trainable (stage 1) its loss would otherwise have no gradient, and across processes no rank may skip
     # the perceiver's collectives.
@@ -90,7 +96,7 @@ def prepare(plan: StagePlan) -> Prepared:
         check_checkpoint_weights(run.resume_from, model)
     first = getattr(dataset, "dataset", dataset)[0]  # a packed dataset's rows hold samples of the one inside
     shown = render_supervised(processor, first)  # encodes the first sample: a bad one is refused here
-    return Prepared(plan, model, processor, dataset, collator, table, shown, grouping_lengths(plan, dataset))
+    return Prepared(plan, model, processor, dataset, collator, table, shown, lengths)
 
 
 def grouping_lengths(plan: StagePlan, dataset: Any) -> list[int] | None:
