@@ -30,12 +30,11 @@ from dpa_cli.workspace.manifest import read_manifest, write_manifest
 
 
 def load_model(source: Path, bf16: bool):
-    """The stage's starting model and processor: dpa's own code only, else dpa's installed classes."""
+    """The stage's starting model: dpa's own code only, else dpa's installed classes."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # dpa's own output says what is loading
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return loading.load_model(source, dtype=dtype), loading.load_processor(source)
+    return loading.load_model(source, dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 def build_data(request: TrainRequest, processor: Any, recipe: Recipe, samples: Any, text_config: Any = None):
@@ -77,13 +76,15 @@ def prepare(plan: StagePlan) -> Prepared:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    model, processor = load_model(plan.source, args.bf16)
+    # The data first (processor and config only): a sample refused while planning lengths costs no model load.
     # Packing and length grouping need every sample's length: the first process of each machine computes them
     # (and fills the cache), the others then read the cache instead of tokenizing the whole dataset again.
+    processor, text_config = loading.load_processor(plan.source), loading.load_config(plan.source).text_config
     needs_lengths = plan.recipe.pack or args.train_sampling_strategy == "group_by_length"
     with args.main_process_first(desc="sample lengths") if needs_lengths else contextlib.nullcontext():
-        dataset, collator = build_data(plan.request, processor, plan.recipe, plan.samples, model.config.text_config)
+        dataset, collator = build_data(plan.request, processor, plan.recipe, plan.samples, text_config)
         lengths = grouping_lengths(plan, dataset)
+    model = load_model(plan.source, args.bf16)
     # A batch without images still runs the perceiver (on a stand-in, with zero weight): with only perceiver-side
     # parts trainable (stage 1) its loss would otherwise have no gradient, and across processes no rank may skip
     # the perceiver's collectives.
