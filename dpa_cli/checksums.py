@@ -1,6 +1,6 @@
-"""sha256 manifests of what dpa wrote, and `dpa verify`: which files changed, went missing or appeared since.
+"""Manifests of what dpa wrote, and `dpa verify`: which files changed, went missing or appeared since.
 
-A workspace keeps its manifest in dpa.yaml (`checksums`: path relative to the workspace -> sha256, for
+A workspace keeps its manifest in dpa.yaml (`checksums`: path relative to the workspace -> digest, for
 `model/` and every stage result); an export keeps it in dpa_export.json. Both are written in the same
 rename that puts the files in place, so a manifest always describes a complete folder.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpa_cli.checkpoint import sha256_file
+from dpa_cli.checkpoint.hashing import file_digest, same_digest, split_digest
 from dpa_cli.errors import BadInputError
 from dpa_cli.records import CHECKSUMS, EXPORT_RECORD, read_export_record
 from dpa_cli.workspace.layout import ADAPTER_DIR, MANIFEST, MODEL_DIR
@@ -19,14 +19,14 @@ from dpa_cli.workspace.manifest import is_workspace, read_manifest
 
 
 def tree_checksums(folder: Path, prefix: str = "", known: dict[str, str] | None = None) -> dict[str, str]:
-    """{prefix + path relative to `folder`: sha256} of every file under it; `known` digests (file name
-    relative to `folder` -> sha256, computed while writing) are taken as they are instead of reading again."""
-    folder, known = Path(folder), known or {}
-    sums = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        sums[prefix + name] = known.get(name) or sha256_file(path)
-    return sums
+    """{prefix + path relative to `folder`: digest} of every file under it; `known` digests (file name
+    relative to `folder` -> digest, computed while writing) are taken as they are instead of reading again."""
+    known = known or {}
+    return {prefix + name: known.get(name) or file_digest(path) for name, path in _files(Path(folder)).items()}
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def stage_checksums(recorded: Any, folder: Path, name: str) -> dict[str, str]:
@@ -96,16 +96,16 @@ def _confined(root: Path, parts: list[str], what: str) -> None:
 
 
 def _compare(root: Path, expected: dict[str, str], parts: list[str], report: VerifyReport, skip: set[str]) -> None:
-    found = {}
+    found: dict[str, Path] = {}
     _confined(root, parts, report.kind)
     for part in parts:
         base = root / part if part else root
         if base.is_dir():
-            found.update(tree_checksums(base, f"{part}/" if part else ""))
+            found.update({(f"{part}/" if part else "") + name: path for name, path in _files(base).items()})
     for name in sorted(expected):
         if name not in found:
             report.missing.append(name)
-        elif found[name] != expected[name]:
+        elif not same_digest(file_digest(found[name], split_digest(expected[name])[0]), expected[name]):
             report.changed.append(name)
     report.extra += sorted(name for name in found if name not in expected and name not in skip)
     report.checked += len(expected)
@@ -114,7 +114,7 @@ def _compare(root: Path, expected: dict[str, str], parts: list[str], report: Ver
 def _recorded(mapping: Any, where: Path) -> dict[str, str]:
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise BadInputError(
-            f"{where} carries no sha256 manifest (written by an older dpa, or edited by hand)",
+            f"{where} carries no manifest of digests (written by an older dpa, or edited by hand)",
             hint="nothing to verify against: upgrade or export again to get one",
         )
     return mapping

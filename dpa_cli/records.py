@@ -17,13 +17,13 @@ from dpa_cli.schema import (
     AnyValue,
     Bool,
     Context,
+    Digest,
     Int,
     ListOf,
     MapOf,
     Number,
     Record,
     RelPath,
-    Sha256,
     Spec,
     Str,
     validate,
@@ -32,7 +32,7 @@ from dpa_cli.workspace.layout import EXPORT_RECORD
 
 CHECKSUMS = "checksums"
 STAGE_NAME = Str(pattern=r"stage\d+", like="stage1")
-FILES = MapOf(Sha256(), key=RelPath())  # a manifest of files: path inside the folder -> sha256
+FILES = MapOf(Digest(), key=RelPath())  # a manifest of files: path inside the folder -> digest
 
 
 def _every(fields: dict[str, Spec]) -> Record:
@@ -49,7 +49,7 @@ _SOURCE_ALWAYS = _every(
         "repo_id": Str(nullable=True),
         "revision": Str(nullable=True),
         "family": Str(),
-        "files": MapOf(Sha256()),
+        "files": MapOf(Digest()),
     }
 )
 # `builds`: the family dpa builds from an official-format source (its own family name is `family`).

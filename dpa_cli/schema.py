@@ -1,7 +1,7 @@
 """Typed shapes for the files dpa reads back (config.json, dpa.yaml, dpa_export.json), checked in one pass.
 
 A shape is data: `Record` fields, `MapOf` / `ListOf` containers and scalar rules (`Int`, `Number`, `Str`,
-`Bool`, `Sha256`, `RelPath`). `validate` walks a parsed value against one and stops at the first thing
+`Bool`, `Digest`, `RelPath`). `validate` walks a parsed value against one and stops at the first thing
 wrong with a `BadInputError` that names the file and the key path, e.g.
 `dpa.yaml: stages.stage1.steps must be an integer, not 'x'`. Unknown keys are allowed (files written by a
 newer dpa, or notes a user added); known keys must have the right type, and required ones must be there.
@@ -142,11 +142,13 @@ class Bool(Spec):
 
 
 @dataclass(frozen=True)
-class Sha256(Spec):
+class Digest(Spec):
+    """A file digest as dpa records it: `blake3:<64 hex>` or `sha256:<64 hex>`, or a bare sha256 (older records)."""
+
     def problem(self, value: Any, ctx: Context) -> str | None:
-        if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        if isinstance(value, str) and re.fullmatch(r"(?:(?:blake3|sha256):)?[0-9a-f]{64}", value):
             return None
-        return f"must be a sha256 digest (64 hex digits), not {show(value)}"
+        return f"must be a file digest (blake3:<64 hex digits> or sha256:<64 hex digits>), not {show(value)}"
 
 
 @dataclass(frozen=True)

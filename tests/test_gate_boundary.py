@@ -498,13 +498,13 @@ def spy_hashes(monkeypatch) -> list[Path]:
     from dpa_cli import checksums
 
     seen: list[Path] = []
-    real = checksums.sha256_file
+    real = checksums.file_digest
 
-    def recording(path):
+    def recording(path, *args):
         seen.append(Path(path).resolve())
-        return real(path)
+        return real(path, *args)
 
-    monkeypatch.setattr(checksums, "sha256_file", recording)
+    monkeypatch.setattr(checksums, "file_digest", recording)
     return seen
 
 

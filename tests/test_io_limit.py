@@ -7,7 +7,6 @@ sha256; kernel copies fall back cleanly; the bf16 merge fast path stays within i
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 
 from dpa_cli.checkpoint import LazyTensorReader, copying, hashing, read_checkpoint_index
 from dpa_cli.checkpoint.hashing import Cancelled
@@ -83,7 +83,8 @@ def _write(folder: Path, index, specs: list[TensorSpec], streamed: bool, shard: 
 
 
 def _files(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    """The digests dpa records (BLAKE3, labelled), computed here by the blake3 library from the bytes on disk."""
+    return {p.name: "blake3:" + blake3(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def _case(seed: int, tmp_path: Path, monkeypatch) -> tuple:
@@ -375,7 +376,23 @@ def test_the_streaming_path_imports_torch_only(workspace, tmp_path):
 # --- input fingerprints ------------------------------------------------------------------------------------
 
 
-def test_input_fingerprints_are_the_files_sha256_and_cancel_stops_them(tmp_path):
+def test_input_fingerprints_take_a_hub_cache_blobs_sha256_from_its_name(tmp_path):
+    """A blob of the Hugging Face cache is named by its sha256: recorded as `sha256:<name>`, never read (a blob
+    edited after download keeps its name's digest, the one the hub lists)."""
+    from dpa_cli.upgrade.fingerprint import fingerprint_folder
+    from tests.factories import add_to_hub_cache
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(os.urandom(1 << 16))
+    (source / "config.json").write_text("{}")
+    snapshot = add_to_hub_cache(tmp_path / "cache", "org/model", source)
+    names = {p.name: p.resolve().name for p in snapshot.iterdir()}
+    (snapshot / "config.json").resolve().write_text('{"edited": 1}')
+    assert fingerprint_folder(snapshot) == {name: f"sha256:{blob}" for name, blob in names.items()}
+
+
+def test_input_fingerprints_are_the_files_digests_and_cancel_stops_them(tmp_path):
     from dpa_cli.upgrade.fingerprint import InputHashes
 
     folder = tmp_path / "in"
@@ -386,7 +403,7 @@ def test_input_fingerprints_are_the_files_sha256_and_cancel_stops_them(tmp_path)
     (folder / ".hidden").write_bytes(b"skipped")
     inputs = InputHashes()
     inputs.start([folder, folder])  # once per folder
-    assert inputs.result(folder) == {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    assert inputs.result(folder) == {name: "blake3:" + blake3(data).hexdigest() for name, data in files.items()}
     stopped = InputHashes()
     stopped.cancel()
     with pytest.raises(Cancelled):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -13,6 +14,8 @@ import socket
 from pathlib import Path
 
 import pytest
+import yaml
+from blake3 import blake3
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -171,3 +174,27 @@ def test_verify_names_every_file_that_changed_went_missing_or_appeared(dpa_works
     report = json.loads(result.stdout)
     assert report[edit] == [f"model/{target.name}"] and not report["clean"]
     assert runner.invoke(app, ["verify", str(tmp_path / "nowhere")]).exit_code == 2
+
+
+def test_verify_checks_each_digest_with_the_algorithm_it_names(dpa_workspace, tmp_path):
+    """New records hold BLAKE3 digests; records of earlier versions (bare sha256) and `sha256:` ones (inputs taken
+    from the Hugging Face cache) are checked with sha256; an algorithm dpa does not know is refused by key."""
+    ws = shutil.copytree(dpa_workspace("next_qwen"), tmp_path / "ws")
+    manifest = yaml.safe_load((ws / "dpa.yaml").read_text())
+    sums = manifest["checksums"]
+    assert sums and all(value.startswith("blake3:") for value in sums.values())
+    assert sums["model/config.json"] == "blake3:" + blake3((ws / "model/config.json").read_bytes()).hexdigest()
+    names = sorted(sums)
+    for i, name in enumerate(names):  # every other file as an older dpa wrote it, the rest labelled sha256
+        sha = hashlib.sha256((ws / name).read_bytes()).hexdigest()
+        sums[name] = sha if i % 2 else f"sha256:{sha}"
+    (ws / "dpa.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    assert runner.invoke(app, ["verify", str(ws)]).exit_code == 0
+    for name in names[:2]:  # one bare, one labelled
+        (ws / name).write_bytes((ws / name).read_bytes() + b" ")
+    report = json.loads(runner.invoke(app, ["verify", str(ws), "--json"]).stdout)
+    assert report["changed"] == names[:2]
+    sums[names[0]] = "md5:" + "0" * 64
+    (ws / "dpa.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = runner.invoke(app, ["verify", str(ws)])
+    assert result.exit_code == 2 and "must be a file digest" in result.output and names[0] in result.output

@@ -31,8 +31,8 @@ CRITICAL = (
     ("rename into place", "dpa_cli.checkpoint.atomic:replace_folder"),
 )
 BACKGROUND = (
-    ("sha256 of the written files, from the page cache (thread)", "dpa_cli.checkpoint.hashing:hash_written"),
-    ("sha256 of the inputs (thread)", "dpa_cli.upgrade.fingerprint:fingerprint_folder"),
+    ("digest of the written files, from the page cache (thread)", "dpa_cli.checkpoint.hashing:hash_written"),
+    ("digest of the inputs (thread)", "dpa_cli.upgrade.fingerprint:fingerprint_folder"),
     ("fsync per shard (thread)", "dpa_cli.checkpoint.writer:fsync_path"),
 )
 

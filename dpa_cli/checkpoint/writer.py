@@ -3,13 +3,12 @@
 Shards are planned from tensor specs before any data moves, so each header is written first and every
 tensor is produced, written and freed one at a time: peak memory is one tensor (or a few chunks), not one
 shard. Bytes that do not change are copied by the kernel, a run of consecutive tensors in one call
-(`checkpoint/copying.py`). Each file's sha256 is computed while it is written, in a thread of its own, for
+(`checkpoint/copying.py`). Each file's digest is computed while it is written, in a thread of its own, for
 the manifests that `dpa verify` checks: no second pass over the files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -23,7 +22,7 @@ import torch
 
 from dpa_cli.checkpoint.atomic import fsync_path
 from dpa_cli.checkpoint.copying import CastSlice, Streams, append, extend
-from dpa_cli.checkpoint.hashing import FileDigest
+from dpa_cli.checkpoint.hashing import ALGORITHM, FileDigest, new_hash
 from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, FileSlice, torch_dtypes
 from dpa_cli.checkpoint.sizes import parse_size
 
@@ -147,7 +146,7 @@ def _write_file(
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> FileDigest:
-    """Write one safetensors file; its digest's `result` is the future of its sha256, hashed as written."""
+    """Write one safetensors file; its digest's `result` is the future of its digest, hashed as written."""
     with open(path, "wb") as handle:
         digest = FileDigest(path)
         try:
@@ -179,7 +178,7 @@ def write_safetensors(
 ) -> str:
     """Write one safetensors file, asking `produce` for each tensor in turn; with `sync`, fsynced before returning.
 
-    Returns the file's sha256 (hex), computed from the bytes as they were written.
+    Returns the file's digest (`algorithm:hex`), computed from the bytes as they were written.
     """
     streams = Streams()
     try:
@@ -201,7 +200,7 @@ def write_sharded(
 ) -> list[Path]:
     """Write all tensors into shards under `folder`, plus the index when there is more than one shard.
 
-    `digests`, when given, receives {file name: sha256} of every file written (computed while writing).
+    `digests`, when given, receives {file name: digest} of every file written (computed while writing).
     """
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
@@ -238,7 +237,9 @@ def write_sharded(
         }
         raw = (json.dumps(index, indent=2) + "\n").encode()
         (Path(folder) / INDEX_FILE).write_bytes(raw)
-        found[INDEX_FILE] = hashlib.sha256(raw).hexdigest()
+        index_hash = new_hash()
+        index_hash.update(raw)
+        found[INDEX_FILE] = f"{ALGORITHM}:{index_hash.hexdigest()}"
     if digests is not None:
         digests.update(found)
     return files

@@ -1,4 +1,4 @@
-"""`dpa verify PATH`: re-hash a workspace or an export against the sha256 manifest it carries."""
+"""`dpa verify PATH`: re-hash a workspace or an export against the manifest of digests it carries."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def verify(
 ) -> None:
     """Check that every file dpa wrote is still what it wrote: report each changed, missing or extra file.
 
-    A workspace is checked against the sha256 manifest in dpa.yaml (model/ and every stage result, plus an
+    A workspace is checked against the manifest of digests in dpa.yaml (model/ and every stage result, plus an
     export inside it); an export against the one in dpa_export.json. Training checkpoints and logs are not
     covered.
 
@@ -42,7 +42,9 @@ def verify(
 def render(result: dict[str, Any]) -> None:
     covered = ", ".join(result["parts"])
     if result["clean"]:
-        out.print(f"[green]verified[/] {result['path']}: {result['checked']} files match their sha256 ({covered})")
+        out.print(
+            f"[green]verified[/] {result['path']}: {result['checked']} files match their recorded digests ({covered})"
+        )
         return
     for kind, colour in (("changed", "red"), ("missing", "red"), ("extra", "yellow")):
         names = result[kind]

@@ -99,7 +99,7 @@ def export_weights(
     digests: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write `base`'s tensors into shards under `out`, with `adapter`'s LoRA merged in, cast to `dtype`;
-    `digests` receives each written file's sha256.
+    `digests` receives each written file's digest.
 
     Returns what was written: tensors, merged modules, shards, bytes, the floating dtype(s), seconds.
     """

@@ -1,10 +1,10 @@
-"""sha256 of every input file, recorded in dpa.yaml so a workspace says exactly what it was made from.
+"""A digest of every input file, recorded in dpa.yaml so a workspace says exactly what it was made from.
 
-In the Hugging Face cache a weight file is a symlink to a blob named by its sha256, which we take as is;
-other files are hashed in a background thread (hashlib releases the GIL). `dpa upgrade` starts it as soon
-as the input folders are known, before the plan's imports and meta-device models, so on a machine with a
-spare core the hashing costs no wall time. The thread is a daemon and stops when cancelled: a refusal or a
-failure never waits for it.
+In the Hugging Face cache a weight file is a symlink to a blob named by its sha256, which we take as is
+(`sha256:<name>`, comparable with the hub's own record); other files are hashed (BLAKE3) in a background
+thread (it releases the GIL). `dpa upgrade` starts it as soon as the input folders are known, before the plan,
+so on a machine with a spare core the hashing costs little wall time. The thread is a daemon and stops when
+cancelled: a refusal or a failure never waits for it.
 """
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
-from dpa_cli.checkpoint.hashing import sha256_file
+from dpa_cli.checkpoint.hashing import file_digest
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def file_sha256(path: Path, stop: threading.Event | None = None) -> str:
+def input_digest(path: Path, stop: threading.Event | None = None) -> str:
     target = path.resolve()
     if path.is_symlink() and _SHA256.match(target.name) and target.parent.name == "blobs":
-        return target.name
-    return sha256_file(target, stop=stop)
+        return f"sha256:{target.name}"
+    return file_digest(target, stop=stop)
 
 
 def fingerprint_folder(folder: Path, stop: threading.Event | None = None) -> dict[str, str]:
-    """{file name relative to `folder`: sha256} for every regular file (hidden ones skipped)."""
+    """{file name relative to `folder`: digest} for every regular file (hidden ones skipped)."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
-    return {str(p.relative_to(folder)): file_sha256(p, stop) for p in files}
+    return {str(p.relative_to(folder)): input_digest(p, stop) for p in files}
 
 
 class InputHashes:

@@ -82,7 +82,7 @@ def write_weights(
     digests: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write every planned tensor into safetensors shards (and an index) under `folder`; `digests` receives
-    each file's sha256, computed while writing."""
+    each file's digest, computed while writing."""
     with ExitStack() as stack:
         produce = TensorSource(plan, stack)
         specs = [t.spec for t in plan.tensors]
