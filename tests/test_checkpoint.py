@@ -340,7 +340,15 @@ def test_reader_unknown_tensor_is_a_checkpoint_error(single: Path) -> None:
             reader.get("nope")
 
 
-def test_sha256_file_streams_in_chunks(tmp_path: Path) -> None:
+def test_file_digests_stream_in_pieces(tmp_path: Path, monkeypatch) -> None:
+    from blake3 import blake3
+
+    from dpa_cli.checkpoint import hashing
+
     path = tmp_path / "blob"
-    path.write_bytes(bytes(range(256)) * 100)
-    assert sha256_file(path, chunk=7) == hashlib.sha256(path.read_bytes()).hexdigest()
+    data = bytes(range(256)) * 100
+    path.write_bytes(data)
+    monkeypatch.setattr(hashing, "PIECE", 7)  # many pieces, the last one short
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert hashing.file_digest(path) == "blake3:" + blake3(data).hexdigest()
+    assert hashing.file_digest(path, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()

@@ -90,9 +90,9 @@ def _files(folder: Path) -> dict[str, str]:
 def _case(seed: int, tmp_path: Path, monkeypatch) -> tuple:
     rng = random.Random(seed)
     _source(rng, tmp_path / "source")
-    # Small chunks and mapping windows, so casts, fallbacks and hashes cross many chunk boundaries.
+    # Small chunks and hash pieces, so casts, fallbacks and hashes cross many chunk boundaries.
     monkeypatch.setattr(copying, "CHUNK", rng.choice([8, 24, 4096, 1 << 20]))
-    monkeypatch.setattr(hashing, "CHUNK", rng.choice([4096, 8192, 1 << 20]))
+    monkeypatch.setattr(hashing, "PIECE", rng.choice([7, 4096, 8192, 1 << 20]))
     index = read_checkpoint_index(tmp_path / "source")
     return rng, index, _plan(rng, index), rng.choice([100, 2000, 10**7])
 
@@ -221,7 +221,7 @@ def test_a_sendfile_error_the_kernel_means_is_raised_not_hidden(tmp_path, monkey
     assert failure.value.errno == errno.EIO
 
 
-def test_written_ranges_are_hashed_by_reading_where_they_cannot_be_mapped(tmp_path, monkeypatch):
+def test_bytes_made_in_user_space_are_written_from_plain_memory_where_no_memory_file_maps(tmp_path, monkeypatch):
     import mmap
 
     rng, index, specs, shard = _case(7, tmp_path, monkeypatch)
@@ -411,6 +411,25 @@ def test_input_fingerprints_are_the_files_digests_and_cancel_stops_them(tmp_path
 
 
 # --- the bench's figures -----------------------------------------------------------------------------------
+
+
+def test_the_cli_leaves_its_objects_to_reference_counting_at_exit(monkeypatch):
+    """`dpa` freezes the garbage collector once the command is done: interpreter shutdown then skips walking
+    every object torch and transformers made (1 s after a model import here), as the bench's children do."""
+    import gc
+
+    from dpa_cli.bench import measure
+    from dpa_cli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["dpa", "--version"])
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code in (0, None) and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert "gc.freeze()" in measure._CHILD
 
 
 def test_every_phase_probe_finds_its_function():

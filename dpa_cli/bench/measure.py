@@ -30,6 +30,8 @@ with PeakMemory("cpu") as memory:
     done = time.perf_counter()
 print(json.dumps({{"rss_growth": memory.growth, "work_s": done - begun, "import_torch_transformers_s": base - started,
                   "import_rest_s": imported - base, "phases": phases.seconds, **extra}}))
+import gc
+gc.freeze()  # as `dpa`'s main() exits (cli/app.py)
 """
 
 

@@ -31,7 +31,7 @@ CRITICAL = (
     ("rename into place", "dpa_cli.checkpoint.atomic:replace_folder"),
 )
 BACKGROUND = (
-    ("digest of the written files, from the page cache (thread)", "dpa_cli.checkpoint.hashing:hash_written"),
+    ("digest of the written files, from the page cache (thread)", "dpa_cli.checkpoint.hashing:hash_range"),
     ("digest of the inputs (thread)", "dpa_cli.upgrade.fingerprint:fingerprint_folder"),
     ("fsync per shard (thread)", "dpa_cli.checkpoint.writer:fsync_path"),
 )

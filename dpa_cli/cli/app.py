@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import typer
 
 from dpa_cli import __version__
@@ -69,4 +71,10 @@ app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:
-    app(prog_name="dpa")
+    try:
+        app(prog_name="dpa")
+    finally:
+        # The command is done: its files written (and fsynced), its output printed. Interpreter shutdown would now
+        # walk every object torch and transformers made in cyclic-GC passes, 1 s after a model import on this
+        # machine; frozen, they are left to reference counting (atexit handlers still run) and exit takes 0.1 s.
+        gc.freeze()
