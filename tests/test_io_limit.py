@@ -468,3 +468,4 @@ def test_end_to_end_ratios_are_net_of_the_import_and_the_breakdown_takes_medians
     assert r["end_to_end_over_cp_sync"]["min"] == 4.5 and r["rss_growth_over_shard"]["median"] == 0.1
     phases = breakdown(runs, "keep")
     assert phases["import torch, transformers"] == 3.0 and phases["plan"] == 0.55 and phases["work"] == 2.2
+    assert phases["interpreter start and exit, printing"] == 1.8  # median of 9-4-1-2.2, 7-3-1-1.5, 10-3-1-3

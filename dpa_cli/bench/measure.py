@@ -87,5 +87,7 @@ def breakdown(runs: list[dict[str, Any]], mode: str) -> dict[str, float]:
     medians = {label: stats([r[mode][key] for r in runs])["median"] for label, key in keys.items()}
     for label in runs[0][mode]["phases"]:
         medians[label] = stats([r[mode]["phases"].get(label, 0.0) for r in runs])["median"]
+    outside = [r[mode]["end_to_end_s"] - sum(r[mode][key] for key in keys.values()) for r in runs]
+    medians["interpreter start and exit, printing"] = stats(outside)["median"]
     medians["end to end (the process, launch to exit)"] = stats([r[mode]["end_to_end_s"] for r in runs])["median"]
     return medians
