@@ -18,6 +18,7 @@ from datetime import date
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from dpa_cli.checkpoint.hashing import ALGORITHMS
 from dpa_cli.errors import BadInputError
 
 
@@ -146,9 +147,10 @@ class Digest(Spec):
     """A file digest as dpa records it: `blake3:<64 hex>` or `sha256:<64 hex>`, or a bare sha256 (older records)."""
 
     def problem(self, value: Any, ctx: Context) -> str | None:
-        if isinstance(value, str) and re.fullmatch(r"(?:(?:blake3|sha256):)?[0-9a-f]{64}", value):
+        if isinstance(value, str) and re.fullmatch(rf"(?:(?:{'|'.join(ALGORITHMS)}):)?[0-9a-f]{{64}}", value):
             return None
-        return f"must be a file digest (blake3:<64 hex digits> or sha256:<64 hex digits>), not {show(value)}"
+        spellings = " or ".join(f"{algorithm}:<64 hex digits>" for algorithm in ALGORITHMS)
+        return f"must be a file digest ({spellings}), not {show(value)}"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,13 @@ def split_digest(value: str) -> tuple[str, str]:
     return algorithm or "sha256", hexdigest
 
 
+def bytes_digest(data: bytes, algorithm: str = ALGORITHM) -> str:
+    """`algorithm:hex` of bytes in memory (a small file dpa has just written from them)."""
+    digest = new_hash(algorithm)
+    digest.update(data)
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
 def same_digest(a: str, b: str) -> bool:
     return split_digest(a) == split_digest(b)
 

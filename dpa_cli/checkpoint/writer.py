@@ -22,7 +22,7 @@ import torch
 
 from dpa_cli.checkpoint.atomic import fsync_path
 from dpa_cli.checkpoint.copying import CastSlice, Streams, append, extend
-from dpa_cli.checkpoint.hashing import ALGORITHM, FileDigest, new_hash
+from dpa_cli.checkpoint.hashing import FileDigest, bytes_digest
 from dpa_cli.checkpoint.reader import INDEX_FILE, SINGLE_FILE, FileSlice, torch_dtypes
 from dpa_cli.checkpoint.sizes import parse_size
 
@@ -146,7 +146,7 @@ def _write_file(
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> FileDigest:
-    """Write one safetensors file; its digest's `result` is the future of its digest, hashed as written."""
+    """Write one safetensors file; the returned `FileDigest`'s `result` is the future of the file's digest."""
     with open(path, "wb") as handle:
         digest = FileDigest(path)
         try:
@@ -237,9 +237,7 @@ def write_sharded(
         }
         raw = (json.dumps(index, indent=2) + "\n").encode()
         (Path(folder) / INDEX_FILE).write_bytes(raw)
-        index_hash = new_hash()
-        index_hash.update(raw)
-        found[INDEX_FILE] = f"{ALGORITHM}:{index_hash.hexdigest()}"
+        found[INDEX_FILE] = bytes_digest(raw)
     if digests is not None:
         digests.update(found)
     return files
