@@ -413,6 +413,32 @@ def test_input_fingerprints_are_the_files_digests_and_cancel_stops_them(tmp_path
 # --- the bench's figures -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", ["hub", "save_pretrained", "v5"])
+def test_keys_saved_as_the_model_holds_them_skip_transformers_renaming_with_the_same_names(tiny_checkpoint, layout):
+    """`rename_to_memory` answers keys that already name the model's parameters without building transformers'
+    conversion table; for every tiny family and on-disk layout its names equal transformers' own renaming."""
+    from dpa_cli import loading
+    from dpa_cli.checkpoint.naming import meta_model, rename_to_memory, renamed_by_transformers
+    from tests.factories import SPECS
+
+    shortcut = families = 0
+    for name, spec in SPECS.items():
+        if spec.writer is not None:  # hand-written formats: their family declares its own renaming
+            continue
+        folder = tiny_checkpoint(name, layout=layout)
+        index = read_checkpoint_index(folder)
+        model = meta_model(
+            f"AutoModelFor{'CausalLM' if spec.family == 'causal_lm' else 'ImageTextToText'}",
+            loading.load_config(folder),
+        )
+        keys = list(index.tensors)
+        assert rename_to_memory(model, keys, folder) == renamed_by_transformers(model, keys, folder), (name, layout)
+        shortcut += set(keys) <= set(model.state_dict())
+        families += 1
+    # v5 keys are memory names everywhere; the older layouts take both paths (llava-hf, Qwen-VL legacy names)
+    assert shortcut == families if layout == "v5" else 0 < shortcut < families
+
+
 def test_the_cli_leaves_its_objects_to_reference_counting_at_exit(monkeypatch):
     """`dpa` freezes the garbage collector once the command is done: interpreter shutdown then skips walking
     every object torch and transformers made (1 s after a model import here), as the bench's children do."""

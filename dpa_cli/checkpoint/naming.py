@@ -38,13 +38,26 @@ def rename_to_memory(model: torch.nn.Module, keys: Iterable[str], where: Path) -
     Keys that need a weight *conversion* (split / merged tensors, as in some MoE checkpoints) cannot be
     streamed one tensor at a time and are refused, naming the key.
     """
+    keys = list(keys)
+    state = model.state_dict()
+    if all(key in state for key in keys):
+        # Saved as the model holds them (what transformers 5 writes): each key names its own parameter, and
+        # transformers' conversion table, which takes 0.2 s to build on first use, is not needed.
+        return {key: key for key in keys}
+    return renamed_by_transformers(model, keys, where, state)
+
+
+def renamed_by_transformers(
+    model: torch.nn.Module, keys: list[str], where: Path, state: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """`rename_to_memory` through transformers' own conversion mapping, key by key."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     names = {}
     for key in keys:
         name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
