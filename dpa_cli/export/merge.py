@@ -1,9 +1,11 @@
 """The export's weights: a checkpoint streamed into new shards, LoRA merged in tensor by tensor, cast on the way.
 
-Each tensor is produced, written and freed on its own, so peak memory is the largest merged tensor (in float32
-unless the bf16 fast path of `products.py` applies) whatever the model size. A tensor whose bytes do not change
-is copied by the kernel and never loaded; a cast is converted a chunk at a time while it is written. A tied LM
-head is not on disk, so it stays tied and is written once.
+A tensor whose bytes do not change is copied by the kernel and never loaded; a cast is converted a chunk at a time
+while it is written. An adapted weight is read and merged one ahead, in a worker thread, while the writer writes
+the tensors before it: read straight into one of two reused memory-file buffers, merged there in place, and sent
+to the file from where it lies (`_Merges`). So peak memory is two adapted weights (plus a float32 copy where the
+bf16 fast path of `products.py` does not apply) whatever the model size. A tied LM head is not on disk, so it
+stays tied and is written once.
 `export_weights` takes folders only, so `dpa bench` can time it on its own.
 """
 
@@ -12,19 +14,22 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 
 from dpa_cli import loading
 from dpa_cli.checkpoint import CheckpointIndex, LazyTensorReader, read_checkpoint_index
+from dpa_cli.checkpoint.outchunk import OutputChunk
 from dpa_cli.checkpoint.reader import FileSlice, torch_dtype
 from dpa_cli.checkpoint.writer import CastSlice, TensorSpec, write_sharded
 from dpa_cli.defaults import SHARD_SIZE
 from dpa_cli.errors import CheckpointError
 from dpa_cli.export.adapter import KEEP, LoraPair, lora_pairs
-from dpa_cli.export.products import merged
+from dpa_cli.export.products import merge_in_place, merged
 
 
 def _meta_model(folder: Path) -> torch.nn.Module:
@@ -72,18 +77,83 @@ def _out_dtype(stored: str, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and source.is_floating_point else source
 
 
+def _product_threads() -> int:
+    """torch's threads for the products: all but two cores, kept for the writer and the hashing thread. torch's
+    threads wait for each other at every operation, so one that waits for a core another thread holds stalls the
+    rest: with as many as there are cores, a merge next to a busy writer ran 5-10x slower on 2 cores."""
+    return max(1, torch.get_num_threads() - 2)
+
+
+class _Merges:
+    """The adapted weights, merged one ahead of the writer in a worker thread.
+
+    Weight k is read into buffer k % 2 (memory files, `OutputChunk`, reused from one weight to the next: no
+    allocation, no page faults), merged there in place, and handed to the writer, which sends it to the file from
+    that buffer. The writer asks for tensors in plan order and writes each before asking for the next
+    (`write_sharded`), so when weight k is asked for, weight k - 1 is written and its buffer is free for weight
+    k + 1, which starts at once. The worker has readers of its own (a reader keeps one shard open).
+    """
+
+    def __init__(
+        self, index: CheckpointIndex, adapter: CheckpointIndex, targets: dict[str, LoraPair], specs: list[TensorSpec]
+    ):
+        self.targets = targets
+        self.order: list[TensorSpec] = [spec for spec in specs if spec.name in targets]
+        self.base, self.lora = LazyTensorReader(index), LazyTensorReader(adapter)
+        size = max((spec.nbytes for spec in self.order), default=0)
+        self.buffers = [OutputChunk(size) for _ in range(2)] if self.order else []
+        self.threads = (torch.get_num_threads(), _product_threads())
+        self.pool = ThreadPoolExecutor(
+            1, thread_name_prefix="dpa-merge", initializer=torch.set_num_threads, initargs=self.threads[1:]
+        )
+        self.taken = 0
+        self.ahead: Future | None = self.pool.submit(self._make, 0) if self.order else None
+
+    def __enter__(self) -> _Merges:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _make(self, k: int) -> torch.Tensor:
+        """Weight k of the order, merged: in its buffer where the merge can add in place, else a new tensor."""
+        spec = self.order[k]
+        pair = self.targets[spec.name]
+        a, b = self.lora.get(pair.a_key), self.lora.get(pair.b_key)
+        stored = torch_dtype(self.base.index.tensors[spec.name].dtype)
+        if stored != spec.dtype:
+            return merged(self.base.get(spec.name), a, b, pair.scale, spec.dtype)
+        weight = self.base.get(spec.name, out=self.buffers[k % 2].tensor)
+        return weight if merge_in_place(weight, a, b, pair.scale) else merged(weight, a, b, pair.scale, spec.dtype)
+
+    def take(self, spec: TensorSpec) -> torch.Tensor:
+        """Merged `spec`, the next adapted weight in plan order; the one after it starts meanwhile."""
+        if self.ahead is None or self.order[self.taken] != spec:
+            raise ValueError(f"{spec.name}: asked for out of plan order")
+        ahead, self.taken = self.ahead, self.taken + 1
+        self.ahead = self.pool.submit(self._make, self.taken) if self.taken < len(self.order) else None
+        return ahead.result()
+
+    def close(self) -> None:
+        """Stop the worker (a weight it is merging is finished first), then free its readers and buffers."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.threads[0] != self.threads[1]:
+            torch.set_num_threads(self.threads[0])  # the worker's count is torch's default for new threads too
+        self.base.close()
+        self.lora.close()
+        for buffer in self.buffers:
+            buffer.close()
+
+
 class _Producer:
     """Gives each output tensor: a kernel copy when unchanged, else read, merged and cast."""
 
-    def __init__(self, base: LazyTensorReader, lora: LazyTensorReader | None, targets: dict[str, LoraPair]):
-        self.base, self.lora, self.targets = base, lora, targets
+    def __init__(self, base: LazyTensorReader, merges: _Merges | None):
+        self.base, self.merges = base, merges
 
     def __call__(self, spec: TensorSpec) -> torch.Tensor | FileSlice | CastSlice:
-        pair = self.targets.get(spec.name)
-        if pair is not None:  # targets are only ever given with their adapter's reader
-            return merged(
-                self.base.get(spec.name), self.lora.get(pair.a_key), self.lora.get(pair.b_key), pair.scale, spec.dtype
-            )
+        if self.merges is not None and spec.name in self.merges.targets:
+            return self.merges.take(spec)
         stored = torch_dtype(self.base.index.tensors[spec.name].dtype)
         piece = self.base.slice(spec.name)
         return piece if stored == spec.dtype else CastSlice(piece, stored)
@@ -109,12 +179,12 @@ def export_weights(
     targets: dict[str, LoraPair] = {}
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(LazyTensorReader(index))
-        lora = None
+        merges = None
         if adapter is not None:
             adapter_index, pairs = lora_pairs(adapter)
             targets = merge_targets(index, adapter, pairs)
-            lora = stack.enter_context(LazyTensorReader(adapter_index))
-        files = write_sharded(out, specs, _Producer(reader, lora, targets), shard_size, on_bytes, digests)
+            merges = stack.enter_context(_Merges(index, adapter_index, targets, specs))
+        files = write_sharded(out, specs, _Producer(reader, merges), shard_size, on_bytes, digests)
     return {
         "tensors": len(specs),
         "merged_modules": len(targets),
