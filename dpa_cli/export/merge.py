@@ -1,11 +1,11 @@
 """The export's weights: a checkpoint streamed into new shards, LoRA merged in tensor by tensor, cast on the way.
 
 A tensor whose bytes do not change is copied by the kernel and never loaded; a cast is converted a chunk at a time
-while it is written. An adapted weight is read and merged one ahead, in a worker thread, while the writer writes
-the tensors before it: read straight into one of two reused memory-file buffers, merged there in place, and sent
-to the file from where it lies (`_Merges`). So peak memory is two adapted weights (plus a float32 copy where the
-bf16 fast path of `products.py` does not apply) whatever the model size. A tied LM head is not on disk, so it
-stays tied and is written once.
+while it is written. Adapted weights are read and merged ahead, two at a time in worker threads, while the writer
+writes the tensors before them: each read straight into one of three reused memory-file buffers, merged there in
+place, and sent to the file from where it lies (`_Merges`). So peak memory is three adapted weights (plus float32
+copies where the bf16 fast path of `products.py` does not apply) whatever the model size. A tied LM head is not on
+disk, so it stays tied and is written once.
 `export_weights` takes folders only, so `dpa bench` can time it on its own.
 """
 
@@ -77,21 +77,42 @@ def _out_dtype(stored: str, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and source.is_floating_point else source
 
 
+# Adapted weights being merged while the writer writes, each by a worker thread of its own. On 2 cores one worker
+# left the writer waiting for it a third of the time; two keep both cores busy.
+AHEAD = 2
+
+
 def _product_threads() -> int:
-    """torch's threads for the products: all but two cores, kept for the writer and the hashing thread. torch's
-    threads wait for each other at every operation, so one that waits for a core another thread holds stalls the
-    rest: with as many as there are cores, a merge next to a busy writer ran 5-10x slower on 2 cores."""
-    return max(1, torch.get_num_threads() - 2)
+    """torch's threads per worker: all but two cores (kept for the writer and the hashing thread), shared by the
+    workers. torch's threads wait for each other at every operation, so one that waits for a core another thread
+    holds stalls the rest: with as many as there are cores, a merge next to a busy writer ran 5-10x slower on 2."""
+    return max(1, (torch.get_num_threads() - 2) // AHEAD)
+
+
+class _Worker:
+    """A thread with readers of its own (a reader keeps one shard open), running torch with `threads` threads."""
+
+    def __init__(self, index: CheckpointIndex, adapter: CheckpointIndex, threads: int):
+        self.base, self.lora = LazyTensorReader(index), LazyTensorReader(adapter)
+        self.pool = ThreadPoolExecutor(
+            1, thread_name_prefix="dpa-merge", initializer=torch.set_num_threads, initargs=(threads,)
+        )
+
+    def close(self) -> None:
+        """Wait for the weight it is merging, drop what is queued, close the readers."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.base.close()
+        self.lora.close()
 
 
 class _Merges:
-    """The adapted weights, merged one ahead of the writer in a worker thread.
+    """The adapted weights, merged `AHEAD` at a time by worker threads while the writer writes.
 
-    Weight k is read into buffer k % 2 (memory files, `OutputChunk`, reused from one weight to the next: no
-    allocation, no page faults), merged there in place, and handed to the writer, which sends it to the file from
-    that buffer. The writer asks for tensors in plan order and writes each before asking for the next
+    Weight k is read into buffer k % (AHEAD + 1) (memory files, `OutputChunk`, reused from one weight to the next:
+    no allocation, no page faults), merged there in place, and handed to the writer, which sends it to the file
+    from that buffer. The writer asks for tensors in plan order and writes each before asking for the next
     (`write_sharded`), so when weight k is asked for, weight k - 1 is written and its buffer is free for weight
-    k + 1, which starts at once. The worker has readers of its own (a reader keeps one shard open).
+    k + AHEAD, which starts at once.
     """
 
     def __init__(
@@ -99,15 +120,14 @@ class _Merges:
     ):
         self.targets = targets
         self.order: list[TensorSpec] = [spec for spec in specs if spec.name in targets]
-        self.base, self.lora = LazyTensorReader(index), LazyTensorReader(adapter)
         size = max((spec.nbytes for spec in self.order), default=0)
-        self.buffers = [OutputChunk(size) for _ in range(2)] if self.order else []
+        self.buffers = [OutputChunk(size) for _ in range(AHEAD + 1)] if self.order else []
         self.threads = (torch.get_num_threads(), _product_threads())
-        self.pool = ThreadPoolExecutor(
-            1, thread_name_prefix="dpa-merge", initializer=torch.set_num_threads, initargs=self.threads[1:]
-        )
+        self.workers = [_Worker(index, adapter, self.threads[1]) for _ in range(AHEAD)] if self.order else []
+        self.merging: dict[int, Future] = {}
         self.taken = 0
-        self.ahead: Future | None = self.pool.submit(self._make, 0) if self.order else None
+        for k in range(min(AHEAD, len(self.order))):
+            self._start(k)
 
     def __enter__(self) -> _Merges:
         return self
@@ -115,32 +135,37 @@ class _Merges:
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def _make(self, k: int) -> torch.Tensor:
+    def _start(self, k: int) -> None:
+        worker = self.workers[k % AHEAD]
+        self.merging[k] = worker.pool.submit(self._make, worker, k)
+
+    def _make(self, worker: _Worker, k: int) -> torch.Tensor:
         """Weight k of the order, merged: in its buffer where the merge can add in place, else a new tensor."""
         spec = self.order[k]
         pair = self.targets[spec.name]
-        a, b = self.lora.get(pair.a_key), self.lora.get(pair.b_key)
-        stored = torch_dtype(self.base.index.tensors[spec.name].dtype)
+        a, b = worker.lora.get(pair.a_key), worker.lora.get(pair.b_key)
+        stored = torch_dtype(worker.base.index.tensors[spec.name].dtype)
         if stored != spec.dtype:
-            return merged(self.base.get(spec.name), a, b, pair.scale, spec.dtype)
-        weight = self.base.get(spec.name, out=self.buffers[k % 2].tensor)
+            return merged(worker.base.get(spec.name), a, b, pair.scale, spec.dtype)
+        weight = worker.base.get(spec.name, out=self.buffers[k % len(self.buffers)].tensor)
         return weight if merge_in_place(weight, a, b, pair.scale) else merged(weight, a, b, pair.scale, spec.dtype)
 
     def take(self, spec: TensorSpec) -> torch.Tensor:
-        """Merged `spec`, the next adapted weight in plan order; the one after it starts meanwhile."""
-        if self.ahead is None or self.order[self.taken] != spec:
+        """Merged `spec`, the next adapted weight in plan order; the one `AHEAD` after it starts meanwhile."""
+        k = self.taken
+        if k >= len(self.order) or self.order[k] != spec:
             raise ValueError(f"{spec.name}: asked for out of plan order")
-        ahead, self.taken = self.ahead, self.taken + 1
-        self.ahead = self.pool.submit(self._make, self.taken) if self.taken < len(self.order) else None
-        return ahead.result()
+        self.taken += 1
+        if k + AHEAD < len(self.order):
+            self._start(k + AHEAD)
+        return self.merging.pop(k).result()
 
     def close(self) -> None:
-        """Stop the worker (a weight it is merging is finished first), then free its readers and buffers."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.threads[0] != self.threads[1]:
-            torch.set_num_threads(self.threads[0])  # the worker's count is torch's default for new threads too
-        self.base.close()
-        self.lora.close()
+        """Stop the workers (weights being merged are finished first), then free the buffers."""
+        for worker in self.workers:
+            worker.close()
+        if self.workers and self.threads[0] != self.threads[1]:
+            torch.set_num_threads(self.threads[0])  # the workers' count is torch's default for new threads too
         for buffer in self.buffers:
             buffer.close()
 
