@@ -30,6 +30,7 @@ def _split(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fast(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `weight` merged into `dtype` takes the bf16 fast path."""
     return weight.dtype == dtype == torch.bfloat16 and weight.device.type == "cpu" and native_bf16()
 
 
