@@ -144,7 +144,9 @@ def test_unchanged_tensors_are_copied_not_loaded(lora_ws, tmp_path, monkeypatch)
     """Only the adapted weights (and the adapter) are read into memory; the rest is a kernel copy."""
     loaded = []
     original = LazyTensorReader.get
-    monkeypatch.setattr(LazyTensorReader, "get", lambda self, name: loaded.append(name) or original(self, name))
+    monkeypatch.setattr(
+        LazyTensorReader, "get", lambda self, name, **kw: loaded.append(name) or original(self, name, **kw)
+    )
     result = stage_result(lora_ws)
     summary = export_weights(result.model_dir, tmp_path, result.adapter_dir)
     base = [name for name in loaded if not name.startswith("base_model.")]

@@ -22,7 +22,7 @@ CRITICAL = (
     ("  write tensors (produce, copy, cast, write)", "dpa_cli.checkpoint.writer:_write_file"),
     ("    copy_file_range", "dpa_cli.checkpoint.copying:kernel_copy"),
     ("    casts through buffers", "dpa_cli.checkpoint.copying:ChunkBuffers.cast"),
-    ("    LoRA products", "dpa_cli.export.merge:merged"),
+    ("    waits for merged weights (made ahead by worker threads)", "dpa_cli.export.merge:_Merges.take"),
     ("config, model code, generation config", "dpa_cli.upgrade.run:write_model_files"),
     ("processor", "dpa_cli.upgrade.run:write_processor"),
     ("key / shape / dtype check", "dpa_cli.upgrade.run:check_written"),
@@ -34,6 +34,9 @@ BACKGROUND = (
     ("digest of the written files, from the page cache (thread)", "dpa_cli.checkpoint.hashing:hash_range"),
     ("digest of the inputs (thread)", "dpa_cli.upgrade.fingerprint:fingerprint_folder"),
     ("fsync per shard (thread)", "dpa_cli.checkpoint.writer:fsync_path"),
+    ("read and merge the adapted weights (worker threads)", "dpa_cli.export.merge:_Merges._make"),
+    ("  of which LoRA products", "dpa_cli.export.merge:merge_in_place"),
+    ("  of which LoRA products", "dpa_cli.export.merge:merged"),
 )
 
 

@@ -2,7 +2,8 @@
 
 Unchanged bytes go through the kernel (`copy_file_range`, as `cp` does: one call per run of consecutive
 tensors, a shared extent where the file system can), casts and tensors through two reused chunk buffers (no
-allocation per tensor, converted by torch's vectorised `copy_`, handed to the kernel by `OutputChunk`), and
+allocation per tensor, converted by torch's vectorised `copy_`, handed to the kernel by `OutputChunk`; a tensor
+made in an output chunk of its own is handed over from there, not copied), and
 every range written is queued to the file's `FileDigest`, which hashes it from the page cache.
 """
 
@@ -19,7 +20,7 @@ from typing import BinaryIO
 import torch
 
 from dpa_cli.checkpoint.hashing import FileDigest
-from dpa_cli.checkpoint.outchunk import OutputChunk
+from dpa_cli.checkpoint.outchunk import OutputChunk, holding
 from dpa_cli.checkpoint.reader import FileSlice
 
 # Where copy_file_range cannot work (across file systems, old kernels), bytes go through user space.
@@ -105,6 +106,14 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def emit(chunk: OutputChunk, start: int, count: int, handle: BinaryIO, digest: FileDigest) -> None:
+    """Append `count` bytes of `chunk` from byte `start` to `handle`, and queue their range for hashing."""
+    handle.flush()
+    position = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
+    chunk.emit(count, handle, start)
+    digest.update_range(position, count)
+
+
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     got = 0
     while got < len(view):
@@ -124,10 +133,7 @@ class ChunkBuffers:
         self.output = OutputChunk(CHUNK)
 
     def _emit(self, count: int, handle: BinaryIO, digest: FileDigest) -> None:
-        handle.flush()
-        start = os.lseek(handle.fileno(), 0, os.SEEK_CUR)
-        self.output.emit(count, handle)
-        digest.update_range(start, count)
+        emit(self.output, 0, count, handle, digest)
 
     def copy(self, src: int, offset: int, count: int, handle: BinaryIO, digest: FileDigest) -> None:
         """Copy bytes verbatim through user space (where the kernel cannot copy them)."""
@@ -201,7 +207,14 @@ class Streams:
         self.buffers.cast(self.sources.fd(item.piece.path), item, dtype, handle, digest)
 
     def write(self, tensor: torch.Tensor, handle: BinaryIO, digest: FileDigest) -> None:
-        self.buffers.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8), handle, digest)
+        """A tensor made in an output chunk (`outchunk.holding`) goes to the file from there in one call; any
+        other passes through the chunk buffers."""
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        held = holding(data)
+        if held is None:
+            self.buffers.write(data, handle, digest)
+        elif data.numel():
+            emit(held[0], held[1], data.numel(), handle, digest)
 
     def close(self) -> None:
         self.sources.close()

@@ -322,8 +322,9 @@ def open_shard(path: Path) -> BinaryIO:
 class LazyTensorReader:
     """Reads tensors by name, keeping at most one shard open; use as a context manager.
 
-    Tensors are read with plain file reads into fresh buffers, not memory-mapped: a mapped shard's pages
-    would stay resident while it is open, so peak memory would grow with the shard, not the tensor.
+    Tensors are read with plain file reads into fresh buffers (or one the caller reuses), not memory-mapped: a
+    mapped shard's pages would stay resident while it is open, so peak memory would grow with the shard, not the
+    tensor.
     """
 
     def __init__(self, index: CheckpointIndex):
@@ -368,16 +369,21 @@ class LazyTensorReader:
             self._file = path
         return self._handle
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`, read into a new buffer, or into the first bytes of `out` (uint8, big enough: memory
+        reused from one tensor to the next) and returned as a view of them."""
         import torch
 
         info = self.index.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.index.folder}: no tensor named {name!r} in the checkpoint")
         if self.index.shards[info.file].pickled:
-            return self._open_pickled(info.file)[name].contiguous()
+            tensor = self._open_pickled(info.file)[name]
+            if out is None:
+                return tensor.contiguous()
+            return out[: info.nbytes].view(tensor.dtype).reshape(info.shape).copy_(tensor)
         handle = self._open(info.file)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out[: info.nbytes]
         handle.seek(self.index.shards[info.file].header_bytes + info.data_offsets[0])
         if handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
             raise _fail(info.file, f"tensor {name!r} is cut short: the file changed while it was read")

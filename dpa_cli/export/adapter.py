@@ -57,9 +57,11 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 
 def _alpha(config: dict[str, Any], module: str) -> float:
     """lora_alpha, or the alpha_pattern entry peft itself matched for this module."""
+    pattern = config.get("alpha_pattern") or {}
+    if not pattern:  # importing peft costs more than a whole merge's key matching
+        return float(config["lora_alpha"])
     from peft.utils.other import get_pattern_key
 
-    pattern = config.get("alpha_pattern") or {}
     return float(pattern.get(get_pattern_key(pattern.keys(), module), config["lora_alpha"]))
 
 

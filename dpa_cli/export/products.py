@@ -29,12 +29,33 @@ def _split(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, (factor.float() - high.float()).to(torch.bfloat16)
 
 
+def _fast(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `weight` merged into `dtype` takes the bf16 fast path."""
+    return weight.dtype == dtype == torch.bfloat16 and weight.device.type == "cpu" and native_bf16()
+
+
+def _bf16_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(Bh|Bh|Bl, Ah;Al;Ah)`: the rank-3r bf16 factors whose product is `b @ a` less `Bl @ Al`."""
+    (a_high, a_low), (b_high, b_low) = _split(a), _split(b)
+    return torch.cat([b_high, b_high, b_low], 1), torch.cat([a_high, a_low, a_high], 0)
+
+
 def merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """`weight + scale * b @ a` in `dtype`: the bf16 fast path where it applies, else float32 (one fused addmm)
     cast to `dtype`."""
-    if weight.dtype == dtype == torch.bfloat16 and weight.device.type == "cpu" and native_bf16():
-        (a_high, a_low), (b_high, b_low) = _split(a), _split(b)
-        return torch.addmm(
-            weight, torch.cat([b_high, b_high, b_low], 1), torch.cat([a_high, a_low, a_high], 0), alpha=scale
-        )
+    if _fast(weight, dtype):
+        return torch.addmm(weight, *_bf16_factors(a, b), alpha=scale)
     return weight.float().addmm_(b.float(), a.float(), alpha=scale).to(dtype)
+
+
+def merge_in_place(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
+    """`weight += scale * b @ a` in `weight`'s own memory, bit for bit what `merged` returns for `weight`'s dtype
+    (the same addmm, adding into its input instead of a copy of it); False, `weight` untouched, where that
+    computation needs another dtype than `weight`'s (a bf16 or fp16 weight without the fast path)."""
+    if _fast(weight, weight.dtype):
+        weight.addmm_(*_bf16_factors(a, b), alpha=scale)
+        return True
+    if weight.dtype == torch.float32:  # `merged`'s `weight.float()` is `weight` itself
+        weight.addmm_(b.float(), a.float(), alpha=scale)
+        return True
+    return False
