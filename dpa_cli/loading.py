@@ -96,7 +96,9 @@ def _from_pretrained(
             ) from None
         if auto_class not in _PARTS or isinstance(err, MemoryError):
             raise
-        raise CheckpointError(f"{folder}: cannot load its {_PARTS[auto_class]} ({_first_line(err)})", hint=hint) from None
+        raise CheckpointError(
+            f"{folder}: cannot load its {_PARTS[auto_class]} ({_first_line(err)})", hint=hint
+        ) from None
     if verdict.foreign and not trust:
         _warn_once(str(folder), verdict.describe_foreign())
     return loaded
@@ -116,15 +118,16 @@ def load_model(
 def load_processor(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
     """The folder's processor; settings it refuses (a DPA processor's `encoding`, `feature_span`, marker tokens
     in a hand-edited processor_config.json) are one line naming the folder, not a traceback."""
-    hint = "restore the folder's processor, tokenizer and chat template files from dpa's output, or run `dpa upgrade` again"
+    hint = "restore the folder's processor, tokenizer and template files from dpa's output, or run `dpa upgrade` again"
     processor = _from_pretrained("AutoProcessor", folder, allow_code, kwargs, hint=hint)
     _check_chat_templates(processor, folder)
     return processor
 
 
 def _check_chat_templates(processor: Any, folder: str | Path) -> None:
-    """Compile the processor's and its tokenizers' chat templates as transformers will: a template that is not
-    valid Jinja is named now, not as a TemplateSyntaxError traceback at the first prompt."""
+    """Compile the chat templates of a tokenizer, or of a processor and its tokenizers, as transformers will: one
+    that is not valid Jinja is named now (`dpa upgrade` refuses such a target before writing anything), not as a
+    TemplateSyntaxError traceback at the first prompt."""
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -140,12 +143,14 @@ def _check_chat_templates(processor: Any, folder: str | Path) -> None:
                 where = f"line {err.lineno}: " if getattr(err, "lineno", None) else ""
                 raise CheckpointError(
                     f"{folder}: its chat template is not valid Jinja ({where}{_first_line(err)})",
-                    hint="restore chat_template.jinja from dpa's output, or run `dpa upgrade` again",
+                    hint="fix chat_template.jinja (or the chat_template of tokenizer_config.json), or restore it",
                 ) from None
 
 
-def load_tokenizer(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
-    return _from_pretrained("AutoTokenizer", folder, allow_code, kwargs)
+def load_tokenizer(folder: str | Path, allow_code: bool = False, *, hint: str = _RESTORE, **kwargs: Any) -> Any:
+    tokenizer = _from_pretrained("AutoTokenizer", folder, allow_code, kwargs, hint=hint)
+    _check_chat_templates(tokenizer, folder)
+    return tokenizer
 
 
 def load_image_processor(folder: str | Path, allow_code: bool = False, **kwargs: Any) -> Any:
