@@ -140,36 +140,39 @@ BROKEN_TEMPLATES = (
 )
 
 
-def test_a_tokenizer_json_the_loader_fails_on_is_one_line(target, workspace, data_files, tiny_checkpoint, tmp_path):
-    failures, count = [], 0
+def refusals_in_target_and_workspace(
+    name: str, texts: tuple[str, ...], needles: tuple[str, str], target: Path, workspace: Path, env: tuple
+) -> None:
+    """Each of `texts` as the file `name` of the upgrade target (needle 0) and of the workspace's model/ (needle
+    1, for every command in `readers`): all refused the standard way, nothing written."""
+    data_files, tiny_checkpoint, tmp_path = env
     images = data_files / "images"
-    for text in BROKEN_TOKENIZERS:
-        with written(target / "tokenizer.json", text):
+    failures, count = [], 0
+    for text in texts:
+        with written(target / name, text):
             argv = upgrade(target, tiny_checkpoint, tmp_path)
-            failures.append(refusal_problem(argv, ("cannot load its tokenizer",), (target, tmp_path)))
-        with written(workspace / "model" / "tokenizer.json", text):
+            failures.append(refusal_problem(argv, (needles[0],), (target, tmp_path)))
+        with written(workspace / "model" / name, text):
             for argv in readers(workspace, images):
-                failures.append(refusal_problem(argv, ("model: cannot load its processor",), (workspace, images)))
+                failures.append(refusal_problem(argv, (needles[1],), (workspace, images)))
         count += 3
     assert_all_refused(failures, count)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_json_the_loader_fails_on_is_one_line(target, workspace, data_files, tiny_checkpoint, tmp_path):
+    needles = ("cannot load its tokenizer", "model: cannot load its processor")
+    env = (data_files, tiny_checkpoint, tmp_path)
+    refusals_in_target_and_workspace("tokenizer.json", BROKEN_TOKENIZERS, needles, target, workspace, env)
 
 
 def test_a_chat_template_that_is_not_jinja_is_named_before_anything_runs(
     target, workspace, data_files, tiny_checkpoint, tmp_path
 ):
     """`dpa upgrade` refuses such a target before writing; a workspace's is named before the first prompt."""
-    failures, count = [], 0
-    images = data_files / "images"
-    for text in BROKEN_TEMPLATES:
-        with written(target / "chat_template.jinja", text):
-            argv = upgrade(target, tiny_checkpoint, tmp_path)
-            failures.append(refusal_problem(argv, ("its chat template is not valid Jinja",), (target, tmp_path)))
-        with written(workspace / "model" / "chat_template.jinja", text):
-            for argv in readers(workspace, images):
-                failures.append(refusal_problem(argv, ("its chat template is not valid Jinja",), (workspace,)))
-        count += 3
-    assert_all_refused(failures, count)
-    assert not (tmp_path / "out").exists()
+    needles = ("its chat template is not valid Jinja",) * 2
+    env = (data_files, tiny_checkpoint, tmp_path)
+    refusals_in_target_and_workspace("chat_template.jinja", BROKEN_TEMPLATES, needles, target, workspace, env)
 
 
 # --- weights ---------------------------------------------------------------------------------------------------
@@ -262,20 +265,64 @@ def _argv(path: list[str], command, bad_param, bad: str) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("path,command", COMMANDS, ids=IDS)
+def _text_params(command) -> list:
+    """The arguments and (visible, not eager) options of `command` that take a path or text."""
+    return [
+        p
+        for p in command.params
+        if _path_like(p) and (p.param_type_name == "argument" or (p in _options(command) and not p.is_eager))
+    ]
+
+
+WITH_PATHS = [(path, command) for path, command in COMMANDS if _text_params(command)]
+WITH_FLOATS = [
+    (path, command) for path, command in COMMANDS if any("float" in _annotation(p) for p in _options(command))
+]
+
+
+@pytest.mark.parametrize("path,command", WITH_PATHS, ids=[" ".join(p) for p, _ in WITH_PATHS])
 def test_bytes_that_are_not_utf8_in_any_argument_are_named(path, command, tmp_path):
     """A file name from another system (Latin-1 bytes) reaches every writer and tokenizers' Rust side as text
     they cannot encode; it is named right after parsing, whichever argument or option holds it."""
     bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9-\xff")
-    variants = []
-    for param in command.params:
-        if param.param_type_name == "argument" and _path_like(param):
-            variants.append((_argv(path, command, param, bad), param.name.upper()))
-        elif param in _options(command) and _path_like(param) and not param.is_eager:
-            variants.append((_argv(path, command, param, bad), max(param.opts, key=len)))
+    variants = [
+        (
+            _argv(path, command, param, bad),
+            param.name.upper() if param.param_type_name == "argument" else max(param.opts, key=len),
+        )
+        for param in _text_params(command)
+    ]
     failures = [refusal_problem(argv, (name, "caf\\xe9-\\xff", "not UTF-8"), (tmp_path,)) for argv, name in variants]
-    if variants:
-        assert_all_refused(failures, len(variants))
+    assert_all_refused(failures, len(variants))
+
+
+@pytest.mark.parametrize("path,command", WITH_FLOATS, ids=[" ".join(p) for p, _ in WITH_FLOATS])
+def test_a_number_option_given_as_inf_or_nan_is_refused_for_every_command(path, command, tmp_path):
+    """`--temperature inf` passed its `min=0` range and sampled uniformly at random; every float option of every
+    command is given each non-finite spelling (some fail the range first: the option is named either way)."""
+    variants = []
+    for param in _options(command):
+        if "float" in _annotation(param):
+            for value in ("inf", "Infinity", "+inf", "-inf", "nan", "NaN", "1e999", "-1e999"):
+                variants.append((_argv(path, command, param, value), max(param.opts, key=len)))
+    failures = [refusal_problem(argv, (name,), (tmp_path,)) for argv, name in variants]
+    assert_all_refused(failures, len(variants))
+
+
+def test_a_prompt_the_processor_refuses_is_the_first_line(workspace, data_files):
+    """`<image>` markers typed into the prompt with no image (or more than the images given) are refused before
+    `dpa generate` prints which model runs, so the `error:` line is the first one on stderr."""
+    images = data_files / "images"
+    base = readers(workspace, images)[0]
+    variants = [
+        [*base[:3], "<image>", *base[6:]],
+        [*base[:3], "<image>\n<image>\nCompare.", *base[4:]],
+        [*base[:3], "Before <image> and <image> after", *base[4:]],
+    ]
+    failures = [
+        refusal_problem(argv, ("the processor refuses the images or the prompt",), (workspace,)) for argv in variants
+    ]
+    assert_all_refused(failures, len(variants))
 
 
 def test_names_in_utf8_beyond_ascii_still_pass_the_gate(tiny_checkpoint, tmp_path):

@@ -3,15 +3,16 @@
 Click (under Typer) parses the arguments before any dpa code runs. Its usage errors (unknown option,
 missing argument, bad choice, a value that is not an integer) would print Typer's framed usage box; here
 they become `error: MESSAGE` plus `  see dpa COMMAND --help`. More rules every command keeps, checked
-right after parsing: a single-valued option given twice is refused (click would silently keep the last), a
-value holding bytes that are not UTF-8 is refused naming it, and an output path (`-o`, `--workdir`) that could
-only fail to be written (below a regular file, a link to nothing, a name too long, a folder it may not write
-in) is refused naming the reason.
+right after parsing: a single-valued option given twice is refused (click would silently keep the last); a
+value holding bytes that are not UTF-8, and a number given as inf or nan, are refused naming the option; an
+output path (`-o`, `--workdir`) that could only fail to be written (below a regular file, a link to nothing,
+a name too long, a folder it may not write in) is refused naming the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections import Counter
@@ -90,6 +91,16 @@ def refuse_undecodable(ctx: Any) -> None:
                 )
 
 
+def refuse_non_finite(ctx: Any) -> None:
+    """`--temperature inf` passes a `min=0` range check and would sample uniformly at random (nan and -inf fail
+    the range): a number option given as inf or nan is refused for every command."""
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise click.exceptions.UsageError(f"{_name(param)} {item}: not a finite number", ctx=ctx)
+
+
 # An output is built as the hidden sibling `.NAME.dpa-tmp-PID` (checkpoint/atomic.py), so NAME must leave room
 # within the 255 bytes Linux file systems (ext4, xfs, btrfs, tmpfs) take for one name.
 NAME_MAX = 255
@@ -151,6 +162,7 @@ class DpaCommand(typer.core.TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         rest = super().parse_args(ctx, args)
         refuse_undecodable(ctx)
+        refuse_non_finite(ctx)
         refuse_output_below_file(ctx)
         return rest
 
