@@ -249,6 +249,8 @@ def _first_line_parses(path: Path) -> bool:
 
 
 def _open_json(path: Path, root: Path | None, streaming: bool):
+    if not path.is_file():  # a FIFO would read as empty here, then block the reader for ever
+        raise BadInputError(f"{path}: not a regular file (a FIFO, socket or device)")
     if path.stat().st_size == 0:
         raise BadInputError(f"{path}: the file is empty (0 bytes)")
     head = _head(path).lstrip()
