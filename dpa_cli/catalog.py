@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from dpa_cli.errors import BadInputError, ModelNotFoundError, yaml_problem
-from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, reason
+from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_regular, reason
 
 BUILTIN = Path(__file__).with_name("catalog.yaml")
 KINDS = ("targets", "perceivers")
@@ -27,7 +27,7 @@ class Alias:
 def _read(path: Path) -> list[Alias]:
     hint = "fix or unset $DPA_CATALOG"
     try:
-        data = parse_yaml(path.read_bytes()) or {}
+        data = parse_yaml(read_regular(path)) or {}
     except OSError as err:
         raise BadInputError(f"{path}: cannot read the catalog ({err.strerror})", hint=hint) from None
     except PARSE_ERRORS as err:

@@ -97,18 +97,34 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 # Parsed by the tokenizers library (Rust, its own depth limit), and the largest file by far: not read twice.
 _RUST_PARSED = ("tokenizer.json",)
+# Files every loader reads as a JSON object (`.get` on the parsed value): a list or a string there would be an
+# AttributeError from deep inside transformers, peft or dpa's side-file code.
+_OBJECT_SUFFIXES = ("config.json", "index.json")
+_OBJECT_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "trainer_state.json")
+
+
+def _must_be_object(name: str) -> bool:
+    return name.endswith(_OBJECT_SUFFIXES) or name in _OBJECT_NAMES
+
+
+_RESTORE = "restore the file, or re-download / re-save the model"
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
 def check_json_files(folder: Path) -> None:
     """Read every JSON file of a model folder (and its subfolders) the way dpa reads user files, before
     transformers or peft parse them: a damaged or 100k-deep tokenizer_config.json, processor_config.json or
-    adapter_config.json is then one line naming the file, not a RecursionError from inside a loader."""
+    adapter_config.json is then one line naming the file, not a RecursionError from inside a loader; a config
+    file that is a list or a string instead of an object is named too."""
     for path in sorted(Path(folder).rglob("*.json")):
         if path.name not in _RUST_PARSED and path.is_file():
             # NaN may stand in files transformers reads leniently (a trainer_state.json loss): only the shape matters
-            read_json(
-                path, hint="restore the file, or re-download / re-save the model", allow_nan=True, error=CheckpointError
-            )
+            value = read_json(path, hint=_RESTORE, allow_nan=True, error=CheckpointError)
+            if _must_be_object(path.name) and not isinstance(value, dict):
+                raise CheckpointError(f"{path}: not a JSON object ({_json_kind(value)})", hint=_RESTORE)
 
 
 def describe_parts(family: Family, config: Mapping[str, Any], tensors: Tensors, warnings: list[str]) -> dict:

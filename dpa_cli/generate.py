@@ -146,6 +146,16 @@ def _streamer(tokenizer: Any, on_text: Callable[[str], None], after_think: bool 
     return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def processor_inputs(processor: Any, messages: list[dict[str, Any]]) -> Any:
+    """The model inputs of `messages`; what the processor refuses (an image too thin for the perceiver's patch
+    grid, `<image>` markers typed into the prompt with no image for them) is a BadInputError."""
+    try:
+        return build_inputs(processor, messages)
+    except ValueError as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BadInputError(f"the processor refuses the images or the prompt ({reason})") from None
+
+
 def reply(
     runnable: Runnable,
     messages: list[dict[str, Any]],
@@ -158,12 +168,7 @@ def reply(
 
     model, tokenizer = runnable.model, runnable.processor.tokenizer
     dtype = next(model.parameters()).dtype
-    try:
-        inputs = build_inputs(runnable.processor, messages)
-    except ValueError as err:  # e.g. an image too thin for the perceiver's patch grid
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise BadInputError(f"the processor refuses the images or the prompt ({reason})") from None
-    inputs = inputs.to(device=runnable.device, dtype=dtype)
+    inputs = processor_inputs(runnable.processor, messages).to(device=runnable.device, dtype=dtype)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     streamer = _streamer(tokenizer, on_text, opens_thinking(runnable.processor)) if on_text else None
     with torch.no_grad():

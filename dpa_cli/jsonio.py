@@ -8,9 +8,12 @@ RecursionError or ValueError traceback from deep inside a parser.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +131,28 @@ def parse_yaml(text: str | bytes, max_depth: int | None = MAX_DEPTH, loader: Any
     return check_depth(value, max_depth) if max_depth else value
 
 
+def read_regular(path: Path | str) -> bytes:
+    """The bytes of a regular file. A FIFO, socket or device is an OSError ("not a regular file ..."), not a
+    read that blocks for ever (a FIFO with no writer) or never ends (/dev/zero); a folder is IsADirectoryError.
+    The file is opened without blocking and judged by the open handle, so it cannot be swapped in between."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1  # the handle owns it now
+            return handle.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def _read(path: Path, where: str, hint: str | None, error: type[BadInputError]) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_regular(path)
     except FileNotFoundError:
         raise error(f"{where}: no such file", hint=hint) from None
     except IsADirectoryError:

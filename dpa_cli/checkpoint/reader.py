@@ -285,11 +285,19 @@ def read_checkpoint_index(folder: Path, pickled: bool = False) -> CheckpointInde
         metadata: dict[str, Any] = {}
         for shard in shards.values():
             metadata.update(shard.metadata)
-        return CheckpointIndex(folder, tensors, shards, metadata)
+        return _with_tensors(CheckpointIndex(folder, tensors, shards, metadata), ", ".join(p.name for p in shards))
     weight_map, metadata = _read_weight_map(index_file)
     shards, tensors = _read_shards([folder / name for name in sorted(set(weight_map.values()))])
     _check_weight_map(index_file, weight_map, tensors)
-    return CheckpointIndex(folder, tensors, shards, metadata)
+    return _with_tensors(CheckpointIndex(folder, tensors, shards, metadata), INDEX_FILE)
+
+
+def _with_tensors(index: CheckpointIndex, files: str) -> CheckpointIndex:
+    """A checkpoint whose headers (or index) list no tensor at all is refused here, not met later as an empty
+    plan (a `max()` of nothing, a model with every weight missing)."""
+    if not index.tensors:
+        raise _fail(index.folder, f"its weights hold no tensors ({files} list none)")
+    return index
 
 
 def find_truncated_files(index: CheckpointIndex) -> list[tuple[Path, int, int]]:

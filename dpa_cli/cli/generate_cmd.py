@@ -64,11 +64,12 @@ def generate(
       dpa generate ws/export -i a.png -i b.png -p "What changed?" --device cuda
       dpa generate ws --stage 1 -i cat.jpg -p "Describe it." --json
     """
-    from dpa_cli.generate import open_image, open_runnable, reply, user_turn
+    from dpa_cli.generate import open_image, open_runnable, processor_inputs, reply, user_turn
 
     images = [open_image(path) for path in image or []]  # a bad image is named before the model loads
     runnable = open_runnable(model, stage, device, trust_remote_code)
     messages = [user_turn(prompt, images)]
+    processor_inputs(runnable.processor, messages)  # a refused prompt is the first line on stderr, not the second
     if json_:
         result = reply(runnable, messages, max_new_tokens, temperature)
         print_json(

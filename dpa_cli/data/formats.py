@@ -117,7 +117,7 @@ class JsonlSource:
 
 def _jsonl_sample(line: bytes, index: int, root: Path | None) -> Sample:
     try:
-        record = parse_json(line.decode("utf-8"))
+        record = parse_json(line.decode("utf-8-sig"))  # a BOM (Windows editors write one) is not a bad first line
     except UnicodeDecodeError:
         return Sample(f"#{index}", [], [], index, [("bad_record", f"line {index + 1} is not UTF-8")])
     except PARSE_ERRORS as err:
@@ -249,6 +249,8 @@ def _first_line_parses(path: Path) -> bool:
 
 
 def _open_json(path: Path, root: Path | None, streaming: bool):
+    if not path.is_file():  # a FIFO would read as empty here, then block the reader for ever
+        raise BadInputError(f"{path}: not a regular file (a FIFO, socket or device)")
     if path.stat().st_size == 0:
         raise BadInputError(f"{path}: the file is empty (0 bytes)")
     head = _head(path).lstrip()
@@ -293,6 +295,8 @@ def _load_dataset(path: Path, streaming: bool) -> Any:
 
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" bars would come before a refusal's one line
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read ..." line, before ours
     try:
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
@@ -301,9 +305,14 @@ def _load_dataset(path: Path, streaming: bool) -> Any:
         else:
             kind = path.suffix.lower().lstrip(".")
             loaded = datasets.load_dataset(kind, data_files=str(path), streaming=streaming)
-    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise BadInputError(f"{path}: not a dataset datasets can load ({err})") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  any loader failure on the user's files (a dataset_info.json whose
+        # features are not a mapping is a TypeError, a garbled parquet an ArrowInvalid): the folder is named
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BadInputError(f"{path}: not a dataset datasets can load ({said})") from None
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if shown:
             datasets.enable_progress_bars()
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):

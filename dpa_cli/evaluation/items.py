@@ -18,7 +18,7 @@ from typing import Any
 from dpa_cli.data.image_refs import ImageRef, image_refs
 from dpa_cli.errors import BadInputError
 from dpa_cli.evaluation.metrics import LETTERS, normalize_answer
-from dpa_cli.jsonio import PARSE_ERRORS, parse_json, reason
+from dpa_cli.jsonio import PARSE_ERRORS, parse_json, read_regular, reason
 
 _INLINE_OPTION = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.+?)\s*$")
 _LETTER = re.compile(r"^\s*\(?([A-Z])\)?[.:]?\s*$")
@@ -128,9 +128,11 @@ def _read_records(path: Path) -> list[Any]:
     if path.is_dir():
         return _read_dataset(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_regular(path).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise BadInputError(f"{path}: {reason(err)}") from None
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read it ({err.strerror or err})") from None
     if path.suffix.lower() == ".csv":
         return _read_csv(text)
     if path.suffix.lower() not in (".jsonl", ".ndjson") and text.lstrip().startswith("["):
@@ -167,8 +169,11 @@ def _read_dataset(path: Path) -> list[dict]:
         ) from None
     try:
         loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise BadInputError(f"{path}: not a folder saved with datasets' save_to_disk ({err})") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001  any loader failure on the user's folder (features of the wrong shape)
+        said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BadInputError(f"{path}: not a folder saved with datasets' save_to_disk ({said})") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = next((name for name in ("test", "validation", "train") if name in loaded), next(iter(loaded)))
         loaded = loaded[split]

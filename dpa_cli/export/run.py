@@ -25,7 +25,7 @@ from dpa_cli.export import files
 from dpa_cli.export.card import model_card
 from dpa_cli.export.merge import export_weights
 from dpa_cli.export.verify import check_export, reference_probe
-from dpa_cli.loading import refuse_carried_code
+from dpa_cli.loading import load_processor, refuse_carried_code
 from dpa_cli.records import is_export
 from dpa_cli.workspace.layout import ADAPTER_DIR, EXPORT_DIR, EXPORT_RECORD, MODEL_DIR
 from dpa_cli.workspace.manifest import read_manifest
@@ -90,7 +90,8 @@ class ExportPlan:
 
 
 def plan_export(request: ExportRequest) -> ExportPlan:
-    """Resolve the stage and the output, and refuse bad combinations; nothing is read beyond dpa.yaml."""
+    """Resolve the stage and the output, and refuse bad combinations; nothing is read beyond dpa.yaml and the
+    stage's processor files (no weights)."""
     check_request(request)
     workspace = Path(request.workspace).resolve()
     result = stage_result(workspace, request.stage)
@@ -100,6 +101,9 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     check_output(output, result, request.force)
     for folder in result.inputs:  # the export copies the stage's side files: its code would ship and run
         refuse_carried_code(folder, request.allow_code, "an export would ship it to be run as the model's code")
+    # The side files are shipped as they are: a tokenizer, processor or chat template that does not load would
+    # make an export nothing can run (--no-verify would not notice). Loading them reads no weights.
+    load_processor(result.model_dir, request.allow_code)
     lora = (
         ExportLora.NONE
         if result.adapter_dir is None

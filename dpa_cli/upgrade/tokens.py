@@ -16,6 +16,7 @@ from dpa_cli.errors import CheckpointError
 # In order of preference: LLaVA's, Qwen's (every Qwen2.5 / Qwen3 tokenizer carries it), Llama 3's spare.
 CANDIDATES = ("<image>", "<|image_pad|>", "<|reserved_special_token_0|>")
 ADDED_TOKEN = "<image>"
+NEEDS_FILES = "the folder needs tokenizer.json or tokenizer_config.json + vocabulary files"
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,9 @@ def load_tokenizer(folder: Path) -> Any:
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return loading.load_tokenizer(folder)  # input checkpoints: never their code (only dpa's own, byte for byte)
-    except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(
-            f"{folder}: cannot load its tokenizer ({str(err).splitlines()[0]})",
-            hint="the folder needs tokenizer.json or tokenizer_config.json + vocabulary files",
-        ) from None
+        # Input checkpoints: never their code (only dpa's own, byte for byte). Any loader failure is the one-line
+        # `FOLDER: cannot load its tokenizer (REASON)` of dpa_cli.loading, with this hint.
+        return loading.load_tokenizer(folder, hint=NEEDS_FILES)
     finally:
         transformers_logging.set_verbosity(verbosity)
 

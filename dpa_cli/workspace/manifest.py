@@ -19,7 +19,7 @@ from dpa_cli.checkpoint.atomic import write_text_atomic
 from dpa_cli.describe import check_json_files
 from dpa_cli.errors import BadInputError
 from dpa_cli.families import check_config
-from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_json, reason
+from dpa_cli.jsonio import PARSE_ERRORS, parse_yaml, read_json, read_regular, reason
 from dpa_cli.records import MANIFEST_HINT, check_manifest
 from dpa_cli.workspace.layout import MANIFEST
 
@@ -31,7 +31,7 @@ def is_workspace(folder: Path) -> bool:
     """Whether `folder` is a workspace dpa wrote (its dpa.yaml says so; whether it is intact, `read_manifest`
     says)."""
     try:
-        manifest = parse_yaml((Path(folder) / MANIFEST).read_bytes())
+        manifest = parse_yaml(read_regular(Path(folder) / MANIFEST))
     except (OSError, *PARSE_ERRORS):
         return False
     return isinstance(manifest, dict) and manifest.get("dpa_workspace") == FORMAT
@@ -79,7 +79,7 @@ def read_manifest(workspace: Path) -> dict[str, Any]:
     `checksums:` path that leaves the workspace is refused before anything follows it."""
     path = Path(workspace) / MANIFEST
     try:
-        manifest = parse_yaml(path.read_bytes())
+        manifest = parse_yaml(read_regular(path))
     except OSError as err:
         raise BadInputError(f"{path}: cannot read it ({err.strerror})", hint=MANIFEST_HINT) from None
     except PARSE_ERRORS as err:
