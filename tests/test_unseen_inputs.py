@@ -379,3 +379,47 @@ def test_a_dataset_the_datasets_loader_cannot_read_is_one_line(workspace, data_f
         failures.append(refusal_problem(argv, (data.name,), (data_files, workspace)))
         count += 1
     assert_all_refused(failures, count)
+
+
+# --- evaluation items whose fields are of the wrong kind were scored as garbage -----------------------------------
+ITEM_FIELDS = {
+    "id": ([1], {"a": 1}, True),
+    "answer": ({"a": 1}, [[1]], [{"a": 1}], True),
+    "options": ("not a list", "[1, ", [[1], [2]], [{"x": 1}, "b"], [True, False], [str(i) for i in range(27)]),
+}
+
+
+def test_evaluation_items_with_fields_of_the_wrong_kind_are_named(workspace, data_files, tmp_path):
+    images = data_files / "images"
+    failures, count = [], 0
+    for key, values in ITEM_FIELDS.items():
+        for value in values:
+            item = {"id": "q1", "question": "Which?", "answer": "A", "options": ["yes", "no"], key: value}
+            items = tmp_path / "items.jsonl"
+            items.write_text(json.dumps(item) + "\n")
+            argv = [
+                "eval",
+                str(workspace),
+                "--data",
+                str(items),
+                "--image-root",
+                str(images),
+                "-o",
+                str(tmp_path / "p"),
+            ]
+            failures.append(
+                refusal_problem(
+                    argv,
+                    (f"`{key}`" if key != "options" or value != [str(i) for i in range(27)] else "27 options",),
+                    (workspace,),
+                )
+            )
+            count += 1
+    for rows in ("q,A\n", "only\n", "q,a,b,c\nq2,a\n", "\x00\x01\n"):
+        items = tmp_path / "mmlu.csv"
+        items.write_text(rows)
+        argv = ["eval", str(workspace), "--data", str(items), "--image-root", str(images), "-o", str(tmp_path / "p")]
+        failures.append(refusal_problem(argv, ("mmlu.csv", "columns"), (workspace,)))
+        count += 1
+    assert_all_refused(failures, count)
+    assert not (tmp_path / "p").exists()

@@ -10,6 +10,7 @@ and the item.
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,20 @@ def _image_ref(value: Any, root: Path) -> ImageRef | None:
     return refs[0] if refs else None
 
 
+class _ItemError(ValueError):
+    """What is wrong with one item's fields; `to_item` names the file and the item."""
+
+
+def _scalar(value: Any) -> bool:
+    """Text or a number: what a question id, an answer or an option can be (a bool, list or object cannot)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
 def _options(record: dict, question: str) -> tuple[list[str], str]:
     """The options and the question without inline option lines."""
     value = _first(record, "options", "choices")
@@ -52,10 +67,14 @@ def _options(record: dict, question: str) -> tuple[list[str], str]:
         try:
             value = parse_json(value)
         except PARSE_ERRORS:
-            value = None
+            raise _ItemError("`options` is text, not a list of options (nor one written as JSON)") from None
     if isinstance(value, dict):
         value = [value[key] for key in sorted(value)]
-    if isinstance(value, list) and value:
+    if value is not None and not (isinstance(value, list) and all(_scalar(option) for option in value)):
+        raise _ItemError(f"`options` must be a list of texts, not {_shown(value)}")
+    if value and len(value) > len(LETTERS):
+        raise _ItemError(f"{len(value)} options, more than the {len(LETTERS)} letters A-{LETTERS[-1]}")
+    if value:
         return [str(option) for option in value], question
     columns = [record[letter] for letter in LETTERS[:10] if record.get(letter) not in (None, "")]  # MMBench style
     if len(columns) >= 2:
@@ -94,13 +113,25 @@ def _gold_letter(answer: Any, options: list[str]) -> str | None:
 def to_item(record: Any, index: int, root: Path, where: str) -> Item:
     if not isinstance(record, dict):
         raise BadInputError(f"{where}: item {index} is a JSON {type(record).__name__}, not an object")
-    item_id = str(_first(record, "id", "question_id", "index") or f"#{index}")
+    raw_id = _first(record, "id", "question_id", "index")
+    item_id = str(raw_id or f"#{index}")
+    try:
+        return _item(record, item_id, raw_id, root, where)
+    except _ItemError as err:
+        raise BadInputError(f"{where}: item {item_id}: {err}", hint="fix the item or drop it") from None
+
+
+def _item(record: dict, item_id: str, raw_id: Any, root: Path, where: str) -> Item:
+    if raw_id is not None and not _scalar(raw_id):
+        raise _ItemError(f"`id` must be text or a number, not {_shown(raw_id)}")
     question = _first(record, "question", "query", "text")
     if not isinstance(question, str):
         raise BadInputError(
             f"{where}: item {item_id} has no `question`", hint="each item needs `question` and `answer`"
         )
     answer = _first(record, "answer", "answers", "label")
+    if answer is not None and not (_scalar(answer) or (isinstance(answer, list) and all(map(_scalar, answer)))):
+        raise _ItemError(f"`answer` must be text, a number or a list of them, not {_shown(answer)}")
     options, question = _options(record, question)
     image = _image_ref(_first(record, "image", "image_path", "images"), root)
     category = _first(record, "category", "subject")
@@ -134,7 +165,10 @@ def _read_records(path: Path) -> list[Any]:
     except OSError as err:
         raise BadInputError(f"{path}: cannot read it ({err.strerror or err})") from None
     if path.suffix.lower() == ".csv":
-        return _read_csv(text)
+        try:
+            return _read_csv(text)
+        except _ItemError as err:
+            raise BadInputError(f"{path}: {err}") from None
     if path.suffix.lower() not in (".jsonl", ".ndjson") and text.lstrip().startswith("["):
         try:
             return parse_json(text, max_depth=None)
@@ -155,6 +189,11 @@ def _read_csv(text: str) -> list[dict]:
     if rows and rows[0][0].strip().lower() == "question":
         names = [name.strip() for name in rows[0]]
         return [dict(zip(names, row)) for row in rows[1:]]
+    for number, row in enumerate(rows, 1):
+        if not 4 <= len(row) <= len(LETTERS) + 2:
+            raise _ItemError(
+                f"CSV row {number} has {len(row)} columns; MMLU's CSV is question, 2 or more options, answer"
+            )
     letters = lambda row: LETTERS[: len(row) - 2]  # noqa: E731
     return [{"question": row[0], **dict(zip(letters(row), row[1:-1])), "answer": row[-1]} for row in rows]
 
