@@ -423,3 +423,34 @@ def test_evaluation_items_with_fields_of_the_wrong_kind_are_named(workspace, dat
         count += 1
     assert_all_refused(failures, count)
     assert not (tmp_path / "p").exists()
+
+
+# --- files that are not regular: a FIFO blocked the reader for ever, /dev/zero never ended ------------------------
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_given_as_a_file_is_refused_not_read_for_ever(workspace, tmp_path, kind):
+    """Run as a user runs it, in a process of its own with a time limit: a gate that fails blocks for ever."""
+    import subprocess
+    import sys
+
+    special = tmp_path / f"{kind}.jsonl"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        special.symlink_to("/dev/zero")
+    runs = [
+        (["data", "check", str(special), "-w", str(workspace)], {}),
+        (["eval", str(workspace), "--data", str(special), "-o", str(tmp_path / "pred.jsonl")], {}),
+        (["catalog"], {"DPA_CATALOG": str(special)}),
+    ]
+    for argv, env in runs:
+        done = subprocess.run(
+            [sys.executable, "-m", "dpa_cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        )
+        first = [line for line in done.stderr.splitlines() if "WARNING" not in line][:1]
+        assert done.returncode == 2 and first and first[0].startswith("error:"), (argv, done.stderr[-500:])
+        assert "not a regular file" in done.stderr, (argv, done.stderr[-500:])
+    assert not (tmp_path / "pred.jsonl").exists()
